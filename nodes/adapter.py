@@ -1,0 +1,93 @@
+"""Create, save and load adapters."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..trainers import adapters, checkpoint
+from ..trainers.arch import ARCHITECTURES
+from ..trainers.config import AdapterSpec, help_of
+from ..trainers.state import DTYPES, new_adapter
+from . import paths
+from .types import CATEGORY, Adapter
+
+PRESETS = sorted({p for a in ARCHITECTURES.values() for p in a.presets},
+                 key=lambda p: ("attention", "attention_mlp", "all_linear").index(p))
+
+
+def _tip(name: str) -> str:
+    return help_of(AdapterSpec, name)
+
+
+class EriCreateAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriCreateAdapter", display_name="Create adapter", category=f"{CATEGORY}/adapter",
+            description="A new, untrained adapter for the layers of this MODEL (it changes nothing until trained).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the adapter is for (from the checkpoint loader)."),
+                io.Combo.Input("adapter_type", options=list(adapters.ADAPTERS), default="lora", tooltip=_tip("kind")),
+                io.Int.Input("rank", default=16, min=1, max=1024, tooltip=_tip("rank")),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=4096.0, step=0.5, tooltip=_tip("alpha")),
+                io.Combo.Input("target", options=PRESETS, default="attention_mlp", tooltip=_tip("preset")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip=_tip("seed")),
+                io.Combo.Input("dtype", options=["fp32", "bf16"], default="fp32", tooltip=_tip("dtype")),
+            ],
+            outputs=[Adapter.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter_type, rank, alpha, target, seed, dtype) -> io.NodeOutput:
+        spec = checkpoint.make_spec(model, adapter_type, rank, alpha, target, seed, dtype)
+        return io.NodeOutput(new_adapter(spec))
+
+
+class EriSaveAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriSaveAdapter", display_name="Save adapter", category=f"{CATEGORY}/adapter",
+            description="Writes models/loras/<prefix>_<step>.safetensors (loadable by ComfyUI's LoRA loaders) "
+                        "and the training state beside it for resuming.",
+            is_output_node=True,
+            inputs=[
+                Adapter.Input("adapter", tooltip="The trained adapter."),
+                io.String.Input("filename_prefix", default="eri/my_lora",
+                                tooltip="File name under models/loras; the step number is appended."),
+                io.Combo.Input("save_dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                               tooltip="Precision of the weights in the LoRA file (the state file keeps full precision)."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, adapter, filename_prefix, save_dtype) -> io.NodeOutput:
+        path = paths.lora_file(filename_prefix, adapter.step)
+        checkpoint.save_adapter(adapter, path, save_dtype)
+        name = os.path.relpath(path, paths.loras_folder())
+        return io.NodeOutput(name, ui=ui.PreviewText(f"saved {name} (step {adapter.step})"))
+
+
+class EriLoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriLoadAdapter", display_name="Load adapter", category=f"{CATEGORY}/adapter",
+            description="Resumes an adapter saved by Save adapter: weights, optimizer, schedule, RNG and step.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A file in models/loras written by Save adapter."),
+            ],
+            outputs=[Adapter.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return io.NodeOutput(checkpoint.load_adapter(path))
+
+
+NODES = [EriCreateAdapter, EriSaveAdapter, EriLoadAdapter]

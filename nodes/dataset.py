@@ -1,0 +1,107 @@
+"""Training images, and the latent and caption caches built from them."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+from comfy.utils import ProgressBar
+
+from ..trainers import cache, data
+from ..trainers.config import DatasetConfig, help_of
+from . import paths
+from .types import CATEGORY, Dataset, Latents, Text
+
+
+def _tip(name: str) -> str:
+    return help_of(DatasetConfig, name)
+
+
+class EriTrainingImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriTrainingImages", display_name="Training images", category=f"{CATEGORY}/data",
+            description="A folder of images with .txt captions, sorted into aspect-ratio buckets.",
+            inputs=[
+                io.String.Input("folder", default="training_images", tooltip=_tip("folder")),
+                io.Int.Input("resolution", default=1024, min=64, max=4096, step=64, tooltip=_tip("resolution")),
+                io.String.Input("trigger_word", default="", tooltip=_tip("trigger_word")),
+                io.String.Input("default_caption", default="", tooltip=_tip("default_caption")),
+                io.Boolean.Input("flip", default=False, tooltip=_tip("flip")),
+                io.Int.Input("min_side", default=256, min=64, max=4096, step=64, tooltip=_tip("min_side")),
+                io.Int.Input("max_side", default=2048, min=64, max=8192, step=64, tooltip=_tip("max_side")),
+                io.Float.Input("max_upscale", default=1.0, min=1.0, max=8.0, step=0.05,
+                               tooltip=_tip("max_upscale")),
+            ],
+            outputs=[Dataset.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, **kwargs):
+        # Re-run when the folder's files change although its name did not.
+        try:
+            return data.listing_fingerprint(paths.input_folder(folder))
+        except Exception as e:
+            return str(e)
+
+    @classmethod
+    def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
+                max_upscale) -> io.NodeOutput:
+        config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
+                               max_upscale=max_upscale, default_caption=default_caption,
+                               trigger_word=trigger_word, flip=flip)
+        dataset = data.scan_dataset(paths.input_folder(folder), config)
+        if dataset.skipped:
+            logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), folder)
+        logging.info("EriDiffusion: %r", dataset)
+        return io.NodeOutput(dataset)
+
+
+class EriCacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriCacheLatents", display_name="Cache latents", category=f"{CATEGORY}/data",
+            description="Encodes every training image with the VAE once; later runs read the cache on disk.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="Training images to encode."),
+                io.Vae.Input("vae", tooltip="The VAE of the model you train (from the checkpoint loader)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Images encoded at once (same bucket). Lower it if encoding runs out of memory."),
+            ],
+            outputs=[Latents.Output(display_name="latents")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, vae, batch_size) -> io.NodeOutput:
+        bar = ProgressBar(len(dataset.items))
+        latents = cache.cache_latents(dataset, vae, paths.cache_folder("latents"), batch_size,
+                                      on_progress=lambda done, total: bar.update_absolute(done, total))
+        logging.info("EriDiffusion: %r", latents)
+        return io.NodeOutput(latents)
+
+
+class EriCacheCaptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriCacheCaptions", display_name="Cache captions", category=f"{CATEGORY}/data",
+            description="Encodes each distinct caption (and the empty caption, for dropout) once, cached on disk.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="Training images whose captions to encode."),
+                io.Clip.Input("clip", tooltip="The text encoder of the model you train."),
+            ],
+            outputs=[Text.Output(display_name="captions")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, clip) -> io.NodeOutput:
+        captions = dataset.captions
+        bar = ProgressBar(len(captions) + 1)
+        text = cache.cache_text(captions, clip, paths.cache_folder("text"),
+                                on_progress=lambda done, total: bar.update_absolute(done, total))
+        logging.info("EriDiffusion: %r", text)
+        return io.NodeOutput(text)
+
+
+NODES = [EriTrainingImages, EriCacheLatents, EriCacheCaptions]

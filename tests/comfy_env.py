@@ -1,0 +1,42 @@
+"""Locating the real ComfyUI that scripts/setup provisioned, and importing this pack under a stable name."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "eridiffusion"
+
+
+def comfyui_dir() -> Path:
+    if os.environ.get("COMFYUI_PATH"):
+        return Path(os.environ["COMFYUI_PATH"]).resolve()
+    marker = ROOT / ".comfyui" / "path"
+    if marker.is_file():
+        return Path(marker.read_text().strip())
+    raise RuntimeError("ComfyUI is not set up: run scripts/setup (or scripts/test, which runs it)")
+
+
+def import_comfyui_in_process() -> Path:
+    """Make ComfyUI importable in this process, on the CPU, as a library (no server)."""
+    comfy_dir = comfyui_dir()
+    if str(comfy_dir) not in sys.path:
+        sys.path.insert(0, str(comfy_dir))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True     # must precede the first import of comfy.model_management
+    import comfy.model_management  # noqa: F401
+    return comfy_dir
+
+
+def import_pack():
+    """The repository root as package `eridiffusion` (ComfyUI imports it under its folder name)."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,121 @@
+"""Tiny SDXL, SD3 and Flux models, a tiny SDXL text encoder and a TAESD VAE, built with ComfyUI's own classes.
+
+Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
+`comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
+explicitly (normal 0.02 for matrices, 1 for norm scales, 0 for biases).
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sdxl_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.taesd.taesd
+
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux")
+
+SDXL_UNET = {
+    "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+    "context_dim": 64, "num_head_channels": 16, "adm_in_channels": 32 + 6 * 256, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SD3_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32,
+    "input_size": None, "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [], "qk_norm": None,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+}
+FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+# Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32).
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 32}
+
+
+@torch.no_grad()
+def init_parameters(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every parameter a finite, seeded value (ComfyUI's layers are created uninitialised)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            values = torch.randn(p.shape, generator=gen) * 0.02
+        elif name.endswith("bias") or "shift" in name:
+            values = torch.zeros(p.shape)
+        else:
+            values = torch.ones(p.shape)
+        p.copy_(values.to(p.dtype))
+    return module
+
+
+def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(
+        module, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device())
+
+
+def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3 or flux."""
+    if arch in ("sdxl", "sdxl_v"):
+        config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+        state = {"v_pred": torch.tensor([])} if arch == "sdxl_v" else {}
+    elif arch == "sd3":
+        config = comfy.supported_models.SD3(dict(SD3_MMDIT))
+        state = {}
+    elif arch == "flux":
+        config = comfy.supported_models.Flux(dict(FLUX))
+        state = {}
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model(state, "")
+    init_parameters(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
+    model.eval()
+    return _patcher(model)
+
+
+class _TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    """ComfyUI's SDXL text encoder (CLIP-L + CLIP-G) with the tiny widths of TINY_CLIP."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        model_options = {**model_options, "clip_l_model_config": dict(TINY_CLIP),
+                         "clip_g_model_config": dict(TINY_CLIP)}
+        super().__init__(device=device, dtype=dtype, model_options=model_options)
+
+
+def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
+    """A CLIP whose `encode_from_tokens` gives the tiny SDXL's context (B,77,64) and pooled (B,32)."""
+    if arch not in ("sdxl", "sdxl_v"):
+        raise ValueError(f"no tiny text encoder for {arch!r} yet")
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    init_parameters(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def taesd_state_dict(latent_channels: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A TAESD state dict that `comfy.sd.VAE(sd=...)` and the stock VAELoader detect as a VAE."""
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in taesd.named_parameters():
+            if name in ("vae_scale", "vae_shift"):
+                continue
+            # Keep activations in range through TAESD's deep conv stack (Kaiming-like scale).
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / fan_in) ** 0.5 if p.ndim > 1 else torch.zeros(p.shape))
+    return {k: v.detach().clone() for k, v in taesd.state_dict().items()}
+
+
+def tiny_vae(arch: str = "sdxl", seed: int = 0) -> comfy.sd.VAE:
+    channels = 4 if arch in ("sdxl", "sdxl_v") else 16
+    return comfy.sd.VAE(sd=taesd_state_dict(channels, seed))

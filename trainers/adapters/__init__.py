@@ -1,0 +1,12 @@
+"""Adapter methods by name. Each module offers build_layers / layer_weights / to_file_tensors /
+from_file_tensors for its method; nodes fill their combo from ADAPTERS."""
+from . import lora
+
+ADAPTERS = {"lora": lora}
+
+
+def method(kind: str):
+    try:
+        return ADAPTERS[kind]
+    except KeyError:
+        raise ValueError(f"adapter type {kind!r} is not available; choose one of {', '.join(ADAPTERS)}") from None

@@ -1,0 +1,14 @@
+"""Architectures by name, and detection from a ComfyUI MODEL."""
+from .base import Architecture, Batch
+from .sdxl import SDXL
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(),)}
+
+
+def detect(patcher) -> Architecture:
+    base_model = patcher.model
+    for arch in ARCHITECTURES.values():
+        if arch.matches(base_model):
+            return arch
+    raise ValueError(f"the MODEL is a {type(base_model).__name__}; EriDiffusion trains "
+                     f"{', '.join(ARCHITECTURES)} models. Load one of those with the checkpoint loader.")

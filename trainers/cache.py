@@ -1,0 +1,141 @@
+"""On-disk caches of VAE latents and text-encoder outputs, keyed by content hashes and safe to delete."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import Dataset, DatasetItem, load_image
+from .files import atomic_write
+
+
+def model_fingerprint(module: torch.nn.Module, patches: dict | None = None) -> str:
+    """Identifies weights without hashing every byte: names, shapes, dtypes and two sums per tensor."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach()
+            sums = (t.float().sum().item(), t.float().abs().sum().item()) if t.numel() else (0.0, 0.0)
+            digest.update(f"{name}{tuple(t.shape)}{t.dtype}{sums[0]:.6e}{sums[1]:.6e}".encode())
+    for key in sorted(patches or {}):
+        digest.update(f"patch:{key}:{len(patches[key])}".encode())
+    return digest.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------------- latents
+@dataclass(frozen=True)
+class LatentSet:
+    """VAE latents of every dataset item (raw VAE output; the architecture's latent format scales them)."""
+    dataset: Dataset
+    latents: tuple[torch.Tensor, ...]   # (C, h, w) each, float32, CPU
+    vae_id: str
+    encoded: int                        # VAE encodes this run performed (0 when everything came from disk)
+
+    def __repr__(self):
+        return f"LatentSet({len(self.latents)} latents, {self.encoded} encoded, vae {self.vae_id})"
+
+
+def latent_key(item: DatasetItem, vae_id: str) -> str:
+    text = f"{item.content_hash}|{item.bucket}|{item.crop}|{item.flip}|{vae_id}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
+                  on_progress: Callable[[int, int], None] | None = None) -> LatentSet:
+    """Encode every item with the ComfyUI VAE (batched per bucket), reading and writing `cache_dir`."""
+    os.makedirs(cache_dir, exist_ok=True)
+    vae_id = model_fingerprint(vae.first_stage_model, getattr(vae.patcher, "patches", None))
+    keys = [latent_key(item, vae_id) for item in dataset.items]
+    latents: dict[int, torch.Tensor] = {}
+    missing = []
+    for index, key in enumerate(keys):
+        path = os.path.join(cache_dir, key + ".safetensors")
+        if os.path.isfile(path):
+            try:
+                latents[index] = load_file(path)["latent"]
+                continue
+            except Exception:   # a damaged cache file is simply re-encoded
+                pass
+        missing.append(index)
+    by_bucket: dict = {}
+    for index in missing:
+        by_bucket.setdefault(dataset.items[index].bucket, []).append(index)
+    done = len(latents)
+    for group in by_bucket.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            pixels = torch.stack([_pixels(dataset.items[i]) for i in chunk])
+            encoded = vae.encode(pixels).detach().float().cpu()
+            for i, latent in zip(chunk, encoded):
+                latent = latent.clone().contiguous()
+                latents[i] = latent
+                atomic_write(os.path.join(cache_dir, keys[i] + ".safetensors"),
+                             lambda p, t=latent: save_file({"latent": t}, p))
+            done += len(chunk)
+            if on_progress:
+                on_progress(done, len(keys))
+    return LatentSet(dataset, tuple(latents[i] for i in range(len(keys))), vae_id, len(missing))
+
+
+def _pixels(item: DatasetItem) -> torch.Tensor:
+    # ComfyUI IMAGE layout: (H, W, 3) float in [0, 1].
+    return torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 255.0)
+
+
+# ------------------------------------------------------------------------------------------------------- text
+@dataclass(frozen=True)
+class TextEmbedding:
+    context: torch.Tensor     # (tokens, dim)
+    pooled: torch.Tensor      # (dim,)
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """Text-encoder outputs for every distinct caption of a dataset, plus the empty caption (for dropout)."""
+    embeddings: tuple[tuple[str, TextEmbedding], ...]
+    clip_id: str
+    encoded: int
+
+    def __repr__(self):
+        return f"TextSet({len(self.embeddings)} captions, {self.encoded} encoded, clip {self.clip_id})"
+
+    def get(self, caption: str) -> TextEmbedding:
+        for text, embedding in self.embeddings:
+            if text == caption:
+                return embedding
+        raise KeyError(f"caption {caption!r} was not cached: connect the same dataset to Cache captions")
+
+
+def text_key(caption: str, clip_id: str) -> str:
+    return hashlib.sha256(f"{clip_id}|{caption}".encode()).hexdigest()
+
+
+def cache_text(captions, clip, cache_dir: str,
+               on_progress: Callable[[int, int], None] | None = None) -> TextSet:
+    os.makedirs(cache_dir, exist_ok=True)
+    clip_id = model_fingerprint(clip.cond_stage_model, getattr(clip.patcher, "patches", None))
+    wanted = [""] + sorted(set(captions) - {""})
+    out, encoded = [], 0
+    for n, caption in enumerate(wanted, 1):
+        path = os.path.join(cache_dir, text_key(caption, clip_id) + ".safetensors")
+        tensors = None
+        if os.path.isfile(path):
+            try:
+                tensors = load_file(path)
+            except Exception:
+                tensors = None
+        if tensors is None:
+            context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            tensors = {"context": context[0].detach().float().cpu().contiguous(),
+                       "pooled": pooled[0].detach().float().cpu().contiguous()}
+            atomic_write(path, lambda p, t=tensors: save_file(t, p))
+            encoded += 1
+        out.append((caption, TextEmbedding(tensors["context"].clone(), tensors["pooled"].clone())))
+        if on_progress:
+            on_progress(n, len(wanted))
+    return TextSet(tuple(out), clip_id, encoded)

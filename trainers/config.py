@@ -1,0 +1,109 @@
+"""Frozen settings objects that flow between nodes. Each field's `help` is the node input's tooltip."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting a user can change is wrong; the message names it and what to change."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+def help_of(cls, name: str) -> str:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    folder: str = _help("Folder of training images with .txt captions beside them, under ComfyUI's input "
+                        "folder. Sub-folders named N_name (kohya style) repeat their images N times.")
+    resolution: int = _help("Training resolution: buckets have about resolution² pixels.", default=1024)
+    min_side: int = _help("Smallest bucket side in pixels.", default=256)
+    max_side: int = _help("Largest bucket side in pixels.", default=2048)
+    max_upscale: float = _help("How far a small image may be upscaled to reach its bucket (1.0 = never "
+                               "upscale; smaller buckets are made for small images instead).", default=1.0)
+    default_caption: str = _help("Caption for images without a .txt file. Leave empty to require captions.",
+                                 default="")
+    trigger_word: str = _help("Put in front of every caption, or where a caption says [trigger].", default="")
+    flip: bool = _help("Also train on every image mirrored left-right (doubles the dataset).", default=False)
+    caption_ext: str = _help("Extension of caption files.", default=".txt")
+
+    def __post_init__(self):
+        if self.resolution % 64 or not 64 <= self.resolution <= 4096:
+            raise ConfigError(f"resolution must be a multiple of 64 between 64 and 4096, got {self.resolution}")
+        if self.min_side % 64 or self.max_side % 64 or not 64 <= self.min_side <= self.max_side:
+            raise ConfigError(f"min_side and max_side must be multiples of 64 with min_side <= max_side, got "
+                              f"{self.min_side} and {self.max_side}")
+        if self.max_upscale < 1.0:
+            raise ConfigError(f"max_upscale must be at least 1.0, got {self.max_upscale}")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    arch: str = _help("Architecture the adapter belongs to (sdxl, sd3, flux).")
+    kind: str = _help("Adapter type.", default="lora")
+    rank: int = _help("Rank of the low-rank update: higher learns more detail and costs more memory.",
+                      default=16)
+    alpha: float = _help("Scale numerator: the update is multiplied by alpha / rank.", default=16.0)
+    preset: str = _help("Which layers get adapters: attention, attention_mlp (attention + feed-forward), or "
+                        "all_linear.", default="attention_mlp")
+    seed: int = _help("Seed of the adapter's initial weights.", default=0)
+    dtype: str = _help("Storage dtype of the trainable weights (fp32 keeps exact master weights).",
+                       default="fp32")
+    targets: tuple[tuple[str, int, int], ...] = _help("(module path, in features, out features) of every "
+                                                      "adapted layer.", default=())
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    optimizer: str = _help("adamw (torch), adamw8bit (bitsandbytes, less memory), adafactor (torch).",
+                           default="adamw")
+    learning_rate: float = _help("Peak learning rate.", default=1e-4)
+    schedule: str = _help("Learning-rate schedule after warm-up: constant, linear decay to 0, cosine to 0.",
+                          default="constant")
+    warmup_steps: int = _help("Steps of linear warm-up from 0 to the learning rate.", default=0)
+    total_steps: int = _help("Length of the schedule in optimizer steps (decay ends here). 0 = take the "
+                             "steps of the Train node.", default=0)
+    weight_decay: float = _help("Decoupled weight decay.", default=0.01)
+    max_grad_norm: float = _help("Clip the gradient norm to this (0 = no clipping).", default=1.0)
+    batch_size: int = _help("Images per batch (a batch is drawn from one aspect bucket).", default=1)
+    grad_accumulation: int = _help("Batches accumulated per optimizer step.", default=1)
+    precision: str = _help("Mixed precision of the forward pass: bf16, fp16 (with loss scaling), fp32.",
+                           default="bf16")
+    gradient_checkpointing: bool = _help("Recompute activations in backward: much less memory, ~30% slower.",
+                                         default=True)
+    seed: int = _help("Seed for batch order, noise, timesteps and caption dropout.", default=0)
+    noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
+                                default=0.0)
+    min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off).", default=0.0)
+    caption_dropout: float = _help("Probability of training a sample on the empty caption.", default=0.0)
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ConfigError("batch_size and grad_accumulation must be at least 1")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,68 @@
+"""Files: atomic writes, adapter files ComfyUI's LoRA loader reads, and the training state beside them.
+
+Only safetensors are read or written (never pickle). Non-tensor state goes into the header's metadata as
+JSON. Every write goes to a temporary name in the same folder, is fsynced and renamed over the target, so
+a crash or a full disk never leaves a half-written file where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+STATE_SUFFIX = ".state.safetensors"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:   # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(prepared, p, metadata=metadata))
+
+
+def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors are loaded")
+    tensors = {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    return tensors, metadata
+
+
+def state_path_for(adapter_path: str) -> str:
+    return adapter_path[: -len(".safetensors")] + STATE_SUFFIX
+
+
+def json_meta(values: dict) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}

@@ -1,0 +1,57 @@
+"""Optimizers and learning-rate schedules by name."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ConfigError, TrainingSettings
+
+
+def _adamw(params, s: TrainingSettings, device):
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, **kwargs)
+
+
+def _adamw8bit(params, s: TrainingSettings, device):
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:   # ImportError, or a CUDA library that fails to load
+        raise ConfigError(f"optimizer adamw8bit needs bitsandbytes, which could not be loaded ({e}). Install it "
+                          f"with 'pip install bitsandbytes' or choose optimizer adamw") from e
+    return bnb.optim.AdamW8bit(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+def _adafactor(params, s: TrainingSettings, device):
+    return torch.optim.Adafactor(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "adafactor": _adafactor}
+
+
+def make_optimizer(params, settings: TrainingSettings, device: torch.device) -> torch.optim.Optimizer:
+    return OPTIMIZERS[settings.optimizer](list(params), settings, device)
+
+
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _linear(progress: float) -> float:
+    return max(0.0, 1.0 - progress)
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+SCHEDULES = {"constant": _constant, "linear": _linear, "cosine": _cosine}
+
+
+def learning_rate(settings: TrainingSettings, step: int, total_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warm-up, then the schedule over the remaining steps."""
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    decay_steps = max(1, total_steps - settings.warmup_steps)
+    progress = (step - settings.warmup_steps) / decay_steps
+    return settings.learning_rate * SCHEDULES[settings.schedule](progress)

@@ -1,0 +1,122 @@
+"""ERI_ADAPTER: an adapter and everything needed to continue training it exactly.
+
+A value of this type leaves a node and is never changed again (ComfyUI caches node outputs and hands the
+same object to later prompts): training takes one state and returns a new one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from . import adapters
+from .adapters.base import DeviceCached, install
+from .config import AdapterSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LossHistory:
+    steps: tuple[int, ...] = ()
+    losses: tuple[float, ...] = ()
+    learning_rates: tuple[float, ...] = ()
+
+    def __repr__(self):
+        last = f", last loss {self.losses[-1]:.5f} at step {self.steps[-1]}" if self.steps else ""
+        return f"LossHistory({len(self.steps)} steps{last})"
+
+    def extended(self, steps, losses, lrs) -> "LossHistory":
+        return LossHistory(self.steps + tuple(steps), self.losses + tuple(losses), self.learning_rates + tuple(lrs))
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    spec: AdapterSpec
+    weights: dict[str, torch.Tensor]            # CPU tensors in the spec's dtype, keyed by parameter name
+    step: int = 0                               # optimizer steps taken
+    cursor: int = 0                             # micro-batches consumed (position in the data order)
+    optimizer: dict | None = None               # torch optimizer state_dict, CPU tensors
+    optimizer_name: str | None = None
+    rng: torch.Tensor | None = None             # state of the generator for noise, timesteps and dropout
+    history: LossHistory = field(default_factory=LossHistory)
+    settings: dict | None = None                # TrainingSettings of the last run, as a dict
+
+    def __repr__(self):
+        return (f"AdapterState({self.spec.kind} r{self.spec.rank} α{self.spec.alpha:g} on {self.spec.arch}, "
+                f"{len(self.spec.targets)} layers, step {self.step})")
+
+    def replace(self, **changes) -> "AdapterState":
+        return dataclasses.replace(self, **changes)
+
+
+def new_adapter(spec: AdapterSpec) -> AdapterState:
+    method = adapters.method(spec.kind)
+    layers = method.build_layers(spec, None, DTYPES[spec.dtype])
+    return AdapterState(spec, method.layer_weights(layers))
+
+
+def build_layers(state: AdapterState, device=None, trainable: bool = False) -> dict:
+    method = adapters.method(state.spec.kind)
+    layers = method.build_layers(state.spec, state.weights, DTYPES[state.spec.dtype], device)
+    for layer in layers.values():
+        layer.requires_grad_(trainable)
+    return layers
+
+
+def patched_model(patcher, state: AdapterState):
+    """A clone of `patcher` that applies the adapter while loaded, for ComfyUI's samplers."""
+    with torch.inference_mode(False):
+        layers = {path: DeviceCached(layer) for path, layer in build_layers(state).items()}
+    clone = patcher.clone()
+    install(clone, layers)
+    return clone
+
+
+# -------------------------------------------------------------------------------- optimizer state <-> tensors
+def optimizer_to_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a torch optimizer state_dict into safetensors-storable tensors and a JSON-able remainder."""
+    tensors, scalars = {}, {}
+    for index, values in optimizer_state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def cpu_copy(tree):
+    """Deep copy with every tensor detached onto the CPU (what an AdapterState may hold)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def spec_to_json(spec: AdapterSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec))
+
+
+def spec_from_json(text: str) -> AdapterSpec:
+    values = json.loads(text)
+    values["targets"] = tuple(tuple(t) for t in values["targets"])
+    return AdapterSpec(**values)
