@@ -33,7 +33,7 @@ class EriCreateAdapter(io.ComfyNode):
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip=_tip("rank")),
                 io.Float.Input("alpha", default=16.0, min=0.0, max=4096.0, step=0.5, tooltip=_tip("alpha")),
                 io.Combo.Input("target", options=PRESETS, default="attention_mlp", tooltip=_tip("preset")),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip=_tip("seed")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=_tip("seed")),
                 io.Combo.Input("dtype", options=["fp32", "bf16"], default="fp32", tooltip=_tip("dtype")),
             ],
             outputs=[Adapter.Output(display_name="adapter")],

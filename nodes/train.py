@@ -40,7 +40,7 @@ class EriTrainingSettings(io.ComfyNode):
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip=_tip("grad_accumulation")),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="bf16", tooltip=_tip("precision")),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip=_tip("gradient_checkpointing")),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip=_tip("seed")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=_tip("seed")),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=_tip("noise_offset")),
                 io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, tooltip=_tip("min_snr_gamma")),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -128,7 +128,7 @@ class EriLossGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, loss, smoothing) -> io.NodeOutput:
-        image = torch.from_numpy(render_loss(loss, smoothing=smoothing)).float().div(255.0).unsqueeze(0)
+        image = torch.from_numpy(render_loss(loss, smoothing=smoothing).copy()).float().div(255.0).unsqueeze(0)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
 

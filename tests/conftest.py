@@ -5,12 +5,11 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_env import import_comfyui_in_process, import_pack  # noqa: E402
+from conftest_images import write_images  # noqa: E402,F401
 
 import_comfyui_in_process()
 import_pack()
@@ -39,24 +38,6 @@ def comfy_folders(tmp_path, monkeypatch):
     folder_paths.set_temp_directory(saved[2])
     folder_paths.set_user_directory(saved[3])
     folder_paths.folder_names_and_paths["loras"] = saved[4]
-
-
-def write_images(folder: Path, sizes, captions=True, seed=0, prefix="img") -> list[Path]:
-    """Random RGB PNGs (with .txt captions) of the given (width, height) sizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i, (w, h) in enumerate(sizes):
-        # smooth colour fields, so a VAE gives distinct but learnable latents
-        base = rng.random(3)
-        gy, gx = np.mgrid[0:h, 0:w]
-        img = np.stack([(base[c] + 0.5 * np.sin(gx / (5 + 3 * c + i) + gy / (7 + i))) % 1.0 for c in range(3)], -1)
-        path = folder / f"{prefix}{i}.png"
-        Image.fromarray((img * 255).astype(np.uint8)).save(path)
-        if captions:
-            (folder / f"{prefix}{i}.txt").write_text(f"a photo of pattern {i}")
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture

@@ -122,7 +122,8 @@ class ComfyClient:
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {route} -> {e.code}: {e.read().decode(errors='replace')}") from e
 
-    def run(self, prompt: dict, timeout: float = 600.0) -> "PromptResult":
+    def run(self, prompt: dict, timeout: float = 600.0, on_event=None) -> "PromptResult":
+        """Queue `prompt` and wait for it; `on_event(event)` sees every websocket message as it arrives."""
         ws = websocket.create_connection(self.url.replace("http", "ws") + f"/ws?clientId={self.client_id}",
                                          timeout=timeout)
         try:
@@ -135,6 +136,8 @@ class ComfyClient:
                     continue   # binary preview frames
                 event = json.loads(message)
                 events.append(event)
+                if on_event:
+                    on_event(event)
                 data = event.get("data", {})
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue

@@ -50,8 +50,11 @@ class CheckpointedForward:
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return type(self.module).forward(self.module, *args, **kwargs)
+        # No RNG state to preserve (the diffusion models run without dropout) and no metadata check on
+        # recompute: both cost host time per block, and SDXL at batch 1 is bound by host time.
         return torch.utils.checkpoint.checkpoint(type(self.module).forward, self.module, *args,
-                                                 use_reentrant=False, **kwargs)
+                                                 use_reentrant=False, preserve_rng_state=False,
+                                                 determinism_check="none", **kwargs)
 
 
 class DataOrder:

@@ -78,26 +78,39 @@ def patched_model(patcher, state: AdapterState):
 
 # -------------------------------------------------------------------------------- optimizer state <-> tensors
 def optimizer_to_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a torch optimizer state_dict into safetensors-storable tensors and a JSON-able remainder."""
+    """Split a torch optimizer state_dict into safetensors-storable tensors and a JSON-able remainder.
+    Nested dicts (bitsandbytes keeps its quantisation state in one) are flattened with '/' paths."""
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, torch.Tensor):
+            tensors["optimizer/" + prefix] = value
+        elif isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}/{key}", sub)
+        else:
+            scalars[prefix] = value
+
     for index, values in optimizer_state["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value
-            else:
-                scalars[f"{index}.{name}"] = value
+        walk(str(index), values)
     return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict = {}
+
+    def put(path: str, value):
+        index, *names = path.split("/")
+        node = state.setdefault(int(index), {})
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = value
+
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+        if key.startswith("optimizer/"):
+            put(key[len("optimizer/"):], value)
     for key, value in meta.get("scalars", {}).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        put(key, value)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -18,7 +18,8 @@ class EriTestTinyModel(io.ComfyNode):
             inputs=[
                 io.Combo.Input("arch", options=list(tiny_models.ARCHITECTURES), default="sdxl",
                                tooltip="Architecture of the tiny model."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the random weights."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")],

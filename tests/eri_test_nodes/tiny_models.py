@@ -2,7 +2,7 @@
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
-explicitly (normal 0.02 for matrices, 1 for norm scales, 0 for biases).
+explicitly (std 1/sqrt(fan-in) for matrices, 1 for norm scales, 0 for biases).
 """
 from __future__ import annotations
 
@@ -44,11 +44,14 @@ TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 
 
 @torch.no_grad()
 def init_parameters(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give every parameter a finite, seeded value (ComfyUI's layers are created uninitialised)."""
+    """Give every parameter a finite, seeded value (ComfyUI's layers are created uninitialised).
+
+    Matrices get std 1/sqrt(fan-in) rather than a flat 0.02: with 0.02 a tiny network's output barely
+    depends on its inner layers, so nothing trained there could change it."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         if p.ndim >= 2:
-            values = torch.randn(p.shape, generator=gen) * 0.02
+            values = torch.randn(p.shape, generator=gen) / max(1, p[0].numel()) ** 0.5
         elif name.endswith("bias") or "shift" in name:
             values = torch.zeros(p.shape)
         else:

@@ -1,0 +1,82 @@
+"""Running the pack's nodes in-process the way ComfyUI's executor does (under torch.inference_mode)."""
+from __future__ import annotations
+
+import torch
+
+from conftest import write_images
+
+
+def run(node_cls, **inputs):
+    """Execute a V3 node as ComfyUI does and return its output values."""
+    with torch.inference_mode():
+        return node_cls.execute(**inputs).result
+
+
+def settings(**overrides):
+    from eridiffusion.nodes.train import EriTrainingSettings
+    values = dict(optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0, total_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, batch_size=1, grad_accumulation=1, precision="fp32",
+                  gradient_checkpointing=False, seed=0, noise_offset=0.0, min_snr_gamma=0.0, caption_dropout=0.0)
+    values.update(overrides)
+    return run(EriTrainingSettings, **values)[0]
+
+
+def prepared(folders, tiny, arch="sdxl", sizes=((64, 64),) * 4, **dataset_kw):
+    """Images in ComfyUI's input folder -> dataset, latents, captions, a tiny MODEL and a fresh adapter."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriTrainingImages
+    write_images(folders["input"] / "set", sizes)
+    kw = dict(folder="set", resolution=64, trigger_word="", default_caption="", flip=False, min_side=64,
+              max_side=128, max_upscale=1.0)
+    kw.update(dataset_kw)
+    dataset = run(EriTrainingImages, **kw)[0]
+    with torch.inference_mode(False):
+        model, clip, vae = tiny.tiny_model(arch), tiny.tiny_clip(arch), tiny.tiny_vae(arch)
+    latents = run(EriCacheLatents, dataset=dataset, vae=vae, batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=dataset, clip=clip)[0]
+    adapter = run(EriCreateAdapter, model=model, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                  seed=0, dtype="fp32")[0]
+    return dict(dataset=dataset, latents=latents, captions=captions, model=model, clip=clip, vae=vae,
+                adapter=adapter)
+
+
+def train(p, steps, adapter=None, **setting_overrides):
+    from eridiffusion.nodes.train import EriTrainSteps
+    return run(EriTrainSteps, model=p["model"], adapter=adapter or p["adapter"], latents=p["latents"],
+               captions=p["captions"], settings=settings(**setting_overrides), steps=steps)
+
+
+def model_output(model_patcher, p, seed=123):
+    """The MODEL's prediction (ComfyUI's apply_model, as samplers call it) on fixed inputs."""
+    import comfy.model_management
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    sigma = torch.tensor([1.5, 7.0])
+    text = p["captions"].embeddings[1][1]
+    cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
+                y=model_patcher.model.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1),
+                                                 width=64, height=64))
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model_patcher])
+        return model_patcher.model.apply_model(x, sigma, **cond).clone()
+
+
+def fixed_loss(model_patcher, p, seed=7):
+    """Mean training loss of a MODEL over the whole dataset at fixed timesteps and noise."""
+    import comfy.model_management
+    from eridiffusion.trainers.arch import Batch, detect
+    arch = detect(model_patcher)
+    base = model_patcher.model
+    gen = torch.Generator().manual_seed(seed)
+    items = list(p["latents"].dataset.items)
+    x0 = base.latent_format.process_in(torch.stack(list(p["latents"].latents)))
+    total = 0.0
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model_patcher])
+        for t in (50, 250, 500, 750, 950):
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = base.model_sampling.sigmas[torch.full((len(items),), t)]
+            batch = Batch(x0, [p["captions"].get(i.caption) for i in items], items)
+            pred = arch.predict(base, arch.noisy(base.model_sampling, x0, noise, sigma), sigma, batch)
+            total += (pred - arch.target(base, x0, noise, sigma)).square().mean().item()
+    return total / 5

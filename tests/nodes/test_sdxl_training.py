@@ -1,0 +1,186 @@
+"""SDXL LoRA end to end, in-process: caches, training, chaining, resume, files the stock loader reads."""
+import logging
+
+import pytest
+import torch
+
+import comfy.sd
+from helpers import fixed_loss, model_output, prepared, run, settings, train
+
+
+@pytest.fixture
+def p(comfy_folders, tiny):
+    return prepared(comfy_folders, tiny)
+
+
+def test_second_cache_run_with_the_same_inputs_performs_zero_vae_and_text_encodes(comfy_folders, tiny, monkeypatch):
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents
+    p = prepared(comfy_folders, tiny)
+    assert p["latents"].encoded == 4 and p["captions"].encoded == 5   # 4 captions + the empty one
+    calls = {"vae": 0, "clip": 0}
+    vae_encode, clip_encode = comfy.sd.VAE.encode, comfy.sd.CLIP.encode_from_tokens
+    monkeypatch.setattr(comfy.sd.VAE, "encode", lambda self, *a, **k: calls.__setitem__("vae", calls["vae"] + 1)
+                        or vae_encode(self, *a, **k))
+    monkeypatch.setattr(comfy.sd.CLIP, "encode_from_tokens", lambda self, *a, **k: calls.__setitem__(
+        "clip", calls["clip"] + 1) or clip_encode(self, *a, **k))
+    latents = run(EriCacheLatents, dataset=p["dataset"], vae=p["vae"], batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=p["dataset"], clip=p["clip"])[0]
+    assert calls == {"vae": 0, "clip": 0} and latents.encoded == 0 and captions.encoded == 0
+    assert all(torch.equal(a, b) for a, b in zip(latents.latents, p["latents"].latents))
+    # another VAE (different weights) must not reuse the cache
+    other = tiny.tiny_vae("sdxl", seed=5)
+    assert run(EriCacheLatents, dataset=p["dataset"], vae=other, batch_size=4)[0].encoded == 4
+
+
+def test_captions_keep_sdxl_pooled_output_and_an_empty_caption_for_dropout(p):
+    text = p["captions"]
+    assert "" in dict(text.embeddings)
+    for caption in p["dataset"].captions:
+        emb = text.get(caption)
+        assert emb.context.shape == (77, 64) and emb.pooled.shape == (32,)
+
+
+def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
+    before = fixed_loss(p["model"], p)
+    model, adapter, history = train(p, 50, learning_rate=1e-2)
+    after = fixed_loss(model, p)
+    assert adapter.step == 50 and len(history.losses) == 50
+    assert after < 0.9 * before, (before, after)
+
+
+def test_base_model_outputs_stay_bit_identical_through_training_and_sampling(p):
+    before = model_output(p["model"], p)
+    trained_model, _, _ = train(p, 5)
+    with_adapter = model_output(trained_model, p)
+    after = model_output(p["model"], p)
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, with_adapter)
+
+
+def test_inputs_are_never_mutated(p):
+    weights = {k: v.clone() for k, v in p["adapter"].weights.items()}
+    latents = [t.clone() for t in p["latents"].latents]
+    train(p, 3)
+    assert p["adapter"].step == 0 and p["adapter"].optimizer is None
+    assert all(torch.equal(weights[k], v) for k, v in p["adapter"].weights.items())
+    assert all(torch.equal(a, b) for a, b in zip(latents, p["latents"].latents))
+
+
+def test_chaining_two_10_step_nodes_equals_one_20_step_node_bit_exactly(p):
+    _, once, _ = train(p, 20, batch_size=2, noise_offset=0.05, caption_dropout=0.3, min_snr_gamma=5.0,
+                       gradient_checkpointing=True)
+    _, half, _ = train(p, 10, batch_size=2, noise_offset=0.05, caption_dropout=0.3, min_snr_gamma=5.0,
+                       gradient_checkpointing=True)
+    _, twice, history = train(p, 10, adapter=half, batch_size=2, noise_offset=0.05, caption_dropout=0.3,
+                              min_snr_gamma=5.0, gradient_checkpointing=True)
+    assert twice.step == 20 and history.losses == once.history.losses
+    assert all(torch.equal(once.weights[k], twice.weights[k]) for k in once.weights)
+
+
+def test_gradient_checkpointing_gives_the_same_training_as_without(p):
+    _, plain, _ = train(p, 3)
+    _, checkpointed, _ = train(p, 3, gradient_checkpointing=True)
+    for k in plain.weights:
+        torch.testing.assert_close(plain.weights[k], checkpointed.weights[k], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloaded_keys(p, comfy_folders, caplog):
+    from nodes import LoraLoaderModelOnly
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    trained_model, adapter, _ = train(p, 5)
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="eri/test", save_dtype="fp32")[0]
+    assert name == "eri/test_000005.safetensors"
+    assert (comfy_folders["loras"] / "eri" / "test_000005.safetensors").is_file()
+    assert (comfy_folders["loras"] / "eri" / "test_000005.state.safetensors").is_file()
+    with caplog.at_level(logging.WARNING):
+        (loaded,) = run(LoraLoaderModelOnly, model=p["model"], lora_name=name, strength_model=1.0) \
+            if not hasattr(LoraLoaderModelOnly, "load_lora_model_only") else \
+            LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    expected = model_output(trained_model, p)
+    got = model_output(loaded, p)
+    base = model_output(p["model"], p)
+    assert not torch.allclose(expected, base)
+    assert (got - expected).norm() / expected.norm() <= 1e-3
+
+
+def test_kohya_keys_and_metadata(p, comfy_folders):
+    import comfy.lora
+    from safetensors import safe_open
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    _, adapter, _ = train(p, 2)
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="keys", save_dtype="fp16")[0]
+    key_map = comfy.lora.model_lora_keys_unet(p["model"].model, {})
+    with safe_open(str(comfy_folders["loras"] / name), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        assert f.get_tensor(keys[0]).dtype in (torch.float16, torch.float32)
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert len(stems) == len(adapter.spec.targets)
+    assert all(stem.startswith("lora_unet_") and stem in key_map for stem in stems)
+    assert meta["eri.architecture"] == "sdxl" and meta["eri.adapter"] == "lora"
+    assert meta["eri.rank"] == "4" and float(meta["eri.alpha"]) == 4.0 and meta["eri.steps"] == "2"
+    assert '"learning_rate": 0.001' in meta["eri.settings"]
+
+
+def test_load_adapter_resumes_bit_exactly(p, comfy_folders):
+    from eridiffusion.nodes.adapter import EriLoadAdapter, EriSaveAdapter
+    _, straight, _ = train(p, 8, optimizer="adamw", schedule="cosine", warmup_steps=2, total_steps=8)
+    _, first, _ = train(p, 4, optimizer="adamw", schedule="cosine", warmup_steps=2, total_steps=8)
+    name = run(EriSaveAdapter, adapter=first, filename_prefix="resume", save_dtype="fp16")[0]
+    resumed = run(EriLoadAdapter, lora_name=name)[0]
+    assert resumed.step == 4
+    _, second, _ = train(p, 4, adapter=resumed, optimizer="adamw", schedule="cosine", warmup_steps=2, total_steps=8)
+    assert second.history.losses == straight.history.losses
+    assert all(torch.equal(straight.weights[k], second.weights[k]) for k in straight.weights)
+
+
+def test_adamw_8bit_trains_on_the_cpu_and_its_state_resumes(p, comfy_folders):
+    pytest.importorskip("bitsandbytes")
+    from eridiffusion.nodes.adapter import EriCreateAdapter, EriLoadAdapter, EriSaveAdapter
+    # rank 16 on all linear layers: some LoRA matrices reach bitsandbytes' 4096-element minimum for 8-bit state
+    big = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=16, alpha=16.0, target="all_linear",
+              seed=0, dtype="fp32")[0]
+    _, straight, _ = train(p, 4, adapter=big, optimizer="adamw8bit")
+    _, first, _ = train(p, 2, adapter=big, optimizer="adamw8bit")
+    quantised = [t for s in first.optimizer["state"].values()
+                 for t in s.get("__bnb_optimizer_quant_state__", {}).values() if isinstance(t, torch.Tensor)]
+    assert any(t.dtype == torch.uint8 for t in quantised)
+    name = run(EriSaveAdapter, adapter=first, filename_prefix="bnb", save_dtype="fp32")[0]
+    _, second, _ = train(p, 2, adapter=run(EriLoadAdapter, lora_name=name)[0], optimizer="adamw8bit")
+    assert all(torch.isfinite(torch.tensor(second.history.losses)))
+    for k in straight.weights:
+        torch.testing.assert_close(straight.weights[k], second.weights[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_without_nan(p, precision):
+    _, adapter, history = train(p, 3, precision=precision)
+    assert all(v == v for v in history.losses)
+    assert any(not torch.equal(adapter.weights[k], p["adapter"].weights[k]) for k in adapter.weights)
+
+
+def test_adafactor_trains(p):
+    _, adapter, history = train(p, 3, optimizer="adafactor")
+    assert adapter.optimizer_name == "adafactor" and len(history.losses) == 3
+
+
+def test_loss_graph_draws_the_history(p):
+    from eridiffusion.nodes.train import EriLossGraph
+    _, _, history = train(p, 6)
+    (image,) = run(EriLossGraph, loss=history, smoothing=0.9)
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 100
+    assert image.std() > 0.05      # axes, labels and curves drawn, not a blank canvas
+
+
+def test_adapter_for_another_architecture_is_refused(p, tiny):
+    with torch.inference_mode(False):
+        flux = tiny.tiny_model("flux")
+    with pytest.raises(ValueError, match="EriDiffusion trains sdxl"):
+        train({**p, "model": flux}, 1)
+
+
+def test_rank_larger_than_a_layer_is_a_clear_error(p):
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    with pytest.raises(ValueError, match=r"rank 4096 is larger than layer .* choose rank <="):
+        run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4096, alpha=1.0, target="attention",
+            seed=0, dtype="fp32")
