@@ -184,3 +184,31 @@ def test_rank_larger_than_a_layer_is_a_clear_error(p):
     with pytest.raises(ValueError, match=r"rank 4096 is larger than layer .* choose rank <="):
         run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4096, alpha=1.0, target="attention",
             seed=0, dtype="fp32")
+
+
+def test_adamw_8bit_without_bitsandbytes_is_a_clear_error(p, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # import fails as if not installed
+    with pytest.raises(ValueError, match="adamw8bit needs bitsandbytes.*choose optimizer adamw"):
+        train(p, 1, optimizer="adamw8bit")
+
+
+def test_dataset_folder_outside_comfyuis_input_folder_is_refused(comfy_folders, monkeypatch):
+    from eridiffusion.nodes.dataset import EriTrainingImages
+    from conftest import write_images
+    write_images(comfy_folders["output"] / "elsewhere", [(64, 64)])
+    (comfy_folders["input"] / "link").symlink_to(comfy_folders["output"] / "elsewhere")
+    kw = dict(resolution=64, trigger_word="", default_caption="", flip=False, min_side=64, max_side=128,
+              max_upscale=1.0)
+    for folder in ("../output/elsewhere", str(comfy_folders["output"] / "elsewhere"), "link"):
+        with pytest.raises(ValueError, match="points outside .*ERI_ALLOW_ANY_PATH=1"):
+            run(EriTrainingImages, folder=folder, **kw)
+    monkeypatch.setenv("ERI_ALLOW_ANY_PATH", "1")
+    dataset = run(EriTrainingImages, folder=str(comfy_folders["output"] / "elsewhere"), **kw)[0]
+    assert len(dataset.items) == 1
+
+
+def test_save_prefix_outside_the_loras_folder_is_refused(p):
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    with pytest.raises(ValueError, match="filename_prefix .* points outside"):
+        run(EriSaveAdapter, adapter=p["adapter"], filename_prefix="../../evil", save_dtype="fp16")

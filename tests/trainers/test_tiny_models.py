@@ -1,0 +1,40 @@
+"""The tiny models the tests use are real ComfyUI models: they build, run and sample like full-size ones."""
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.sd
+
+
+@pytest.mark.parametrize("arch,channels", [("sdxl", 4), ("sdxl_v", 4), ("sd3", 16), ("flux", 16)])
+def test_tiny_model_predicts_through_comfyuis_apply_model(tiny, arch, channels):
+    model = tiny.tiny_model(arch)
+    x = torch.randn(1, channels, 8, 8)
+    ctx = torch.randn(1, 7, 64)
+    cond = {"c_crossattn": ctx}
+    if arch.startswith("sdxl"):
+        cond["y"] = model.model.encode_adm(pooled_output=torch.randn(1, 32), width=64, height=64)
+    elif arch == "sd3":
+        cond["y"] = torch.randn(1, 32)
+    else:
+        cond.update(y=torch.randn(1, 32), guidance=torch.tensor([3.5]))
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        out = model.model.apply_model(x, torch.tensor([1.0 if arch.startswith("sdxl") else 0.5]), **cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_sdxl_v_prediction_model_is_detected_as_v_prediction(tiny):
+    import comfy.model_sampling
+    assert isinstance(tiny.tiny_model("sdxl_v").model.model_sampling, comfy.model_sampling.V_PREDICTION)
+    assert isinstance(tiny.tiny_model("sdxl").model.model_sampling, comfy.model_sampling.EPS)
+
+
+@pytest.mark.parametrize("channels", [4, 16])
+def test_taesd_state_dict_is_detected_by_comfyuis_vae_loader(tiny, channels):
+    vae = comfy.sd.VAE(sd=tiny.taesd_state_dict(channels))
+    with torch.inference_mode():
+        latent = vae.encode(torch.rand(1, 64, 64, 3))
+        image = vae.decode(latent)
+    assert latent.shape == (1, channels, 8, 8) and image.shape == (1, 64, 64, 3)
+    assert torch.isfinite(image).all()
