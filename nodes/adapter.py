@@ -51,7 +51,7 @@ class EriSaveAdapter(io.ComfyNode):
         return io.Schema(
             node_id="EriSaveAdapter", display_name="Save adapter", category=f"{CATEGORY}/adapter",
             description="Writes models/loras/<prefix>_<step>.safetensors (loadable by ComfyUI's LoRA loaders) "
-                        "and the training state beside it for resuming.",
+                        "and the training state beside it (<name>.eri-state) for resuming.",
             is_output_node=True,
             inputs=[
                 Adapter.Input("adapter", tooltip="The trained adapter."),

@@ -54,7 +54,7 @@ def main():
         shutil.copy(base / graph["type"] / graph.get("subfolder", "") / graph["filename"], plot)
     print(f"[demo] done in {time.time() - started:.0f} s", flush=True)
     print(f"[demo] LoRA:        {lora}")
-    print(f"[demo] train state: {lora.with_name(lora.name.replace('.safetensors', '.state.safetensors'))}")
+    print(f"[demo] train state: {lora.with_suffix('.eri-state')}")
     print(f"[demo] loss plot:   {plot}")
 
 

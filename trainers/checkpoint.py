@@ -46,7 +46,7 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
 
 
 def save_adapter(state: AdapterState, path: str, save_dtype: str = "fp16") -> str:
-    """Write the adapter (ComfyUI-loadable keys) and `<name>.state.safetensors` beside it; returns path."""
+    """Write the adapter (ComfyUI-loadable keys) and `<name>.eri-state` beside it; returns path."""
     method = adapters.method(state.spec.kind)
     save_tensors(path, method.to_file_tensors(state.spec, state.weights, DTYPES[save_dtype]),
                  adapter_metadata(state))

@@ -1,6 +1,7 @@
 """Files: atomic writes, adapter files ComfyUI's LoRA loader reads, and the training state beside them.
 
-Only safetensors are read or written (never pickle). Non-tensor state goes into the header's metadata as
+Only safetensors are read or written (never pickle); the training state is a safetensors file named
+<adapter>.eri-state. Non-tensor state goes into the header's metadata as
 JSON. Every write goes to a temporary name in the same folder, is fsynced and renamed over the target, so
 a crash or a full disk never leaves a half-written file where a good one was.
 """
@@ -15,7 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-STATE_SUFFIX = ".state.safetensors"
+# The state file is safetensors too, but named so that ComfyUI's LoRA lists (every *.safetensors under
+# models/loras) do not offer it as a LoRA.
+STATE_SUFFIX = ".eri-state"
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -50,7 +53,7 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.endswith(".safetensors"):
+    if not path.endswith((".safetensors", STATE_SUFFIX)):
         raise ValueError(f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors are loaded")
     tensors = {}
     with safe_open(path, framework="pt", device="cpu") as f:

@@ -91,7 +91,9 @@ def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloa
     name = run(EriSaveAdapter, adapter=adapter, filename_prefix="eri/test", save_dtype="fp32")[0]
     assert name == "eri/test_000005.safetensors"
     assert (comfy_folders["loras"] / "eri" / "test_000005.safetensors").is_file()
-    assert (comfy_folders["loras"] / "eri" / "test_000005.state.safetensors").is_file()
+    assert (comfy_folders["loras"] / "eri" / "test_000005.eri-state").is_file()
+    import folder_paths
+    assert folder_paths.get_filename_list("loras") == [name], "the state file must not show up as a LoRA"
     with caplog.at_level(logging.WARNING):
         (loaded,) = run(LoraLoaderModelOnly, model=p["model"], lora_name=name, strength_model=1.0) \
             if not hasattr(LoraLoaderModelOnly, "load_lora_model_only") else \

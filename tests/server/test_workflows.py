@@ -29,7 +29,7 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
     result = client.run(prompt, timeout=600)
     assert result.ok, result.error or server.log_tail()
     lora = server.base / "models" / "loras" / "ci" / "sdxl_000012.safetensors"
-    assert lora.is_file() and lora.with_name("sdxl_000012.state.safetensors").is_file()
+    assert lora.is_file() and lora.with_name("sdxl_000012.eri-state").is_file()
     steps = [e for e in result.events_of("eridiffusion.step") if e["node"] == "7"]
     assert [e["step"] for e in steps] == list(range(1, 13)) and all(e["total"] == 12 for e in steps)
     assert all(e["loss"] > 0 and e["eta_s"] is not None for e in steps)

@@ -8,6 +8,8 @@ parameter paths and every other clone of the MODEL stay as they were.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -43,7 +45,6 @@ class DeviceCached(torch.nn.Module):
         key = (x.device, x.dtype)
         layer = self.copies.get(key)
         if layer is None:
-            import copy
             layer = copy.deepcopy(self.source).to(device=x.device, dtype=x.dtype)
             self.copies = {key: layer}   # one device/dtype at a time
         return layer.delta(x)
