@@ -37,3 +37,21 @@ def test_min_snr_weight_caps_the_weight_of_low_noise_steps(tiny):
     snr = 1 / sigma ** 2
     torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
     assert torch.equal(arch.loss_weight(model.model, sigma, 0.0), torch.ones(3))
+
+
+def test_sdxl_size_conditioning_comes_from_each_images_size_crop_and_bucket(tiny, monkeypatch):
+    from eridiffusion.trainers.arch import Batch
+    from eridiffusion.trainers.cache import TextEmbedding
+    from eridiffusion.trainers.data import Bucket, DatasetItem
+    model = tiny.tiny_model("sdxl")
+    seen = []
+    encode_adm = model.model.encode_adm
+    monkeypatch.setattr(model.model, "encode_adm", lambda **kw: seen.append(kw) or encode_adm(**kw))
+    items = [DatasetItem("a.png", "a", 1, False, (900, 600), Bucket(64, 64), (3, 0), "h1"),
+             DatasetItem("b.png", "b", 1, False, (640, 1280), Bucket(64, 64), (0, 7), "h2")]
+    text = TextEmbedding(torch.randn(77, 64), torch.randn(32))
+    batch = Batch(torch.randn(2, 4, 8, 8), [text, text], items)
+    with torch.no_grad():
+        detect(model).predict(model.model, torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), batch)
+    assert [(k["width"], k["height"], k["crop_w"], k["crop_h"], k["target_width"], k["target_height"])
+            for k in seen] == [(900, 600, 3, 0, 64, 64), (640, 1280, 0, 7, 64, 64)]
