@@ -193,7 +193,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, steps: int, warmup: int
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            run = TrainingRun(mp, state, latents, text, settings, schedule_steps=warmup + steps)
+            run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps)
             times = []
             for i in range(warmup + steps):
                 sync()

@@ -90,13 +90,14 @@ class TrainingRun:
     the new AdapterState. Nothing passed in is modified."""
 
     def __init__(self, patcher, state: AdapterState, latents: LatentSet, text: TextSet,
-                 settings: TrainingSettings, schedule_steps: int):
+                 settings: TrainingSettings, end_step: int):
         self.arch = arches.detect(patcher)
         if state.spec.arch != self.arch.name:
             raise ConfigError(f"the adapter was made for {state.spec.arch} but the MODEL is {self.arch.name}: "
                               f"create the adapter from this MODEL")
         self.state, self.latents, self.text, self.settings = state, latents, text, settings
-        self.schedule_steps = settings.total_steps or schedule_steps
+        self.end_step = end_step   # the step this run is asked to reach (reported with every step)
+        self.schedule_steps = settings.total_steps or end_step
         self.base_model = patcher.model
         self.patcher = patcher.clone()
         self.device = self.patcher.load_device
@@ -184,7 +185,7 @@ class TrainingRun:
         self.steps.append(self.step_count)
         self.losses.append(total)
         self.lrs.append(lr)
-        return StepReport(self.step_count, 0, total, lr, time.perf_counter() - started)
+        return StepReport(self.step_count, self.end_step, total, lr, time.perf_counter() - started)
 
     def export(self) -> AdapterState:
         from .adapters import method
@@ -201,10 +202,9 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
           steps: int, on_step: Callable[[StepReport], None] | None = None) -> AdapterState:
     """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel)."""
     with torch.inference_mode(False), torch.enable_grad():
-        run = TrainingRun(patcher, state, latents, text, settings, schedule_steps=state.step + steps)
-        end = state.step + steps
+        run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps)
         for _ in range(steps):
             report = run.step()
             if on_step:
-                on_step(StepReport(report.step, end, report.loss, report.learning_rate, report.seconds))
+                on_step(report)
         return run.export()

@@ -95,9 +95,7 @@ def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloa
     import folder_paths
     assert folder_paths.get_filename_list("loras") == [name], "the state file must not show up as a LoRA"
     with caplog.at_level(logging.WARNING):
-        (loaded,) = run(LoraLoaderModelOnly, model=p["model"], lora_name=name, strength_model=1.0) \
-            if not hasattr(LoraLoaderModelOnly, "load_lora_model_only") else \
-            LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
+        (loaded,) = LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
     assert "lora key not loaded" not in caplog.text
     expected = model_output(trained_model, p)
     got = model_output(loaded, p)
