@@ -35,14 +35,25 @@ class EriCreateAdapter(io.ComfyNode):
                 io.Combo.Input("target", options=PRESETS, default="attention_mlp", tooltip=_tip("preset")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=_tip("seed")),
                 io.Combo.Input("dtype", options=["fp32", "bf16"], default="fp32", tooltip=_tip("dtype")),
+                # Optional, so prompts written before these inputs existed still run (with the defaults).
+                io.Boolean.Input("dora", default=False, optional=True, tooltip=_tip("dora")),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, optional=True, tooltip=_tip("lokr_factor")),
+                io.Boolean.Input("lokr_full_w2", default=False, optional=True, tooltip=_tip("lokr_full_w2")),
+                io.Boolean.Input("conv_layers", default=False, optional=True, tooltip=_tip("conv")),
+                io.Int.Input("conv_rank", default=0, min=0, max=1024, optional=True, tooltip=_tip("conv_rank")),
+                io.Float.Input("conv_alpha", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip=_tip("conv_alpha")),
             ],
             outputs=[Adapter.Output(display_name="adapter")],
         )
 
     @classmethod
-    def execute(cls, model, adapter_type, rank, alpha, target, seed, dtype) -> io.NodeOutput:
-        spec = checkpoint.make_spec(model, adapter_type, rank, alpha, target, seed, dtype)
-        return io.NodeOutput(new_adapter(spec))
+    def execute(cls, model, adapter_type, rank, alpha, target, seed, dtype, dora=False, lokr_factor=-1,
+                lokr_full_w2=False, conv_layers=False, conv_rank=0, conv_alpha=0.0) -> io.NodeOutput:
+        spec = checkpoint.make_spec(model, adapter_type, rank, alpha, target, seed, dtype, dora=dora,
+                                    lokr_factor=lokr_factor, lokr_full_w2=lokr_full_w2, conv=conv_layers,
+                                    conv_rank=conv_rank, conv_alpha=conv_alpha)
+        return io.NodeOutput(new_adapter(spec, model))
 
 
 class EriSaveAdapter(io.ComfyNode):
@@ -76,18 +87,25 @@ class EriLoadAdapter(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EriLoadAdapter", display_name="Load adapter", category=f"{CATEGORY}/adapter",
-            description="Resumes an adapter saved by Save adapter: weights, optimizer, schedule, RNG and step.",
+            description="Resumes an adapter saved by Save adapter (weights, optimizer, schedule, RNG and step), "
+                        "or continues training a LoRA / DoRA / LoKr / LoHa file of another trainer (connect "
+                        "the MODEL for those).",
             inputs=[
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A file in models/loras written by Save adapter."),
+                               tooltip="A file in models/loras: written by Save adapter, or a LoRA, DoRA, LoKr "
+                                       "or LoHa in kohya, LyCORIS, PEFT / diffusers or ComfyUI keys."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The MODEL the adapter is for. Needed for files not written by Save "
+                                       "adapter (their layers are matched to it); checks the architecture of "
+                                       "the others."),
             ],
             outputs=[Adapter.Output(display_name="adapter")],
         )
 
     @classmethod
-    def execute(cls, lora_name) -> io.NodeOutput:
+    def execute(cls, lora_name, model=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        return io.NodeOutput(checkpoint.load_adapter(path))
+        return io.NodeOutput(checkpoint.load_adapter(path, model))
 
 
 NODES = [EriCreateAdapter, EriSaveAdapter, EriLoadAdapter]

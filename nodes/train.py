@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
 
-from ..trainers import loop
-from ..trainers.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainingSettings, help_of
+from ..trainers import checkpoint, loop
+from ..trainers.config import (LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS,
+                                TrainingSettings, help_of)
 from ..trainers.plot import render_loss
+from ..trainers.sampling import sample_round
 from ..trainers.state import patched_model
-from .types import CATEGORY, Adapter, Latents, Loss, Settings, Text
-
-STEP_EVENT = "eridiffusion.step"
+from . import paths
+from .live import LiveRun
+from .sample import save_samples
+from .types import CATEGORY, Adapter, Latents, Loss, Sampling, Settings, Text
 
 
 def _tip(name: str) -> str:
@@ -45,6 +47,24 @@ class EriTrainingSettings(io.ComfyNode):
                 io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, tooltip=_tip("min_snr_gamma")),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("caption_dropout")),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="auto",
+                               tooltip=_tip("timestep_sampling"), optional=True),
+                io.Float.Input("logit_mean", default=0.0, min=-5.0, max=5.0, step=0.05, tooltip=_tip("logit_mean"),
+                               optional=True),
+                io.Float.Input("logit_std", default=1.0, min=0.01, max=5.0, step=0.05, tooltip=_tip("logit_std"),
+                               optional=True),
+                io.Float.Input("sigmoid_scale", default=1.0, min=0.01, max=10.0, step=0.05,
+                               tooltip=_tip("sigmoid_scale"), optional=True),
+                io.Float.Input("timestep_shift", default=0.0, min=0.0, max=100.0, step=0.05,
+                               tooltip=_tip("timestep_shift"), optional=True),
+                io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="none",
+                               tooltip=_tip("loss_weighting"), optional=True),
+                io.Float.Input("flux_guidance", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip=_tip("flux_guidance"), optional=True),
+                io.Boolean.Input("optimizer_offload", default=False, tooltip=_tip("optimizer_offload"),
+                                 optional=True),
+                io.Combo.Input("nan_policy", options=list(NAN_POLICIES), default="stop", tooltip=_tip("nan_policy"),
+                               optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -52,24 +72,6 @@ class EriTrainingSettings(io.ComfyNode):
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:
         return io.NodeOutput(TrainingSettings(**values))
-
-
-def _send_step(node_id, report: loop.StepReport, started: float, first_step: int) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = PromptServer.instance if hasattr(PromptServer, "instance") else None
-    if server is None:
-        return
-    done = report.step - first_step
-    elapsed = time.perf_counter() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    server.send_sync(STEP_EVENT, {
-        "node": node_id, "step": report.step, "total": report.total, "loss": report.loss,
-        "lr": report.learning_rate, "it_per_s": rate,
-        "eta_s": (report.total - report.step) / rate if rate > 0 else None,
-    }, server.client_id)
 
 
 class EriTrainSteps(io.ComfyNode):
@@ -86,29 +88,68 @@ class EriTrainSteps(io.ComfyNode):
                 Text.Input("captions", tooltip="From Cache captions (same dataset as the latents)."),
                 Settings.Input("settings", tooltip="From Training settings."),
                 io.Int.Input("steps", default=100, min=1, max=1000000, tooltip="Optimizer steps to train in this node."),
+                Sampling.Input("sampling", optional=True,
+                               tooltip="From Sampling settings: sample images every N steps and after the last "
+                                       "step, shown on this node while it trains and saved under output/."),
+                io.Int.Input("save_every", default=0, min=0, max=1000000, optional=True,
+                             tooltip="Save the adapter (and its full training state, to resume exactly) every N "
+                                     "steps to models/loras/<save_prefix>_<step>.safetensors, and when training "
+                                     "stops early (Cancel, an error). 0 = no saves from this node."),
+                io.Int.Input("keep_last", default=3, min=0, max=100000, optional=True,
+                             tooltip="Keep only the newest K saves of save_prefix (0 = keep all)."),
+                io.String.Input("save_prefix", default="eri/checkpoints/my_lora", optional=True,
+                                tooltip="File name under models/loras for save_every; the step number is appended."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
                 Adapter.Output(display_name="adapter", tooltip="The adapter after these steps."),
                 Loss.Output(display_name="loss", tooltip="Loss history since the adapter was created."),
+                io.Image.Output(display_name="samples",
+                                tooltip="The images sampled during these steps, in order (an empty batch without "
+                                        "sampling settings)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, adapter, latents, captions, settings, steps) -> io.NodeOutput:
+    def execute(cls, model, adapter, latents, captions, settings, steps, sampling=None, save_every=0, keep_last=3,
+                save_prefix="eri/checkpoints/my_lora") -> io.NodeOutput:
         bar = ProgressBar(steps)
-        first, started = adapter.step, time.perf_counter()
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        if save_every:
+            paths.lora_file(save_prefix, 0, "save_prefix")    # a prefix outside models/loras fails before training
+
+        def save(state):
+            checkpoint.save_adapter(state, paths.lora_file(save_prefix, state.step, "save_prefix"), "fp16")
+            checkpoint.prune_saves(lambda step: paths.lora_file(save_prefix, step, "save_prefix"), keep_last)
+        first = adapter.step
+        live = LiveRun(cls.hidden.unique_id if cls.hidden is not None else None, adapter.history, first,
+                       first + steps)
+        images = []
 
         def on_step(report: loop.StepReport):
             logging.info("EriDiffusion: step %d/%d loss %.5f lr %.3g", report.step, report.total, report.loss,
                          report.learning_rate)
-            _send_step(node_id, report, started, first)
+            live.step(report)
+            if save_every and report.step % save_every == 0:
+                save(report.export())
             bar.update_absolute(report.step - first, steps)   # also ComfyUI's Cancel check
 
-        trained = loop.train(model, adapter, latents, captions, settings, steps, on_step=on_step)
-        return io.NodeOutput(patched_model(model, trained), trained, trained.history)
+        def on_every(run: loop.TrainingRun):
+            samples = sample_round(model, run.export(), sampling)
+            images.extend(s.image for s in samples)
+            live.images_saved(save_samples(samples, sampling))
+
+        try:
+            trained = loop.train(model, adapter, latents, captions, settings, steps, on_step=on_step,
+                                 on_every=on_every if sampling else None,
+                                 every=sampling.every_n_steps if sampling else 0,
+                                 # Cancel or an error: keep the last finished step, if saves were asked for
+                                 on_stopped=save if save_every else None)
+        finally:
+            live.finish()
+        batch = torch.stack(images) if images else torch.zeros((0, 64, 64, 3))
+        shown = {"images": live.images} if live.images else None
+        return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
 
 
 class EriLossGraph(io.ComfyNode):

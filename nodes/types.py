@@ -9,3 +9,4 @@ Text = io.Custom("ERI_TEXT")              # trainers.cache.TextSet
 Adapter = io.Custom("ERI_ADAPTER")        # trainers.state.AdapterState
 Settings = io.Custom("ERI_SETTINGS")      # trainers.config.TrainingSettings
 Loss = io.Custom("ERI_LOSS")              # trainers.state.LossHistory
+Sampling = io.Custom("ERI_SAMPLING")      # trainers.sampling.SamplingSettings

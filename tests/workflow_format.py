@@ -6,16 +6,35 @@ module, so the two never disagree; a test checks the committed UI files against 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# The frontend adds a "control after generate" widget after a seed that asks for one; examples keep it fixed.
+CONTROL_VALUE = "fixed"
 
 
 def _inputs(info: dict):
-    """(name, type, is_widget) of a node's inputs in the frontend's order."""
+    """(name, type, is_widget, has_control_widget) of a node's inputs in the frontend's order."""
     order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
     for section in ("required", "optional"):
         for name in order.get(section, []):
             spec = info["input"][section][name]
             kind = "COMBO" if isinstance(spec[0], list) else spec[0]
-            yield name, kind, kind in WIDGET_TYPES
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            yield name, kind, kind in WIDGET_TYPES, bool(options.get("control_after_generate"))
+
+
+def _default(info: dict, name: str):
+    """What the frontend puts in a widget the workflow does not set: the input's default (a combo's first
+    option)."""
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {}).get(name)
+        if spec is not None:
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                return options["default"]
+            if isinstance(spec[0], list):
+                return spec[0][0] if spec[0] else None
+            if spec[0] == "COMBO":
+                return (options.get("options") or [None])[0]
+    return None
 
 
 def api_to_ui(api: dict, object_info: dict) -> dict:
@@ -44,10 +63,12 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         column = node_depth(nid)
         row = rows.get(column, 0)
         socket_inputs, widgets = [], []
-        for name, kind, is_widget in _inputs(info):
-            value = node["inputs"].get(name)
+        for name, kind, is_widget, control in _inputs(info):
+            value = node["inputs"].get(name, _default(info, name))
             if is_widget and not isinstance(value, list):
                 widgets.append(value)
+                if control:
+                    widgets.append(CONTROL_VALUE)
             else:
                 link = next((l[0] for l in links if l[3] == int(nid) and l[4] == name), None)
                 socket_inputs.append({"name": name, "type": kind, "link": link})
@@ -75,19 +96,51 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         info = object_info[node["type"]]
         inputs, widgets = {}, list(node.get("widgets_values", []))
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
-        for name, kind, is_widget in _inputs(info):
+        for name, kind, is_widget, control in _inputs(info):
             if name in linked:
                 inputs[name] = list(link_src[linked[name]])
             elif is_widget:
                 inputs[name] = widgets.pop(0)
+                if control:
+                    widgets.pop(0)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
 
 
+# The loaders of full-size models, what the tiny model stands in for, and which of its outputs replaces theirs.
+_TINY_ARCH_OF = {"TripleCLIPLoader": "sd3", "DualCLIPLoader": "flux"}
+_TINY_OUTPUT_OF = {"UNETLoader": 0, "TripleCLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2}
+
+
+def _swap_loaders_for_the_tiny_model(prompt: dict) -> None:
+    """SD3 / Flux workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is detected from a
+    file): one EriTestTinyModel takes the place of all of them."""
+    loaders = {nid: n["class_type"] for nid, n in prompt.items()
+               if n["class_type"] in _TINY_OUTPUT_OF or n["class_type"] == "CheckpointLoaderSimple"}
+    arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None)
+    if arch is None:
+        return
+    tiny_id = min(loaders, key=int)
+    remap = {}
+    for nid, kind in loaders.items():
+        if kind == "CheckpointLoaderSimple":
+            remap.update({(nid, 0): [tiny_id, 0], (nid, 2): [tiny_id, 2]})
+        else:
+            remap[(nid, 0)] = [tiny_id, _TINY_OUTPUT_OF[kind]]
+        del prompt[nid]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and (value[0], value[1]) in remap:
+                node["inputs"][name] = remap[(value[0], value[1])]
+    prompt[tiny_id] = {"class_type": "EriTestTinyModel", "inputs": {"arch": arch, "seed": 0}}
+
+
 def tiny_training_prompt(api: dict, images_folder: str, steps: int, prefix: str) -> dict:
     """An example training workflow made runnable on a CPU in seconds: the checkpoint loader becomes the
-    test-only tiny model (same MODEL, CLIP, VAE outputs), 64-pixel buckets, fp32, a higher learning rate."""
+    test-only tiny model (same MODEL, CLIP, VAE outputs), 64-pixel buckets, fp32, a higher learning rate;
+    samples of 64 pixels in 2 sampler steps, every `steps // 2` training steps."""
     prompt = {nid: {"class_type": n["class_type"], "inputs": dict(n["inputs"])} for nid, n in api.items()}
+    _swap_loaders_for_the_tiny_model(prompt)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -99,6 +152,12 @@ def tiny_training_prompt(api: dict, images_folder: str, steps: int, prefix: str)
                           gradient_checkpointing=False)
         elif kind == "EriTrainSteps":
             inputs["steps"] = steps
+        elif kind == "EriSamplingSettings":
+            inputs.update(width=64, height=64, steps=2, every_n_steps=max(1, steps // 2))
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 2
         elif kind == "EriSaveAdapter":
             inputs["filename_prefix"] = prefix
     return prompt

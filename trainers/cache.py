@@ -14,9 +14,10 @@ from .data import Dataset, DatasetItem, load_image
 from .files import atomic_write
 
 
-def model_fingerprint(module: torch.nn.Module, patches: dict | None = None) -> str:
-    """Identifies weights without hashing every byte: names, shapes, dtypes and two sums per tensor."""
-    digest = hashlib.sha256()
+def model_fingerprint(module: torch.nn.Module, patches: dict | None = None, extra: str = "") -> str:
+    """Identifies a model without hashing every byte: its class (the same CLIP-L/G weights give SDXL's and
+    SD3's text encoders different outputs), names, shapes, dtypes and two sums per tensor, and `extra`."""
+    digest = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}|{extra}".encode())
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
             t = tensor.detach()
@@ -118,7 +119,9 @@ def text_key(caption: str, clip_id: str) -> str:
 def cache_text(captions, clip, cache_dir: str,
                on_progress: Callable[[int, int], None] | None = None) -> TextSet:
     os.makedirs(cache_dir, exist_ok=True)
-    clip_id = model_fingerprint(clip.cond_stage_model, getattr(clip.patcher, "patches", None))
+    # layer_idx: CLIPSetLastLayer ("clip skip") changes the output, not the weights
+    clip_id = model_fingerprint(clip.cond_stage_model, getattr(clip.patcher, "patches", None),
+                                extra=f"{type(clip.tokenizer).__qualname__}|layer {getattr(clip, 'layer_idx', None)}")
     wanted = [""] + sorted(set(captions) - {""})
     out, encoded = [], 0
     for n, caption in enumerate(wanted, 1):

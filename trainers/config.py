@@ -20,6 +20,9 @@ def help_of(cls, name: str) -> str:
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("bf16", "fp16", "fp32")
+TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "sigmoid")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,39 @@ class AdapterSpec:
     seed: int = _help("Seed of the adapter's initial weights.", default=0)
     dtype: str = _help("Storage dtype of the trainable weights (fp32 keeps exact master weights).",
                        default="fp32")
-    targets: tuple[tuple[str, int, int], ...] = _help("(module path, in features, out features) of every "
-                                                      "adapted layer.", default=())
+    targets: tuple[tuple, ...] = _help("(module path, in features, out features) of every adapted linear layer; "
+                                       "(module path, in channels, out channels, kernel height, kernel width) "
+                                       "of every adapted convolution.", default=())
+    dora: bool = _help("DoRA (weight-decomposed): also learn each layer's per-input-channel magnitude, "
+                       "m · (W + ΔW) / ‖W + ΔW‖ per column. Works with every adapter type; costs a full-size "
+                       "weight per layer and step.", default=False)
+    lokr_factor: int = _help("LoKr: split each layer's in and out sizes into two factors near this number "
+                             "(-1 = automatic, the most balanced split, as LyCORIS does). Smaller factors make "
+                             "the small Kronecker matrix smaller.", default=-1)
+    lokr_full_w2: bool = _help("LoKr: keep the large Kronecker matrix w2 full rank instead of w2_a·w2_b of the "
+                               "given rank (alpha is then not applied: the scale is 1, as in LyCORIS). Layers "
+                               "whose w2 is smaller than 2·rank are full rank either way.", default=False)
+    conv: bool = _help("Also adapt the UNet's convolution layers (LoCon: ResBlocks, Downsample, Upsample). "
+                       "UNet models (SDXL) only.", default=False)
+    conv_rank: int = _help("Rank for the convolution layers (0 = the same as rank).", default=0)
+    conv_alpha: float = _help("Alpha for the convolution layers (0 = the same as alpha).", default=0.0)
+
+    def __post_init__(self):
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor must be -1 (automatic) or a positive number, got {self.lokr_factor}")
+        if self.rank < 1 or self.conv_rank < 0:
+            raise ConfigError(f"rank must be at least 1 and conv_rank at least 0, got {self.rank}, {self.conv_rank}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def rank_for(self, target: tuple) -> int:
+        """Rank of one target: conv_rank (or rank) for convolutions, rank for linear layers."""
+        return (self.conv_rank or self.rank) if len(target) == 5 else self.rank
+
+    def alpha_for(self, target: tuple) -> float:
+        return (self.conv_alpha or self.alpha) if len(target) == 5 else self.alpha
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,28 @@ class TrainingSettings:
                                 default=0.0)
     min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off).", default=0.0)
     caption_dropout: float = _help("Probability of training a sample on the empty caption.", default=0.0)
+    timestep_sampling: str = _help("How training timesteps are drawn: auto (SDXL uniform, SD3/Flux "
+                                   "logit_normal), uniform, logit_normal (mean, std), sigmoid (of a normal "
+                                   "times sigmoid_scale). SD3/Flux apply their timestep shift after.",
+                                   default="auto")
+    logit_mean: float = _help("Mean of logit_normal timestep sampling (higher trains more at high noise).",
+                              default=0.0)
+    logit_std: float = _help("Standard deviation of logit_normal timestep sampling.", default=1.0)
+    sigmoid_scale: float = _help("Scale of sigmoid timestep sampling (larger spreads timesteps to the ends).",
+                                 default=1.0)
+    timestep_shift: float = _help("SD3/Flux timestep shift α (σ = αt / (1 + (α-1)t)). 0 = the model's own: "
+                                  "SD3 3.0; Flux-dev from each bucket's resolution as ComfyUI's ModelSamplingFlux "
+                                  "computes it; a model patched by ModelSamplingSD3/Flux keeps its shift.",
+                                  default=0.0)
+    loss_weighting: str = _help("SD3/Flux loss weight per σ: none, sigma_sqrt (1/σ²), cosmap (SD3 paper).",
+                                default="none")
+    flux_guidance: float = _help("Guidance input of Flux-dev while training (1.0 is usual; schnell has none).",
+                                 default=1.0)
+    nan_policy: str = _help("When the loss or the gradients are NaN/inf: stop (an error naming the step; the "
+                            "adapter keeps its last good weights) or skip that step (counted; training stops after "
+                            "10 in a row).", default="stop")
+    optimizer_offload: bool = _help("Keep the optimizer state and fp32 master weights in CPU memory and step "
+                                    "there (saves GPU memory, costs a copy per step).", default=False)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -102,6 +154,18 @@ class TrainingSettings:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("batch_size and grad_accumulation must be at least 1")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
+                              f"got {self.timestep_sampling!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
+                              f"got {self.loss_weighting!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        if self.logit_std <= 0 or self.sigmoid_scale <= 0:
+            raise ConfigError("logit_std and sigmoid_scale must be positive")
+        if self.timestep_shift < 0:
+            raise ConfigError(f"timestep_shift must be 0 (the model's own) or positive, got {self.timestep_shift}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -43,11 +44,12 @@ class Dataset:
     root: str
     items: tuple[DatasetItem, ...]
     skipped: tuple[str, ...] = ()    # files that are not images
+    duplicates: tuple[tuple[str, str], ...] = ()   # (file left out, the identical file kept)
 
     def __repr__(self):
         buckets = sorted({str(i.bucket) for i in self.items})
         return (f"Dataset({self.root!r}, {len(self.items)} samples, buckets {buckets}, "
-                f"{len(self.skipped)} non-image files skipped)")
+                f"{len(self.skipped)} non-image files skipped, {len(self.duplicates)} duplicates left out)")
 
     @property
     def captions(self) -> tuple[str, ...]:
@@ -160,7 +162,7 @@ def scan_dataset(root: str, config: DatasetConfig) -> Dataset:
     if not os.path.isdir(root):
         raise ConfigError(f"folder {config.folder!r} does not exist (looked for {root})")
     buckets = make_buckets(config.resolution, config.min_side, config.max_side)
-    items, skipped = [], []
+    items, skipped, duplicates, seen = [], [], [], {}
     for path, repeats in list_image_files(root):
         if os.path.splitext(path)[1].lower() == config.caption_ext:
             continue
@@ -191,9 +193,17 @@ def scan_dataset(root: str, config: DatasetConfig) -> Dataset:
         bucket = assign_bucket(size, config, buckets)
         _, crop = crop_for(size, bucket)
         content_hash = hashlib.sha256(data).hexdigest()
+        if content_hash in seen:   # the same bytes twice would silently double their weight; repeats do that
+            duplicates.append((path, seen[content_hash]))
+            continue
+        seen[content_hash] = path
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash))
     if not items:
         raise ConfigError(f"folder {config.folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           f"{len(skipped)} other files were skipped. Put training images in {root}")
-    return Dataset(config, root, tuple(items), tuple(skipped))
+    if duplicates:
+        logging.warning("EriDiffusion: %d duplicate image(s) in %r left out: %s", len(duplicates), config.folder,
+                        "; ".join(f"{os.path.relpath(a, root)!r} is identical to {os.path.relpath(b, root)!r}"
+                                  for a, b in duplicates[:5]) + (" ..." if len(duplicates) > 5 else ""))
+    return Dataset(config, root, tuple(items), tuple(skipped), tuple(duplicates))

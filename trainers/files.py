@@ -7,6 +7,7 @@ a crash or a full disk never leaves a half-written file where a good one was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,11 +32,15 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
+            raise OSError(e.errno, f"the disk is full while saving {path}: free space in {folder} or save "
+                                   f"elsewhere ({kept})") from e
         raise
     try:   # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -9,27 +9,37 @@ installed as object patches, so the MODEL that came in is never changed.
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.utils.checkpoint
 
 import comfy.model_management
 
 from . import arch as arches
 from .adapters.base import install
+from .blocks import TrainingBlockForward
 from .cache import LatentSet, TextSet
 from .config import ConfigError, TrainingSettings
-from .optim import learning_rate, make_optimizer
+from .optim import OffloadedOptimizer, learning_rate, make_optimizer
 from .state import AdapterState, build_layers, cpu_copy
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on; the message names the step and what to change."""
+    """Training cannot go on; the message names the step and what to change. `state` is the adapter as of
+    the last good step (nothing trained before the error is lost), when there is one."""
+
+    def __init__(self, message: str, state: AdapterState | None = None):
+        super().__init__(message)
+        self.state = state
+
+
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 @dataclass(frozen=True)
@@ -39,22 +49,9 @@ class StepReport:
     loss: float
     learning_rate: float
     seconds: float       # wall time of this step
-
-
-class CheckpointedForward:
-    """Object patch for a block's forward: recompute its activations in backward (non-reentrant)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return type(self.module).forward(self.module, *args, **kwargs)
-        # No RNG state to preserve (the diffusion models run without dropout) and no metadata check on
-        # recompute: both cost host time per block, and SDXL at batch 1 is bound by host time.
-        return torch.utils.checkpoint.checkpoint(type(self.module).forward, self.module, *args,
-                                                 use_reentrant=False, preserve_rng_state=False,
-                                                 determinism_check="none", **kwargs)
+    skipped: bool = False   # NaN/inf loss or gradients: no update (nan_policy skip)
+    # the adapter state as of this step, built on demand (a copy to the CPU): for saves every N steps
+    export: Callable[[], AdapterState] | None = field(default=None, repr=False, compare=False)
 
 
 class DataOrder:
@@ -90,7 +87,7 @@ class TrainingRun:
     the new AdapterState. Nothing passed in is modified."""
 
     def __init__(self, patcher, state: AdapterState, latents: LatentSet, text: TextSet,
-                 settings: TrainingSettings, end_step: int):
+                 settings: TrainingSettings, end_step: int, world=None):
         self.arch = arches.detect(patcher)
         if state.spec.arch != self.arch.name:
             raise ConfigError(f"the adapter was made for {state.spec.arch} but the MODEL is {self.arch.name}: "
@@ -100,20 +97,33 @@ class TrainingRun:
         self.schedule_steps = settings.total_steps or end_step
         self.base_model = patcher.model
         self.patcher = patcher.clone()
+        # What the MODEL samples with, a ModelSamplingSD3 / Flux node's patch included.
+        self.model_sampling = self.patcher.get_model_object("model_sampling")
         self.device = self.patcher.load_device
         self.layers = build_layers(state, self.device, trainable=True)
         install(self.patcher, self.layers)
-        if settings.gradient_checkpointing:
+        if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model
-            for path in self.arch.checkpoint_modules(root):
-                self.patcher.add_object_patch(f"diffusion_model.{path}.forward",
-                                              CheckpointedForward(root.get_submodule(path)))
+            for path in self.arch.block_modules(root):
+                self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
+                    root.get_submodule(path), checkpoint=settings.gradient_checkpointing,
+                    out_of_place=self.arch.out_of_place_blocks))
+        if settings.min_snr_gamma > 0 and self.arch.name != "sdxl":
+            logging.warning("EriDiffusion: min_snr_gamma applies to SDXL; %s uses loss_weighting instead",
+                            self.arch.name)
         # The base weights never train; ComfyUI's inference never needs their gradients either.
         self.base_model.diffusion_model.requires_grad_(False)
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
-        self.optimizer = make_optimizer(self.params, settings, self.device)
+        if settings.optimizer_offload:
+            if settings.precision == "fp16":
+                raise ConfigError("optimizer_offload works with precision bf16 or fp32 (fp16 loss scaling needs "
+                                  "the optimizer on the GPU): change one of them")
+            self.optimizer = OffloadedOptimizer(
+                self.params, lambda params: make_optimizer(params, settings, torch.device("cpu")))
+        else:
+            self.optimizer = make_optimizer(self.params, settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
             self.optimizer.load_state_dict(cpu_copy(state.optimizer))
         self.generator = torch.Generator()
@@ -121,9 +131,13 @@ class TrainingRun:
             self.generator.set_state(state.rng.clone())
         else:
             self.generator.manual_seed(settings.seed)
-        self.order = DataOrder(latents, settings.batch_size, settings.seed)
+        # With a torch.distributed World (trainers/distributed.py) batches are global: each rank trains its share.
+        self.world = world
+        self.order = DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed)
         self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
         self.step_count, self.cursor = state.step, state.cursor
+        self.skipped, self.consecutive_skips = 0, 0
+        self._step_start = None
         self.losses, self.lrs, self.steps = [], [], []
 
     # ---------------------------------------------------------------------------------------- one step
@@ -140,71 +154,141 @@ class TrainingRun:
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
-        sigma = self.arch.sample_sigmas(self.base_model.model_sampling, len(indices), gen)
+        sigma = self.arch.sample_sigmas(self.model_sampling, arches.Batch(x0, contexts, items), gen, self.settings)
+        self.global_count = len(items)
+        if self.world is not None:   # every rank drew the global batch's randomness; it keeps its share
+            share = self.world.share(len(items))
+            x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
         batch = arches.Batch(x0.to(self.device), contexts, items)
         return batch, noise.to(self.device), sigma.to(self.device)
 
     def _loss(self, batch, noise, sigma) -> torch.Tensor:
-        ms = self.base_model.model_sampling
+        if not batch.items:          # this rank's share of a short global batch is empty
+            return torch.zeros((), device=self.device)
+        ms = self.model_sampling
         x_noisy = self.arch.noisy(ms, batch.latents, noise, sigma)
         autocast = AUTOCAST.get(self.settings.precision)
         with torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            prediction = self.arch.predict(self.base_model, x_noisy, sigma, batch)
-        target = self.arch.target(self.base_model, batch.latents, noise, sigma)
-        per_sample = (prediction.float() - target.float()).square().mean(dim=tuple(range(1, target.ndim)))
-        weight = self.arch.loss_weight(self.base_model, sigma, self.settings.min_snr_gamma)
+            prediction = self.arch.predict(self.base_model, ms, x_noisy, sigma, batch, self.settings)
+        target = self.arch.target(ms, batch.latents, noise, sigma)
+        # The loss in fp32 at least (fp64 models keep fp64: the gradient tests compare against it).
+        wide = torch.promote_types(prediction.dtype, torch.float32)
+        per_sample = (prediction.to(wide) - target.to(wide)).square().mean(dim=tuple(range(1, target.ndim)))
+        weight = self.arch.loss_weight(ms, sigma, self.settings)
+        if self.world is not None:   # this share's part of the global batch's mean
+            return (per_sample * weight).sum() / self.global_count
         return (per_sample * weight).mean()
 
     def step(self) -> StepReport:
         started = time.perf_counter()
+        # what export() gives while a step is under way: the last finished step (Cancel or an error mid-step)
+        self._step_start = (self.cursor, self.generator.get_state().clone())
         accumulation = self.settings.grad_accumulation
-        total = 0.0
+        total, problem = 0.0, None
         for _ in range(accumulation):
             loss = self._loss(*self._micro_batch())
-            value = loss.item()
-            if value != value or value in (float("inf"), float("-inf")):
-                raise TrainingError(f"the loss became {value} at step {self.step_count + 1}: lower the learning "
-                                    f"rate, use precision bf16 or fp32, or set max_grad_norm")
+            value = loss.item() if self.world is None else self.world.sum(loss.float()).item()
+            if not math.isfinite(value):
+                problem = f"the loss became {value}"
+                break
             total += value / accumulation
             scaled = loss / accumulation
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if scaled.requires_grad:     # a rank with an empty share has nothing to differentiate
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if problem is None and self.world is not None:
+            self.world.sum_gradients(self.params)
         lr = learning_rate(self.settings, self.step_count, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if problem is None:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
+            # fp16's loss scaler skips steps with inf gradients itself (and lowers its scale)
+            if not self.scaler and not math.isfinite(norm.item()):
+                problem = "the gradients became NaN/inf"
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_skips += 1
+            if self.settings.nan_policy == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingError(
+                    f"{problem} at step {self.step_count + 1}"
+                    + (f" ({self.consecutive_skips} steps in a row)" if self.consecutive_skips > 1 else "")
+                    + ": lower the learning rate, use precision bf16 or fp32, or set max_grad_norm; the adapter "
+                      "keeps its weights from the last good step", self.export())
+            self.skipped += 1
+            logging.warning("EriDiffusion: %s at step %d; step skipped (%d so far)", problem, self.step_count + 1,
+                            self.skipped)
+            total = math.nan
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_skips = 0
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.steps.append(self.step_count)
         self.losses.append(total)
         self.lrs.append(lr)
-        return StepReport(self.step_count, self.end_step, total, lr, time.perf_counter() - started)
+        self._step_start = None
+        return StepReport(self.step_count, self.end_step, total, lr, time.perf_counter() - started,
+                          skipped=problem is not None, export=self.export)
 
     def export(self) -> AdapterState:
+        """The adapter after the last finished step: resuming from it continues exactly."""
         from .adapters import method
+        cursor, rng = self._step_start or (self.cursor, self.generator.get_state())
         return self.state.replace(
             weights=method(self.state.spec.kind).layer_weights(self.layers),
-            step=self.step_count, cursor=self.cursor,
+            step=self.step_count, cursor=cursor,
             optimizer=cpu_copy(self.optimizer.state_dict()), optimizer_name=self.settings.optimizer,
-            rng=self.generator.get_state().clone(),
+            rng=rng.clone(),
             history=self.state.history.extended(self.steps, self.losses, self.lrs),
             settings=self.settings.to_dict())
 
 
 def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, settings: TrainingSettings,
-          steps: int, on_step: Callable[[StepReport], None] | None = None) -> AdapterState:
-    """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps)
-        for _ in range(steps):
-            report = run.step()
-            if on_step:
-                on_step(report)
-        return run.export()
+          steps: int, on_step: Callable[[StepReport], None] | None = None,
+          on_every: Callable[["TrainingRun"], None] | None = None, every: int = 0, world=None,
+          on_stopped: Callable[[AdapterState], None] | None = None) -> AdapterState:
+    """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel).
+    `on_every(run)` runs after each step whose number is a multiple of `every`, and after the last step, with
+    the run as it is then (sampling reads `run.export()`); it may load other models: the run's own is loaded
+    again before the next step. `world` (trainers.distributed.World) trains this rank's share of batches
+    `world.size` times larger, with gradients summed over the ranks. When training stops early — Cancel
+    (ComfyUI's interrupt), NaN, out of memory, any error — `on_stopped` gets the adapter as of the last
+    finished step (to save it) before the exception goes on."""
+    run = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
+            for _ in range(steps):
+                report = run.step()
+                if on_step:
+                    on_step(report)
+                if on_every and every > 0 and (run.step_count % every == 0 or run.step_count == run.end_step):
+                    on_every(run)
+                    comfy.model_management.load_models_gpu([run.patcher], force_full_load=True)
+            return run.export()
+    except BaseException as stop:
+        last_good = getattr(stop, "state", None)
+        if last_good is None and run is not None and run.step_count > state.step:
+            last_good = run.export()
+        if on_stopped is not None and last_good is not None and last_good.step > state.step:
+            on_stopped(last_good)
+        if not isinstance(stop, torch.OutOfMemoryError):
+            raise
+        step = run.step_count + 1 if run is not None else state.step + 1
+        del run
+        # Give the memory back so ComfyUI keeps working: the training clone and anything else loaded.
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        raise TrainingError(
+            f"out of GPU memory at step {step} (batch_size {settings.batch_size}, resolution "
+            f"{latents.dataset.config.resolution}, gradient_checkpointing "
+            f"{'on' if settings.gradient_checkpointing else 'off'}): lower batch_size or the dataset resolution, "
+            f"turn gradient_checkpointing on, load the model with weight_dtype fp8_e4m3fn, or turn "
+            f"optimizer_offload on. The models were unloaded; nothing trained before this step is lost",
+            last_good) from stop

@@ -33,6 +33,40 @@ def make_optimizer(params, settings: TrainingSettings, device: torch.device) -> 
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
 
 
+class OffloadedOptimizer:
+    """Steps fp32 copies of the parameters in CPU memory, where the optimizer state also lives: gradients
+    are copied down after backward and the new weights copied back. Saves the GPU the optimizer state (and
+    fp32 master weights of bf16 adapters) for a copy per step."""
+
+    def __init__(self, params, make):
+        self.params = list(params)
+        self.masters = [p.detach().to("cpu", torch.float32, copy=True).requires_grad_(True) for p in self.params]
+        self.inner = make(self.masters)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self):
+        for param, master in zip(self.params, self.masters):
+            master.grad = None if param.grad is None else param.grad.detach().to("cpu", torch.float32)
+        self.inner.step()
+        for param, master in zip(self.params, self.masters):
+            param.copy_(master, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for param in self.params:
+            param.grad = None
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
 def _constant(progress: float) -> float:
     return 1.0
 

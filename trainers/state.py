@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import adapters
-from .adapters.base import DeviceCached, install
+from .adapters.base import DeviceCached, base_weight, install
 from .config import AdapterSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,9 +53,14 @@ class AdapterState:
         return dataclasses.replace(self, **changes)
 
 
-def new_adapter(spec: AdapterSpec) -> AdapterState:
+def new_adapter(spec: AdapterSpec, patcher=None) -> AdapterState:
+    """A new adapter for `spec`; DoRA magnitudes start from the weights of `patcher`'s model."""
     method = adapters.method(spec.kind)
-    layers = method.build_layers(spec, None, DTYPES[spec.dtype])
+    base_weights = None
+    if patcher is not None:
+        root = patcher.model.diffusion_model
+        base_weights = lambda path: base_weight(root.get_submodule(path), "cpu")
+    layers = method.build_layers(spec, None, DTYPES[spec.dtype], base_weights=base_weights)
     return AdapterState(spec, method.layer_weights(layers))
 
 

@@ -29,8 +29,8 @@ class EriTestTinyModel(io.ComfyNode):
     def execute(cls, arch, seed) -> io.NodeOutput:
         import torch
         with torch.inference_mode(False):
-            clip = tiny_models.tiny_clip(arch, seed) if arch in ("sdxl", "sdxl_v") else None
-            return io.NodeOutput(tiny_models.tiny_model(arch, seed), clip, tiny_models.tiny_vae(arch, seed))
+            return io.NodeOutput(tiny_models.tiny_model(arch, seed), tiny_models.tiny_clip(arch, seed),
+                                 tiny_models.tiny_vae(arch, seed))
 
 
 class TestNodes(ComfyExtension):

@@ -16,8 +16,10 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.taesd.taesd
+import comfy.text_encoders.flux
+import comfy.text_encoders.sd3_clip
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -26,20 +28,25 @@ SDXL_UNET = {
     "legacy": False, "num_classes": "sequential", "image_size": 32, "in_channels": 4, "out_channels": 4,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+# SD3's text encoder pads CLIP-L+G to T5's 4096 wide context (ComfyUI hard-codes it), so the tiny SD3 runs
+# without T5, as ComfyUI allows: context (77, 4096), pooled 32 + 32.
 SD3_MMDIT = {
-    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32,
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
     "input_size": None, "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None,
     "x_block_self_attn_layers": [], "qk_norm": None,
-    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
 }
 FLUX = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
     "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
     "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
 }
-# Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32).
+FLUX_SCHNELL = {**FLUX, "guidance_embed": False}
+# Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
+# the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
              "projection_dim": 32}
+TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
 
 
 @torch.no_grad()
@@ -57,6 +64,9 @@ def init_parameters(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         else:
             values = torch.ones(p.shape)
         p.copy_(values.to(p.dtype))
+    for name, b in module.named_buffers():
+        if name.endswith("pos_embed"):   # MMDiT's position table is a buffer, created empty like the weights
+            b.copy_((torch.randn(b.shape, generator=gen) * 0.1).to(b.dtype))
     return module
 
 
@@ -65,8 +75,11 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
         module, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device())
 
 
-def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3 or flux."""
+def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
+               compute_dtype: torch.dtype | None = None):
+    """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux or
+    flux_schnell. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
+    loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
         state = {"v_pred": torch.tensor([])} if arch == "sdxl_v" else {}
@@ -76,9 +89,12 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
     elif arch == "flux":
         config = comfy.supported_models.Flux(dict(FLUX))
         state = {}
+    elif arch == "flux_schnell":
+        config = comfy.supported_models.FluxSchnell(dict(FLUX_SCHNELL))
+        state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
-    config.set_inference_dtype(dtype, None)
+    config.set_inference_dtype(dtype, compute_dtype)
     model = config.get_model(state, "")
     init_parameters(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
@@ -95,11 +111,38 @@ class _TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
         super().__init__(device=device, dtype=dtype, model_options=model_options)
 
 
+class _TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
+    """ComfyUI's SD3 text encoder: tiny CLIP-L + CLIP-G, no T5."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        model_options = {**model_options, "clip_l_model_config": dict(TINY_CLIP),
+                         "clip_g_model_config": dict(TINY_CLIP)}
+        super().__init__(clip_l=True, clip_g=True, t5=False, device=device, dtype=dtype,
+                         model_options=model_options)
+
+
+class _TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
+    """ComfyUI's Flux text encoder: tiny CLIP-L (pooled) + tiny T5 (context)."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        model_options = {**model_options, "clip_l_model_config": dict(TINY_CLIP),
+                         "t5xxl_model_config": dict(TINY_T5)}
+        super().__init__(dtype_t5=torch.float32, device=device, dtype=dtype, model_options=model_options)
+
+
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
-    """A CLIP whose `encode_from_tokens` gives the tiny SDXL's context (B,77,64) and pooled (B,32)."""
-    if arch not in ("sdxl", "sdxl_v"):
-        raise ValueError(f"no tiny text encoder for {arch!r} yet")
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
+    """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
+    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32)."""
+    if arch in ("sdxl", "sdxl_v"):
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
+    elif arch == "sd3":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                        _TinySD3ClipModel)
+    elif arch in ("flux", "flux_schnell"):
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                        _TinyFluxClipModel)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     init_parameters(clip.cond_stage_model, seed + 1)
     return clip

@@ -41,42 +41,50 @@ def prepared(folders, tiny, arch="sdxl", sizes=((64, 64),) * 4, **dataset_kw):
 
 
 def train(p, steps, adapter=None, **setting_overrides):
+    """Train steps' model, adapter and loss outputs (without sampling)."""
     from eridiffusion.nodes.train import EriTrainSteps
     return run(EriTrainSteps, model=p["model"], adapter=adapter or p["adapter"], latents=p["latents"],
-               captions=p["captions"], settings=settings(**setting_overrides), steps=steps)
+               captions=p["captions"], settings=settings(**setting_overrides), steps=steps)[:3]
 
 
 def model_output(model_patcher, p, seed=123):
     """The MODEL's prediction (ComfyUI's apply_model, as samplers call it) on fixed inputs."""
     import comfy.model_management
+    import comfy.model_sampling
+    base = model_patcher.model
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    sigma = torch.tensor([1.5, 7.0])
+    x = torch.randn(2, base.latent_format.latent_channels, 8, 8, generator=gen)
+    flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
+    sigma = torch.tensor([0.3, 0.8]) if flow else torch.tensor([1.5, 7.0])
     text = p["captions"].embeddings[1][1]
     cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
-                y=model_patcher.model.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1),
-                                                 width=64, height=64))
+                y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
+                guidance=torch.tensor([1.0]))
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model_patcher])
-        return model_patcher.model.apply_model(x, sigma, **cond).clone()
+        return base.apply_model(x, sigma, **cond).clone()
 
 
 def fixed_loss(model_patcher, p, seed=7):
     """Mean training loss of a MODEL over the whole dataset at fixed timesteps and noise."""
     import comfy.model_management
+    import comfy.model_sampling
     from eridiffusion.trainers.arch import Batch, detect
+    from eridiffusion.trainers.config import TrainingSettings
     arch = detect(model_patcher)
     base = model_patcher.model
+    ms = base.model_sampling
+    flow = isinstance(ms, comfy.model_sampling.CONST)
     gen = torch.Generator().manual_seed(seed)
     items = list(p["latents"].dataset.items)
     x0 = base.latent_format.process_in(torch.stack(list(p["latents"].latents)))
     total = 0.0
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model_patcher])
-        for t in (50, 250, 500, 750, 950):
+        for t in (0.05, 0.25, 0.5, 0.75, 0.95):
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = base.model_sampling.sigmas[torch.full((len(items),), t)]
+            sigma = torch.full((len(items),), t) if flow else ms.sigmas[torch.full((len(items),), int(t * 1000))]
             batch = Batch(x0, [p["captions"].get(i.caption) for i in items], items)
-            pred = arch.predict(base, arch.noisy(base.model_sampling, x0, noise, sigma), sigma, batch)
-            total += (pred - arch.target(base, x0, noise, sigma)).square().mean().item()
+            pred = arch.predict(base, ms, arch.noisy(ms, x0, noise, sigma), sigma, batch, TrainingSettings())
+            total += (pred - arch.target(ms, x0, noise, sigma)).square().mean().item()
     return total / 5

@@ -175,7 +175,7 @@ def test_loss_graph_draws_the_history(p):
 def test_adapter_for_another_architecture_is_refused(p, tiny):
     with torch.inference_mode(False):
         flux = tiny.tiny_model("flux")
-    with pytest.raises(ValueError, match="EriDiffusion trains sdxl"):
+    with pytest.raises(ValueError, match="the adapter was made for sdxl but the MODEL is flux: create the adapter"):
         train({**p, "model": flux}, 1)
 
 

@@ -38,6 +38,59 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
     assert result.outputs("9")["images"], "the loss graph is shown in the canvas"
     assert "saved ci/sdxl_000012.safetensors" in json.dumps(result.outputs("8"))
 
+    # samples every 6 steps (two prompts), shown on the node while it trains, then kept in its output
+    samples = result.outputs("7")["images"]
+    assert [s["filename"][:len("sdxl_lora_step000006_seed42_p0")] for s in samples] == [
+        "sdxl_lora_step000006_seed42_p0", "sdxl_lora_step000006_seed42_p1",
+        "sdxl_lora_step000012_seed42_p0", "sdxl_lora_step000012_seed42_p1"]
+    assert all((server.base / "output" / s["subfolder"] / s["filename"]).is_file() for s in samples)
+    kinds = [(e["type"], e["data"].get("step")) for e in result.events
+             if e["type"] in ("eridiffusion.step", "executed") and e["data"].get("node") == "7"]
+    preview = kinds.index(("executed", None))
+    assert kinds[preview - 1] == ("eridiffusion.step", 6) and kinds[preview + 1] == ("eridiffusion.step", 7), \
+        "the step-6 samples are shown while training goes on"
+
+    # the chart's history survives a page reload: the server keeps it per node
+    history = client.get_json("/eridiffusion/history/7")
+    assert history["steps"] == list(range(1, 13)) and history["running"] is False
+    assert history["losses"] == [e["loss"] for e in steps] and history["prompt_id"] == result.prompt_id
+    assert [i["filename"] for i in history["images"]] == [s["filename"] for s in samples]
+
+
+@pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux")])
+def test_sd35_and_flux_example_workflows_train_sample_and_save_on_the_live_server(client, server, name, arch):
+    write_images(server.base / "input" / f"{name}_images", [(64, 64), (64, 128), (64, 64)])
+    api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
+    prompt = tiny_training_prompt(api, f"{name}_images", steps=6, prefix=f"ci/{name}")
+    assert {n["class_type"] for n in prompt.values()} & {"UNETLoader", "DualCLIPLoader", "TripleCLIPLoader",
+                                                          "VAELoader", "CheckpointLoaderSimple"} == set()
+    assert any(n["inputs"].get("arch") == arch for n in prompt.values())
+    result = client.run(prompt, timeout=600)
+    assert result.ok, result.error or server.log_tail()
+    lora = server.base / "models" / "loras" / "ci" / f"{name}_000006.safetensors"
+    assert lora.is_file() and lora.with_name(f"{name}_000006.eri-state").is_file()
+    from safetensors import safe_open
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["eri.architecture"] == arch
+    steps = [e for e in result.events_of("eridiffusion.step") if e["node"] == "7"]
+    assert [e["step"] for e in steps] == list(range(1, 7)) and all(e["loss"] > 0 for e in steps)
+    assert len(result.outputs("7")["images"]) == 4, "two prompts sampled at steps 3 and 6"
+
+
+def test_train_then_stock_ksampler_then_train_again_example_runs_on_the_live_server(client, server):
+    write_images(server.base / "input" / "tst_images", [(64, 64)] * 3)
+    api = json.loads((EXAMPLES / "api" / "sdxl_train_sample_train.json").read_text())
+    prompt = tiny_training_prompt(api, "tst_images", steps=4, prefix="ci/tst")
+    result = client.run(prompt, timeout=600)
+    assert result.ok, result.error or server.log_tail()
+    image = result.outputs("13")["images"][0]
+    assert (server.base / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
+    steps = [(e["node"], e["step"]) for e in result.events_of("eridiffusion.step")]
+    assert steps == [("7", s) for s in range(1, 5)] + [("14", s) for s in range(5, 9)], "stage 2 continues"
+    assert (server.base / "models" / "loras" / "ci" / "tst_000008.safetensors").is_file()
+    assert client.get_json("/eridiffusion/history/14")["steps"][:4] == [1, 2, 3, 4], \
+        "the second stage's chart starts with the first stage's steps"
+
 
 def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client, server):
     write_images(server.base / "input" / "cancel_images", [(64, 64)] * 2)
@@ -54,6 +107,9 @@ def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client
     result = client.run(prompt, timeout=300, on_event=on_event)
     assert any(e["type"] == "execution_interrupted" for e in result.events)
     assert 3 <= len(seen) <= 5, seen
+    # the example saves every 250 steps, so Cancel keeps the last finished step, with its state, to resume
+    kept = server.base / "models" / "loras" / "eri" / "checkpoints" / f"sdxl_lora_{seen[-1]:06d}.safetensors"
+    assert kept.is_file() and kept.with_name(kept.stem + ".eri-state").is_file(), server.log_tail()
     again = client.run({"1": {"class_type": "EriTestTinyModel", "inputs": {"arch": "sdxl", "seed": 1}},
                         "2": {"class_type": "EriCreateAdapter", "inputs": {
                             "model": ["1", 0], "adapter_type": "lora", "rank": 2, "alpha": 2.0,

@@ -49,9 +49,9 @@ def test_crop_covers_the_bucket_and_is_centred():
 
 def test_captions_trigger_word_default_caption_and_repeat_folders(tmp_path):
     write_images(tmp_path, [(64, 64)], prefix="a")
-    write_images(tmp_path / "3_person", [(64, 64)], prefix="b")
+    write_images(tmp_path / "3_person", [(64, 64)], prefix="b", seed=1)
     (tmp_path / "3_person" / "b0.txt").write_text("[trigger] smiling")
-    write_images(tmp_path, [(64, 64)], captions=False, prefix="c")
+    write_images(tmp_path, [(64, 64)], captions=False, prefix="c", seed=2)
     ds = data.scan_dataset(str(tmp_path), config(resolution=64, min_side=64, trigger_word="ohwx",
                                                  default_caption="a photo"))
     by_name = {item.path.split("/")[-1]: item for item in ds.items}
@@ -123,3 +123,16 @@ def test_listing_fingerprint_changes_when_a_file_changes(tmp_path):
     assert data.listing_fingerprint(str(tmp_path)) == before
     (tmp_path / "img0.txt").write_text("a different, longer caption")
     assert data.listing_fingerprint(str(tmp_path)) != before
+
+
+def test_duplicate_images_are_left_out_once_named_and_counted(tmp_path, caplog):
+    import logging
+    import shutil
+    write_images(tmp_path, [(64, 64), (64, 64)])
+    shutil.copy(tmp_path / "img0.png", tmp_path / "copy_of_img0.png")
+    (tmp_path / "copy_of_img0.txt").write_text("another caption")
+    with caplog.at_level(logging.WARNING):
+        ds = data.scan_dataset(str(tmp_path), config(resolution=64, min_side=64))
+    assert len(ds.items) == 2 and [(a.split("/")[-1], b.split("/")[-1]) for a, b in ds.duplicates] == [
+        ("img0.png", "copy_of_img0.png")]
+    assert "1 duplicate image(s)" in caplog.text and "'img0.png' is identical to 'copy_of_img0.png'" in caplog.text

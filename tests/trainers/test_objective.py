@@ -1,29 +1,45 @@
-"""SDXL's own objective: DDPM noise and timesteps, and the target ComfyUI's model_sampling implies."""
+"""Each architecture's own objective: the noise, timesteps and target that ComfyUI's model_sampling implies."""
+import math
+
 import pytest
 import torch
 
-from eridiffusion.trainers.arch import detect
+from eridiffusion.trainers.arch import Batch, detect
+from eridiffusion.trainers.config import TrainingSettings
+from eridiffusion.trainers.data import Bucket, DatasetItem
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v"])
+def _items(n, width=64, height=64):
+    return [DatasetItem(f"{i}.png", "a", 1, False, (width, height), Bucket(width, height), (0, 0), f"h{i}")
+            for i in range(n)]
+
+
+def _batch(n, channels=4, width=64, height=64):
+    return Batch(torch.zeros(n, channels, height // 8, width // 8), [], _items(n, width, height))
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell"])
 def test_a_model_that_outputs_the_training_target_denoises_exactly(tiny, arch):
     # ComfyUI samples with calculate_denoised(sigma, model_output, x_noisy): if the model outputs our
-    # training target (eps, or v for v-prediction models), that must give back the clean latent.
+    # training target (eps, v, or ε - x0 for rectified flow), that must give back the clean latent.
     model = tiny.tiny_model(arch)
     eri_arch, ms = detect(model), model.model.model_sampling
+    channels = model.model.latent_format.latent_channels
     gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
-    sigma = eri_arch.sample_sigmas(ms, 3, gen)
+    x0, noise = torch.randn(3, channels, 8, 8, generator=gen), torch.randn(3, channels, 8, 8, generator=gen)
+    sigma = eri_arch.sample_sigmas(ms, _batch(3, channels), gen, TrainingSettings())
     x_noisy = eri_arch.noisy(ms, x0, noise, sigma)
-    target = eri_arch.target(model.model, x0, noise, sigma)
+    # What ComfyUI's samplers start from: noise_scaling gives the same noisy latent.
+    torch.testing.assert_close(ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), x_noisy)
+    target = eri_arch.target(ms, x0, noise, sigma)
     denoised = ms.calculate_denoised(sigma.view(-1, 1, 1, 1), target, x_noisy)
     torch.testing.assert_close(denoised, x0, rtol=1e-4, atol=1e-4)
 
 
-def test_timesteps_cover_the_1000_ddpm_steps_uniformly(tiny):
+def test_sdxl_timesteps_cover_the_1000_ddpm_steps_uniformly(tiny):
     model = tiny.tiny_model("sdxl")
     ms = model.model.model_sampling
-    sigma = detect(model).sample_sigmas(ms, 20000, torch.Generator().manual_seed(0))
+    sigma = detect(model).sample_sigmas(ms, _batch(20000), torch.Generator().manual_seed(0), TrainingSettings())
     t = ms.timestep(sigma)
     assert t.min() == 0 and t.max() == 999
     assert abs(t.float().mean().item() - 499.5) < 10
@@ -31,18 +47,102 @@ def test_timesteps_cover_the_1000_ddpm_steps_uniformly(tiny):
 
 def test_min_snr_weight_caps_the_weight_of_low_noise_steps(tiny):
     model = tiny.tiny_model("sdxl")
-    arch = detect(model)
+    arch, ms = detect(model), model.model.model_sampling
     sigma = torch.tensor([0.03, 1.0, 10.0])
-    w = arch.loss_weight(model.model, sigma, 5.0)
+    w = arch.loss_weight(ms, sigma, TrainingSettings(min_snr_gamma=5.0))
     snr = 1 / sigma ** 2
     torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
-    assert torch.equal(arch.loss_weight(model.model, sigma, 0.0), torch.ones(3))
+    assert torch.equal(arch.loss_weight(ms, sigma, TrainingSettings()), torch.ones(3))
+
+
+def _unshift(sigma, alpha):
+    # inverse of σ = αt / (1 + (α-1)t)
+    return sigma / (alpha - (alpha - 1) * sigma)
+
+
+def test_sd3_draws_logit_normal_timesteps_shifted_by_the_models_shift(tiny):
+    model = tiny.tiny_model("sd3")
+    ms = model.model.model_sampling
+    assert ms.shift == 3.0
+    sigma = detect(model).sample_sigmas(ms, _batch(20000, 16), torch.Generator().manual_seed(0),
+                                        TrainingSettings(timestep_sampling="logit_normal", logit_mean=0.5))
+    logit = torch.logit(_unshift(sigma, 3.0))
+    assert abs(logit.mean().item() - 0.5) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+    # shift 3 moves training toward high noise, as sampling with it does
+    assert (sigma > 0.5).float().mean() > 0.7
+
+
+def test_a_model_sampling_patch_on_the_model_changes_sd3s_shift(tiny):
+    import comfy_extras.nodes_model_advanced as advanced
+    from eridiffusion.trainers.loop import TrainingRun  # noqa: F401  (the loop reads the patcher's model_sampling)
+    model = tiny.tiny_model("sd3")
+    patched = advanced.ModelSamplingSD3().patch(model, shift=6.0)[0]
+    ms = patched.get_model_object("model_sampling")
+    sigma = detect(patched).sample_sigmas(ms, _batch(5000, 16), torch.Generator().manual_seed(0),
+                                          TrainingSettings(timestep_sampling="uniform"))
+    t = _unshift(sigma, 6.0)
+    assert abs(t.mean().item() - 0.5) < 0.02 and t.min() > 0 and t.max() < 1
+
+
+def test_flux_dev_shift_follows_the_bucket_resolution_like_comfyuis_model_sampling_flux(tiny):
+    import comfy_extras.nodes_model_advanced as advanced
+    model = tiny.tiny_model("flux")
+    arch = detect(model)
+    settings = TrainingSettings(timestep_sampling="uniform")
+    for width, height in ((1024, 1024), (512, 768), (256, 256)):
+        node_ms = advanced.ModelSamplingFlux().patch(model, 1.15, 0.5, width, height)[0] \
+            .get_model_object("model_sampling")
+        batch = _batch(4000, 16, width, height)
+        sigma = arch.sample_sigmas(model.model.model_sampling, batch, torch.Generator().manual_seed(1), settings)
+        t = torch.rand(4000, generator=torch.Generator().manual_seed(1))
+        # ComfyUI's sigma for the same t at that resolution
+        torch.testing.assert_close(sigma, node_ms.sigma(t), rtol=1e-5, atol=1e-6)
+    assert math.isclose(arch.shift(model.model.model_sampling, _items(1, 1024, 1024)[0], settings), math.exp(1.15))
+
+
+def test_flux_schnell_uses_its_own_unshifted_schedule_and_no_guidance(tiny):
+    model = tiny.tiny_model("flux_schnell")
+    ms = model.model.model_sampling
+    sigma = detect(model).sample_sigmas(ms, _batch(4, 16), torch.Generator().manual_seed(3),
+                                        TrainingSettings(timestep_sampling="uniform"))
+    torch.testing.assert_close(sigma, torch.rand(4, generator=torch.Generator().manual_seed(3)))
+    assert not model.model.diffusion_model.params.guidance_embed
+
+
+def test_an_explicit_timestep_shift_overrides_the_models(tiny):
+    model = tiny.tiny_model("flux")
+    sigma = detect(model).sample_sigmas(model.model.model_sampling, _batch(6, 16), torch.Generator().manual_seed(2),
+                                        TrainingSettings(timestep_sampling="uniform", timestep_shift=2.0))
+    t = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(sigma, 2 * t / (1 + t))
+
+
+@pytest.mark.parametrize("weighting", ["sigma_sqrt", "cosmap"])
+def test_flow_loss_weightings_follow_the_sd3_paper(tiny, weighting):
+    model = tiny.tiny_model("sd3")
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    w = detect(model).loss_weight(model.model.model_sampling, sigma, TrainingSettings(loss_weighting=weighting))
+    expected = sigma ** -2 if weighting == "sigma_sqrt" else 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    torch.testing.assert_close(w, expected)
+
+
+def test_flux_dev_gets_the_guidance_setting_as_its_guidance_input(tiny, monkeypatch):
+    from eridiffusion.trainers.cache import TextEmbedding
+    model = tiny.tiny_model("flux")
+    dm = model.model.diffusion_model
+    seen = []
+    forward = dm.forward
+    monkeypatch.setattr(dm, "forward", lambda *a, **kw: seen.append(kw["guidance"]) or forward(*a, **kw))
+    text = TextEmbedding(torch.randn(256, 64), torch.randn(32))
+    batch = Batch(torch.randn(2, 16, 8, 8), [text, text], _items(2))
+    with torch.no_grad():
+        detect(model).predict(model.model, model.model.model_sampling, torch.randn(2, 16, 8, 8),
+                              torch.tensor([0.2, 0.7]), batch, TrainingSettings(flux_guidance=2.5))
+    torch.testing.assert_close(seen[0], torch.tensor([2.5, 2.5]))
 
 
 def test_sdxl_size_conditioning_comes_from_each_images_size_crop_and_bucket(tiny, monkeypatch):
-    from eridiffusion.trainers.arch import Batch
     from eridiffusion.trainers.cache import TextEmbedding
-    from eridiffusion.trainers.data import Bucket, DatasetItem
     model = tiny.tiny_model("sdxl")
     seen = []
     encode_adm = model.model.encode_adm
@@ -52,6 +152,7 @@ def test_sdxl_size_conditioning_comes_from_each_images_size_crop_and_bucket(tiny
     text = TextEmbedding(torch.randn(77, 64), torch.randn(32))
     batch = Batch(torch.randn(2, 4, 8, 8), [text, text], items)
     with torch.no_grad():
-        detect(model).predict(model.model, torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), batch)
+        detect(model).predict(model.model, model.model.model_sampling, torch.randn(2, 4, 8, 8),
+                              torch.tensor([1.0, 2.0]), batch, TrainingSettings())
     assert [(k["width"], k["height"], k["crop_w"], k["crop_h"], k["target_width"], k["target_height"])
             for k in seen] == [(900, 600, 3, 0, 64, 64), (640, 1280, 0, 7, 64, 64)]

@@ -6,19 +6,16 @@ import comfy.model_management
 import comfy.sd
 
 
-@pytest.mark.parametrize("arch,channels", [("sdxl", 4), ("sdxl_v", 4), ("sd3", 16), ("flux", 16)])
-def test_tiny_model_predicts_through_comfyuis_apply_model(tiny, arch, channels):
-    model = tiny.tiny_model(arch)
+@pytest.mark.parametrize("arch,channels", [("sdxl", 4), ("sdxl_v", 4), ("sd3", 16), ("flux", 16),
+                                           ("flux_schnell", 16)])
+def test_tiny_model_predicts_through_comfyuis_apply_model_on_its_text_encoders_output(tiny, arch, channels):
+    model, clip = tiny.tiny_model(arch), tiny.tiny_clip(arch)
     x = torch.randn(1, channels, 8, 8)
-    ctx = torch.randn(1, 7, 64)
-    cond = {"c_crossattn": ctx}
-    if arch.startswith("sdxl"):
-        cond["y"] = model.model.encode_adm(pooled_output=torch.randn(1, 32), width=64, height=64)
-    elif arch == "sd3":
-        cond["y"] = torch.randn(1, 32)
-    else:
-        cond.update(y=torch.randn(1, 32), guidance=torch.tensor([3.5]))
     with torch.inference_mode():
+        ctx, pooled = clip.encode_from_tokens(clip.tokenize("a red square"), return_pooled=True)
+        cond = {"c_crossattn": ctx, "y": model.model.encode_adm(pooled_output=pooled, width=64, height=64)}
+        if arch == "flux":
+            cond["guidance"] = torch.tensor([3.5])
         comfy.model_management.load_models_gpu([model])
         out = model.model.apply_model(x, torch.tensor([1.0 if arch.startswith("sdxl") else 0.5]), **cond)
     assert out.shape == x.shape and torch.isfinite(out).all()

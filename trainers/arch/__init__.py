@@ -1,8 +1,10 @@
 """Architectures by name, and detection from a ComfyUI MODEL."""
 from .base import Architecture, Batch
+from .flux import Flux
+from .sd3 import SD3
 from .sdxl import SDXL
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(),)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux())}
 
 
 def detect(patcher) -> Architecture:

@@ -1,9 +1,12 @@
 """The per-architecture questions the training loop asks. The loop never branches on an architecture name."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..config import TrainingSettings
 
 
 @dataclass
@@ -16,33 +19,72 @@ class Batch:
 
 class Architecture:
     name: str = ""
-    presets: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ("attention", "attention_mlp", "all_linear")
+    # True when the model's blocks update tensors in place in a way autograd cannot differentiate
+    # (see trainers/blocks.py); their forwards then run with augmented assignments made out of place.
+    out_of_place_blocks: bool = False
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError
 
+    # preset -> patterns of the Linear layers' paths it adapts (re.search)
+    preset_rules: dict[str, tuple] = {}
+
     def target_modules(self, diffusion_model: torch.nn.Module, preset: str) -> list[tuple[str, torch.nn.Module]]:
+        if preset not in self.preset_rules:
+            raise ValueError(f"target preset {preset!r} is not one of {', '.join(self.presets)}")
+        rules = self.preset_rules[preset]
+        return linear_modules(diffusion_model, lambda name: any(rule.search(name) for rule in rules))
+
+    def block_modules(self, diffusion_model: torch.nn.Module) -> list[str]:
+        """Paths of the modules recomputed in backward when checkpointing is on (the model's blocks)."""
         raise NotImplementedError
 
-    def checkpoint_modules(self, diffusion_model: torch.nn.Module) -> list[str]:
-        """Paths of modules whose forward is recomputed in backward when checkpointing is on."""
-        raise NotImplementedError
-
-    def sample_sigmas(self, model_sampling, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_sigmas(self, model_sampling, batch: Batch, generator: torch.Generator,
+                      settings: TrainingSettings) -> torch.Tensor:
         raise NotImplementedError
 
     def noisy(self, model_sampling, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict(self, base_model, x_noisy: torch.Tensor, sigma: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def predict(self, base_model, model_sampling, x_noisy: torch.Tensor, sigma: torch.Tensor, batch: Batch,
+                settings: TrainingSettings) -> torch.Tensor:
         raise NotImplementedError
 
-    def target(self, base_model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def target(self, model_sampling, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss_weight(self, base_model, sigma: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    def loss_weight(self, model_sampling, sigma: torch.Tensor, settings: TrainingSettings) -> torch.Tensor:
         return torch.ones_like(sigma)
 
 
 def linear_modules(root: torch.nn.Module, keep) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in root.named_modules() if isinstance(m, torch.nn.Linear) and keep(name)]
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype ComfyUI runs the model in: its manual-cast dtype when the weights are stored in another
+    (fp8 weights compute in bf16), else the weights' dtype."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-sample contexts; lengths differ for long captions (77-token chunks), so each is repeated
+    to the least common multiple, as ComfyUI does when it batches conditioning (comfy.conds.CONDCrossAttn)."""
+    lengths = [c.shape[0] for c in contexts]
+    lcm = math.lcm(*lengths)
+    return torch.stack([c.repeat(lcm // c.shape[0], 1) for c in contexts])
+
+
+def sample_unit_times(batch_size: int, generator: torch.Generator, settings: TrainingSettings,
+                      auto: str) -> torch.Tensor:
+    """t in (0, 1) per sample, drawn as `settings.timestep_sampling` says (`auto` names the default)."""
+    how = auto if settings.timestep_sampling == "auto" else settings.timestep_sampling
+    if how == "uniform":
+        return torch.rand(batch_size, generator=generator)
+    z = torch.randn(batch_size, generator=generator)
+    if how == "logit_normal":
+        return torch.sigmoid(settings.logit_mean + settings.logit_std * z)
+    if how == "sigmoid":
+        return torch.sigmoid(settings.sigmoid_scale * z)
+    raise ValueError(f"unknown timestep sampling {how!r}")

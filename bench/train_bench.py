@@ -1,0 +1,340 @@
+"""LoRA training speed and memory: EriDiffusion's engine vs. ComfyUI's built-in TrainLoraNode, in one process.
+
+Builds random-init models with ComfyUI's own classes (no checkpoint file, no VAE, no text encoder) — SDXL,
+SD 3.5 Large, Flux-dev in bf16, Flux-dev with fp8 (e4m3fn) weights computed in bf16 — trains a rank-16
+LoRA (preset attention_mlp, AdamW, lr 1e-4, batch 1) on synthetic latents and text embeddings with
+gradient checkpointing on and off, and times the built-in node on the same model.
+
+On the GPU machine (full size, 1024x1024), from the repository root:
+
+    python bench/train_bench.py --arch sdxl flux --out "$OUT"    # add --steps N, --no-builtin, --variants gc
+
+ComfyUI is found through $COMFYUI_PATH or .comfyui/path. On a CPU, in seconds:
+
+    .venv/bin/python bench/train_bench.py --tiny --steps 3 --arch sdxl sd35l flux
+
+Writes train_bench.json (one record per arch and variant) into --out (default $OUT, else /tmp) and prints
+a table.
+"""
+from __future__ import annotations
+
+import argparse, datetime, gc, importlib.machinery, importlib.util, json, os, statistics, subprocess, sys
+import time, types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def comfyui_dir() -> Path:
+    if os.environ.get("COMFYUI_PATH"):
+        return Path(os.environ["COMFYUI_PATH"]).resolve()
+    return Path((ROOT / ".comfyui" / "path").read_text().strip())
+
+
+def stub(name):
+    """A permissive stand-in module (the GPU machine lacks `av`; nothing here calls it)."""
+    m = types.ModuleType(name)
+
+    def getattr_(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+    m.__getattr__ = getattr_
+    m.__path__ = []
+    m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    sys.modules[name] = m
+
+
+def import_pack():
+    """The repository root as package `eridiffusion` (as ComfyUI imports it, under a stable name)."""
+    if "eridiffusion" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("eridiffusion", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["eridiffusion"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["eridiffusion"]
+
+
+args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+args.add_argument("--arch", nargs="+", default=["sdxl"], choices=["sdxl", "sd35l", "flux", "flux_fp8"])
+args.add_argument("--variants", nargs="+", default=["gc", "nogc"], choices=["gc", "nogc"],
+                  help="with and/or without gradient checkpointing")
+args.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time")
+args.add_argument("--adapter", nargs="+", default=["lora"], choices=["lora", "dora", "lokr", "loha"],
+                  help="adapter types to time (rank 16; LoKr: factor -1, w2 decomposed at rank 16)")
+args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
+args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
+args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
+args.add_argument("--no-builtin", action="store_true", help="skip ComfyUI's TrainLoraNode")
+ARGS = args.parse_args()
+
+for mod in ["av", "av.container", "av.subtitles", "av.subtitles.stream"]:
+    try:
+        __import__(mod)
+    except Exception:
+        stub(mod)
+sys.path.insert(0, str(comfyui_dir()))
+import torch  # noqa: E402
+import comfy.cli_args  # noqa: E402
+if ARGS.tiny or not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True     # must precede the first import of comfy.model_management
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
+import_pack()
+from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
+from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
+from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
+from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
+from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
+from eridiffusion.trainers.state import new_adapter  # noqa: E402
+
+DEV = mm.get_torch_device()
+CUDA = DEV.type == "cuda"
+DT = torch.float32 if ARGS.tiny or not CUDA else torch.bfloat16
+PRECISION = "fp32" if DT == torch.float32 else "bf16"
+if ARGS.tiny:
+    torch.set_num_threads(1)   # a smoke test: one thread keeps CPU timings steady on a busy, small machine
+
+# Full-size configs (as ComfyUI detects them from the released checkpoints) and the tests' tiny ones
+# (tests/eri_test_nodes/tiny_models.py).
+SDXL = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True, 'legacy': False,
+        'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4, 'model_channels': 320,
+        'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10], 'channel_mult': [1, 2, 4],
+        'transformer_depth_middle': 10, 'use_linear_in_transformer': True, 'context_dim': 2048,
+        'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        'use_temporal_attention': False, 'use_temporal_resblock': False}
+SDXL_TINY = {"model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+    "context_dim": 64, "num_head_channels": 16, "adm_in_channels": 32 + 6 * 256, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_temporal_attention": False, "use_temporal_resblock": False}
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+FLUX_TINY = {**FLUX, "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
+             "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12]}
+SD35L = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "input_size": None,
+         "adm_in_channels": 2048, "context_embedder_config": {"target": "torch.nn.Linear",
+                                                              "params": {"in_features": 4096, "out_features": 2432}},
+         "num_patches": 36864, "pos_embed_max_size": 192, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+         "x_block_self_attn_layers": []}
+SD35L_TINY = {**SD35L, "depth": 2, "adm_in_channels": 64, "num_patches": 256, "pos_embed_max_size": 16,
+              "qk_norm": None, "context_embedder_config": {"target": "torch.nn.Linear",
+                                                           "params": {"in_features": 4096, "out_features": 128}}}
+RES = 64 if ARGS.tiny else 1024
+# arch -> (model config class, config, latent channels, context tokens, context width, pooled width)
+ARCHS = {
+    "sdxl": (comfy.supported_models.SDXL, SDXL_TINY if ARGS.tiny else SDXL, 4, 77, 64 if ARGS.tiny else 2048,
+             32 if ARGS.tiny else 1280),
+    "sd35l": (comfy.supported_models.SD3, SD35L_TINY if ARGS.tiny else SD35L, 16, 154, 4096,
+              64 if ARGS.tiny else 2048),
+    "flux": (comfy.supported_models.Flux, FLUX_TINY if ARGS.tiny else FLUX, 16, 512, 64 if ARGS.tiny else 4096,
+             32 if ARGS.tiny else 768),
+}
+ARCHS["flux_fp8"] = ARCHS["flux"]
+
+
+def build(arch):
+    """Random-init model as a ModelPatcher: normal 0.02 for matrices, zeros for biases, ones otherwise.
+    flux_fp8 stores the weights as float8_e4m3fn and computes in bf16 (ComfyUI's weight_dtype fp8_e4m3fn)."""
+    config_class, config, *_ = ARCHS[arch]
+    mc = config_class(dict(config))
+    if arch.endswith("_fp8"):
+        mc.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    else:
+        mc.set_inference_dtype(DT, None)
+    model = mc.get_model({}, "", device=DEV)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, device=p.device, dtype=torch.float32 if ARGS.tiny else torch.bfloat16) * 0.02)
+            else:
+                p.fill_(0.0 if n.endswith("bias") else 1.0)
+        for n, b in model.named_buffers():
+            if n.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype) * 0.02)
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=DEV, offload_device=torch.device("cpu"))
+
+
+def synthetic_data(arch, samples=2):
+    _, _, channels, tokens, width, pooled = ARCHS[arch]
+    g = torch.Generator().manual_seed(0)
+    config = DatasetConfig(folder="bench", resolution=RES, min_side=64, max_side=max(RES, 128))
+    items = tuple(DatasetItem(path=f"bench/{i}.png", caption="a photo", repeats=1, flip=False,
+                              original_size=(RES, RES), bucket=Bucket(RES, RES), crop=(0, 0),
+                              content_hash=f"{i:064x}") for i in range(samples))
+    latents = LatentSet(Dataset(config, "bench", items),
+                        tuple(torch.randn(channels, RES // 8, RES // 8, generator=g) for _ in items), "bench", 0)
+    text = TextSet(tuple((c, TextEmbedding(torch.randn(tokens, width, generator=g), torch.randn(pooled, generator=g)))
+                         for c in ("", "a photo")), "bench", 0)
+    return latents, text
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+
+
+def free():
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    mm.soft_empty_cache()
+
+
+def builtin_run(mp, arch, steps):
+    """ComfyUI's TrainLoraNode for `steps` steps (as gpu_baseline.py calls it): (seconds, peak GiB)."""
+    import comfy_extras.nodes_train as nt
+    _, _, channels, tokens, width, pooled = ARCHS[arch]
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(1, channels, RES // 8, RES // 8, generator=g)
+    cond = [[torch.randn(1, tokens, width, generator=g),
+             {"pooled_output": torch.randn(1, pooled, generator=g), "width": RES, "height": RES,
+              "crop_w": 0, "crop_h": 0, "target_width": RES, "target_height": RES, "guidance": 1.0}]]
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    # 0.3.75's node needs a list of latents (a single tensor leaves multi_res unbound)
+    nt.TrainLoraNode.execute(model=[mp], latents=[{"samples": lat}, {"samples": lat.clone()}], positive=[cond],
+                             batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
+                             rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                             training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
+                             gradient_checkpointing=[True], existing_lora=["[None]"])
+    sync()
+    return time.perf_counter() - t, peak_gib()
+
+
+def builtin_bench(mp, arch):
+    small, large = (1, 3) if ARGS.tiny else (3, 13) if arch == "sdxl" else (2, 6)
+    t1, _ = builtin_run(mp, arch, small)
+    t2, peak = builtin_run(mp, arch, large)
+    return (t2 - t1) / (large - small), peak
+
+
+def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
+                 warmup: int = 3):
+    """Median seconds per optimizer step, peak GiB of our TrainingRun, and the GPU memory allocated before the
+    run and after it (the run unloaded, then the model loaded again): equal when a run leaks nothing."""
+    settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, batch_size=batch, precision=PRECISION,
+                                gradient_checkpointing=checkpointing)
+    kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
+    state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
+    free()
+    before = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    run = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps)
+            times = []
+            for i in range(warmup + steps):
+                sync()
+                t = time.perf_counter()
+                run.step()
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t)
+        peak = peak_gib()
+    finally:
+        mm.unload_all_models()      # while the run's clone lives, so its object patches are taken off
+        del run
+        free()
+    mm.load_models_gpu([mp], force_full_load=True)
+    free()
+    after = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+    return statistics.median(times), peak, before, after
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("ERI_COMMIT", "unknown")
+
+
+def bench_arch(arch, card):
+    t = time.perf_counter()
+    mp = build(arch)
+    nparams = sum(p.numel() for p in mp.model.diffusion_model.parameters())
+    log(f"built {arch}, {nparams / 1e9:.3f} B parameters, in {time.perf_counter() - t:.1f} s")
+    latents, text = synthetic_data(arch, samples=max(2, max(ARGS.batch)))
+
+    builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
+    if not ARGS.no_builtin:
+        try:
+            s, peak = builtin_bench(mp, arch)
+            builtin = {"builtin_s_per_step": s, "builtin_peak_gib": peak}
+            log(f"{arch} builtin TrainLoraNode: {s:.4f} s/step, peak {peak:.2f} GiB")
+        except Exception as e:
+            builtin["builtin_error"] = f"{type(e).__name__}: {e}"
+            log(f"{arch} builtin TrainLoraNode failed:", builtin["builtin_error"])
+        mm.unload_all_models()
+        free()
+
+    base = {"arch": arch, "resolution": RES, "card": card,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
+            "torch": torch.__version__}
+    records = []
+    for adapter, variant, batch in [(a, v, b) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch]:
+        rec = {**base, "variant": f"{adapter}_r16_{variant}", "batch": batch, "s_per_step": None,
+               "peak_gib": None, **builtin, "ratio": None}
+        try:
+            (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"],
+             rec["gpu_gib_after_run_and_unload"]) = engine_bench(mp, latents, text, variant == "gc", batch,
+                                                                 ARGS.steps, adapter)
+            rec["images_per_s"] = batch / rec["s_per_step"]
+            if rec["builtin_s_per_step"] and batch == 1:
+                rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
+            log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
+                f"peak {rec['peak_gib']:.2f} GiB, allocated before {rec['gpu_gib_before_run']:.3f} / after "
+                f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB")
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+            log(f"{arch} {rec['variant']} batch {batch} failed:", rec["error"])
+            mm.unload_all_models()
+            free()
+        records.append(rec)
+    del mp
+    free()
+    return records
+
+
+def main():
+    card = torch.cuda.get_device_name() if CUDA else "cpu"
+    log(f"device {DEV} ({card}), torch {torch.__version__}, dtype {DT}, resolution {RES}, tiny={ARGS.tiny}")
+    records = []
+    for arch in ARGS.arch:
+        records += bench_arch(arch, card)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    log("\n| arch | variant | batch | res | s/step | peak GiB | builtin s/step | builtin peak GiB | ratio | card |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        log(f"| {r['arch']} | {r['variant']} | {r['batch']} | {r['resolution']} | {fmt(r['s_per_step'], '.4f')} "
+            f"| {fmt(r['peak_gib'], '.2f')} "
+            f"| {fmt(r['builtin_s_per_step'], '.4f')} | {fmt(r['builtin_peak_gib'], '.2f')} "
+            f"| {fmt(r['ratio'], '.2f')} | {r['card']} |")
+    os.makedirs(ARGS.out, exist_ok=True)
+    path = os.path.join(ARGS.out, "train_bench.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    log(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Running a YAML job without a server: ComfyUI as a library loads the model files, the engine trains.
+
+`python -m <pack folder> train job.yaml` (see __main__.py) comes here once ComfyUI is importable. Layout of a
+job's folder, <training_folder>/<name>/ (relative paths in the job are relative to the job file's folder):
+
+    <name>_<step>.safetensors (+ .eri-state)   adapters, every save.save_every steps and at the end; the last
+                                               save.max_step_saves_to_keep are kept. Loadable by ComfyUI's
+                                               LoRA loaders; the newest is resumed from on the next run
+    samples/<name>_step<step>_seed<seed>_p<prompt>_<n>_.png
+    job.yaml                                   the job as it was run
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from .nodes import job as job_node
+from .nodes.sample import save_samples
+from .trainers import cache, checkpoint, loop
+from .trainers.config import ConfigError
+from .trainers.distributed import World
+from .trainers.files import state_path_for
+from .trainers.job import Job, ModelJob, build_dataset
+from .trainers.sampling import sample_round
+from .trainers.state import AdapterState
+
+CLIP_TYPES = {"sdxl": "STABLE_DIFFUSION", "sd3": "SD3", "flux": "FLUX"}
+
+
+def base_dir(job: Job) -> str:
+    return os.path.dirname(job.source) if os.path.isfile(job.source) else os.getcwd()
+
+
+def _path(job: Job, value: str) -> str:
+    return os.path.abspath(os.path.join(base_dir(job), os.path.expanduser(value)))
+
+
+# --------------------------------------------------------------------------------------------- models
+def load_models(job: Job):
+    """(MODEL, CLIP, VAE) from the files model: names, with ComfyUI's own loaders."""
+    m: ModelJob = job.model
+    if not m.name_or_path:
+        raise ConfigError(f"{job.source}: model.name_or_path is required: the checkpoint or diffusion-model file")
+    path = _path(job, m.name_or_path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{job.source}: model.name_or_path {m.name_or_path!r} is not a file (looked for {path}). "
+                          f"EriDiffusion loads local files: download the model (e.g. the .safetensors of "
+                          f"{m.name_or_path}) and name the file")
+    options = {"dtype": torch.float8_e4m3fn} if m.quantize else {}
+    clip = vae = None
+    if _is_checkpoint(path):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=not m.vae_path, output_clip=not m.text_encoder_paths, model_options=options)
+    else:
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
+    arch = job_node.check_arch(job, model)
+    if m.text_encoder_paths:
+        files = [_path(job, p) for p in m.text_encoder_paths]
+        for name, file in zip(m.text_encoder_paths, files):
+            if not os.path.isfile(file):
+                raise ConfigError(f"{job.source}: model.text_encoder_paths: {name!r} is not a file (looked for {file})")
+        clip = comfy.sd.load_clip(files, clip_type=getattr(comfy.sd.CLIPType, CLIP_TYPES[arch]))
+    if m.vae_path:
+        file = _path(job, m.vae_path)
+        if not os.path.isfile(file):
+            raise ConfigError(f"{job.source}: model.vae_path {m.vae_path!r} is not a file (looked for {file})")
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(file))
+    if clip is None:
+        raise ConfigError(f"{job.source}: {m.name_or_path!r} has no text encoder: list its files in "
+                          f"model.text_encoder_paths (Flux: clip_l and t5xxl; SD 3.5: clip_l, clip_g, t5xxl)")
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        raise ConfigError(f"{job.source}: {m.name_or_path!r} has no VAE: name its file in model.vae_path")
+    return model, clip, vae
+
+
+def _is_checkpoint(path: str) -> bool:
+    """A full checkpoint (diffusion model under model.diffusion_model. plus VAE / text encoders), as opposed
+    to a diffusion model alone (Flux and SD 3.5 are often distributed so)."""
+    if not path.endswith(".safetensors"):
+        return True
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return any(k.startswith("model.diffusion_model.") for k in f.keys())
+
+
+# --------------------------------------------------------------------------------------------- adapters
+_SAVED = re.compile(r"^(?P<name>.+)_(?P<step>\d{6,})\.safetensors$")
+
+
+def saved_adapters(folder: str, name: str) -> list[tuple[int, str]]:
+    """(step, path) of the adapters saved in `folder` for job `name` that can be resumed, oldest first."""
+    found = []
+    if os.path.isdir(folder):
+        for file in os.listdir(folder):
+            match = _SAVED.match(file)
+            path = os.path.join(folder, file)
+            if match and match["name"] == name and os.path.isfile(state_path_for(path)):
+                found.append((int(match["step"]), path))
+    return sorted(found)
+
+
+def save(state: AdapterState, job: Job, folder: str) -> str:
+    path = os.path.join(folder, f"{job.name}_{state.step:06d}.safetensors")
+    checkpoint.save_adapter(state, path, job.save.dtype)
+    for _, old in saved_adapters(folder, job.name)[:-job.save.max_step_saves_to_keep]:
+        for file in (old, state_path_for(old)):
+            if os.path.exists(file):
+                os.unlink(file)
+    return path
+
+
+def starting_adapter(job: Job, model, folder: str) -> AdapterState:
+    """The newest adapter saved in the job's folder (resumed exactly), or a new one."""
+    fresh = job_node.make_adapter(job, model)
+    saved = saved_adapters(folder, job.name)
+    if not saved:
+        return fresh
+    step, path = saved[-1]
+    state = checkpoint.load_adapter(path, model)
+    if state.spec != fresh.spec:
+        differ = [k for k in ("kind", "rank", "alpha", "preset", "dora", "lokr_factor", "conv", "conv_rank",
+                              "conv_alpha", "dtype", "targets") if getattr(state.spec, k) != getattr(fresh.spec, k)]
+        raise ConfigError(f"{job.source}: the newest saved adapter {os.path.basename(path)} differs from the job's "
+                          f"network ({', '.join(differ)}): change the job back, or move the folder's adapters "
+                          f"away to start over")
+    logging.info("EriDiffusion: resuming %s at step %d", path, step)
+    return state
+
+
+# --------------------------------------------------------------------------------------------- the run
+def run_job(job: Job, world: World | None = None, progress: bool = True) -> AdapterState:
+    """Train the job to train.steps, resuming from the newest adapter in its folder. Rank 0 (or the only
+    process) writes adapters, samples and job.yaml; every rank trains its share of each batch."""
+    main = world is None or world.is_main
+    folder = _path(job, os.path.join(job.training_folder, job.name))
+    if main:
+        if job.ignored_warning():
+            logging.warning("EriDiffusion: %s", job.ignored_warning())
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isfile(job.source):
+            shutil.copyfile(job.source, os.path.join(folder, "job.yaml"))
+    model, clip, vae = load_models(job)
+    arch = job_node.check_arch(job, model)
+    dataset = build_dataset(job, lambda folder_path, key: _dataset_root(job, folder_path, key))
+    cache_dir = os.environ.get("ERI_CACHE_DIR") or os.path.join(_path(job, job.training_folder), ".eri-cache")
+    latents = text = None
+    for turn in ("main", "others"):      # rank 0 encodes; the other ranks then read its cache files
+        if (turn == "main") == main:
+            latents = cache.cache_latents(dataset, vae, os.path.join(cache_dir, "latents"))
+            text = cache.cache_text(dataset.captions, clip, os.path.join(cache_dir, "text"))
+        if world is not None:
+            world.barrier()
+    state = starting_adapter(job, model, folder)
+    remaining = job.steps - state.step
+    if remaining <= 0:
+        if main:
+            print(f"{job.name}: already trained to step {state.step} of {job.steps} ({folder})", flush=True)
+        return state
+
+    sampling = job_node.sampling_settings(job, arch, clip, vae, f"samples/{job.name}") if main else None
+    output_dir = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(folder)    # where save_samples writes (this process only)
+    bar = _ProgressBar(state.step, job.steps) if main and progress else None
+    try:
+        if sampling and job.sample.first_sample and state.step == 0 and job.sample.sample_start_step == 0:
+            save_samples(sample_round(model, state, sampling), sampling)
+
+        def on_every(run: loop.TrainingRun):
+            step, last = run.step_count, run.step_count == run.end_step
+            if not main:
+                return
+            current = run.export()
+            if step % job.save.save_every == 0 or last:
+                path = save(current, job, folder)
+                bar.write(f"saved {path}") if bar else logging.info("EriDiffusion: saved %s", path)
+            if sampling and (step % sampling.every_n_steps == 0 or last) and step >= job.sample.sample_start_step:
+                save_samples(sample_round(model, current, sampling), sampling)
+
+        def on_stopped(last_good: AdapterState):     # Ctrl-C, NaN, out of memory: keep what was trained
+            if main:
+                logging.warning("EriDiffusion: stopped; saved the last finished step: %s", save(last_good, job, folder))
+
+        every = math.gcd(job.save.save_every, sampling.every_n_steps) if sampling else job.save.save_every
+        trained = loop.train(model, state, latents, text, job.settings, remaining, on_step=bar.update if bar else None,
+                             on_every=on_every, every=every, world=world, on_stopped=on_stopped)
+    finally:
+        folder_paths.set_output_directory(output_dir)
+        if bar:
+            bar.close()
+    if main:
+        print(f"{job.name}: trained to step {trained.step}; adapters in {folder}", flush=True)
+    return trained
+
+
+def _dataset_root(job: Job, folder_path: str, key: str) -> str:
+    root = _path(job, folder_path)
+    if not os.path.isdir(root):
+        raise ConfigError(f"{job.source}: {key} {folder_path!r} is not a folder (looked for {root})")
+    return root
+
+
+class _ProgressBar:
+    """tqdm over the steps of this run: step / total, loss, learning rate, it/s and ETA."""
+
+    def __init__(self, done: int, total: int):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+    def update(self, report: loop.StepReport) -> None:
+        self.bar.set_postfix(loss=f"{report.loss:.5f}", lr=f"{report.learning_rate:.3g}", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()

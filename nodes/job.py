@@ -1,0 +1,158 @@
+"""Load training job (YAML): an ai-toolkit-style job file as the dataset, adapter, settings and sampling
+objects of the other nodes, so a YAML job runs, and can be inspected and changed, on the canvas."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..trainers import checkpoint, data
+from ..trainers.arch import detect
+from ..trainers.config import ConfigError
+from ..trainers.job import Job, build_dataset, load_job, parse_job
+from ..trainers.sampling import SamplingSettings
+from ..trainers.state import new_adapter
+from . import paths
+from .sample import EriSamplingSettings
+from .types import CATEGORY, Adapter, Dataset, Sampling, Settings
+
+DEFAULT_JOB = """\
+job: extension
+config:
+  name: my_lora
+  process:
+    - type: sd_trainer
+      trigger_word: ohwx
+      network: {type: lora, linear: 16, linear_alpha: 16}
+      datasets:
+        - folder_path: training_images     # under ComfyUI's input folder
+          caption_ext: txt
+          resolution: [1024]
+      train: {batch_size: 1, steps: 1000, lr: 1e-4, optimizer: adamw, dtype: bf16}
+      save: {dtype: float16, save_every: 250, max_step_saves_to_keep: 4}
+      sample:
+        sample_every: 250
+        prompts: ["a photo of [trigger]"]
+        seed: 42
+        guidance_scale: 4
+        sample_steps: 20
+        width: 1024
+        height: 1024
+"""
+
+
+def read_job(job: str) -> Job:
+    """The node's `job` input: a .yaml/.yml file under ComfyUI's input folder, or the YAML text itself."""
+    text = job.strip()
+    if "\n" not in text and text.lower().endswith((".yaml", ".yml")):
+        path = paths.contained(folder_paths.get_input_directory(), text, "job")
+        if not os.path.isfile(path):
+            raise ConfigError(f"job file {text!r} does not exist in ComfyUI's input folder (looked for {path})")
+        return load_job(path)
+    return parse_job(job, "job")
+
+
+def input_folder_root(folder_path: str, key: str) -> str:
+    return paths.input_folder(folder_path, key)
+
+
+def make_adapter(job: Job, model):
+    try:
+        spec = checkpoint.make_spec(model, **job.network.make_spec_kwargs())
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"{job.source}: network: {e}") from None
+    with torch.inference_mode(False):
+        return new_adapter(spec, model)
+
+
+def check_arch(job: Job, model) -> str:
+    arch = detect(model).name
+    if job.model.arch and job.model.arch != arch:
+        raise ConfigError(f"{job.source}: model.arch says {job.model.arch} but the MODEL is {arch}: connect a "
+                          f"{job.model.arch} MODEL or change model.arch")
+    return arch
+
+
+def sampling_settings(job: Job, arch: str, clip, vae, filename_prefix: str) -> SamplingSettings | None:
+    """Sampling settings of the job's `sample` section (None without prompts). Flux takes guidance_scale as
+    its embedded guidance with CFG 1 (as ai-toolkit samples it); SDXL and SD3 take it as the CFG scale."""
+    s = job.sample
+    if s is None:
+        return None
+    flux = arch == "flux"
+    return EriSamplingSettings.execute(
+        vae=vae, prompts="\n".join(s.prompts), negative_prompt=s.negative, every_n_steps=s.sample_every,
+        seed=s.seed, seed_mode="fixed", width=s.width, height=s.height, sampler_name=s.sampler_name,
+        scheduler=s.scheduler, steps=s.sample_steps, cfg=1.0 if flux else s.guidance_scale,
+        guidance=s.guidance_scale if flux else 3.5, filename_prefix=filename_prefix, clip=clip).result[0]
+
+
+class EriLoadTrainingJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriLoadTrainingJob", display_name="Load training job (YAML)", category=f"{CATEGORY}/job",
+            description="Reads a training job in ai-toolkit's YAML dialect (config.process[0]: network, train, "
+                        "datasets, save, sample) into the objects of Training images, Create adapter, Training "
+                        "settings and Sampling settings. Connect them to Cache latents / Cache captions / Train "
+                        "steps, and the steps and prefix to Train steps / Save adapter. Paths stay inside "
+                        "ComfyUI's input folder; model.name_or_path is not read (the MODEL input is trained).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train (the job's model.arch, if given, must match)."),
+                io.String.Input("job", multiline=True, default=DEFAULT_JOB,
+                                tooltip="The job: YAML pasted here, or the name of a .yaml file in ComfyUI's "
+                                        "input folder (e.g. jobs/my_lora.yaml). datasets[].folder_path is a "
+                                        "folder in ComfyUI's input folder."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Encodes the sample prompts; with a VAE, gives the sampling output."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the samples; with a CLIP, gives the sampling "
+                                                           "output."),
+            ],
+            outputs=[
+                Dataset.Output(display_name="dataset", tooltip="All datasets at all their resolutions."),
+                Adapter.Output(display_name="adapter", tooltip="A new adapter as the job's network section says."),
+                Settings.Output(display_name="settings", tooltip="The job's train section."),
+                io.Int.Output(display_name="steps", tooltip="train.steps: connect to Train steps' steps."),
+                io.String.Output(display_name="save_prefix",
+                                 tooltip="<name>/<name>: connect to Save adapter's filename_prefix."),
+                Sampling.Output(display_name="sampling",
+                                tooltip="The job's sample section (nothing without CLIP and VAE, or without "
+                                        "prompts): connect to Train steps."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model=None, job="", **kwargs):
+        # Re-run when the job file or the image folders change although the inputs did not.
+        digest = hashlib.sha256(job.encode())
+        try:
+            parsed = read_job(job)
+            if parsed.source != "job":
+                with open(parsed.source, "rb") as f:
+                    digest.update(f.read())
+            for d in parsed.datasets:
+                digest.update(data.listing_fingerprint(input_folder_root(d.folder_path, "folder_path")).encode())
+        except Exception as e:
+            digest.update(str(e).encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def execute(cls, model, job, clip=None, vae=None) -> io.NodeOutput:
+        parsed = read_job(job)
+        if parsed.ignored_warning():
+            logging.warning("EriDiffusion: %s", parsed.ignored_warning())
+        arch = check_arch(parsed, model)
+        dataset = build_dataset(parsed, input_folder_root)
+        sampling = None
+        if clip is not None and vae is not None:
+            sampling = sampling_settings(parsed, arch, clip, vae, f"{parsed.save_prefix}_sample")
+        return io.NodeOutput(dataset, make_adapter(parsed, model), parsed.settings, parsed.steps,
+                             parsed.save_prefix, sampling)
+
+
+NODES = [EriLoadTrainingJob]

@@ -1,0 +1,120 @@
+"""Sampling settings for Train steps, and how its samples are saved under ComfyUI's output folder."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from comfy_api.latest import io
+
+import comfy.samplers
+import folder_paths
+
+from ..trainers.config import help_of
+from ..trainers.sampling import SEED_MODES, Sample, SamplingSettings
+from .types import CATEGORY, Sampling
+
+
+def _tip(name: str) -> str:
+    return help_of(SamplingSettings, name)
+
+
+def _plain(conditioning):
+    """A copy of a CONDITIONING whose tensors are ordinary (not inference-mode) tensors: sampling runs inside
+    the training loop, outside inference mode."""
+    with torch.inference_mode(False):
+        return [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}]
+                for c, extra in conditioning]
+
+
+def _encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+class EriSamplingSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriSamplingSettings", display_name="Sampling settings", category=f"{CATEGORY}/train",
+            description="Connect to Train steps to sample images while it trains: every N steps and after its "
+                        "last step, one image per prompt, with ComfyUI's samplers on the model as it is then. "
+                        "Shown on the Train steps node, saved under output/, returned as its samples output.",
+            inputs=[
+                io.Vae.Input("vae", tooltip=_tip("vae")),
+                io.String.Input("prompts", multiline=True, default="a photo of ohwx",
+                                tooltip="One prompt per line, encoded with the CLIP (used only when a CLIP is "
+                                        "connected)."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt for every image, encoded with the CLIP (when no negative "
+                                        "CONDITIONING is connected)."),
+                io.Int.Input("every_n_steps", default=100, min=1, max=1000000, tooltip=_tip("every_n_steps")),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip=_tip("seed")),
+                io.Combo.Input("seed_mode", options=list(SEED_MODES), default="fixed", tooltip=_tip("seed_mode")),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=8, tooltip=_tip("width")),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=8, tooltip=_tip("height")),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip=_tip("sampler_name")),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip=_tip("scheduler")),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip=_tip("steps")),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=_tip("cfg")),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, tooltip=_tip("guidance")),
+                io.String.Input("filename_prefix", default="eri_samples/sample", tooltip=_tip("filename_prefix")),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes the prompts (the CLIP of the checkpoint)."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="A prompt already encoded (e.g. by CLIP Text Encode): sampled first, "
+                                              "before the prompts."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative CONDITIONING; replaces the negative prompt."),
+            ],
+            outputs=[Sampling.Output(display_name="sampling")],
+        )
+
+    @classmethod
+    def execute(cls, vae, prompts, negative_prompt, every_n_steps, seed, seed_mode, width, height, sampler_name,
+                scheduler, steps, cfg, guidance, filename_prefix, clip=None, positive=None,
+                negative=None) -> io.NodeOutput:
+        positives = [("conditioning", _plain(positive))] if positive is not None else []
+        if clip is not None:
+            positives += [(line.strip(), _plain(_encode(clip, line.strip())))
+                          for line in prompts.splitlines() if line.strip()]
+        if negative is not None:
+            negative = _plain(negative)
+        elif clip is not None:
+            negative = _plain(_encode(clip, negative_prompt))
+        elif positives:     # no text encoder: the zeroed prompt, as ConditioningZeroOut makes it
+            negative = [[torch.zeros_like(c), {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                                               for k, v in extra.items()}] for c, extra in positives[0][1]]
+        return io.NodeOutput(SamplingSettings(
+            vae=vae, positives=tuple(positives), negative=negative, every_n_steps=every_n_steps, seed=seed,
+            seed_mode=seed_mode, width=width, height=height, sampler_name=sampler_name, scheduler=scheduler,
+            steps=steps, cfg=cfg, guidance=guidance, filename_prefix=filename_prefix))
+
+
+def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict]:
+    """Write each sample as <prefix>_step<step>_seed<seed>_p<index>_<counter>_.png under output/; returns
+    ComfyUI's image records ({filename, subfolder, type}) for the canvas and /view."""
+    output_dir = folder_paths.get_output_directory()
+    results = []
+    for s in samples:
+        prefix = f"{settings.filename_prefix}_step{s.step:06d}_seed{s.seed}_p{s.index}"
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            prefix, output_dir, s.image.shape[1], s.image.shape[0])
+        os.makedirs(folder, exist_ok=True)
+        meta = PngInfo()
+        meta.add_text("eridiffusion", json.dumps({
+            "step": s.step, "seed": s.seed, "prompt": s.label, "sampler": settings.sampler_name,
+            "scheduler": settings.scheduler, "steps": settings.steps, "cfg": settings.cfg,
+            "guidance": settings.guidance}))
+        file = f"{filename}_{counter:05}_.png"
+        pixels = np.clip(s.image.numpy() * 255.0, 0, 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, file), pnginfo=meta, compress_level=4)
+        results.append({"filename": file, "subfolder": subfolder, "type": "output"})
+    return results
+
+
+NODES = [EriSamplingSettings]

@@ -1,0 +1,130 @@
+"""`python -m <pack folder> train job.yaml`: a YAML job trained without a server, from a checkpoint file loaded
+by ComfyUI's own loaders; and under torchrun, data parallel over processes (gloo, on the CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from comfy_env import ROOT, comfyui_dir
+from conftest import write_images
+
+TINY_CLI = Path(__file__).with_name("tiny_cli.py")
+PACK = "comfyui-eridiffusion"     # the folder name users clone into (not an identifier: -m still imports it)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SD3 checkpoint file (model, TAESD VAE, CLIP-L/G), images, and the pack under its folder name."""
+    from eri_test_nodes import tiny_models as tiny
+    base = tmp_path_factory.mktemp("headless")
+    with torch.inference_mode(False):
+        model, clip = tiny.tiny_model("sd3"), tiny.tiny_clip("sd3")
+    sd = {f"model.diffusion_model.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in tiny.taesd_state_dict(16).items()})
+    sd.update({f"text_encoders.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in sd.items()}, base / "tiny_sd3.safetensors")
+    write_images(base / "images", [(64, 64)] * 4)
+    (base / "packs").mkdir()
+    (base / "packs" / PACK).symlink_to(ROOT, target_is_directory=True)
+    return base
+
+
+def write_job(setup, name, folder, **train):
+    """configs/sd35_lora.yaml made tiny: 64 px, the tiny checkpoint, fp32 on the CPU."""
+    data = yaml.safe_load((ROOT / "configs" / "sd35_lora.yaml").read_text())
+    p = data["config"]["process"][0]
+    p.update(device="cpu", training_folder=str(folder))
+    p["model"]["name_or_path"] = "tiny_sd3.safetensors"          # relative to the job file
+    p["datasets"][0].update(folder_path="images", resolution=[64], caption_dropout_rate=0.25)
+    p["train"].update(dict(steps=4, optimizer="adamw", dtype="fp32", gradient_checkpointing=False, lr=1e-3,
+                           noise_offset=0.05), **train)
+    p["save"].update(save_every=2, max_step_saves_to_keep=1)
+    p["sample"].update(sample_every=2, width=64, height=64, sample_steps=2, prompts=["[trigger] in snow"])
+    path = setup / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def command(setup, *args, torchrun=0, timeout=240):
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui_dir()), "ERI_CACHE_DIR": str(setup / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                if torchrun else [sys.executable])
+    return subprocess.run([*launcher, str(TINY_CLI), str(setup / "packs"), PACK, *args, "--no-progress"],
+                          cwd=setup, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def history(state_file: Path) -> list[float]:
+    with safe_open(str(state_file), "pt") as f:
+        return json.loads(f.metadata()["history"])["losses"]
+
+
+def test_a_wrong_job_exits_2_naming_the_key_through_the_folder_name_module(setup):
+    bad = setup / "bad.yaml"
+    bad.write_text("config:\n  name: x\n  process:\n    - train: {stepz: 10}\n")
+    result = subprocess.run([sys.executable, "-m", PACK, "train", str(bad)], cwd=setup / "packs",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "config.process[0].train.stepz" in result.stderr and "'steps'" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_saves_every_n_keeps_the_last_k_samples_and_resumes(setup):
+    job = write_job(setup, "job", setup / "out")
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = setup / "out" / "my_sd35_lora"
+    adapters = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert adapters == ["my_sd35_lora_000004.safetensors"]          # step 2 saved, then dropped (keep 1)
+    assert "my_sd35_lora_000002.safetensors" in result.stdout + result.stderr
+    samples = sorted(p.name.split("_seed")[0] for p in (folder / "samples").glob("*.png"))
+    assert samples == ["my_sd35_lora_step000000", "my_sd35_lora_step000002", "my_sd35_lora_step000004"]
+    assert (folder / "job.yaml").read_text() == job.read_text()
+    first = history(folder / "my_sd35_lora_000004.eri-state")
+    assert len(first) == 4
+
+    # The stock LoRA loader reads the file: every key maps onto the model's layers.
+    keys = load_file(str(folder / "my_sd35_lora_000004.safetensors"))
+    assert keys and all(k.startswith("lora_unet_") or k.startswith("diffusion_model.") for k in keys), list(keys)[:3]
+
+    job.write_text(job.read_text().replace("steps: 4", "steps: 6"))
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr and "step 4" in result.stderr
+    resumed = history(folder / "my_sd35_lora_000006.eri-state")
+    assert resumed[:4] == first and len(resumed) == 6
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["my_sd35_lora_000006.safetensors"]
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0 and "already trained to step 6" in result.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_as_one_process_with_twice_the_batch(setup):
+    one = write_job(setup, "one", setup / "one", batch_size=2, steps=3)
+    two = write_job(setup, "two", setup / "two", batch_size=1, steps=3)
+    for job in (one, two):
+        data = yaml.safe_load(job.read_text())
+        del data["config"]["process"][0]["sample"]
+        job.write_text(yaml.safe_dump(data))
+    single = command(setup, "train", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = command(setup, "train", str(two), torchrun=2)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("trained to step 3") == 1           # rank 0 alone reports and writes
+
+    a = load_file(str(setup / "one" / "my_sd35_lora" / "my_sd35_lora_000003.eri-state"))
+    b = load_file(str(setup / "two" / "my_sd35_lora" / "my_sd35_lora_000003.eri-state"))
+    assert history(setup / "two" / "my_sd35_lora" / "my_sd35_lora_000003.eri-state") == \
+        pytest.approx(history(setup / "one" / "my_sd35_lora" / "my_sd35_lora_000003.eri-state"), rel=1e-5)
+    assert torch.equal(a["rng"], b["rng"])                           # same draws: noise, timesteps, dropout
+    weights = [k for k in a if k.startswith("weight.")]
+    assert weights
+    for k in weights:   # the same updates, up to the order of float sums (Adam's first steps are ±lr)
+        assert (a[k] - b[k]).abs().max() <= 1e-3 * a[k].abs().max() + 1e-7, k

@@ -1,0 +1,109 @@
+"""SD 3.5 and Flux LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
+objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
+resumes bit-exactly, and fp8 base weights train."""
+import logging
+
+import pytest
+import torch
+
+from helpers import fixed_loss, model_output, prepared, run, train
+
+ARCHS = ["sd3", "flux", "flux_schnell"]
+
+
+@pytest.fixture(params=ARCHS)
+def p(request, comfy_folders, tiny):
+    return prepared(comfy_folders, tiny, arch=request.param)
+
+
+def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
+    before = fixed_loss(p["model"], p)
+    model, adapter, history = train(p, 50, learning_rate=1e-2)
+    after = fixed_loss(model, p)
+    assert adapter.spec.arch == ("sd3" if p["model"].model.__class__.__name__ == "SD3" else "flux")
+    assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloaded_keys(p, caplog):
+    from nodes import LoraLoaderModelOnly
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    trained_model, adapter, _ = train(p, 5, learning_rate=1e-2)
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="eri/flow", save_dtype="fp32")[0]
+    with caplog.at_level(logging.WARNING):
+        (loaded,) = LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    expected, got, base = model_output(trained_model, p), model_output(loaded, p), model_output(p["model"], p)
+    assert not torch.allclose(expected, base)
+    assert (got - expected).norm() / expected.norm() <= 1e-3
+
+
+def test_base_model_outputs_stay_bit_identical_through_training(p):
+    before = model_output(p["model"], p)
+    train(p, 3, gradient_checkpointing=True)
+    assert torch.equal(before, model_output(p["model"], p))
+
+
+def test_chained_and_resumed_training_equal_one_run_bit_exactly(p):
+    from eridiffusion.nodes.adapter import EriLoadAdapter, EriSaveAdapter
+    options = dict(batch_size=2, noise_offset=0.05, caption_dropout=0.3, gradient_checkpointing=True,
+                   schedule="cosine", warmup_steps=2, total_steps=8, loss_weighting="cosmap")
+    _, once, _ = train(p, 8, **options)
+    _, half, _ = train(p, 4, **options)
+    name = run(EriSaveAdapter, adapter=half, filename_prefix="eri/half", save_dtype="fp16")[0]
+    _, chained, _ = train(p, 4, adapter=half, **options)
+    _, resumed, _ = train(p, 4, adapter=run(EriLoadAdapter, lora_name=name)[0], **options)
+    for other in (chained, resumed):
+        assert other.history.losses == once.history.losses
+        assert all(torch.equal(once.weights[k], other.weights[k]) for k in once.weights)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_model_with_fp8_weights_trains_a_bf16_adapter(comfy_folders, tiny, arch):
+    """ComfyUI's weight_dtype fp8_e4m3fn: weights stored in fp8 and cast per layer to bf16 for compute."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    p = prepared(comfy_folders, tiny, arch=arch)
+    with torch.inference_mode(False):
+        fp8 = tiny.tiny_model(arch, dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert next(fp8.model.diffusion_model.joint_blocks.parameters() if arch == "sd3" else
+                fp8.model.diffusion_model.double_blocks.parameters()).dtype == torch.float8_e4m3fn
+    adapter = run(EriCreateAdapter, model=fp8, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                  seed=0, dtype="bf16")[0]
+    fp8_p = {**p, "model": fp8, "adapter": adapter}
+    before = fixed_loss(fp8, fp8_p)
+    model, trained, history = train(fp8_p, 30, learning_rate=1e-2, precision="bf16", gradient_checkpointing=True)
+    assert all(v.dtype == torch.bfloat16 for v in trained.weights.values())
+    assert all(loss == loss for loss in history.losses)
+    assert fixed_loss(model, fp8_p) < 0.95 * before
+
+
+def test_optimizer_offload_trains_exactly_as_the_optimizer_on_the_device(comfy_folders, tiny):
+    p = prepared(comfy_folders, tiny, arch="flux")
+    _, on_device, _ = train(p, 4)
+    _, offloaded, history = train(p, 4, optimizer_offload=True)
+    assert history.losses == on_device.history.losses
+    assert all(torch.equal(on_device.weights[k], offloaded.weights[k]) for k in on_device.weights)
+    assert all(t.device.type == "cpu" for s in offloaded.optimizer["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+    _, continued, _ = train(p, 2, adapter=offloaded, optimizer_offload=True)
+    _, straight, _ = train(p, 6)
+    assert continued.history.losses == straight.history.losses
+
+
+def test_the_caption_cache_tells_text_encoders_with_the_same_weights_apart(comfy_folders, tiny):
+    """SD3's CLIP-L and CLIP-G are SDXL's (same weights), but SD3 pads the context to 4096 and pools both;
+    and CLIPSetLastLayer changes the output, not the weights. None of them may read another's cache."""
+    from nodes import CLIPSetLastLayer
+    from eridiffusion.nodes.dataset import EriCacheCaptions
+    sdxl = prepared(comfy_folders, tiny, arch="sdxl")
+    with torch.inference_mode(False):
+        sd3_clip = tiny.tiny_clip("sd3")
+    assert torch.equal(sd3_clip.cond_stage_model.clip_g.state_dict()["transformer.text_model.embeddings.token_embedding.weight"],
+                       sdxl["clip"].cond_stage_model.clip_g.state_dict()["transformer.text_model.embeddings.token_embedding.weight"])
+    sd3_text = run(EriCacheCaptions, dataset=sdxl["dataset"], clip=sd3_clip)[0]
+    assert sd3_text.encoded == 5
+    assert sd3_text.embeddings[1][1].context.shape == (77, 4096) and sd3_text.embeddings[1][1].pooled.shape == (64,)
+    skipped = run(EriCacheCaptions, dataset=sdxl["dataset"],
+                  clip=CLIPSetLastLayer().set_last_layer(sdxl["clip"], -3)[0])[0]
+    assert skipped.encoded == 5
+    assert not torch.equal(skipped.embeddings[1][1].context, sdxl["captions"].embeddings[1][1].context)

@@ -1,0 +1,94 @@
+"""Load training job (YAML): a job file becomes the objects of the other nodes, and training them is training
+the same graph wired by hand."""
+import pytest
+import torch
+
+from helpers import prepared, run, settings
+from eridiffusion.trainers.config import ConfigError
+
+JOB = """
+job: extension
+config:
+  name: tiny_job
+  process:
+    - type: sd_trainer
+      trigger_word: ohwx
+      network: {type: lora, linear: 4, linear_alpha: 2}
+      datasets:
+        - {folder_path: set, caption_ext: txt, resolution: [64], caption_dropout_rate: 0.25}
+      train: {batch_size: 2, steps: 3, lr: 1e-3, optimizer: adamw, dtype: fp32, gradient_checkpointing: false,
+              noise_offset: 0.05, max_grad_norm: 1.0, weight_decay: 0.0}
+      save: {dtype: float16, save_every: 2}
+      sample: {sample_every: 2, prompts: ["[trigger] in a field"], guidance_scale: 3, sample_steps: 2,
+               width: 64, height: 64, sampler: flowmatch, seed: 5}
+"""
+
+
+@pytest.fixture
+def p(comfy_folders, tiny):
+    return prepared(comfy_folders, tiny, arch="sd3")
+
+
+def load(p, job=JOB, **kw):
+    from eridiffusion.nodes.job import EriLoadTrainingJob
+    return run(EriLoadTrainingJob, model=p["model"], job=job, **kw)
+
+
+def test_every_input_has_a_tooltip_and_the_default_job_parses():
+    from eridiffusion.nodes.job import DEFAULT_JOB, EriLoadTrainingJob
+    from eridiffusion.trainers.job import parse_job
+    schema = EriLoadTrainingJob.define_schema()
+    assert schema.node_id == "EriLoadTrainingJob" and schema.category == "EriDiffusion/job"
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+    job = parse_job(DEFAULT_JOB)
+    assert job.datasets[0].folder_path == "training_images" and job.sample.prompts == ("a photo of ohwx",)
+
+
+def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
+    from eridiffusion.nodes.adapter import EriCreateAdapter, EriSaveAdapter
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents
+    from eridiffusion.nodes.train import EriTrainSteps
+    (comfy_folders["input"] / "jobs").mkdir()
+    (comfy_folders["input"] / "jobs" / "tiny.yaml").write_text(JOB)
+    dataset, adapter, job_settings, steps, prefix, sampling = load(
+        p, job="jobs/tiny.yaml", clip=p["clip"], vae=p["vae"])
+    assert (steps, prefix) == (3, "tiny_job/tiny_job")
+    assert {i.caption for i in dataset.items} == {f"ohwx, a photo of pattern {i}" for i in range(4)}
+    assert (adapter.spec.kind, adapter.spec.rank, adapter.spec.alpha, adapter.spec.arch) == ("lora", 4, 2.0, "sd3")
+    assert (sampling.every_n_steps, sampling.cfg, sampling.steps, sampling.seed, sampling.sampler_name) == \
+        (2, 3.0, 2, 5, "euler")
+    assert [label for label, _ in sampling.positives] == ["ohwx in a field"]
+
+    latents = run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0]
+    _, from_job, _, samples = run(EriTrainSteps, model=p["model"], adapter=adapter, latents=latents,
+                                  captions=captions, settings=job_settings, steps=steps, sampling=sampling)
+    assert samples.shape[0] == 2                       # after step 2 and after the last step
+
+    by_hand = settings(learning_rate=1e-3, batch_size=2, noise_offset=0.05, caption_dropout=0.25,
+                       timestep_sampling="auto")
+    adapter_by_hand = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=2.0,
+                          target="attention_mlp", seed=0, dtype="fp32")[0]
+    _, wired, _, _ = run(EriTrainSteps, model=p["model"], adapter=adapter_by_hand, latents=latents,
+                         captions=captions, settings=by_hand, steps=3)
+    assert from_job.history.losses == wired.history.losses
+    assert all(torch.equal(from_job.weights[k], wired.weights[k]) for k in wired.weights)
+    name = run(EriSaveAdapter, adapter=from_job, filename_prefix=prefix, save_dtype="fp16")[0]
+    assert name == "tiny_job/tiny_job_000003.safetensors" and (comfy_folders["loras"] / name).is_file()
+
+
+def test_without_clip_and_vae_there_is_no_sampling_and_the_rest_works(p):
+    dataset, adapter, _, _, _, sampling = load(p)
+    assert sampling is None and len(dataset.items) == 4 and adapter.step == 0
+
+
+def test_folders_stay_inside_the_input_folder_and_the_architecture_must_match(p, tmp_path):
+    from eridiffusion.nodes.paths import PathError
+    with pytest.raises(PathError, match=r"datasets\[0\].folder_path '/etc' points outside"):
+        load(p, job=JOB.replace("folder_path: set", "folder_path: /etc"))
+    with pytest.raises(PathError, match="job '../job.yaml' points outside"):
+        load(p, job="../job.yaml")
+    with pytest.raises(ConfigError, match="model.arch says flux but the MODEL is sd3"):
+        load(p, job=JOB.replace("type: sd_trainer", "type: sd_trainer\n      model: {arch: flux}"))
+    with pytest.raises(ConfigError, match="does not exist in ComfyUI's input folder"):
+        load(p, job="missing.yaml")

@@ -1,0 +1,139 @@
+"""A training run never loses what it trained: NaN/inf losses, running out of GPU memory, bad saves."""
+import logging
+import math
+
+import pytest
+import torch
+
+import comfy.model_management
+from helpers import prepared, run, train
+
+
+@pytest.fixture
+def p(comfy_folders, tiny):
+    return prepared(comfy_folders, tiny)
+
+
+def _poison_steps(monkeypatch, bad_steps):
+    """Make the loss of the given (1-based) micro-batches NaN."""
+    from eridiffusion.trainers.loop import TrainingRun
+    original = TrainingRun._loss
+    calls = {"n": 0}
+
+    def loss(self, *args):
+        calls["n"] += 1
+        value = original(self, *args)
+        return value * math.nan if calls["n"] in bad_steps else value
+    monkeypatch.setattr(TrainingRun, "_loss", loss)
+
+
+def test_a_nan_loss_stops_with_an_error_naming_the_step_and_keeps_the_last_good_adapter(p, monkeypatch):
+    from eridiffusion.trainers.loop import TrainingError
+    _, good, _ = train(p, 3)
+    _poison_steps(monkeypatch, {4})
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 4: lower the learning rate") as error:
+        train(p, 6)
+    kept = error.value.state
+    assert kept.step == 3 and all(torch.equal(good.weights[k], kept.weights[k]) for k in good.weights)
+
+
+def test_nan_policy_skip_skips_and_counts_bad_steps_without_touching_the_weights(p, monkeypatch, caplog):
+    _poison_steps(monkeypatch, {2, 3})
+    with caplog.at_level(logging.WARNING):
+        _, adapter, history = train(p, 5, nan_policy="skip")
+    assert adapter.step == 5 and all(torch.isfinite(w).all() for w in adapter.weights.values())
+    assert [math.isnan(x) for x in history.losses] == [False, True, True, False, False]
+    assert "the loss became nan at step 3; step skipped (2 so far)" in caplog.text
+
+
+def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
+    from eridiffusion.trainers.loop import TrainingError
+    _poison_steps(monkeypatch, set(range(2, 30)))
+    with pytest.raises(TrainingError, match=r"at step 11 \(10 steps in a row\)") as error:
+        train(p, 20, nan_policy="skip")
+    assert error.value.state.step == 10
+
+
+def test_nan_weights_are_never_written_over_a_good_file(p, comfy_folders):
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    _, adapter, _ = train(p, 2)
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="nan", save_dtype="fp32")[0]
+    before = (comfy_folders["loras"] / name).read_bytes()
+    poisoned = adapter.replace(weights={k: v * math.nan for k, v in adapter.weights.items()})
+    with pytest.raises(ValueError, match=r"NaN/inf weights at step 2 .* not saved, so 'nan_000002.safetensors' "
+                                         r"is not overwritten"):
+        run(EriSaveAdapter, adapter=poisoned, filename_prefix="nan", save_dtype="fp32")
+    assert (comfy_folders["loras"] / name).read_bytes() == before
+
+
+def test_out_of_memory_names_the_settings_to_change_unloads_the_models_and_keeps_the_steps_done(p, monkeypatch):
+    from eridiffusion.trainers.loop import TrainingError, TrainingRun
+    original = TrainingRun._loss
+    calls = {"n": 0}
+
+    def loss(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, *args)
+    monkeypatch.setattr(TrainingRun, "_loss", loss)
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 3 \(batch_size 1, resolution 64, "
+                                            r"gradient_checkpointing off\): lower batch_size .* turn "
+                                            r"gradient_checkpointing on, load the model with weight_dtype "
+                                            r"fp8_e4m3fn, or turn optimizer_offload on") as error:
+        train(p, 5)
+    assert error.value.state.step == 2
+    assert comfy.model_management.current_loaded_models == []
+    monkeypatch.setattr(TrainingRun, "_loss", original)
+    _, after, _ = train(p, 1)   # and the next prompt trains
+    assert after.step == 1
+
+
+def _train_node(p, steps, adapter=None, **node_inputs):
+    from eridiffusion.nodes.train import EriTrainSteps
+    from helpers import settings
+    return run(EriTrainSteps, model=p["model"], adapter=adapter or p["adapter"], latents=p["latents"],
+               captions=p["captions"], settings=settings(schedule="cosine", warmup_steps=1, total_steps=6),
+               steps=steps, **node_inputs)
+
+
+def test_saves_every_n_steps_keep_the_last_k_and_each_resumes_bit_exactly(p, comfy_folders):
+    from eridiffusion.nodes.adapter import EriLoadAdapter
+    _, straight, _, _ = _train_node(p, 6)
+    _, trained, _, _ = _train_node(p, 6, save_every=2, keep_last=2, save_prefix="ckpt/run")
+    assert sorted(f.name for f in (comfy_folders["loras"] / "ckpt").iterdir()) == [
+        "run_000004.eri-state", "run_000004.safetensors", "run_000006.eri-state", "run_000006.safetensors"]
+    resumed = run(EriLoadAdapter, lora_name="ckpt/run_000004.safetensors")[0]
+    assert resumed.step == 4
+    _, continued, _, _ = _train_node(p, 2, adapter=resumed)
+    assert continued.history.losses == straight.history.losses == trained.history.losses
+    assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
+
+
+def test_cancel_keeps_the_adapter_of_the_last_finished_step_and_it_resumes_exactly(p, comfy_folders, monkeypatch):
+    import comfy.utils
+    from eridiffusion.nodes.adapter import EriLoadAdapter
+    _, straight, _, _ = _train_node(p, 6)
+    calls = {"n": 0}
+    update = comfy.utils.ProgressBar.update_absolute
+
+    def cancel_at_step_3(self, value, total=None, preview=None):
+        calls["n"] += 1
+        if calls["n"] == 3:   # the user presses Cancel during step 3; ComfyUI raises at the progress update
+            raise comfy.model_management.InterruptProcessingException()
+        return update(self, value, total, preview)
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel_at_step_3)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train_node(p, 6, save_every=100, save_prefix="cancelled/run")
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", update)
+    assert (comfy_folders["loras"] / "cancelled" / "run_000003.safetensors").is_file()
+    kept = run(EriLoadAdapter, lora_name="cancelled/run_000003.safetensors")[0]
+    assert kept.step == 3
+    _, continued, _, _ = _train_node(p, 3, adapter=kept)
+    assert continued.history.losses == straight.history.losses
+    assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
+
+
+def test_a_save_prefix_outside_the_loras_folder_fails_before_training(p):
+    with pytest.raises(ValueError, match="save_prefix"):
+        _train_node(p, 2, save_every=1, save_prefix="../../escape")

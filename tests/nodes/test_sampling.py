@@ -1,0 +1,96 @@
+"""Sampling during training, in-process: what a user sees is what the stock KSampler gives on the trained
+MODEL, saved with step and seed in the name, and training is exactly the same with or without it."""
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+import nodes as comfy_nodes
+from helpers import prepared, run, settings
+
+
+@pytest.fixture
+def p(comfy_folders, tiny):
+    return prepared(comfy_folders, tiny)
+
+
+def sampling(p, **overrides):
+    from eridiffusion.nodes.sample import EriSamplingSettings
+    values = dict(vae=p["vae"], prompts="a red square\na blue circle", negative_prompt="blurry", every_n_steps=2,
+                  seed=5, seed_mode="fixed", width=64, height=64, sampler_name="euler", scheduler="normal",
+                  steps=2, cfg=3.0, guidance=3.5, filename_prefix="eri_samples/t", clip=p["clip"])
+    values.update(overrides)
+    return run(EriSamplingSettings, **values)[0]
+
+
+def train(p, steps, sampling_settings=None, adapter=None, **setting_overrides):
+    from eridiffusion.nodes.train import EriTrainSteps
+    with torch.inference_mode():
+        out = EriTrainSteps.execute(model=p["model"], adapter=adapter or p["adapter"], latents=p["latents"],
+                                    captions=p["captions"], settings=settings(**setting_overrides), steps=steps,
+                                    sampling=sampling_settings)
+    return (*out.result, out.ui)
+
+
+def test_sampling_every_2_steps_leaves_training_bit_identical_and_saves_step_and_seed_in_names(p, comfy_folders):
+    _, plain, plain_history, no_images, no_ui = train(p, 5, batch_size=2, caption_dropout=0.3, noise_offset=0.05)
+    _, sampled, history, images, shown = train(p, 5, sampling(p, seed_mode="walk"), batch_size=2,
+                                               caption_dropout=0.3, noise_offset=0.05)
+    assert history.losses == plain_history.losses
+    assert all(torch.equal(sampled.weights[k], plain.weights[k]) for k in plain.weights)
+    assert torch.equal(sampled.rng, plain.rng) and sampled.cursor == plain.cursor
+    assert no_images.shape[0] == 0 and no_ui is None
+
+    # steps 2 and 4 (every 2) and 5 (the node's last step), two prompts each
+    assert images.shape == (6, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+    names = [r["filename"] for r in shown["images"]]
+    found = [re.fullmatch(r"t_step(\d{6})_seed(\d+)_p(\d)_\d{5}_\.png", n).groups() for n in names]
+    # walking seed: round k (up to step 2k) uses seed + k; the step-5 sample belongs to round 3
+    assert found == [("000002", "6", "0"), ("000002", "6", "1"), ("000004", "7", "0"), ("000004", "7", "1"),
+                     ("000005", "8", "0"), ("000005", "8", "1")]
+    for record, image in zip(shown["images"], images):
+        assert record["type"] == "output" and record["subfolder"] == "eri_samples"
+        saved = Image.open(comfy_folders["output"] / "eri_samples" / record["filename"])
+        assert abs(torch.from_numpy(__import__("numpy").array(saved)).float() / 255 - image).max() <= 1 / 255
+        assert json.loads(saved.text["eridiffusion"])["step"] in (2, 4, 5)
+    assert not torch.allclose(images[0], images[1]), "two prompts, two images"
+
+
+def test_a_sample_is_what_the_stock_ksampler_gives_on_the_trained_model_at_that_step(p):
+    positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
+    keys_before = [dict(extra) for _, extra in positive]
+    settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11)
+    model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2)
+    assert images.shape[0] == 1
+    assert [dict(extra) for _, extra in positive] == keys_before, "the CONDITIONING input is not changed"
+    with torch.inference_mode():
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        out = comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", positive, negative, latent)[0]
+        stock = p["vae"].decode(out["samples"])
+        untrained = comfy_nodes.common_ksampler(p["model"], 11, 2, 3.0, "euler", "normal", positive, negative,
+                                                latent)[0]
+        untrained = p["vae"].decode(untrained["samples"])
+    assert torch.allclose(images[0], stock[0], atol=1e-5)
+    assert not torch.allclose(images[0], untrained[0], atol=1e-3), "the sample shows the trained adapter"
+
+
+def test_fixed_seed_samples_every_round_with_the_same_noise_and_chaining_samples_at_the_same_steps(p):
+    s = sampling(p, prompts="a red square", every_n_steps=2)
+    _, once, _, images, shown = train(p, 4, s)
+    _, half, _, first, shown_a = train(p, 2, s)
+    _, _, _, second, shown_b = train(p, 2, s, adapter=half)
+    names = [r["filename"] for r in shown["images"]]
+    assert [n.split("_0000")[0] for n in names] == ["t_step000002_seed5_p0", "t_step000004_seed5_p0"]
+    assert torch.equal(torch.cat([first, second]), images)
+
+
+def test_sampling_settings_need_a_clip_or_a_conditioning(p):
+    from eridiffusion.trainers.config import ConfigError
+    with pytest.raises(ConfigError, match="CLIP"):
+        sampling(p, clip=None)
+    positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+    s = sampling(p, clip=None, positive=positive)
+    assert len(s.positives) == 1 and all(torch.count_nonzero(t) == 0 for t, _ in s.negative)

@@ -1,0 +1,228 @@
+"""YAML jobs in ai-toolkit's dialect: ai-toolkit's files load as they are, map onto the engine's settings, and
+mistakes are errors that name the key and what to write instead."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_images
+from eridiffusion.trainers.config import ConfigError
+from eridiffusion.trainers.distributed import World
+from eridiffusion.trainers.job import build_dataset, load_job, parse_job
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# ai-toolkit's config/examples/train_lora_flux_24gb.yaml (comments dropped), as its users write it.
+AI_TOOLKIT_FLUX = """\
+---
+job: extension
+config:
+  name: "my_first_flux_lora_v1"
+  process:
+    - type: 'sd_trainer'
+      training_folder: "output"
+      device: cuda:0
+      trigger_word: "p3r5on"
+      network:
+        type: "lora"
+        linear: 16
+        linear_alpha: 16
+      save:
+        dtype: float16
+        save_every: 250
+        max_step_saves_to_keep: 4
+        push_to_hub: false
+      datasets:
+        - folder_path: "/path/to/images/folder"
+          caption_ext: "txt"
+          caption_dropout_rate: 0.05
+          shuffle_tokens: false
+          cache_latents_to_disk: true
+          resolution: [ 512, 768, 1024 ]
+      train:
+        batch_size: 1
+        steps: 2000
+        gradient_accumulation_steps: 1
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        noise_scheduler: "flowmatch"
+        optimizer: "adamw8bit"
+        lr: 1e-4
+        ema_config:
+          use_ema: true
+          ema_decay: 0.99
+        dtype: bf16
+      model:
+        name_or_path: "black-forest-labs/FLUX.1-dev"
+        is_flux: true
+        quantize: true
+      sample:
+        sampler: "flowmatch"
+        sample_every: 250
+        sample_start_step: 0
+        width: 1024
+        height: 1024
+        prompts:
+          - "[trigger] holding a sign that says 'I LOVE PROMPTS!'"
+          - "a bear building a log cabin in the snow covered mountains"
+        neg: ""
+        seed: 42
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 20
+meta:
+  name: "[name]"
+  version: '1.0'
+"""
+
+
+def edited(text: str, edit) -> str:
+    data = yaml.safe_load(text)
+    edit(data["config"]["process"][0])
+    return yaml.safe_dump(data)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_job(text, "job.yaml")
+    return str(e.value)
+
+
+def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
+    job = parse_job(AI_TOOLKIT_FLUX, "flux.yaml")
+    s = job.settings
+    assert (job.name, job.model.arch, job.model.quantize, job.steps) == ("my_first_flux_lora_v1", "flux", True, 2000)
+    assert (s.optimizer, s.learning_rate, s.precision, s.batch_size, s.grad_accumulation) == \
+        ("adamw8bit", 1e-4, "bf16", 1, 1)
+    assert s.gradient_checkpointing and s.caption_dropout == 0.05
+    assert (job.network.kind, job.network.rank, job.network.alpha, job.network.dora) == ("lora", 16, 16.0, False)
+    assert [c.resolution for c in job.datasets[0].configs] == [512, 768, 1024]
+    assert {c.trigger_word for c in job.datasets[0].configs} == {"p3r5on"}
+    assert job.datasets[0].configs[0].caption_ext == ".txt"
+    assert (job.save.dtype, job.save.save_every, job.save.max_step_saves_to_keep) == ("fp16", 250, 4)
+    sample = job.sample
+    assert sample.prompts[0] == "p3r5on holding a sign that says 'I LOVE PROMPTS!'"
+    assert (sample.sampler_name, sample.scheduler, sample.seed, sample.guidance_scale, sample.sample_steps) == \
+        ("euler", "simple", 42, 4.0, 20)
+    assert job.meta == {"name": "my_first_flux_lora_v1", "version": "1.0"}
+    # One warning lists what has no effect here: EMA (on) and walk_seed; switches that are off are not listed.
+    assert len(job.ignored) == 2
+    assert "train.ema_config" in job.ignored[0] and "walk_seed" in job.ignored[1]
+    assert job.ignored_warning().count("\n") == 0 and "push_to_hub" not in job.ignored_warning()
+
+
+def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
+    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n", "x.yaml")
+    # ai-toolkit: lr 1e-6, linear_alpha = alpha = 1.0, dtype fp32, resolution 512, save every 1000 keep 5
+    assert (job.settings.learning_rate, job.network.alpha, job.settings.precision) == (1e-6, 1.0, "fp32")
+    assert job.datasets[0].configs[0].resolution == 512
+    assert (job.save.save_every, job.save.max_step_saves_to_keep) == (1000, 5)
+    assert job.sample is None and job.training_folder == "output"
+
+
+@pytest.mark.parametrize("edit, path, suggestion", [
+    (lambda p: p["train"].update(lrr=1e-4), "config.process[0].train.lrr", "'lr'"),
+    (lambda p: p["network"].update(linear_alpah=8), "config.process[0].network.linear_alpah", "'linear_alpha'"),
+    (lambda p: p["datasets"][0].update(folder=""), "config.process[0].datasets[0].folder", "'folder_path'"),
+    (lambda p: p.update(trainer={}), "config.process[0].trainer", "'train'"),
+])
+def test_an_unknown_key_is_an_error_naming_its_path_and_the_closest_known_key(edit, path, suggestion):
+    message = error_of(edited(AI_TOOLKIT_FLUX, edit))
+    assert path in message and suggestion in message and message.startswith("job.yaml: ")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p["train"].update(steps="many"), ["train.steps", "whole number", "'many'"]),
+    (lambda p: p["train"].update(batch_size=0), ["train.batch_size", "between 1 and 4096", "got 0"]),
+    (lambda p: p["train"].update(lr="fast"), ["train.lr", "number"]),
+    (lambda p: p["train"].update(gradient_checkpointing="yes"), ["gradient_checkpointing", "true or false"]),
+    (lambda p: p["train"].update(optimizer="prodigy"), ["train.optimizer", "adamw, adamw8bit, adafactor"]),
+    (lambda p: p["train"].update(dtype="int8"), ["train.dtype", "bf16"]),
+    (lambda p: p["datasets"][0].update(resolution=[512, 700]), ["datasets[0].resolution", "700", "multiple of 64"]),
+    (lambda p: p["datasets"][0].update(caption_dropout_rate=1.5), ["caption_dropout_rate", "between 0"]),
+    (lambda p: p["network"].update(type="lorm"), ["network.type", "lora, locon, dora, lokr, loha"]),
+    (lambda p: p["network"].update(conv=8), ["network.conv", "flux", "SDXL only"]),
+    (lambda p: p["train"].update(noise_scheduler="ddpm"), ["noise_scheduler", "flowmatch"]),
+    (lambda p: p["train"].update(train_unet=False), ["train_unet", "train nothing"]),
+    (lambda p: p["model"].update(arch="sdxl"), ["arch", "is_flux", "keep one"]),
+    (lambda p: p["model"].update(is_flux=False, is_v2=True), ["is_v2", "SD 2", "not supported"]),
+    (lambda p: p.update(type="extract"), ["type", "sd_trainer"]),
+    (lambda p: p["sample"].update(sampler="eulr"), ["sample.sampler", "'euler'"]),
+])
+def test_a_wrong_value_is_an_error_naming_the_key_and_what_fits(edit, words):
+    message = error_of(edited(AI_TOOLKIT_FLUX, edit))
+    assert all(w in message for w in words), message
+
+
+def test_architecture_from_arch_or_ai_toolkits_flags():
+    base = "config:\n  name: x\n  process:\n    - model: {%s}\n"
+    assert parse_job(base % "arch: sd35").model.arch == "sd3"
+    assert parse_job(base % "is_v3: true").model.arch == "sd3"
+    assert parse_job(base % "is_xl: true").model.arch == "sdxl"
+    assert parse_job(base % "arch: 'flux:dev'").model.arch == "flux"
+    assert parse_job(base % "name_or_path: m.safetensors").model.arch == ""   # taken from the MODEL
+
+
+def test_network_types_map_onto_adapter_specs():
+    def network(**values):
+        return parse_job(edited(AI_TOOLKIT_FLUX, lambda p: (p["network"].clear(), p["network"].update(values),
+                                                             p["model"].update(is_flux=False, is_xl=True),
+                                                             p["train"].pop("noise_scheduler"))),
+                         "x.yaml").network
+    dora = network(type="dora", linear=8)
+    assert (dora.kind, dora.dora, dora.rank, dora.alpha) == ("lora", True, 8, 1.0)
+    lokr = network(type="lokr", linear=4, lokr_factor=8, lokr_full_rank=True)
+    assert (lokr.kind, lokr.lokr_factor, lokr.lokr_full_w2) == ("lokr", 8, True)
+    locon = network(type="locon", linear=16, linear_alpha=8, conv=4)
+    assert (locon.kind, locon.conv, locon.conv_rank, locon.conv_alpha) == ("lora", True, 4, 4.0)
+    assert network(type="loha", rank=2, alpha=2, dora_wd=True).dora
+    assert network(type="lora", linear=4, target="all_linear").preset == "all_linear"
+
+
+def test_yaml_is_read_safely_and_bad_yaml_is_a_config_error():
+    assert "not valid YAML" in error_of("config: [unclosed")
+    message = error_of("!!python/object/apply:os.system ['echo hacked']\n")
+    assert "not valid YAML" in message
+
+
+def test_the_seed_example_and_every_shipped_job_load():
+    jobs = {path.stem: load_job(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
+    assert {"seed_example", "sdxl_lora", "sd35_lora", "flux_lora"} <= set(jobs)
+    assert [jobs[n].model.arch for n in ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora")] == \
+        ["sdxl", "sdxl", "sd3", "flux"]
+    assert all(not job.ignored for job in jobs.values())
+    assert jobs["sdxl_lora"].network.conv and jobs["flux_lora"].model.text_encoder_paths
+    with pytest.raises(ConfigError, match="no datasets"):
+        build_dataset(jobs["seed_example"], lambda folder, key: folder)
+
+
+def test_datasets_at_several_resolutions_and_repeats_make_one_dataset(tmp_path):
+    write_images(tmp_path / "a", [(128, 128), (192, 128)])
+    write_images(tmp_path / "b", [(128, 128)], captions=False)
+    job = parse_job("""
+config:
+  name: x
+  process:
+    - trigger_word: ohwx
+      datasets:
+        - {folder_path: a, resolution: [64, 128], num_repeats: 3}
+        - {folder_path: b, resolution: 64, default_caption: "[trigger] on white", flip_x: true}
+""")
+    seen = []
+    dataset = build_dataset(job, lambda folder, key: (seen.append(key), str(tmp_path / folder))[1])
+    assert seen == ["datasets[0].folder_path", "datasets[1].folder_path"]
+    a = [i for i in dataset.items if "/a/" in i.path]
+    b = [i for i in dataset.items if "/b/" in i.path]
+    assert len(a) == 4 and all(i.repeats == 3 for i in a)
+    assert {(i.bucket.width * i.bucket.height <= 64 * 64) for i in a} == {True, False}   # both resolutions
+    assert len(b) == 2 and {i.flip for i in b} == {False, True} and b[0].caption == "ohwx on white"
+    assert a[0].caption == "ohwx, a photo of pattern 0"
+
+
+def test_each_rank_takes_a_contiguous_share_and_together_all_samples():
+    for size in (1, 2, 3):
+        for count in range(0, 7):
+            shares = [list(range(count))[World(rank, size).share(count)] for rank in range(size)]
+            assert sum(shares, []) == list(range(count))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1

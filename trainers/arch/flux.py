@@ -1,0 +1,70 @@
+"""Flux dev / schnell: T5 context, pooled CLIP-L, the guidance input (dev), 16-channel latents in 2×2
+patches; rectified flow with Flux-dev's resolution-dependent shift.
+
+ComfyUI's Flux blocks add to their residual stream in place, which autograd cannot differentiate; their
+forwards run with augmented assignments made out of place while training (trainers/blocks.py).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+import comfy.model_base
+import comfy.model_sampling
+
+from .base import cat_contexts, compute_dtype
+from .flow import RectifiedFlow, model_shift
+
+_DOUBLE_ATTENTION = re.compile(r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$")
+_SINGLE = re.compile(r"single_blocks\.\d+\.linear[12]$")        # fused qkv+MLP-in and proj+MLP-out
+_DOUBLE_MLP = re.compile(r"double_blocks\.\d+\.(img|txt)_mlp\.[02]$")
+_MODULATION = re.compile(r"(double_blocks\.\d+\.(img|txt)_mod|single_blocks\.\d+\.modulation)\.lin$")
+
+# ComfyUI's ModelSamplingFlux node: μ is linear in the number of 2×2 latent patches, from 0.5 at 256 to
+# 1.15 at 4096 (1024² pixels); α = e^μ.
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+
+def resolution_shift(width: int, height: int) -> float:
+    slope = (MAX_SHIFT - BASE_SHIFT) / (4096 - 256)
+    mu = (width * height / (8 * 8 * 2 * 2)) * slope + (BASE_SHIFT - slope * 256)
+    return math.exp(mu)
+
+
+class Flux(RectifiedFlow):
+    name = "flux"
+    out_of_place_blocks = True
+
+    def matches(self, base_model) -> bool:
+        return type(base_model) is comfy.model_base.Flux
+
+    preset_rules = {"attention": (_DOUBLE_ATTENTION, _SINGLE),
+                    "attention_mlp": (_DOUBLE_ATTENTION, _SINGLE, _DOUBLE_MLP),
+                    "all_linear": (_DOUBLE_ATTENTION, _SINGLE, _DOUBLE_MLP, _MODULATION)}
+
+    def block_modules(self, diffusion_model):
+        return ([f"double_blocks.{i}" for i in range(len(diffusion_model.double_blocks))] +
+                [f"single_blocks.{i}" for i in range(len(diffusion_model.single_blocks))])
+
+    def shift(self, model_sampling, item, settings):
+        if settings.timestep_shift:
+            return settings.timestep_shift
+        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):     # dev
+            return resolution_shift(item.bucket.width, item.bucket.height)
+        return model_shift(model_sampling)                                        # schnell: its own (1.0)
+
+    def predict(self, base_model, model_sampling, x_noisy, sigma, batch, settings):
+        dtype = compute_dtype(base_model)
+        device = x_noisy.device
+        diffusion_model = base_model.diffusion_model
+        context = cat_contexts([c.context for c in batch.contexts]).to(device, dtype)
+        pooled = torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)
+        guidance = None
+        if diffusion_model.params.guidance_embed:
+            guidance = torch.full((x_noisy.shape[0],), settings.flux_guidance, device=device, dtype=dtype)
+        xc = model_sampling.calculate_input(sigma.view(-1, 1, 1, 1), x_noisy)
+        timestep = model_sampling.timestep(sigma).float()
+        return diffusion_model(xc.to(dtype), timestep, context=context, y=pooled, guidance=guidance,
+                               transformer_options={})

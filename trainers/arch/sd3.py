@@ -1,0 +1,40 @@
+"""SD 3.5 Medium / Large (MMDiT): CLIP-L + CLIP-G + T5 context and pooled CLIP output, rectified flow with
+the model's shift (3.0, or what a ModelSamplingSD3 node set)."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+import comfy.model_base
+
+from .base import cat_contexts, compute_dtype
+from .flow import RectifiedFlow
+
+# x_block.attn2 is SD 3.5 Medium's extra self-attention (MMDiT-X).
+_ATTENTION = re.compile(r"joint_blocks\.\d+\.(context_block|x_block)\.attn2?\.(qkv|proj)$")
+_MLP = re.compile(r"joint_blocks\.\d+\.(context_block|x_block)\.mlp\.(fc1|fc2)$")
+_MODULATION = re.compile(r"joint_blocks\.\d+\.(context_block|x_block)\.adaLN_modulation\.1$")
+
+
+class SD3(RectifiedFlow):
+    name = "sd3"
+
+    def matches(self, base_model) -> bool:
+        return isinstance(base_model, comfy.model_base.SD3)
+
+    preset_rules = {"attention": (_ATTENTION,), "attention_mlp": (_ATTENTION, _MLP),
+                    "all_linear": (_ATTENTION, _MLP, _MODULATION)}
+
+    def block_modules(self, diffusion_model):
+        return [f"joint_blocks.{i}" for i in range(len(diffusion_model.joint_blocks))]
+
+    def predict(self, base_model, model_sampling, x_noisy, sigma, batch, settings):
+        dtype = compute_dtype(base_model)
+        device = x_noisy.device
+        context = cat_contexts([c.context for c in batch.contexts]).to(device, dtype)
+        pooled = torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)
+        xc = model_sampling.calculate_input(sigma.view(-1, 1, 1, 1), x_noisy)
+        timestep = model_sampling.timestep(sigma).float()
+        return base_model.diffusion_model(xc.to(dtype), timestep, context=context, y=pooled,
+                                          transformer_options={})

@@ -1,0 +1,74 @@
+"""How a model's blocks run while training: recomputed in backward (gradient checkpointing) and, where the
+model's code needs it, with its in-place residual updates made out of place.
+
+ComfyUI writes its models for inference. Flux's blocks update their residual stream in place
+(`img += attn_out`) after a LayerNorm saved that same tensor for backward, so autograd refuses the backward
+("modified by an inplace operation"), and under checkpointing the block's input is changed by the first
+forward, so the recomputation sees different values. `OutOfPlaceAugmentedAssignment` makes exactly those
+statements — Python augmented assignments `a += b`, `a -= b`, `a *= b`, `a /= b` on tensors, while gradients
+are on — build a new tensor and rebind the name, which is what `a = a + b` does. Explicit in-place calls
+(`t.add_(x)`) keep their meaning. The math is the model's own code, so training sees what inference runs.
+"""
+from __future__ import annotations
+
+import dis
+import sys
+
+import torch
+import torch.utils.checkpoint
+from torch.overrides import TorchFunctionMode
+
+_OUT_OF_PLACE = {
+    torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub,
+    torch.Tensor.mul_: torch.mul, torch.Tensor.div_: torch.div,
+}
+# Python 3.11+ compiles `a += b` to BINARY_OP with an in-place operator code (Include/opcode.h: NB_INPLACE_*).
+_BINARY_OP = dis.opmap.get("BINARY_OP")
+_INPLACE_CODES = {13, 18, 23, 24}            # +=, *=, -=, /=
+_INPLACE_OPCODES = {dis.opmap[name] for name in ("INPLACE_ADD", "INPLACE_SUBTRACT", "INPLACE_MULTIPLY",
+                                                 "INPLACE_TRUE_DIVIDE") if name in dis.opmap}   # Python < 3.11
+
+
+def _is_augmented_assignment(frame) -> bool:
+    code, offset = frame.f_code.co_code, frame.f_lasti
+    opcode = code[offset]
+    if opcode == _BINARY_OP:
+        return code[offset + 1] in _INPLACE_CODES
+    return opcode in _INPLACE_OPCODES
+
+
+class OutOfPlaceAugmentedAssignment(TorchFunctionMode):
+    """While active and grad mode is on, `a += b` on a tensor means `a = a + b` (see the module doc)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out_of_place = _OUT_OF_PLACE.get(func)
+        # Frame 1 is the Python code that ran the operator (this method is called from torch's C++ side).
+        if out_of_place is not None and torch.is_grad_enabled() and _is_augmented_assignment(sys._getframe(1)):
+            return out_of_place(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class TrainingBlockForward:
+    """Object patch for a block's `forward` on the training clone of a MODEL."""
+
+    def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool):
+        self.module = module
+        self.checkpoint = checkpoint
+        self.out_of_place = out_of_place
+
+    def _forward(self, *args, **kwargs):
+        if self.out_of_place:
+            with OutOfPlaceAugmentedAssignment():
+                return type(self.module).forward(self.module, *args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return type(self.module).forward(self.module, *args, **kwargs)
+        if not self.checkpoint:
+            return self._forward(*args, **kwargs)
+        # Non-reentrant checkpointing. No RNG state to preserve (the diffusion models run without dropout) and
+        # no metadata check on recompute: both cost host time per block, and SDXL at batch 1 is host-bound.
+        return torch.utils.checkpoint.checkpoint(self._forward, *args, use_reentrant=False,
+                                                 preserve_rng_state=False, determinism_check="none", **kwargs)

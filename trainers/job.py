@@ -1,0 +1,594 @@
+"""YAML training jobs in ai-toolkit's dialect, read into the engine's own settings objects.
+
+    job: extension
+    config:
+      name: my_lora
+      process:
+        - type: sd_trainer
+          training_folder: output          # <training_folder>/<name>/ holds adapters, samples, job.yaml
+          trigger_word: ohwx
+          network: {type: lora, linear: 16, linear_alpha: 16}
+          model: {name_or_path: /models/sd3.5_medium.safetensors, arch: sd35}
+          train: {batch_size: 1, steps: 2000, lr: 1e-4, optimizer: adamw8bit, dtype: bf16}
+          datasets: [{folder_path: /data/me, caption_ext: txt, resolution: [512, 1024]}]
+          save: {dtype: float16, save_every: 250, max_step_saves_to_keep: 4}
+          sample: {sample_every: 250, prompts: ["[trigger] at the beach"], seed: 42, walk_seed: true}
+    meta: {name: "[name]"}
+
+A file written for ai-toolkit loads as it is. Its keys that EriDiffusion does not implement (hub upload,
+loggers, EMA, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
+a key neither knows is a ConfigError naming its path and the closest known key. Defaults of ai-toolkit's
+keys are ai-toolkit's (lr 1e-6, linear_alpha 1.0, dtype fp32, ...), so a job trains what it says there.
+Only `yaml.safe_load` is used. Nothing here imports ComfyUI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from .config import OPTIMIZERS, ConfigError, DatasetConfig, TrainingSettings
+
+ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux"}
+NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
+                 "lokr": ("lokr", False), "loha": ("loha", False)}
+PRESETS = ("attention", "attention_mlp", "all_linear")
+DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "full": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+          "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
+TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "uniform", "uniform": "uniform", "logit_normal": "logit_normal",
+                  "lognorm": "logit_normal", "auto": "auto"}
+NOISE_SCHEDULERS = {"ddpm": "sdxl", "euler": None, "euler_a": None, "flowmatch": "flow", "flow_match": "flow"}
+# ai-toolkit's sample.sampler (diffusers names) -> (ComfyUI sampler, scheduler); other values are ComfyUI names.
+SAMPLERS = {"flowmatch": ("euler", "simple"), "ddpm": ("ddpm", "normal"), "euler": ("euler", "normal"),
+            "euler_a": ("euler_ancestral", "normal"), "ddim": ("ddim", "ddim_uniform"), "lms": ("lms", "normal"),
+            "dpmsolver": ("dpmpp_2m", "karras"), "dpmsolver++": ("dpmpp_2m", "karras")}
+
+_OFF = (None, False, 0, "", [], {})
+
+
+def _neutral(*values):
+    return _OFF + values
+
+
+# ai-toolkit keys EriDiffusion reads but does not implement, with the values that mean "off" there. Set to
+# anything else, they are listed in Job.ignored. (Keys ai-toolkit has for other model families are unknown.)
+AITK_IGNORED = {
+    "process": {k: _OFF for k in ("performance_log_every", "logging", "log_dir", "embedding", "adapter",
+                                  "decorator", "slider", "guidance", "print_config", "verbose")},
+    "network": {"dropout": _OFF, "network_kwargs": _OFF, "normalize": _OFF, "lorm": _OFF,
+                "transformer_only": _neutral(True), "split_multistage_loras": _neutral(True)},
+    "model": {**{k: _OFF for k in (
+        "is_v_pred", "low_vram", "vae_device", "te_device", "quantize_te", "text_encoder_bits", "te_name_or_path",
+        "lora_path", "assistant_lora_path", "inference_lora_path", "attn_masking", "split_model_over_gpus",
+        "compile", "model_kwargs", "quantize_kwargs", "ignore_if_contains", "only_if_contains", "use_flux_cfg",
+        "experimental_xl", "latent_space_version", "refiner_name_or_path", "unet_path", "extras_name_or_path",
+        "layer_offloading", "accuracy_recovery_adapter")},
+        "dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
+        "vae_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
+        "te_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
+        "qtype": _neutral("qfloat8"), "qtype_te": _neutral("qfloat8"),
+        "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
+    "train": {**{k: _OFF for k in (
+        "train_text_encoder", "ema_config", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
+        "lr_scheduler_params", "min_denoising_steps", "xformers", "sdp", "train_turbo",
+        "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
+        "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
+        "do_paramiter_swapping", "bypass_guidance_embedding", "target_norm_std", "standardize_images",
+        "standardize_latents", "dynamic_noise_offset", "do_cfg", "do_random_cfg", "correct_pred_norm",
+        "prompt_dropout_prob", "match_noise_norm", "short_and_long_captions", "single_item_batching",
+        "inverted_mask_prior", "diff_output_preservation", "diff_output_preservation_multiplier",
+        "diff_output_preservation_class", "adaptive_scaling_factor", "force_consistent_noise",
+        "blended_blur_noise", "do_guidance_loss", "negative_prompt", "do_prior_divergence",
+        "latent_feature_extractor_path", "diffusion_feature_extractor_path", "random_noise_shift",
+        "random_noise_multiplier", "snr_gamma")},
+        "max_denoising_steps": _neutral(999, 1000), "content_or_style": _neutral("balanced"),
+        "train_refiner": _neutral(True), "noise_multiplier": _neutral(1, 1.0), "img_multiplier": _neutral(1, 1.0),
+        "loss_type": _neutral("mse"), "loss_target": _neutral("noise"), "reg_weight": _neutral(1, 1.0),
+        "num_train_timesteps": _neutral(1000), "optimal_noise_pairing_samples": _neutral(1),
+        "switch_boundary_every": _neutral(1), "max_negative_prompts": _neutral(1),
+        "target_noise_multiplier": _neutral(1, 1.0), "pred_scaler": _neutral(1, 1.0)},
+    "datasets": {**{k: _OFF for k in (
+        "dataset_path", "random_triggers", "random_scale", "random_crop", "is_reg", "token_dropout_rate",
+        "flip_y", "augments", "control_path", "alpha_mask", "mask_path", "mask_min_value", "poi",
+        "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
+        "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
+        "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
+        "shuffle_tokens", "keep_tokens", "extra_values", "debug")},
+        "type": _neutral("image"), "buckets": _neutral(True), "bucket_tolerance": _neutral(64),
+        "scale": _neutral(1, 1.0), "network_weight": _neutral(1, 1.0), "loss_multiplier": _neutral(1, 1.0),
+        "num_frames": _neutral(1), "fps": _OFF + (16,), "num_workers": _OFF + (1, 2, 4, 8),
+        "prefetch_factor": _OFF + (2,), "caption_type": _OFF + ("txt", ".txt"),
+        "full_size_control_images": _neutral(True), "replay_transforms": _neutral(True),
+        "shrink_video_to_frames": _neutral(True), "do_i2v": _neutral(True)},
+    "save": {"save_format": _neutral("safetensors"), "push_to_hub": _OFF, "hf_repo_id": _OFF, "hf_private": _OFF},
+    "sample": {"network_multiplier": _neutral(1, 1.0), "guidance_rescale": _OFF, "format": _OFF + ("jpg", "png"),
+               "adapter_conditioning_scale": _neutral(1, 1.0), "refiner_start_at": _OFF + (0.5,),
+               "extra_values": _OFF, "num_frames": _neutral(1), "fps": _OFF + (16,)},
+}
+
+
+# ------------------------------------------------------------------------------------------------ the job
+@dataclass(frozen=True)
+class ModelJob:
+    name_or_path: str = ""                  # checkpoint, or diffusion-model file (with text_encoder_paths, vae_path)
+    arch: str = ""                          # sdxl / sd3 / flux, or "" to take the loaded model's
+    vae_path: str = ""
+    text_encoder_paths: tuple[str, ...] = ()
+    quantize: bool = False                  # fp8 (e4m3fn) weights for the diffusion model, bf16 compute
+
+
+@dataclass(frozen=True)
+class NetworkJob:
+    """What Create adapter takes (checkpoint.make_spec's arguments, less the MODEL)."""
+    kind: str = "lora"
+    rank: int = 16
+    alpha: float = 1.0
+    preset: str = "attention_mlp"
+    seed: int = 0
+    dtype: str = "fp32"
+    dora: bool = False
+    lokr_factor: int = -1
+    lokr_full_w2: bool = False
+    conv: bool = False
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
+
+    def make_spec_kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DatasetJob:
+    folder_path: str
+    configs: tuple[DatasetConfig, ...]      # one per resolution
+    num_repeats: int = 1
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    dtype: str = "fp16"
+    save_every: int = 1000
+    max_step_saves_to_keep: int = 5
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    prompts: tuple[str, ...]                # [trigger] already replaced
+    negative: str = ""
+    sample_every: int = 100
+    sample_start_step: int = 0
+    first_sample: bool = True               # also sample before training (ai-toolkit's skip_first_sample: false)
+    seed: int = 0
+    walk_seed: bool = False
+    guidance_scale: float = 7.0
+    sample_steps: int = 20
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    source: str                             # file path or "<text>"
+    training_folder: str
+    device: str
+    trigger_word: str
+    model: ModelJob
+    network: NetworkJob
+    settings: TrainingSettings
+    steps: int
+    datasets: tuple[DatasetJob, ...]
+    save: SaveJob
+    sample: SampleJob | None
+    meta: dict = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()           # "key.path: value" of ai-toolkit keys that have no effect here
+
+    @property
+    def save_prefix(self) -> str:
+        """File-name prefix of the adapters under models/loras (the node) or the training folder."""
+        return f"{self.name}/{self.name}"
+
+    def ignored_warning(self) -> str | None:
+        if not self.ignored:
+            return None
+        return (f"{self.source}: ignored (ai-toolkit settings EriDiffusion does not implement): "
+                + "; ".join(self.ignored))
+
+
+# --------------------------------------------------------------------------------------------- the reader
+class _Section:
+    """Typed reads from one mapping of the YAML; `done()` rejects keys nobody read."""
+
+    def __init__(self, data, path: str, kind: str, ignored: list[str], source: str):
+        self.path, self.kind, self.source, self.ignored = path, kind, source, ignored
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error(f"{path} must be a mapping of keys to values, got {type(data).__name__} {data!r}")
+        self.data, self.read = data, set()
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {message}")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        self.read.add(name)
+        return self.data.get(name) is not None
+
+    def raw(self, name: str, default=None):
+        self.read.add(name)
+        value = self.data.get(name)
+        return default if value is None else value
+
+    def int(self, name, default, lo=None, hi=None):
+        value = self.raw(name, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"{self.key(name)} must be a whole number, got {value!r}")
+        self._range(name, value, lo, hi)
+        return value
+
+    def float(self, name, default, lo=None, hi=None):
+        value = self.raw(name, default)
+        if isinstance(value, str):      # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(f"{self.key(name)} must be a number, got {value!r}")
+        self._range(name, value, lo, hi)
+        return float(value)
+
+    def bool(self, name, default):
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(f"{self.key(name)} must be true or false, got {value!r}")
+        return value
+
+    def str(self, name, default=""):
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(f"{self.key(name)} must be text, got {value!r}")
+        return str(value)
+
+    def choice(self, name, default, choices: dict):
+        value = self.str(name, default).strip()
+        if value.lower() not in choices:
+            raise self.error(f"{self.key(name)} must be one of {', '.join(choices)}, got {value!r}")
+        return choices[value.lower()]
+
+    def str_list(self, name) -> tuple[str, ...]:
+        value = self.raw(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"{self.key(name)} must be a list of text, got {value!r}")
+        return tuple(value)
+
+    def _range(self, name, value, lo, hi):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                      else f"at least {lo}" if lo is not None else f"at most {hi}")
+            raise self.error(f"{self.key(name)} must be {bounds}, got {value}")
+
+    def done(self):
+        ignorable = AITK_IGNORED.get(self.kind, {})
+        for name, value in self.data.items():
+            if name in self.read:
+                continue
+            if name in ignorable:
+                if not _is_off(value, ignorable[name]):
+                    self.ignored.append(f"{self.key(name)}: {value!r}")
+                continue
+            known = sorted(self.read | set(ignorable))
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            raise self.error(f"unknown key {self.key(str(name))!r}{hint}")
+
+
+def _is_off(value, neutrals) -> bool:
+    """Whether an ignored key's value means "off" (then it is not worth a warning). A mapping is off when it
+    has switches and all are false (ema_config: {use_ema: false, ema_decay: 0.99})."""
+    if isinstance(value, dict) and value:
+        switches = [v for v in value.values() if isinstance(v, bool)]
+        return bool(switches) and not any(switches)
+    return any(type(value) is type(n) and value == n for n in neutrals)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_job(text_or_path: str, source: str | None = None) -> Job:
+    """A Job from YAML text, or from a .yaml/.yml file path. Raises ConfigError naming the key at fault."""
+    if _looks_like_path(text_or_path):
+        path = os.path.abspath(os.path.expanduser(text_or_path.strip()))
+        if not os.path.isfile(path):
+            raise ConfigError(f"job file {text_or_path!r} does not exist (looked for {path})")
+        with open(path, encoding="utf-8") as f:
+            return parse_job(f.read(), source or path)
+    return parse_job(text_or_path, source or "<job text>")
+
+
+def _looks_like_path(text: str) -> bool:
+    text = text.strip()
+    return "\n" not in text and text.lower().endswith((".yaml", ".yml"))
+
+
+def parse_job(text: str, source: str = "<job text>") -> Job:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    ignored: list[str] = []
+    top = _Section(data, "", "top", ignored, source)
+    job_type = top.str("job", "extension")
+    if job_type not in ("extension", "train"):
+        raise top.error(f"job must be extension (ai-toolkit's training job), got {job_type!r}")
+    meta = top.raw("meta", {})
+    if not isinstance(meta, dict):
+        raise top.error(f"meta must be a mapping, got {meta!r}")
+    config = _Section(top.raw("config"), "config", "config", ignored, source)
+    top.done()
+    name = config.str("name", "")
+    if not name.strip() or any(c in name for c in "/\\") or name.strip() in (".", ".."):
+        raise config.error(f"config.name must be a plain name (it names the output folder and files), got {name!r}")
+    processes = config.raw("process", [])
+    config.done()
+    if not isinstance(processes, list) or len(processes) != 1:
+        raise config.error(f"config.process must be a list with one process (type: sd_trainer), got "
+                           f"{len(processes) if isinstance(processes, list) else repr(processes)}; put other "
+                           f"processes in files of their own")
+    job = _parse_process(_Section(processes[0], "config.process[0]", "process", ignored, source), name, source,
+                         ignored)
+    meta = {k: (v.replace("[name]", name) if isinstance(v, str) else v) for k, v in meta.items()}
+    return dataclasses.replace(job, meta=meta, ignored=tuple(ignored))
+
+
+def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> Job:
+    kind = p.str("type", "sd_trainer")
+    if kind != "sd_trainer":
+        raise p.error(f"{p.key('type')} must be sd_trainer (EriDiffusion trains adapters), got {kind!r}")
+    training_folder = p.str("training_folder", "output")
+    device = p.str("device", "cuda:0")
+    trigger = p.str("trigger_word", "")
+    cpu_offload = p.bool("cpu_offload", False)
+
+    sub = lambda key, kind: _Section(p.raw(key), p.key(key), kind, ignored, source)  # noqa: E731
+    model = _parse_model(sub("model", "model"))
+    network = _parse_network(sub("network", "network"), model.arch)
+    train = sub("train", "train")
+    datasets_raw = p.raw("datasets", [])
+    if not isinstance(datasets_raw, list):
+        raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got {datasets_raw!r}")
+    datasets, dropouts = [], [0.0]
+    for i, d in enumerate(datasets_raw):
+        dataset, dropout = _parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source),
+                                          trigger)
+        datasets.append(dataset)
+        dropouts.append(dropout)
+    if len(set(dropouts[1:])) > 1:
+        ignored.append(f"{p.key('datasets')}[*].caption_dropout_rate: one rate applies to all datasets here "
+                       f"(the largest, {max(dropouts)})")
+    settings, steps, first_sample, sampling_on = _parse_train(train, model.arch, max(dropouts), cpu_offload)
+    save = _parse_save(sub("save", "save"))
+    sample_section = sub("sample", "sample")
+    sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
+    p.done()
+    return Job(name=name.strip(), source=source, training_folder=training_folder, device=device,
+               trigger_word=trigger, model=model, network=network, settings=settings, steps=steps,
+               datasets=tuple(datasets), save=save, sample=sample if sampling_on else None)
+
+
+def _parse_model(m: _Section) -> ModelJob:
+    arch = m.str("arch", "").strip().lower().split(":")[0]
+    flags = [a for a, key in (("sdxl", "is_xl"), ("sd3", "is_v3"), ("flux", "is_flux")) if m.bool(key, False)]
+    for key, family in (("is_v2", "SD 2"), ("is_pixart", "PixArt"), ("is_pixart_sigma", "PixArt-Σ"),
+                        ("is_auraflow", "AuraFlow"), ("is_lumina2", "Lumina 2"), ("is_ssd", "SSD-1B"),
+                        ("is_vega", "Vega")):
+        if m.bool(key, False):
+            raise m.error(f"{m.key(key)}: {family} is not supported; EriDiffusion trains SDXL, SD 3.5 and Flux")
+    if arch:
+        if arch not in ARCHES:
+            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, got {arch!r}")
+        arch = ARCHES[arch]
+    if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
+        raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
+                      f"({', '.join(filter(None, [arch, *flags]))}); keep one")
+    arch = arch or (flags[0] if flags else "")
+    model = ModelJob(name_or_path=m.str("name_or_path", ""), arch=arch, vae_path=m.str("vae_path", ""),
+                     text_encoder_paths=m.str_list("text_encoder_paths"), quantize=m.bool("quantize", False))
+    m.done()
+    return model
+
+
+def _parse_network(n: _Section, arch: str) -> NetworkJob:
+    kind, dora = n.choice("type", "lora", {k: v for k, v in NETWORK_TYPES.items()})
+    dora = n.bool("dora", dora) or n.bool("dora_wd", False)
+    if n.has("rank") and n.has("linear") and n.raw("rank") != n.raw("linear"):
+        raise n.error(f"{n.key('rank')} and {n.key('linear')} are the same setting; keep one")
+    rank = n.int("linear", n.int("rank", 16, lo=1, hi=4096), lo=1, hi=4096)
+    alpha = n.float("linear_alpha", n.float("alpha", 1.0, lo=0.0), lo=0.0)
+    conv = n.int("conv", 0, lo=0, hi=4096)
+    conv_alpha = n.float("conv_alpha", float(conv), lo=0.0)
+    lokr_factor = n.int("lokr_factor", -1, lo=-1)
+    if lokr_factor == 0:
+        raise n.error(f"{n.key('lokr_factor')} must be -1 (automatic) or a positive number, got 0")
+    preset = n.choice("target", "attention_mlp", {p: p for p in PRESETS})
+    spec = NetworkJob(kind=kind, rank=rank, alpha=alpha, preset=preset, seed=n.int("seed", 0, lo=0),
+                      dtype=n.choice("dtype", "fp32", {"fp32": "fp32", "float32": "fp32", "bf16": "bf16",
+                                                       "bfloat16": "bf16"}),
+                      dora=dora, lokr_factor=lokr_factor, lokr_full_w2=n.bool("lokr_full_rank", False),
+                      conv=conv > 0, conv_rank=conv, conv_alpha=conv_alpha if conv else 0.0)
+    if spec.conv and arch in ("sd3", "flux"):
+        raise n.error(f"{n.key('conv')}: {arch} has no UNet convolutions to adapt; remove conv (SDXL only)")
+    n.done()
+    return spec
+
+
+def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
+    folder = d.str("folder_path", "")
+    if not folder.strip():
+        raise d.error(f"{d.key('folder_path')} is required: the folder of training images with their captions")
+    ext = d.str("caption_ext", ".txt").strip() or ".txt"
+    ext = ext if ext.startswith(".") else "." + ext
+    resolution = d.raw("resolution", 512)
+    resolutions = resolution if isinstance(resolution, list) else [resolution]
+    if not resolutions or not all(isinstance(r, int) and not isinstance(r, bool) for r in resolutions):
+        raise d.error(f"{d.key('resolution')} must be a number or a list of numbers, got {resolution!r}")
+    for r in resolutions:
+        if r % 64 or not 64 <= r <= 4096:
+            raise d.error(f"{d.key('resolution')}: {r} is not a multiple of 64 between 64 and 4096")
+    dropout = d.float("caption_dropout_rate", 0.0, lo=0.0, hi=1.0)
+    d.bool("cache_latents_to_disk", False)      # latents are always cached on disk
+    d.bool("cache_latents", False)
+    common = dict(folder=folder, default_caption=d.str("default_caption", ""),
+                  trigger_word=d.str("trigger_word", trigger), flip=d.bool("flip_x", False), caption_ext=ext)
+    repeats = d.int("num_repeats", 1, lo=1, hi=10000)
+    d.done()
+    configs = tuple(DatasetConfig(resolution=r, min_side=min(256, r), max_side=max(2048, r), **common)
+                    for r in dict.fromkeys(resolutions))
+    return DatasetJob(folder, configs, repeats), dropout
+
+
+def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):
+    steps = t.int("steps", 1000, lo=1, hi=10_000_000)
+    if not t.bool("train_unet", True):
+        raise t.error(f"{t.key('train_unet')}: false would train nothing (EriDiffusion trains an adapter on the "
+                      f"diffusion model); remove it")
+    lr = t.float("lr", 1e-6, lo=0.0)
+    lr = t.float("unet_lr", lr, lo=0.0)
+    if lr <= 0:
+        raise t.error(f"{t.key('lr')} must be positive, got {lr}")
+    optimizer = t.str("optimizer", "adamw").strip().lower()
+    if optimizer not in OPTIMIZERS:
+        close = difflib.get_close_matches(optimizer, OPTIMIZERS, n=1)
+        raise t.error(f"{t.key('optimizer')} {optimizer!r} is not available; choose one of {', '.join(OPTIMIZERS)}"
+                      + (f" (closest: {close[0]})" if close else ""))
+    schedule = t.choice("lr_scheduler", "constant", SCHEDULERS)
+    accumulation = t.int("gradient_accumulation_steps", 1, lo=1, hi=100_000)
+    accumulation = t.int("gradient_accumulation", accumulation, lo=1, hi=100_000)
+    noise_scheduler = t.choice("noise_scheduler", "ddpm" if arch in ("sdxl", "") else "flowmatch",
+                               NOISE_SCHEDULERS)
+    if arch and noise_scheduler and (noise_scheduler == "sdxl") != (arch == "sdxl"):
+        raise t.error(f"{t.key('noise_scheduler')} {t.raw('noise_scheduler')!r} does not fit {arch}: use "
+                      f"{'ddpm' if arch == 'sdxl' else 'flowmatch'} (training uses the model's own objective)")
+    timestep = t.choice("timestep_type", "auto", TIMESTEP_TYPES)
+    params = t.raw("optimizer_params", {})
+    if not isinstance(params, dict):
+        raise t.error(f"{t.key('optimizer_params')} must be a mapping (weight_decay: ...), got {params!r}")
+    weight_decay = _Section({"weight_decay": params.get("weight_decay")}, t.key("optimizer_params"), "", [],
+                            t.source).float("weight_decay", t.float("weight_decay", 0.01, lo=0.0), lo=0.0)
+    t.ignored.extend(f"{t.key('optimizer_params')}.{k}: {v!r}" for k, v in params.items() if k != "weight_decay")
+    settings_kw = dict(
+        optimizer=optimizer, learning_rate=lr, schedule=schedule,
+        warmup_steps=t.int("warmup_steps", 0, lo=0), weight_decay=weight_decay,
+        max_grad_norm=t.float("max_grad_norm", 1.0, lo=0.0), batch_size=t.int("batch_size", 1, lo=1, hi=4096),
+        grad_accumulation=accumulation, precision=t.choice("dtype", "fp32", DTYPES),
+        gradient_checkpointing=t.bool("gradient_checkpointing", True), seed=t.int("seed", 0, lo=0),
+        noise_offset=t.float("noise_offset", 0.0, lo=0.0, hi=1.0),
+        min_snr_gamma=t.float("min_snr_gamma", 0.0, lo=0.0), caption_dropout=caption_dropout,
+        timestep_sampling=timestep, logit_mean=t.float("logit_mean", 0.0),
+        logit_std=t.float("logit_std", 1.0, lo=1e-6), sigmoid_scale=t.float("sigmoid_scale", 1.0, lo=1e-6),
+        timestep_shift=t.float("timestep_shift", 0.0, lo=0.0),
+        loss_weighting=t.choice("loss_weighting", "none", {w: w for w in ("none", "sigma_sqrt", "cosmap")}),
+        flux_guidance=t.float("flux_guidance", 1.0, lo=0.0),
+        nan_policy=t.choice("nan_policy", "stop", {"stop": "stop", "skip": "skip"}),
+        optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
+    first_sample = not t.bool("skip_first_sample", False)
+    sampling_on = not t.bool("disable_sampling", False)
+    t.done()
+    try:
+        settings = TrainingSettings(**settings_kw)
+    except ConfigError as e:
+        raise t.error(f"{t.path}: {e}") from None
+    return settings, steps, first_sample, sampling_on
+
+
+def _parse_save(s: _Section) -> SaveJob:
+    save = SaveJob(dtype=s.choice("dtype", "float16", DTYPES), save_every=s.int("save_every", 1000, lo=1),
+                   max_step_saves_to_keep=s.int("max_step_saves_to_keep", 5, lo=1))
+    s.done()
+    return save
+
+
+def _parse_sample(s: _Section, trigger: str, first_sample: bool, arch: str) -> SampleJob | None:
+    prompts = list(s.str_list("prompts"))
+    samples = s.raw("samples", [])
+    if not isinstance(samples, list):
+        raise s.error(f"{s.key('samples')} must be a list of {{prompt: ...}}, got {samples!r}")
+    for i, item in enumerate(samples):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise s.error(f"{s.key('samples')}[{i}] must be a mapping with a prompt, got {item!r}")
+        prompts.append(item["prompt"])
+    neg = s.raw("neg", "")
+    sampler = s.str("sampler", "flowmatch" if arch in ("sd3", "flux") else "ddpm").strip()
+    sampler_name, scheduler = SAMPLERS.get(sampler.lower(), (sampler, "normal"))
+    scheduler = s.str("scheduler", scheduler)
+    _check_comfy_names(s, sampler_name, scheduler)
+    job = SampleJob(
+        prompts=tuple(_inject_trigger(" ".join(p.split()), trigger) for p in prompts),
+        negative=neg if isinstance(neg, str) else "",
+        sample_every=s.int("sample_every", 100, lo=1), sample_start_step=s.int("sample_start_step", 0, lo=0),
+        first_sample=first_sample, seed=s.int("seed", 0, lo=0, hi=0xFFFFFFFF),
+        walk_seed=s.bool("walk_seed", False), guidance_scale=s.float("guidance_scale", 7.0, lo=0.0),
+        sample_steps=s.int("sample_steps", 20, lo=1, hi=1000), width=_size(s, "width"), height=_size(s, "height"),
+        sampler_name=sampler_name, scheduler=scheduler)
+    if job.walk_seed:
+        s.ignored.append(f"{s.key('walk_seed')}: true (ai-toolkit gives prompt i the seed + i; here every prompt "
+                         f"of a round uses sample.seed)")
+    s.done()
+    return job if job.prompts else None
+
+
+def _size(s: _Section, name: str) -> int:
+    value = s.int(name, 512, lo=64, hi=8192)
+    return value - value % 8     # ai-toolkit rounds down to a multiple of 8 as well
+
+
+def _check_comfy_names(s: _Section, sampler: str, scheduler: str) -> None:
+    try:
+        import comfy.samplers
+    except ImportError:     # validated again when the sampling settings are built
+        return
+    if sampler not in comfy.samplers.KSampler.SAMPLERS:
+        close = difflib.get_close_matches(sampler, comfy.samplers.KSampler.SAMPLERS, n=1)
+        raise s.error(f"{s.key('sampler')} {sampler!r} is neither ai-toolkit's ({', '.join(SAMPLERS)}) nor a "
+                      f"ComfyUI sampler" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise s.error(f"{s.key('scheduler')} {scheduler!r} is not a ComfyUI scheduler; choose one of "
+                      f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
+
+
+def _inject_trigger(prompt: str, trigger: str) -> str:
+    return " ".join(prompt.replace("[trigger]", trigger).split()).strip(" ,")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def build_dataset(job: Job, folder_root) -> "data.Dataset":
+    """All datasets of the job, each at each of its resolutions, as one Dataset (a batch never mixes buckets,
+    so resolutions train in batches of their own). `folder_root(folder_path, key)` resolves a folder_path to
+    a directory (the node keeps it under ComfyUI's input folder; the command resolves it next to the job)."""
+    from . import data
+    if not job.datasets:
+        raise ConfigError(f"{job.source}: the job has no datasets: add config.process[0].datasets with a "
+                          f"folder_path of training images")
+    items, first = [], None
+    for i, d in enumerate(job.datasets):
+        root = folder_root(d.folder_path, f"datasets[{i}].folder_path")
+        for config in d.configs:
+            try:
+                scanned = data.scan_dataset(root, config)
+            except ConfigError as e:
+                raise ConfigError(f"{job.source}: datasets[{i}]: {e}") from None
+            first = first or scanned
+            items += [dataclasses.replace(item, repeats=item.repeats * d.num_repeats) for item in scanned.items]
+    return dataclasses.replace(first, items=tuple(items))

@@ -1,0 +1,122 @@
+"""Sampling while training: images from the adapter as it is at a step, with ComfyUI's own samplers.
+
+A round samples every prompt once with the same seed (so prompts compare with each other) on a clone of the
+MODEL with the adapter state applied (`state.patched_model`, what Train steps outputs), then decodes with
+the VAE. It runs under `torch.no_grad()` with the global RNG saved and restored, and draws its noise from
+its own seed: the training run (its generator, its weights, its data order) is untouched by it. Knows
+nothing of the server: nodes/ saves the images and shows them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import node_helpers
+
+from .config import ConfigError
+from .state import AdapterState, patched_model
+
+SEED_MODES = ("fixed", "walk")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    vae: object = _help("Decodes the samples (the VAE of the checkpoint you train on).")
+    positives: tuple = _help("(label, CONDITIONING) of each image of a round, in order.")
+    negative: object = _help("Negative CONDITIONING shared by all prompts.")
+    every_n_steps: int = _help("Sample after every N optimizer steps (counted from the adapter's creation, "
+                               "so chained Train steps nodes sample at the same steps as one long node), and "
+                               "after the last step of each Train steps node.", default=100)
+    seed: int = _help("Noise seed of the samples.", default=42)
+    seed_mode: str = _help("fixed: every round uses the seed (watch one image evolve). walk: round k (the "
+                           "samples up to step k×N) uses seed + k.", default="fixed")
+    width: int = _help("Width of the samples in pixels.", default=1024)
+    height: int = _help("Height of the samples in pixels.", default=1024)
+    sampler_name: str = _help("ComfyUI sampler.", default="euler")
+    scheduler: str = _help("ComfyUI scheduler.", default="normal")
+    steps: int = _help("Sampling steps per image.", default=20)
+    cfg: float = _help("Classifier-free guidance scale (Flux-dev: 1.0, its guidance is below).", default=7.0)
+    guidance: float = _help("Flux guidance embedded in the conditioning (Flux-dev only; other models "
+                            "ignore it).", default=3.5)
+    filename_prefix: str = _help("Samples are saved under ComfyUI's output folder as "
+                                 "<prefix>_step<step>_seed<seed>_p<prompt>_<counter>.png.",
+                                 default="eri_samples/sample")
+
+    def __post_init__(self):
+        if not self.positives:
+            raise ConfigError("sampling needs at least one prompt: connect a CLIP and write prompts, or connect "
+                              "a positive CONDITIONING")
+        if self.every_n_steps < 1:
+            raise ConfigError(f"every_n_steps must be at least 1, got {self.every_n_steps}")
+        if self.seed_mode not in SEED_MODES:
+            raise ConfigError(f"seed_mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
+        if self.sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler_name!r}")
+        if self.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}")
+        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 64:
+            raise ConfigError(f"width and height must be multiples of 8 and at least 64, got {self.width}x{self.height}")
+
+    def __repr__(self):
+        return (f"SamplingSettings({len(self.positives)} prompts every {self.every_n_steps} steps, "
+                f"{self.width}x{self.height}, {self.sampler_name}/{self.scheduler} {self.steps} steps)")
+
+    def round_of(self, step: int) -> int:
+        """The round a sample at `step` belongs to: round k ends at step k×N."""
+        return -(-step // self.every_n_steps)
+
+    def seed_at(self, step: int) -> int:
+        return self.seed + (self.round_of(step) if self.seed_mode == "walk" else 0)
+
+    def replace(self, **changes) -> "SamplingSettings":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int
+    seed: int
+    index: int                 # position of the prompt in the round
+    label: str                 # the prompt text, or "conditioning" for a CONDITIONING input
+    image: torch.Tensor        # (H, W, 3) floats in [0, 1], ComfyUI's IMAGE layout
+
+
+def with_guidance(conditioning, guidance: float):
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+
+
+def _check_interrupt(*_):
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> list[Sample]:
+    """One image per prompt of `settings` from `patcher` with `state` applied, at step `state.step`."""
+    model = patched_model(patcher, state)
+    seed = settings.seed_at(state.step)
+    device = comfy.model_management.get_torch_device()
+    rng_devices = [device] if device.type == "cuda" else []
+    negative = with_guidance(settings.negative, settings.guidance)
+    samples = []
+    with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+        latent = torch.zeros([1, 4, settings.height // 8, settings.width // 8],
+                             device=comfy.model_management.intermediate_device())
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        for index, (label, positive) in enumerate(settings.positives):
+            noise = comfy.sample.prepare_noise(latent, seed)
+            out = comfy.sample.sample(model, noise, settings.steps, settings.cfg, settings.sampler_name,
+                                      settings.scheduler, with_guidance(positive, settings.guidance), negative,
+                                      latent, callback=_check_interrupt, disable_pbar=True, seed=seed)
+            images = settings.vae.decode(out)
+            if images.ndim == 5:                    # video VAEs: (B, T, H, W, C)
+                images = images.reshape(-1, *images.shape[-3:])
+            samples.append(Sample(state.step, seed, index, label, images[0].float().clamp(0, 1).cpu()))
+    return samples
