@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(*args):
-    print(*args, flush=True)
+    if "MAIN" not in globals() or MAIN:
+        print(*args, flush=True)
 
 
 def comfyui_dir() -> Path:
@@ -80,6 +81,8 @@ for mod in ["av", "av.container", "av.subtitles", "av.subtitles.stream"]:
         stub(mod)
 sys.path.insert(0, str(comfyui_dir()))
 import torch  # noqa: E402
+if "LOCAL_RANK" in os.environ and torch.cuda.is_available():   # under torchrun: one GPU per process
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))         # (before ComfyUI picks its device)
 import comfy.cli_args  # noqa: E402
 if ARGS.tiny or not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True     # must precede the first import of comfy.model_management
@@ -92,9 +95,13 @@ from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
 from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
 from eridiffusion.trainers.state import new_adapter  # noqa: E402
+from eridiffusion.trainers.distributed import init_from_env  # noqa: E402
 
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
+# torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
+WORLD = init_from_env(DEV.type)
+MAIN = WORLD is None or WORLD.is_main
 DT = torch.float32 if ARGS.tiny or not CUDA else torch.bfloat16
 PRECISION = "fp32" if DT == torch.float32 else "bf16"
 if ARGS.tiny:
@@ -238,7 +245,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps)
+            run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
             times = []
             for i in range(warmup + steps):
                 sync()
@@ -271,10 +278,10 @@ def bench_arch(arch, card):
     mp = build(arch)
     nparams = sum(p.numel() for p in mp.model.diffusion_model.parameters())
     log(f"built {arch}, {nparams / 1e9:.3f} B parameters, in {time.perf_counter() - t:.1f} s")
-    latents, text = synthetic_data(arch, samples=max(2, max(ARGS.batch)))
+    latents, text = synthetic_data(arch, samples=max(2, max(ARGS.batch) * (WORLD.size if WORLD else 1)))
 
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
-    if not ARGS.no_builtin:
+    if not ARGS.no_builtin and WORLD is None:
         try:
             s, peak = builtin_bench(mp, arch)
             builtin = {"builtin_s_per_step": s, "builtin_peak_gib": peak}
@@ -285,7 +292,7 @@ def bench_arch(arch, card):
         mm.unload_all_models()
         free()
 
-    base = {"arch": arch, "resolution": RES, "card": card,
+    base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__}
     records = []
@@ -296,7 +303,7 @@ def bench_arch(arch, card):
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"],
              rec["gpu_gib_after_run_and_unload"]) = engine_bench(mp, latents, text, variant == "gc", batch,
                                                                  ARGS.steps, adapter)
-            rec["images_per_s"] = batch / rec["s_per_step"]
+            rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]
             if rec["builtin_s_per_step"] and batch == 1:
                 rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
             log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
@@ -329,6 +336,8 @@ def main():
             f"| {fmt(r['peak_gib'], '.2f')} "
             f"| {fmt(r['builtin_s_per_step'], '.4f')} | {fmt(r['builtin_peak_gib'], '.2f')} "
             f"| {fmt(r['ratio'], '.2f')} | {r['card']} |")
+    if not MAIN:
+        return
     os.makedirs(ARGS.out, exist_ok=True)
     path = os.path.join(ARGS.out, "train_bench.json")
     with open(path, "w") as f:

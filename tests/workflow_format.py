@@ -154,7 +154,7 @@ def tiny_training_prompt(api: dict, images_folder: str, steps: int, prefix: str)
             inputs["steps"] = steps
         elif kind == "EriSamplingSettings":
             inputs.update(width=64, height=64, steps=2, every_n_steps=max(1, steps // 2))
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=64, height=64)
         elif kind == "KSampler":
             inputs["steps"] = 2

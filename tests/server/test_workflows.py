@@ -77,17 +77,18 @@ def test_sd35_and_flux_example_workflows_train_sample_and_save_on_the_live_serve
     assert len(result.outputs("7")["images"]) == 4, "two prompts sampled at steps 3 and 6"
 
 
-def test_train_then_stock_ksampler_then_train_again_example_runs_on_the_live_server(client, server):
+@pytest.mark.parametrize("arch", ["sdxl", "sd35", "flux"])
+def test_train_then_stock_ksampler_then_train_again_example_runs_on_the_live_server(client, server, arch):
     write_images(server.base / "input" / "tst_images", [(64, 64)] * 3)
-    api = json.loads((EXAMPLES / "api" / "sdxl_train_sample_train.json").read_text())
-    prompt = tiny_training_prompt(api, "tst_images", steps=4, prefix="ci/tst")
+    api = json.loads((EXAMPLES / "api" / f"{arch}_train_sample_train.json").read_text())
+    prompt = tiny_training_prompt(api, "tst_images", steps=4, prefix=f"ci/tst_{arch}")
     result = client.run(prompt, timeout=600)
     assert result.ok, result.error or server.log_tail()
     image = result.outputs("13")["images"][0]
     assert (server.base / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
     steps = [(e["node"], e["step"]) for e in result.events_of("eridiffusion.step")]
     assert steps == [("7", s) for s in range(1, 5)] + [("14", s) for s in range(5, 9)], "stage 2 continues"
-    assert (server.base / "models" / "loras" / "ci" / "tst_000008.safetensors").is_file()
+    assert (server.base / "models" / "loras" / "ci" / f"tst_{arch}_000008.safetensors").is_file()
     assert client.get_json("/eridiffusion/history/14")["steps"][:4] == [1, 2, 3, 4], \
         "the second stage's chart starts with the first stage's steps"
 
@@ -118,3 +119,31 @@ def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client
                                                                         "filename_prefix": "ci/after_cancel",
                                                                         "save_dtype": "fp16"}}}, timeout=120)
     assert again.ok, again.error
+
+
+@pytest.mark.slow
+def test_a_hundred_training_prompts_back_to_back_do_not_grow_the_servers_memory(client, server):
+    """Every prompt trains a new adapter on the same cached MODEL, latents and captions (only the seed changes,
+    so ComfyUI reruns the training); what a run allocates must be given back. Bound: 64 MiB of resident
+    memory between run 20 and run 100 (the Python allocator and ComfyUI's caches settle by run 20)."""
+    write_images(server.base / "input" / "memory_images", [(64, 64)] * 2)
+    api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
+    prompt = tiny_training_prompt(api, "memory_images", steps=2, prefix="ci/memory")
+    del prompt["10"]                                       # no sampling
+    prompt["7"]["inputs"].pop("sampling")
+    prompt["7"]["inputs"]["save_every"] = 0
+
+    def resident_mib():
+        status = (Path("/proc") / str(server.process.pid) / "status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+    sizes = {}
+    for run_number in range(1, 101):
+        prompt["6"]["inputs"]["seed"] = run_number
+        prompt["8"]["inputs"]["filename_prefix"] = "ci/memory/run"
+        result = client.run(prompt, timeout=120)
+        assert result.ok, result.error or server.log_tail()
+        if run_number in (20, 100):
+            sizes[run_number] = resident_mib()
+    print(f"resident memory of the server: run 20 {sizes[20]:.0f} MiB, run 100 {sizes[100]:.0f} MiB")
+    assert sizes[100] - sizes[20] < 64, sizes
