@@ -15,18 +15,6 @@ from .state import (DTYPES, AdapterState, LossHistory, optimizer_from_tensors, o
 FORMAT = "eridiffusion.adapter.v1"
 
 
-def conv_modules(diffusion_model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The convolutions kohya's LoCon adapts in a UNet: those of ResBlocks, Downsample and Upsample (not the
-    first and last conv of the network). Models without these blocks (DiTs) have none."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
-    found = []
-    for name, module in diffusion_model.named_modules():
-        if isinstance(module, (ResBlock, Downsample, Upsample)):
-            found += [(f"{name}.{sub}", conv) for sub, conv in module.named_modules()
-                      if isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"]
-    return found
-
-
 def target_of(path: str, module: torch.nn.Module) -> tuple:
     """AdapterSpec target of a layer: (path, in, out) for linear, (path, in, out, kh, kw) for conv."""
     if isinstance(module, torch.nn.Conv2d):
@@ -47,7 +35,7 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
     if not modules:
         raise ValueError(f"target preset {preset!r} matches no layer of this {arch.name} MODEL")
     if conv:
-        convs = conv_modules(root)
+        convs = arch.conv_modules(root)
         if not convs:
             raise ValueError(f"conv_layers is on but this {arch.name} MODEL has no UNet convolution layers "
                              f"(ResBlocks, Up/Downsample); turn conv_layers off")

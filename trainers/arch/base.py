@@ -36,6 +36,10 @@ class Architecture:
         rules = self.preset_rules[preset]
         return linear_modules(diffusion_model, lambda name: any(rule.search(name) for rule in rules))
 
+    def conv_modules(self, diffusion_model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """The convolutions LoCon-style adapters may adapt (conv_layers); DiTs have none."""
+        return []
+
     def block_modules(self, diffusion_model: torch.nn.Module) -> list[str]:
         """Paths of the modules recomputed in backward when checkpointing is on (the model's blocks)."""
         raise NotImplementedError

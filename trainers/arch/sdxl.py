@@ -23,6 +23,16 @@ class SDXL(Architecture):
     preset_rules = {"attention": (_ATTENTION,), "attention_mlp": (_ATTENTION, _MLP),
                     "all_linear": (re.compile(""),)}
 
+    def conv_modules(self, diffusion_model):
+        # kohya's LoCon: the convolutions of ResBlocks, Downsample and Upsample (not the UNet's first and last)
+        from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+        found = []
+        for name, module in diffusion_model.named_modules():
+            if isinstance(module, (ResBlock, Downsample, Upsample)):
+                found += [(f"{name}.{sub}", conv) for sub, conv in module.named_modules()
+                          if isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"]
+        return found
+
     def block_modules(self, diffusion_model):
         # The UNet runs the layers of each TimestepEmbedSequential itself (forward_timestep_embed), so the
         # unit of recomputation is each layer: ResBlock, SpatialTransformer, Up/Downsample.
