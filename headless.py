@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 
 import torch
@@ -94,29 +93,22 @@ def _is_checkpoint(path: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- adapters
-_SAVED = re.compile(r"^(?P<name>.+)_(?P<step>\d{6,})\.safetensors$")
+def _series(folder: str, name: str):
+    """Path of the job's adapter at a step (the saves of one job form a series)."""
+    return lambda step: os.path.join(folder, f"{name}_{step:06d}.safetensors")
 
 
 def saved_adapters(folder: str, name: str) -> list[tuple[int, str]]:
     """(step, path) of the adapters saved in `folder` for job `name` that can be resumed, oldest first."""
-    found = []
-    if os.path.isdir(folder):
-        for file in os.listdir(folder):
-            match = _SAVED.match(file)
-            path = os.path.join(folder, file)
-            if match and match["name"] == name and os.path.isfile(state_path_for(path)):
-                found.append((int(match["step"]), path))
-    return sorted(found)
+    return sorted((step, path) for step, path in checkpoint.saved_steps(_series(folder, name)).items()
+                  if os.path.isfile(state_path_for(path)))
 
 
 def save(state: AdapterState, job: Job, folder: str) -> str:
-    path = os.path.join(folder, f"{job.name}_{state.step:06d}.safetensors")
-    checkpoint.save_adapter(state, path, job.save.dtype)
-    for _, old in saved_adapters(folder, job.name)[:-job.save.max_step_saves_to_keep]:
-        for file in (old, state_path_for(old)):
-            if os.path.exists(file):
-                os.unlink(file)
-    return path
+    series = _series(folder, job.name)
+    checkpoint.save_adapter(state, series(state.step), job.save.dtype)
+    checkpoint.prune_saves(series, job.save.max_step_saves_to_keep)
+    return series(state.step)
 
 
 def starting_adapter(job: Job, model, folder: str) -> AdapterState:

@@ -1,8 +1,10 @@
 """Saving an adapter as a file ComfyUI's LoRA loaders read, with its full training state beside it."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 
 import torch
 
@@ -154,8 +156,6 @@ def _check_arch(name: str, spec: AdapterSpec, patcher) -> None:
 
 def saved_steps(path_of_step) -> dict[int, str]:
     """Adapter files of one save series: `path_of_step(step)` names them; returns {step: path} of those on disk."""
-    import glob
-    import re
     pattern = path_of_step(0)
     folder, name = os.path.split(pattern)
     stem = name[: -len("000000.safetensors")]

@@ -266,3 +266,21 @@ def check_shapes(path: str, kind: str, shapes: dict[str, tuple], expected: dict[
         got = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
         want = ", ".join(f"{k} {tuple(v)}" for k, v in expected.items())
         raise ValueError(f"{kind} weights of layer {path!r} have shapes {got}; expected {want}")
+
+
+class Method:
+    """One adapter method, named by its layer class: built, stored and read like every other method."""
+
+    def __init__(self, layer_class: type[AdapterLayer]):
+        self.layer_class = layer_class
+
+    def build_layers(self, spec: AdapterSpec, weights, dtype, device=None, base_weights=None) -> dict:
+        return build_layers(self.layer_class, spec, weights, dtype, device, base_weights)
+
+    layer_weights = staticmethod(layer_weights)
+
+    def to_file_tensors(self, spec: AdapterSpec, weights, dtype) -> dict:
+        return to_file_tensors(self.layer_class, spec, weights, dtype)
+
+    def from_file_tensors(self, spec: AdapterSpec, tensors) -> dict:
+        return from_file_tensors(self.layer_class, spec, tensors)

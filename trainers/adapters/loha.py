@@ -46,18 +46,3 @@ class LohaLayer(AdapterLayer):
     def diff_weight(self) -> torch.Tensor:
         product = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
         return product.reshape(self.shape) * self.scale
-
-
-def build_layers(spec: AdapterSpec, weights, dtype, device=None, base_weights=None) -> dict[str, LohaLayer]:
-    return base.build_layers(LohaLayer, spec, weights, dtype, device, base_weights)
-
-
-layer_weights = base.layer_weights
-
-
-def to_file_tensors(spec: AdapterSpec, weights, dtype) -> dict:
-    return base.to_file_tensors(LohaLayer, spec, weights, dtype)
-
-
-def from_file_tensors(spec: AdapterSpec, tensors) -> dict:
-    return base.from_file_tensors(LohaLayer, spec, tensors)

@@ -98,18 +98,3 @@ class LokrLayer(AdapterLayer):
         w1, w2 = self._w1().to(x.dtype), self._w2().to(x.dtype)
         grid = x.unflatten(-1, (w1.shape[1], w2.shape[1]))
         return torch.einsum("...ij,pi,qj->...pq", grid, w1, w2).flatten(-2) * self.scale
-
-
-def build_layers(spec: AdapterSpec, weights, dtype, device=None, base_weights=None) -> dict[str, LokrLayer]:
-    return base.build_layers(LokrLayer, spec, weights, dtype, device, base_weights)
-
-
-layer_weights = base.layer_weights
-
-
-def to_file_tensors(spec: AdapterSpec, weights, dtype) -> dict:
-    return base.to_file_tensors(LokrLayer, spec, weights, dtype)
-
-
-def from_file_tensors(spec: AdapterSpec, tensors) -> dict:
-    return base.from_file_tensors(LokrLayer, spec, tensors)

@@ -47,18 +47,3 @@ class LoraLayer(AdapterLayer):
             hidden = base.functional(layer, x, self.down.to(x.dtype))
             return F.conv2d(hidden, self.up.to(x.dtype)) * self.scale
         return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.scale
-
-
-def build_layers(spec: AdapterSpec, weights, dtype, device=None, base_weights=None) -> dict[str, LoraLayer]:
-    return base.build_layers(LoraLayer, spec, weights, dtype, device, base_weights)
-
-
-layer_weights = base.layer_weights
-
-
-def to_file_tensors(spec: AdapterSpec, weights, dtype) -> dict:
-    return base.to_file_tensors(LoraLayer, spec, weights, dtype)
-
-
-def from_file_tensors(spec: AdapterSpec, tensors) -> dict:
-    return base.from_file_tensors(LoraLayer, spec, tensors)
