@@ -68,6 +68,17 @@ args.add_argument("--variants", nargs="+", default=["gc", "nogc"], choices=["gc"
 args.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time")
 args.add_argument("--adapter", nargs="+", default=["lora"], choices=["lora", "dora", "lokr", "loha"],
                   help="adapter types to time (rank 16; LoKr: factor -1, w2 decomposed at rank 16)")
+args.add_argument("--compile", nargs="+", default=["cuda_graphs"], choices=["cuda_graphs", "off"],
+                  help="our step with CUDA graphs and/or without (TrainingSettings.compile)")
+args.add_argument("--fraction", type=float, nargs="+", default=[1.0],
+                  help="checkpoint_fraction values to time with gradient checkpointing (gc)")
+args.add_argument("--recompute-attention", action="store_true",
+                  help="recompute attention in checkpointed blocks too (recompute_attention)")
+args.add_argument("--queue", action="store_true",
+                  help="also time from loading the model file (ComfyUI's UNETLoader, after saving the random model) "
+                       "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
+args.add_argument("--profile", action="store_true",
+                  help="after timing, profile one eager step and print the GPU kernels taking the most time")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -170,15 +181,21 @@ def build(arch):
     return comfy.model_patcher.ModelPatcher(model, load_device=DEV, offload_device=torch.device("cpu"))
 
 
-def synthetic_data(arch, samples=2):
+def synthetic_data(arch, samples=2, buckets=1):
+    """`samples` random latents and captions; with buckets > 1 spread over that many aspect buckets of about
+    RES² pixels (square, portrait, landscape, ...)."""
     _, _, channels, tokens, width, pooled = ARCHS[arch]
     g = torch.Generator().manual_seed(0)
-    config = DatasetConfig(folder="bench", resolution=RES, min_side=64, max_side=max(RES, 128))
+    side = RES * 13 // 16 // 64 * 64
+    shapes = ([(RES, RES), (side, RES * RES // side // 64 * 64), (RES * RES // side // 64 * 64, side)] if side
+              else [(RES, RES), (RES, 2 * RES), (2 * RES, RES)])[:buckets]
+    config = DatasetConfig(folder="bench", resolution=RES, min_side=64, max_side=max(RES * 2, 128))
     items = tuple(DatasetItem(path=f"bench/{i}.png", caption="a photo", repeats=1, flip=False,
-                              original_size=(RES, RES), bucket=Bucket(RES, RES), crop=(0, 0),
+                              original_size=shapes[i % buckets], bucket=Bucket(*shapes[i % buckets]), crop=(0, 0),
                               content_hash=f"{i:064x}") for i in range(samples))
     latents = LatentSet(Dataset(config, "bench", items),
-                        tuple(torch.randn(channels, RES // 8, RES // 8, generator=g) for _ in items), "bench", 0)
+                        tuple(torch.randn(channels, it.bucket.height // 8, it.bucket.width // 8, generator=g)
+                              for it in items), "bench", 0)
     text = TextSet(tuple((c, TextEmbedding(torch.randn(tokens, width, generator=g), torch.randn(pooled, generator=g)))
                          for c in ("", "a photo")), "bench", 0)
     return latents, text
@@ -231,11 +248,14 @@ def builtin_bench(mp, arch):
 
 
 def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
-                 warmup: int = 3):
-    """Median seconds per optimizer step, peak GiB of our TrainingRun, and the GPU memory allocated before the
-    run and after it (the run unloaded, then the model loaded again): equal when a run leaks nothing."""
+                 compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3):
+    """Median seconds per optimizer step, peak GiB of our TrainingRun, the GPU memory allocated before the
+    run and after it (the run unloaded, then the model loaded again: equal when a run leaks nothing), and
+    the seconds from starting the run to the end of its first step and of its warm-up (with CUDA graphs the
+    last warm-up step is the one that captures)."""
     settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, batch_size=batch, precision=PRECISION,
-                                gradient_checkpointing=checkpointing)
+                                gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
+                                recompute_attention=ARGS.recompute_attention)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     free()
@@ -245,6 +265,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
+            sync()
+            start = time.perf_counter()
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
             times = []
             for i in range(warmup + steps):
@@ -252,8 +274,14 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                 t = time.perf_counter()
                 run.step()
                 sync()
+                if i == 0:
+                    first_step = time.perf_counter() - start
+                if i == warmup - 1:
+                    warmed_up = time.perf_counter() - start
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
+            if ARGS.profile:
+                profile_step(run)
         peak = peak_gib()
     finally:
         mm.unload_all_models()      # while the run's clone lives, so its object patches are taken off
@@ -262,7 +290,76 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     mm.load_models_gpu([mp], force_full_load=True)
     free()
     after = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
-    return statistics.median(times), peak, before, after
+    return statistics.median(times), peak, before, after, first_step, warmed_up
+
+
+def profile_step(run):
+    """GPU kernel time of one step by kernel (the same kernels a graph replays), and the total: the step's
+    floor once the host is out of the way."""
+    from eridiffusion.trainers.graphs import EagerMicroBatches
+    from torch.profiler import ProfilerActivity, profile
+    run.micro_batches = EagerMicroBatches(run._loss_and_gradients)
+    run.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run.step()
+        sync()
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(device_us(e) for e in events) / 1e3
+    count = sum(e.count for e in events)
+    log(f"GPU kernel time of one eager step: {total:.1f} ms in {count} kernels")
+    for e in sorted(events, key=lambda e: -device_us(e))[:25]:
+        log(f"  {device_us(e) / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+
+
+def queue_bench(mp, arch, steps=24):
+    """From loading the diffusion model's file to the first step and to the first step replayed as a graph:
+    the part of Queue → first step that training adds once latents and captions are cached (their caches are
+    on disk after the first run). The file is freshly written, so it is read from the page cache."""
+    import comfy.sd
+    import safetensors.torch
+    path = "/tmp/eri_bench_unet.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in mp.model.diffusion_model.state_dict().items()}, path)
+    mm.unload_all_models()
+    free()
+    latents, text = synthetic_data(arch, samples=6, buckets=3)
+    settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, precision=PRECISION)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    model = comfy.sd.load_diffusion_model(path)
+    loaded = time.perf_counter() - start
+    state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
+    marks, times, captured_at = [], [], None
+    with torch.inference_mode(False), torch.enable_grad():
+        run = TrainingRun(model, state, latents, text, settings, end_step=steps)
+        shapes = []
+        for i in range(steps):
+            item = latents.dataset.items[run.order.batch(run.cursor)[0]]
+            shapes.append(f"{item.bucket.width}x{item.bucket.height}")
+            t = time.perf_counter()
+            run.step()
+            sync()
+            times.append(time.perf_counter() - t)
+            marks.append(time.perf_counter() - start)
+            if captured_at is None and getattr(run.micro_batches, "captures", 0) == 3:
+                captured_at = marks[-1]
+    captures = getattr(run.micro_batches, "captures", 0)
+    peak = peak_gib()
+    mm.unload_all_models()
+    del run, model
+    free()
+    os.remove(path)
+    rec = {"load_s": loaded, "first_step_s": marks[0], "buckets": 3, "graphs_captured": captures,
+           "all_buckets_captured_s": captured_at,
+           "steady_s_per_step": statistics.median(times[-8:]), "peak_gib": peak, "steps": steps,
+           "step_s": times, "step_bucket": shapes}
+    log(f"{arch} queue: model file loaded in {loaded:.1f} s, first step at {marks[0]:.1f} s, {captures} graphs for "
+        f"3 buckets, {statistics.median(times[-8:]):.4f} s/step after, peak {peak:.2f} GiB")
+    return rec
 
 
 def commit():
@@ -296,25 +393,37 @@ def bench_arch(arch, card):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__}
     records = []
-    for adapter, variant, batch in [(a, v, b) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch]:
-        rec = {**base, "variant": f"{adapter}_r16_{variant}", "batch": batch, "s_per_step": None,
-               "peak_gib": None, **builtin, "ratio": None}
+    runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
+            for f in (ARGS.fraction if v == "gc" else [1.0])]
+    for adapter, variant, batch, compile, fraction in runs:
+        label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
+                 + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
+                 + ("_graphs" if compile == "cuda_graphs" else ""))
+        rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
+               "recompute_attention": ARGS.recompute_attention, "batch": batch, "s_per_step": None, "peak_gib": None,
+               **builtin, "ratio": None}
         try:
-            (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"],
-             rec["gpu_gib_after_run_and_unload"]) = engine_bench(mp, latents, text, variant == "gc", batch,
-                                                                 ARGS.steps, adapter)
+            (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
+             rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
+                                                                    ARGS.steps, adapter, compile, fraction)
             rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]
             if rec["builtin_s_per_step"] and batch == 1:
                 rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
             log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
                 f"peak {rec['peak_gib']:.2f} GiB, allocated before {rec['gpu_gib_before_run']:.3f} / after "
-                f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB")
+                f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB; first step after {rec['first_step_s']:.1f} s, "
+                f"warm-up done after {rec['warmed_up_s']:.1f} s")
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"
             log(f"{arch} {rec['variant']} batch {batch} failed:", rec["error"])
             mm.unload_all_models()
             free()
         records.append(rec)
+    if ARGS.queue and WORLD is None:
+        try:
+            records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch)})
+        except Exception as e:
+            log(f"{arch} queue bench failed: {type(e).__name__}: {e}")
     del mp
     free()
     return records
@@ -331,7 +440,7 @@ def main():
         return "-" if v is None else format(v, spec)
     log("\n| arch | variant | batch | res | s/step | peak GiB | builtin s/step | builtin peak GiB | ratio | card |")
     log("|---|---|---|---|---|---|---|---|---|---|")
-    for r in records:
+    for r in (r for r in records if "batch" in r):
         log(f"| {r['arch']} | {r['variant']} | {r['batch']} | {r['resolution']} | {fmt(r['s_per_step'], '.4f')} "
             f"| {fmt(r['peak_gib'], '.2f')} "
             f"| {fmt(r['builtin_s_per_step'], '.4f')} | {fmt(r['builtin_peak_gib'], '.2f')} "
@@ -343,6 +452,9 @@ def main():
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     log(f"\nwrote {path}")
+    for r in records:
+        if r["variant"] == "queue_to_first_step":
+            log(f"queue {r['arch']}: " + ", ".join(f"{b} {t:.3f}" for b, t in zip(r["step_bucket"], r["step_s"])))
 
 
 if __name__ == "__main__":

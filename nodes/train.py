@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
 
 from ..trainers import checkpoint, loop
-from ..trainers.config import (LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS,
+from ..trainers.config import (COMPILE_MODES, LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS,
                                 TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
@@ -65,6 +65,12 @@ class EriTrainingSettings(io.ComfyNode):
                                  optional=True),
                 io.Combo.Input("nan_policy", options=list(NAN_POLICIES), default="stop", tooltip=_tip("nan_policy"),
                                optional=True),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="cuda_graphs",
+                               tooltip=_tip("compile"), optional=True),
+                io.Float.Input("checkpoint_fraction", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip=_tip("checkpoint_fraction"), optional=True),
+                io.Boolean.Input("recompute_attention", default=False, tooltip=_tip("recompute_attention"),
+                                 optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )

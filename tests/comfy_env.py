@@ -20,12 +20,14 @@ def comfyui_dir() -> Path:
 
 
 def import_comfyui_in_process() -> Path:
-    """Make ComfyUI importable in this process, on the CPU, as a library (no server)."""
+    """Make ComfyUI importable in this process, as a library (no server): on the CPU, or on the GPU with
+    ERI_TEST_DEVICE=cuda (the tests marked gpu, run on a GPU machine)."""
     comfy_dir = comfyui_dir()
     if str(comfy_dir) not in sys.path:
         sys.path.insert(0, str(comfy_dir))
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True     # must precede the first import of comfy.model_management
+    # must precede the first import of comfy.model_management
+    comfy.cli_args.args.cpu = os.environ.get("ERI_TEST_DEVICE", "cpu") == "cpu"
     import comfy.model_management  # noqa: F401
     return comfy_dir
 

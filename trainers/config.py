@@ -23,6 +23,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "sigmoid")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 NAN_POLICIES = ("stop", "skip")
+COMPILE_MODES = ("cuda_graphs", "off")
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ class TrainingSettings:
                            default="bf16")
     gradient_checkpointing: bool = _help("Recompute activations in backward: much less memory, ~30% slower.",
                                          default=True)
+    checkpoint_fraction: float = _help("With gradient checkpointing, the share of the model's blocks recomputed "
+                                       "in backward, spread evenly (1.0 = all). Lower is faster and needs more "
+                                       "memory: Flux-dev at 1024² gains ~0.5 GiB and ~3.5 ms per block left out.",
+                                       default=1.0)
+    recompute_attention: bool = _help("With gradient checkpointing, recompute attention too. Off keeps each "
+                                      "block's attention output from the forward pass (Flux ~1.6 GiB, SDXL ~0.3 GiB "
+                                      "at 1024²) and saves its recomputation (~5% faster).", default=False)
     seed: int = _help("Seed for batch order, noise, timesteps and caption dropout.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
                                 default=0.0)
@@ -142,6 +150,10 @@ class TrainingSettings:
                             "10 in a row).", default="stop")
     optimizer_offload: bool = _help("Keep the optimizer state and fp32 master weights in CPU memory and step "
                                     "there (saves GPU memory, costs a copy per step).", default=False)
+    compile: str = _help("cuda_graphs: after two warm-up steps per bucket, each training step's GPU work is "
+                         "captured once (about a second) and replayed, which removes Python's launch overhead "
+                         "(SDXL trains several times faster). off: train without graphs. Same results either way; "
+                         "CPU training and precision fp16 always run without graphs.", default="cuda_graphs")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -162,6 +174,10 @@ class TrainingSettings:
                               f"got {self.loss_weighting!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        if not 0.0 <= self.checkpoint_fraction <= 1.0:
+            raise ConfigError(f"checkpoint_fraction is a share between 0 and 1, got {self.checkpoint_fraction}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.logit_std <= 0 or self.sigmoid_scale <= 0:
             raise ConfigError("logit_std and sigmoid_scale must be positive")
         if self.timestep_shift < 0:

@@ -502,6 +502,9 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         loss_weighting=t.choice("loss_weighting", "none", {w: w for w in ("none", "sigma_sqrt", "cosmap")}),
         flux_guidance=t.float("flux_guidance", 1.0, lo=0.0),
         nan_policy=t.choice("nan_policy", "stop", {"stop": "stop", "skip": "skip"}),
+        compile=t.choice("compile", "cuda_graphs", {"cuda_graphs": "cuda_graphs", "off": "off"}),
+        recompute_attention=t.bool("recompute_attention", False),
+        checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
     first_sample = not t.bool("skip_first_sample", False)
     sampling_on = not t.bool("disable_sampling", False)

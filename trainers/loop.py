@@ -20,10 +20,12 @@ import torch
 import comfy.model_management
 
 from . import arch as arches
-from .adapters.base import install
-from .blocks import TrainingBlockForward
+from .adapters.base import cast_once, install
+from .arch.base import compute_dtype
+from .blocks import TrainingBlockForward, spread
 from .cache import LatentSet, TextSet
 from .config import ConfigError, TrainingSettings
+from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .optim import OffloadedOptimizer, learning_rate, make_optimizer
 from .state import AdapterState, build_layers, cpu_copy
 
@@ -104,10 +106,12 @@ class TrainingRun:
         install(self.patcher, self.layers)
         if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model
-            for path in self.arch.block_modules(root):
+            paths = self.arch.block_modules(root)
+            checkpointed = spread(len(paths), settings.checkpoint_fraction if settings.gradient_checkpointing else 0)
+            for path, checkpoint in zip(paths, checkpointed):
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
-                    root.get_submodule(path), checkpoint=settings.gradient_checkpointing,
-                    out_of_place=self.arch.out_of_place_blocks))
+                    root.get_submodule(path), checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
+                    keep_attention=not settings.recompute_attention))
         if settings.min_snr_gamma > 0 and self.arch.name != "sdxl":
             logging.warning("EriDiffusion: min_snr_gamma applies to SDXL; %s uses loss_weighting instead",
                             self.arch.name)
@@ -139,9 +143,27 @@ class TrainingRun:
         self.skipped, self.consecutive_skips = 0, 0
         self._step_start = None
         self.losses, self.lrs, self.steps = [], [], []
+        # Each step's summed gradients, where the optimizer (and clipping, and DDP's all-reduce) read them.
+        for param in self.params:
+            param.grad = torch.zeros_like(param)
+        self.gradients = [param.grad for param in self.params]
+        # Autocast only to compute in another dtype than the model's: for a bf16 model trained in bf16 it would
+        # only add casts (and run norms in fp32, unlike ComfyUI's inference). Adapter layers cast their own
+        # weights to the activations' dtype.
+        self.autocast = AUTOCAST.get(settings.precision)
+        if self.autocast == compute_dtype(self.base_model):
+            self.autocast = None
+        # the dtype adapter layers see activations in, where it is known (autocast mixes dtypes)
+        self.activation_dtype = compute_dtype(self.base_model) if self.autocast is None else None
+        if settings.compile == "cuda_graphs" and self.device.type == "cuda" and self.scaler is None:
+            self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
+        else:   # fp16's loss scaler keeps host-side state per step
+            self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
 
     # ---------------------------------------------------------------------------------------- one step
-    def _micro_batch(self):
+    def _micro_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next micro-batch's tensors on the device (host work and the run's randomness happen here), or
+        None when this rank's share of a short global batch is empty."""
         indices = self.order.batch(self.cursor)
         self.cursor += 1
         items = [self.latents.dataset.items[i] for i in indices]
@@ -159,18 +181,23 @@ class TrainingRun:
         if self.world is not None:   # every rank drew the global batch's randomness; it keeps its share
             share = self.world.share(len(items))
             x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
-        batch = arches.Batch(x0.to(self.device), contexts, items)
-        return batch, noise.to(self.device), sigma.to(self.device)
+            if not items:
+                return None
+        conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), self.settings,
+                                              self.device)
+        return {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
+                **{f"cond.{name}": value for name, value in conditioning.items()}}
 
-    def _loss(self, batch, noise, sigma) -> torch.Tensor:
-        if not batch.items:          # this rank's share of a short global batch is empty
-            return torch.zeros((), device=self.device)
-        ms = self.model_sampling
-        x_noisy = self.arch.noisy(ms, batch.latents, noise, sigma)
-        autocast = AUTOCAST.get(self.settings.precision)
-        with torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            prediction = self.arch.predict(self.base_model, ms, x_noisy, sigma, batch, self.settings)
-        target = self.arch.target(ms, batch.latents, noise, sigma)
+    def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Device work only (it is what a CUDA graph replays): no host syncs, no randomness."""
+        ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
+        conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
+        x_noisy = self.arch.noisy(ms, x0, noise, sigma)
+        # No autocast weight cache: a captured graph must not keep casts made during capture.
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
+                            cache_enabled=False):
+            prediction = self.arch.predict_from(self.base_model, ms, x_noisy, sigma, conditioning)
+        target = self.arch.target(ms, x0, noise, sigma)
         # The loss in fp32 at least (fp64 models keep fp64: the gradient tests compare against it).
         wide = torch.promote_types(prediction.dtype, torch.float32)
         per_sample = (prediction.to(wide) - target.to(wide)).square().mean(dim=tuple(range(1, target.ndim)))
@@ -179,36 +206,54 @@ class TrainingRun:
             return (per_sample * weight).sum() / self.global_count
         return (per_sample * weight).mean()
 
+    def _loss_and_gradients(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+        """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
+        writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
+        accumulation kernel per parameter, and a captured graph owns its outputs."""
+        with cast_once(self.layers, self.activation_dtype):
+            loss = self._loss(inputs)
+            scaled = loss / self.settings.grad_accumulation
+            gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,
+                                            allow_unused=True, materialize_grads=True)
+        return loss.detach(), gradients
+
     def step(self) -> StepReport:
         started = time.perf_counter()
         # what export() gives while a step is under way: the last finished step (Cancel or an error mid-step)
         self._step_start = (self.cursor, self.generator.get_state().clone())
         accumulation = self.settings.grad_accumulation
-        total, problem = 0.0, None
+        loss_sum = None
         for _ in range(accumulation):
-            loss = self._loss(*self._micro_batch())
-            value = loss.item() if self.world is None else self.world.sum(loss.float()).item()
-            if not math.isfinite(value):
-                problem = f"the loss became {value}"
-                break
-            total += value / accumulation
-            scaled = loss / accumulation
-            if scaled.requires_grad:     # a rank with an empty share has nothing to differentiate
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        if problem is None and self.world is not None:
+            inputs = self._micro_batch()
+            if inputs is None:
+                continue
+            loss, gradients = self.micro_batches(inputs, (self.global_count,))
+            # used up before the next micro-batch: a graph's replay overwrites its outputs
+            (torch._foreach_copy_ if loss_sum is None else torch._foreach_add_)(self.gradients, list(gradients))
+            loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
+        if loss_sum is None:     # this rank's shares were all empty: it adds nothing to the sum over ranks
+            torch._foreach_zero_(self.gradients)
+            loss_sum = torch.zeros((), device=self.device)
+        if self.world is not None:
+            loss_sum = self.world.sum(loss_sum)
             self.world.sum_gradients(self.params)
         lr = learning_rate(self.settings, self.step_count, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if problem is None:
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
-            # fp16's loss scaler skips steps with inf gradients itself (and lowers its scale)
-            if not self.scaler and not math.isfinite(norm.item()):
-                problem = "the gradients became NaN/inf"
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
+        # The one read from the device per step. A NaN loss makes NaN gradients, so no step uses either.
+        total, norm = torch.stack([loss_sum / accumulation, norm.to(loss_sum.dtype)]).tolist()
+        problem = None
+        if not math.isfinite(total):
+            problem = f"the loss became {total}"
+        # fp16's loss scaler skips steps with inf gradients itself (and lowers its scale)
+        elif not self.scaler and not math.isfinite(norm):
+            problem = "the gradients became NaN/inf"
         if problem is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:       # it unscaled this step's gradients: lowers its scale for the next
+                self.scaler.update()
             self.consecutive_skips += 1
             if self.settings.nan_policy == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise TrainingError(
@@ -227,7 +272,6 @@ class TrainingRun:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.steps.append(self.step_count)
         self.losses.append(total)
@@ -271,6 +315,7 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
                 if on_every and every > 0 and (run.step_count % every == 0 or run.step_count == run.end_step):
                     on_every(run)
                     comfy.model_management.load_models_gpu([run.patcher], force_full_load=True)
+                    run.micro_batches.reset()    # the weights may have moved while other models were loaded
             return run.export()
     except BaseException as stop:
         last_good = getattr(stop, "state", None)

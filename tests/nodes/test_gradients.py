@@ -62,7 +62,7 @@ def _loss_and_gradient(training, micro_batch):
     with torch.inference_mode(False), torch.enable_grad():
         for p in training.params:
             p.grad = None
-        loss = training._loss(*micro_batch)
+        loss = training._loss(micro_batch)
         loss.backward()
         return loss.detach(), [p.grad.detach().double().clone() for p in training.params]
 
@@ -71,7 +71,7 @@ def _loss_at(training, micro_batch, direction, eps):
     with torch.inference_mode(False), torch.no_grad():
         for p, v in zip(training.params, direction):
             p.add_(eps * v.to(p.dtype))
-        loss = training._loss(*micro_batch).item()
+        loss = training._loss(micro_batch).item()
         for p, v in zip(training.params, direction):
             p.sub_(eps * v.to(p.dtype))
         return loss

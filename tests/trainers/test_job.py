@@ -121,6 +121,16 @@ def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
     assert job.sample is None and job.training_folder == "output"
 
 
+def test_speed_settings_of_our_own_map_onto_the_engine():
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        compile="off", checkpoint_fraction=0.9, recompute_attention=True)), "x.yaml")
+    s = job.settings
+    assert (s.compile, s.checkpoint_fraction, s.recompute_attention) == ("off", 0.9, True)
+    assert parse_job(AI_TOOLKIT_FLUX, "flux.yaml").settings.compile == "cuda_graphs"
+    assert "checkpoint_fraction" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        checkpoint_fraction=1.5)))
+
+
 @pytest.mark.parametrize("edit, path, suggestion", [
     (lambda p: p["train"].update(lrr=1e-4), "config.process[0].train.lrr", "'lr'"),
     (lambda p: p["network"].update(linear_alpah=8), "config.process[0].network.linear_alpah", "'linear_alpha'"),

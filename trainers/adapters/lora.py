@@ -18,6 +18,7 @@ from .base import AdapterLayer, check_shapes, target_shape
 
 class LoraLayer(AdapterLayer):
     SUFFIXES = {"down": "lora_down.weight", "up": "lora_up.weight"}
+    CAST_ONCE = ("down", "up")
 
     def __init__(self, shape, rank: int, alpha: float, dtype: torch.dtype = torch.float32):
         out_features, in_features, *kernel = shape
@@ -42,8 +43,26 @@ class LoraLayer(AdapterLayer):
     def diff_weight(self) -> torch.Tensor:
         return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.shape) * self.scale
 
+    # The scale multiplies the rank-r hidden activation, not the layer-sized output: the same product, a far
+    # smaller tensor (and no kernel at all when alpha == rank).
+    def _hidden(self, x: torch.Tensor, layer) -> torch.Tensor:
+        hidden = base.functional(layer, x, self.cast("down", x.dtype))
+        return hidden * self.scale if self.scale != 1.0 else hidden
+
     def delta(self, x: torch.Tensor, layer) -> torch.Tensor:
         if self.down.ndim == 4:
-            hidden = base.functional(layer, x, self.down.to(x.dtype))
-            return F.conv2d(hidden, self.up.to(x.dtype)) * self.scale
-        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.scale
+            return F.conv2d(self._hidden(x, layer), self.cast("up", x.dtype))
+        return F.linear(self._hidden(x, layer), self.cast("up", x.dtype))
+
+    def apply(self, layer, x, base_forward):
+        if self.magnitude is not None or self.down.ndim == 4:
+            return super().apply(layer, x, base_forward)
+        # hidden·upᵀ added by the GEMM itself into the base output it just made (nothing saved that output for
+        # backward), not a GEMM and then an add: at SDXL's sizes the adapters' kernel count is what costs. The
+        # rows are flattened before the base layer, so the in-place add is on its output itself, not on a view
+        # (autograd would copy the whole gradient for an in-place change of a view).
+        rows = x.reshape(-1, x.shape[-1])
+        out = base_forward(rows)
+        hidden = self._hidden(rows, layer).to(out.dtype)
+        out.addmm_(hidden, self.cast("up", out.dtype).t())
+        return out.view(*x.shape[:-1], out.shape[-1])

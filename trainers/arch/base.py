@@ -51,9 +51,25 @@ class Architecture:
     def noisy(self, model_sampling, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def conditioning(self, base_model, batch: Batch, settings: TrainingSettings,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        """The model's inputs besides the noisy latent and timestep, for `batch`, on `device` in the model's
+        dtype. Host-side work (stacking captions, size embeddings) happens here, so that `predict_from`
+        runs only device work: the training step can then be replayed as a CUDA graph."""
+        raise NotImplementedError
+
+    def predict_from(self, base_model, model_sampling, x_noisy: torch.Tensor, sigma: torch.Tensor,
+                     conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's prediction from tensors already on the device (no host work, no host syncs)."""
+        xc = model_sampling.calculate_input(sigma.view(-1, *[1] * (x_noisy.ndim - 1)), x_noisy)
+        timestep = model_sampling.timestep(sigma).float()
+        return base_model.diffusion_model(xc.to(compute_dtype(base_model)), timestep, transformer_options={},
+                                          **conditioning)
+
     def predict(self, base_model, model_sampling, x_noisy: torch.Tensor, sigma: torch.Tensor, batch: Batch,
                 settings: TrainingSettings) -> torch.Tensor:
-        raise NotImplementedError
+        return self.predict_from(base_model, model_sampling, x_noisy, sigma,
+                                 self.conditioning(base_model, batch, settings, x_noisy.device))
 
     def target(self, model_sampling, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -55,16 +55,11 @@ class Flux(RectifiedFlow):
             return resolution_shift(item.bucket.width, item.bucket.height)
         return model_shift(model_sampling)                                        # schnell: its own (1.0)
 
-    def predict(self, base_model, model_sampling, x_noisy, sigma, batch, settings):
+    def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
-        device = x_noisy.device
-        diffusion_model = base_model.diffusion_model
-        context = cat_contexts([c.context for c in batch.contexts]).to(device, dtype)
-        pooled = torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)
-        guidance = None
-        if diffusion_model.params.guidance_embed:
-            guidance = torch.full((x_noisy.shape[0],), settings.flux_guidance, device=device, dtype=dtype)
-        xc = model_sampling.calculate_input(sigma.view(-1, 1, 1, 1), x_noisy)
-        timestep = model_sampling.timestep(sigma).float()
-        return diffusion_model(xc.to(dtype), timestep, context=context, y=pooled, guidance=guidance,
-                               transformer_options={})
+        inputs = {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
+                  "y": torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)}
+        if base_model.diffusion_model.params.guidance_embed:
+            inputs["guidance"] = torch.full((len(batch.contexts),), settings.flux_guidance, device=device,
+                                            dtype=dtype)
+        return inputs

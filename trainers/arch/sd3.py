@@ -29,12 +29,7 @@ class SD3(RectifiedFlow):
     def block_modules(self, diffusion_model):
         return [f"joint_blocks.{i}" for i in range(len(diffusion_model.joint_blocks))]
 
-    def predict(self, base_model, model_sampling, x_noisy, sigma, batch, settings):
+    def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
-        device = x_noisy.device
-        context = cat_contexts([c.context for c in batch.contexts]).to(device, dtype)
-        pooled = torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)
-        xc = model_sampling.calculate_input(sigma.view(-1, 1, 1, 1), x_noisy)
-        timestep = model_sampling.timestep(sigma).float()
-        return base_model.diffusion_model(xc.to(dtype), timestep, context=context, y=pooled,
-                                          transformer_options={})
+        return {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
+                "y": torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)}

@@ -56,20 +56,15 @@ class SDXL(Architecture):
         # ComfyUI's convention x0 + σ·ε; calculate_input divides by √(σ²+1), which is DDPM's x_t.
         return x0 + noise * sigma.view(-1, 1, 1, 1)
 
-    def predict(self, base_model, model_sampling, x_noisy, sigma, batch: Batch, settings):
-        ms = model_sampling
+    def conditioning(self, base_model, batch: Batch, settings, device):
         dtype = compute_dtype(base_model)
-        device = x_noisy.device
-        xc = ms.calculate_input(sigma.view(-1, 1, 1, 1), x_noisy)
-        timestep = ms.timestep(sigma).float()
-        context = cat_contexts([c.context for c in batch.contexts]).to(device)
+        context = cat_contexts([c.context for c in batch.contexts])
         y = torch.cat([
             base_model.encode_adm(pooled_output=c.pooled.unsqueeze(0), width=item.original_size[0],
                                   height=item.original_size[1], crop_w=item.crop[0], crop_h=item.crop[1],
                                   target_width=item.bucket.width, target_height=item.bucket.height)
-            for c, item in zip(batch.contexts, batch.items)]).to(device)
-        return base_model.diffusion_model(xc.to(dtype), timestep, context=context.to(dtype), y=y.to(dtype),
-                                          transformer_options={})
+            for c, item in zip(batch.contexts, batch.items)])
+        return {"context": context.to(device, dtype), "y": y.to(device, dtype)}
 
     def _is_v(self, model_sampling) -> bool:
         return isinstance(model_sampling, comfy.model_sampling.V_PREDICTION)

@@ -1,0 +1,97 @@
+"""The training step's shortcuts compute exactly what the plain step computes: LoRA weights cast to the
+model's dtype once per micro-batch (not at every use), and no autocast for a model that already computes in the
+training precision. Tiny bf16 models on the CPU; CUDA graphs are covered in test_cuda_graphs.py (GPU)."""
+import contextlib
+
+import pytest
+import torch
+
+from helpers import prepared, settings
+
+OPTIONS = dict(batch_size=2, gradient_checkpointing=True, precision="bf16", learning_rate=1e-2)
+
+
+def bf16_prepared(comfy_folders, tiny, arch):
+    p = prepared(comfy_folders, tiny, arch=arch)
+    with torch.inference_mode(False):
+        p["model"] = tiny.tiny_model(arch, dtype=torch.bfloat16)
+    return p
+
+
+def trained(p, steps=3, **overrides):
+    from eridiffusion.trainers.loop import train
+    with torch.inference_mode(False):
+        return train(p["model"], p["adapter"], p["latents"], p["captions"], settings(**{**OPTIONS, **overrides}),
+                     steps)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_casting_lora_weights_once_per_micro_batch_changes_no_bit(comfy_folders, tiny, monkeypatch, arch):
+    from eridiffusion.trainers import loop
+    from eridiffusion.trainers.adapters import base
+    p = bf16_prepared(comfy_folders, tiny, arch)
+    uses = []
+    original = base._CastAll.apply
+
+    def counted(*args):
+        uses.append(len(args) - 1)
+        return original(*args)
+    monkeypatch.setattr(base._CastAll, "apply", counted)
+    once = trained(p)
+    assert uses and uses[0] == 2 * len(p["adapter"].spec.targets)   # every down and up, in one cast
+    monkeypatch.setattr(loop, "cast_once", lambda layers, dtype: contextlib.nullcontext())
+    every_use = trained(p)
+    assert once.history.losses == every_use.history.losses
+    assert all(torch.equal(once.weights[k], every_use.weights[k]) for k in once.weights)
+
+
+def test_a_bf16_model_trained_in_bf16_runs_without_autocast_like_comfyuis_inference(comfy_folders, tiny,
+                                                                                    monkeypatch):
+    from eridiffusion.trainers.loop import TrainingRun
+    p = bf16_prepared(comfy_folders, tiny, "sdxl")
+    seen = []
+    original = TrainingRun._loss
+
+    def watch(self, inputs):
+        seen.append((self.autocast, self.activation_dtype))
+        return original(self, inputs)
+    monkeypatch.setattr(TrainingRun, "_loss", watch)
+    trained(p, 1)
+    with torch.inference_mode(False):
+        fp32_model = tiny.tiny_model("sdxl")
+    trained({**p, "model": fp32_model}, 1)      # an fp32 model trained in bf16 does need autocast
+    assert seen == [(None, torch.bfloat16), (torch.bfloat16, None)]
+
+
+@pytest.fixture
+def pytorch_attention(monkeypatch):
+    """ComfyUI's SDPA attention (what it picks on NVIDIA GPUs) instead of its CPU default."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", attention.attention_pytorch)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_checkpointed_blocks_keep_their_attention_instead_of_recomputing_it(comfy_folders, tiny, pytorch_attention,
+                                                                            arch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+                CountAttention.count += 1
+            return func(*args, **(kwargs or {}))
+
+    p = bf16_prepared(comfy_folders, tiny, arch)
+    runs = {}
+    for recompute in (False, True):
+        CountAttention.count = 0
+        with CountAttention():
+            runs[recompute] = (trained(p, 2, recompute_attention=recompute), CountAttention.count)
+    (kept, kept_calls), (recomputed, recomputed_calls) = runs[False], runs[True]
+    assert kept_calls > 0 and recomputed_calls == 2 * kept_calls      # forward + recomputation vs forward only
+    assert kept.history.losses == recomputed.history.losses
+    assert all(torch.equal(kept.weights[k], recomputed.weights[k]) for k in kept.weights)
