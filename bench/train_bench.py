@@ -314,24 +314,27 @@ def profile_step(run):
         log(f"  {device_us(e) / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
 
 
-def queue_bench(mp, arch, steps=24):
+def queue_bench(mp, arch, steps=24, dtype=None):
     """From loading the diffusion model's file to the first step and to the first step replayed as a graph:
     the part of Queue → first step that training adds once latents and captions are cached (their caches are
     on disk after the first run). The file is freshly written, so it is read from the page cache."""
     import comfy.sd
     import safetensors.torch
     path = "/tmp/eri_bench_unet.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in mp.model.diffusion_model.state_dict().items()}, path)
+    if not os.path.exists(path):
+        safetensors.torch.save_file({k: v.contiguous() for k, v in mp.model.diffusion_model.state_dict().items()},
+                                    path)
     mm.unload_all_models()
     free()
     latents, text = synthetic_data(arch, samples=6, buckets=3)
-    settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, precision=PRECISION)
+    settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, precision="auto")   # the node's default
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     sync()
     start = time.perf_counter()
-    model = comfy.sd.load_diffusion_model(path)
+    model = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype} if dtype else {})
     loaded = time.perf_counter() - start
+    loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
     with torch.inference_mode(False), torch.enable_grad():
@@ -347,18 +350,20 @@ def queue_bench(mp, arch, steps=24):
             marks.append(time.perf_counter() - start)
             if captured_at is None and getattr(run.micro_batches, "captures", 0) == 3:
                 captured_at = marks[-1]
-    captures = getattr(run.micro_batches, "captures", 0)
-    peak = peak_gib()
+        captures = getattr(run.micro_batches, "captures", 0)
+        peak = peak_gib()
+        if ARGS.profile:
+            profile_step(run)
+    run_precision = run.precision
     mm.unload_all_models()
     del run, model
     free()
-    os.remove(path)
-    rec = {"load_s": loaded, "first_step_s": marks[0], "buckets": 3, "graphs_captured": captures,
-           "all_buckets_captured_s": captured_at,
+    rec = {"model_dtype": loaded_dtype, "precision": run_precision, "load_s": loaded, "first_step_s": marks[0],
+           "buckets": 3, "graphs_captured": captures, "all_buckets_captured_s": captured_at,
            "steady_s_per_step": statistics.median(times[-8:]), "peak_gib": peak, "steps": steps,
            "step_s": times, "step_bucket": shapes}
-    log(f"{arch} queue: model file loaded in {loaded:.1f} s, first step at {marks[0]:.1f} s, {captures} graphs for "
-        f"3 buckets, {statistics.median(times[-8:]):.4f} s/step after, peak {peak:.2f} GiB")
+    log(f"{arch} queue ({loaded_dtype} as loaded, precision {run_precision}): model file loaded in {loaded:.1f} s, "
+        f"first step at {marks[0]:.1f} s, {captures} graphs for 3 buckets, {statistics.median(times[-8:]):.4f} s/step after, peak {peak:.2f} GiB")
     return rec
 
 
@@ -422,6 +427,8 @@ def bench_arch(arch, card):
     if ARGS.queue and WORLD is None:
         try:
             records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch)})
+            records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch, dtype=torch.bfloat16)})
+            os.remove("/tmp/eri_bench_unet.safetensors")
         except Exception as e:
             log(f"{arch} queue bench failed: {type(e).__name__}: {e}")
     del mp

@@ -40,7 +40,7 @@ class EriTrainingSettings(io.ComfyNode):
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1, tooltip=_tip("max_grad_norm")),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip=_tip("batch_size")),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip=_tip("grad_accumulation")),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16", tooltip=_tip("precision")),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", tooltip=_tip("precision")),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip=_tip("gradient_checkpointing")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=_tip("seed")),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=_tip("noise_offset")),

@@ -19,7 +19,7 @@ def help_of(cls, name: str) -> str:
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "sigmoid")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 NAN_POLICIES = ("stop", "skip")
@@ -112,8 +112,10 @@ class TrainingSettings:
     max_grad_norm: float = _help("Clip the gradient norm to this (0 = no clipping).", default=1.0)
     batch_size: int = _help("Images per batch (a batch is drawn from one aspect bucket).", default=1)
     grad_accumulation: int = _help("Batches accumulated per optimizer step.", default=1)
-    precision: str = _help("Mixed precision of the forward pass: bf16, fp16 (with loss scaling), fp32.",
-                           default="bf16")
+    precision: str = _help("Precision of the forward pass: auto (the dtype the MODEL computes in, as loaded: "
+                           "fp16 with loss scaling or bf16, without casting its weights; bf16 for an fp32 MODEL), "
+                           "bf16, fp16 (with loss scaling), fp32. A precision other than the MODEL's costs a cast of "
+                           "every weight in every step.", default="auto")
     gradient_checkpointing: bool = _help("Recompute activations in backward: much less memory, ~30% slower.",
                                          default=True)
     checkpoint_fraction: float = _help("With gradient checkpointing, the share of the model's blocks recomputed "
@@ -153,7 +155,7 @@ class TrainingSettings:
     compile: str = _help("cuda_graphs: after two warm-up steps per bucket, each training step's GPU work is "
                          "captured once (about a second) and replayed, which removes Python's launch overhead "
                          "(SDXL trains several times faster). off: train without graphs. Same results either way; "
-                         "CPU training and precision fp16 always run without graphs.", default="cuda_graphs")
+                         "CPU training always runs without graphs.", default="cuda_graphs")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:

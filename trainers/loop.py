@@ -32,6 +32,15 @@ from .state import AdapterState, build_layers, cpu_copy
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_precision(settings: TrainingSettings, model_dtype: torch.dtype) -> str:
+    """bf16, fp16 or fp32; `auto` is the MODEL's own half precision, so its weights are used as they are
+    (ComfyUI loads SDXL in fp16 on most GPUs, SD3 and Flux in bf16). With optimizer_offload, fp16's loss
+    scaling is unavailable: bf16."""
+    if settings.precision != "auto":
+        return settings.precision
+    return "fp16" if model_dtype == torch.float16 and not settings.optimizer_offload else "bf16"
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message names the step and what to change. `state` is the adapter as of
     the last good step (nothing trained before the error is lost), when there is one."""
@@ -120,8 +129,9 @@ class TrainingRun:
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
+        self.precision = resolve_precision(settings, compute_dtype(self.base_model))
         if settings.optimizer_offload:
-            if settings.precision == "fp16":
+            if self.precision == "fp16":
                 raise ConfigError("optimizer_offload works with precision bf16 or fp32 (fp16 loss scaling needs "
                                   "the optimizer on the GPU): change one of them")
             self.optimizer = OffloadedOptimizer(
@@ -138,7 +148,7 @@ class TrainingRun:
         # With a torch.distributed World (trainers/distributed.py) batches are global: each rank trains its share.
         self.world = world
         self.order = DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed)
-        self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step_count, self.cursor = state.step, state.cursor
         self.skipped, self.consecutive_skips = 0, 0
         self._step_start = None
@@ -150,14 +160,15 @@ class TrainingRun:
         # Autocast only to compute in another dtype than the model's: for a bf16 model trained in bf16 it would
         # only add casts (and run norms in fp32, unlike ComfyUI's inference). Adapter layers cast their own
         # weights to the activations' dtype.
-        self.autocast = AUTOCAST.get(settings.precision)
+        self.autocast = AUTOCAST.get(self.precision)
         if self.autocast == compute_dtype(self.base_model):
             self.autocast = None
         # the dtype adapter layers see activations in, where it is known (autocast mixes dtypes)
         self.activation_dtype = compute_dtype(self.base_model) if self.autocast is None else None
-        if settings.compile == "cuda_graphs" and self.device.type == "cuda" and self.scaler is None:
+        # (fp16's loss scale is a tensor on the device that the scaler updates in place: graphs read it anew)
+        if settings.compile == "cuda_graphs" and self.device.type == "cuda":
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
-        else:   # fp16's loss scaler keeps host-side state per step
+        else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
 
     # ---------------------------------------------------------------------------------------- one step

@@ -95,3 +95,15 @@ def test_checkpointed_blocks_keep_their_attention_instead_of_recomputing_it(comf
     assert kept_calls > 0 and recomputed_calls == 2 * kept_calls      # forward + recomputation vs forward only
     assert kept.history.losses == recomputed.history.losses
     assert all(torch.equal(kept.weights[k], recomputed.weights[k]) for k in kept.weights)
+
+
+def test_auto_precision_is_the_models_own_half_precision():
+    from eridiffusion.trainers.config import TrainingSettings
+    from eridiffusion.trainers.loop import resolve_precision
+    auto = TrainingSettings()
+    assert auto.precision == "auto"
+    assert [resolve_precision(auto, dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32)] == \
+        ["fp16", "bf16", "bf16"]
+    # fp16's loss scaling needs the optimizer on the GPU
+    assert resolve_precision(TrainingSettings(optimizer_offload=True), torch.float16) == "bf16"
+    assert resolve_precision(TrainingSettings(precision="fp32"), torch.float16) == "fp32"
