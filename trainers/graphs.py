@@ -32,6 +32,19 @@ Inputs = dict[str, torch.Tensor]
 Outputs = object     # what micro_batch returns: tensors, tuples of tensors
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One warm-up stream per device for the whole process: cuBLAS keeps a workspace (~64 MiB on an H100) for
+    every stream it has run on and never frees it, so a new stream per training run would leak that much."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
+
+
 def _key(inputs: Inputs, extra: tuple) -> tuple:
     return tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())) + extra
 
@@ -45,7 +58,7 @@ class GraphedMicroBatches:
         self.micro_batch = micro_batch
         self.device = device
         self.warmup = warmup
-        self.side_stream = torch.cuda.Stream(device)
+        self.side_stream = _side_stream(device)
         self.reset()
 
     def reset(self) -> None:
