@@ -115,7 +115,7 @@ class GraphedMicroBatches:
 
 
 class EagerMicroBatches:
-    """The same interface without graphs (CPU, fp16 loss scaling, or compile 'off')."""
+    """The same interface without graphs (training on the CPU, or compile 'off')."""
 
     captures = 0
 
