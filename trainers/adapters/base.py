@@ -167,9 +167,9 @@ def cast_once(layers: dict[str, AdapterLayer], dtype: torch.dtype | None):
     the adapters' CAST_ONCE parameters cast to `dtype` once, by a few multi-tensor kernels, instead of by one
     kernel at every use (the forward, the recomputation, and a cast of each gradient back). The same values
     as casting at each use; for SDXL's ~1400 LoRA tensors, thousands of tiny kernels fewer per step."""
-    pairs = [(layer, attr) for layer in layers.values() for attr in layer.CAST_ONCE
-             if getattr(layer, attr) is not None and getattr(layer, attr).dtype != dtype]
-    if dtype is None or not pairs:
+    pairs = [] if dtype is None else [(layer, attr) for layer in layers.values() for attr in layer.CAST_ONCE
+                                      if getattr(layer, attr) is not None and getattr(layer, attr).dtype != dtype]
+    if not pairs:
         yield
         return
     casts = _CastAll.apply(dtype, *(getattr(layer, attr) for layer, attr in pairs))
