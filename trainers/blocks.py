@@ -11,6 +11,7 @@ are on — build a new tensor and rebind the name, which is what `a = a + b` doe
 """
 from __future__ import annotations
 
+import contextlib
 import dis
 import sys
 
@@ -65,6 +66,19 @@ def _keep_attention(ctx, op, *args, **kwargs):
 def _attention_kept_contexts():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     return create_selective_checkpoint_contexts(_keep_attention)
+
+
+# The order in which training tries torch's SDPA backends (the first that supports the inputs runs), or None for
+# torch's own order. Backward runs the backend its forward ran.
+TRAINING_SDPA_PRIORITY: list | None = None
+
+
+def training_attention():
+    """The context a training micro-batch (forward and backward) runs in: TRAINING_SDPA_PRIORITY's backends."""
+    if not TRAINING_SDPA_PRIORITY:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(TRAINING_SDPA_PRIORITY, set_priority=True)
 
 
 def spread(count: int, fraction: float) -> list[bool]:

@@ -22,11 +22,12 @@ import comfy.model_management
 from . import arch as arches
 from .adapters.base import cast_once, install
 from .arch.base import compute_dtype
-from .blocks import TrainingBlockForward, spread
+from .blocks import TrainingBlockForward, spread, training_attention
 from .cache import LatentSet, TextSet
 from .config import ConfigError, TrainingSettings
 from .graphs import EagerMicroBatches, GraphedMicroBatches
-from .optim import OffloadedOptimizer, learning_rate, make_optimizer
+from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
+                    step_skipping_on_device)
 from .state import AdapterState, build_layers, cpu_copy
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +140,11 @@ class TrainingRun:
         else:
             self.optimizer = make_optimizer(self.params, settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
-            self.optimizer.load_state_dict(cpu_copy(state.optimizer))
+            load_optimizer_state(self.optimizer, cpu_copy(state.optimizer))
+        # The optimizer skips a NaN step on the device itself (fused AdamW): the step is queued behind the
+        # micro-batches and the host reads the loss afterwards, instead of the GPU idling while the host reads
+        # it, decides, and then launches the optimizer (~1,400 parameters of Python for SDXL's LoRA).
+        self.skips_on_device = skips_on_device(self.optimizer)
         self.generator = torch.Generator()
         if state.rng is not None:
             self.generator.set_state(state.rng.clone())
@@ -221,7 +226,7 @@ class TrainingRun:
         """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
         accumulation kernel per parameter, and a captured graph owns its outputs."""
-        with cast_once(self.layers, self.activation_dtype):
+        with cast_once(self.layers, self.activation_dtype), training_attention():
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,
@@ -254,8 +259,17 @@ class TrainingRun:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
+        mean_loss = loss_sum / accumulation
+        if self.skips_on_device:
+            # A NaN loss makes NaN gradients, so a non-finite norm covers both; fp16's scaler finds the same
+            # inf/NaN gradients itself and skips (and lowers its scale) on the device too.
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                step_skipping_on_device(self.optimizer, (~torch.isfinite(norm)).float())
         # The one read from the device per step. A NaN loss makes NaN gradients, so no step uses either.
-        total, norm = torch.stack([loss_sum / accumulation, norm.to(loss_sum.dtype)]).tolist()
+        total, norm = torch.stack([mean_loss, norm.to(loss_sum.dtype)]).tolist()
         problem = None
         if not math.isfinite(total):
             problem = f"the loss became {total}"
@@ -263,7 +277,7 @@ class TrainingRun:
         elif not self.scaler and not math.isfinite(norm):
             problem = "the gradients became NaN/inf"
         if problem is not None:
-            if self.scaler:       # it unscaled this step's gradients: lowers its scale for the next
+            if self.scaler and not self.skips_on_device:   # it unscaled this step's gradients: lowers its scale
                 self.scaler.update()
             self.consecutive_skips += 1
             if self.settings.nan_policy == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
@@ -278,7 +292,9 @@ class TrainingRun:
             total = math.nan
         else:
             self.consecutive_skips = 0
-            if self.scaler:
+            if self.skips_on_device:
+                pass                      # stepped above
+            elif self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:

@@ -9,8 +9,12 @@ from .config import ConfigError, TrainingSettings
 
 
 def _adamw(params, s: TrainingSettings, device):
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, **kwargs)
+    # Fused (one kernel family for every parameter, on CUDA and the CPU alike): it can also skip a step on the
+    # device (see skips_on_device), so the training loop need not wait for the GPU before stepping.
+    try:
+        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, fused=True)
+    except (RuntimeError, ValueError):     # a torch or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, foreach=True)
 
 
 def _adamw8bit(params, s: TrainingSettings, device):
@@ -31,6 +35,33 @@ OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "adafactor": _adafactor}
 
 def make_optimizer(params, settings: TrainingSettings, device: torch.device) -> torch.optim.Optimizer:
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether `optimizer.step()` can take a device tensor `found_inf` and skip the update when it is nonzero
+    (torch's fused Adam/AdamW, which GradScaler drives the same way): a NaN step is then skipped without the
+    host reading the loss first."""
+    return (getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a state_dict but keep this optimizer's implementation (fused / foreach): a state saved by another
+    torch build or device would otherwise bring its own choice along with its hyperparameters."""
+    kept = [{k: group.get(k) for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, implementation in zip(optimizer.param_groups, kept):
+        group.update(implementation)
+
+
+def step_skipping_on_device(optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device where found_inf (a float tensor on the parameters' device) is
+    nonzero; torch's fused kernels then also leave their step counters as they were."""
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 class OffloadedOptimizer:

@@ -46,6 +46,18 @@ def test_nan_policy_skip_skips_and_counts_bad_steps_without_touching_the_weights
     assert "the loss became nan at step 3; step skipped (2 so far)" in caplog.text
 
 
+def test_a_skipped_step_leaves_the_weights_and_adams_step_count_as_the_last_good_step_left_them(p, monkeypatch):
+    # The default optimizer (fused AdamW) skips the bad step on the device, before the host has read the loss.
+    _, one_step, _ = train(p, 1)
+    _poison_steps(monkeypatch, {2})
+    _, skipped, history = train(p, 2, nan_policy="skip")
+    assert math.isnan(history.losses[-1])
+    assert all(torch.equal(one_step.weights[k], skipped.weights[k]) for k in one_step.weights)
+    assert {float(s["step"]) for s in skipped.optimizer["state"].values()} == {1.0}
+    assert all(torch.equal(one_step.optimizer["state"][i]["exp_avg"], s["exp_avg"])
+               for i, s in skipped.optimizer["state"].items())
+
+
 def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
     from eridiffusion.trainers.loop import TrainingError
     _poison_steps(monkeypatch, set(range(2, 30)))
