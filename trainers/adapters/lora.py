@@ -57,12 +57,63 @@ class LoraLayer(AdapterLayer):
     def apply(self, layer, x, base_forward):
         if self.magnitude is not None or self.down.ndim == 4:
             return super().apply(layer, x, base_forward)
-        # hidden·upᵀ added by the GEMM itself into the base output it just made (nothing saved that output for
-        # backward), not a GEMM and then an add: at SDXL's sizes the adapters' kernel count is what costs. The
-        # rows are flattened before the base layer, so the in-place add is on its output itself, not on a view
-        # (autograd would copy the whole gradient for an in-place change of a view).
+        # The rows are flattened before the base layer, so the adapter's in-place add is on its output itself,
+        # not on a view (autograd would copy the whole gradient for an in-place change of a view).
         rows = x.reshape(-1, x.shape[-1])
-        out = base_forward(rows)
-        hidden = self._hidden(rows, layer).to(out.dtype)
-        out.addmm_(hidden, self.cast("up", out.dtype).t())
+        down, up = self.cast("down", x.dtype), self.cast("up", x.dtype)
+        if FUSED_LINEAR and _plain_linear(layer, rows):
+            out = LoraLinear.apply(rows, layer.weight, layer.bias, down, up, self.scale)
+        else:    # a forward of ComfyUI's that casts or patches its weight (fp8, lowvram, stacked LoRAs)
+            out = base_forward(rows)
+            hidden = F.linear(rows, down)
+            hidden = (hidden * self.scale if self.scale != 1.0 else hidden).to(out.dtype)
+            out.addmm_(hidden, up.to(out.dtype).t())
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# LoraLinear wherever the layer allows it (False: autograd's own backward everywhere, for comparisons).
+FUSED_LINEAR = True
+
+
+def _plain_linear(layer, x: torch.Tensor) -> bool:
+    """True when the layer's own forward is exactly F.linear(x, layer.weight, layer.bias): a torch Linear whose
+    ComfyUI forward casts nothing (weights already in x's dtype and device, no weight or bias functions) and no
+    autocast (which would change the GEMMs' dtype)."""
+    weight = getattr(layer, "weight", None)
+    return (isinstance(layer, torch.nn.Linear) and not getattr(layer, "comfy_cast_weights", False)
+            and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None)
+            and weight.dtype == x.dtype and weight.device == x.device
+            and (layer.bias is None or layer.bias.dtype == x.dtype)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + scale · (x downᵀ) upᵀ for rows x, W frozen, with a backward written out: autograd would
+    compute the base's and the adapter's input gradients separately and add them (one more kernel and one more
+    activation-sized tensor per adapted layer, ~700 per SDXL step); here the adapter's part is added by the GEMM
+    itself into the base's. The forward adds hidden · upᵀ into the base output in the GEMM as well."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale):
+        out = F.linear(x, weight, bias)
+        hidden = F.linear(x, down)
+        if scale != 1.0:
+            hidden = hidden * scale
+        out.addmm_(hidden, up.t())
+        ctx.scale = scale
+        ctx.save_for_backward(x, weight, down, up, hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, down, up, hidden = ctx.saved_tensors
+        grad_hidden = grad_out.mm(up)
+        if ctx.scale != 1.0:
+            grad_hidden = grad_hidden * ctx.scale
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.mm(weight)
+            grad_x.addmm_(grad_hidden, down)
+        grad_down = grad_hidden.t().mm(x) if ctx.needs_input_grad[3] else None
+        grad_up = grad_out.t().mm(hidden) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_down, grad_up, None
