@@ -79,6 +79,13 @@ args.add_argument("--queue", action="store_true",
                        "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
 args.add_argument("--profile", action="store_true",
                   help="after timing, profile one eager step and print the GPU kernels taking the most time")
+args.add_argument("--channels-last", action="store_true",
+                  help="experiment: the model's convolution weights in channels_last memory format")
+args.add_argument("--sdpa", nargs="+", default=None,
+                  choices=["flash", "efficient", "cudnn", "math"],
+                  help="experiment: torch SDPA backends for training, in priority order (trainers.blocks)")
+args.add_argument("--no-fused-lora", action="store_true",
+                  help="experiment: LoRA's backward by autograd instead of LoraLinear (trainers.adapters.lora)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -108,6 +115,14 @@ from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
 from eridiffusion.trainers.state import new_adapter  # noqa: E402
 from eridiffusion.trainers.distributed import init_from_env  # noqa: E402
 
+if ARGS.sdpa:
+    from torch.nn.attention import SDPBackend
+    import eridiffusion.trainers.blocks as _blocks
+    _blocks.TRAINING_SDPA_PRIORITY = [{"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                       "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[b] for b in ARGS.sdpa]
+if ARGS.no_fused_lora:
+    import eridiffusion.trainers.adapters.lora as _lora
+    _lora.FUSED_LINEAR = False
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -178,6 +193,8 @@ def build(arch):
             if n.endswith("pos_embed"):
                 b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype) * 0.02)
     model.requires_grad_(False)
+    if ARGS.channels_last:
+        model.diffusion_model.to(memory_format=torch.channels_last)
     return comfy.model_patcher.ModelPatcher(model, load_device=DEV, offload_device=torch.device("cpu"))
 
 
@@ -269,7 +286,11 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             start = time.perf_counter()
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
             times = []
+            gc_pauses.clear()
+            gc.callbacks.append(_gc_timer)
             for i in range(warmup + steps):
+                if i == warmup:
+                    gc_pauses.clear()      # only the timed steps' collections
                 sync()
                 t = time.perf_counter()
                 run.step()
@@ -280,8 +301,10 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                     warmed_up = time.perf_counter() - start
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
+            gc.callbacks.remove(_gc_timer)
             if ARGS.profile:
-                profile_step(run)
+                profile_step(run, f"{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
+                             + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else ""))
         peak = peak_gib()
     finally:
         mm.unload_all_models()      # while the run's clone lives, so its object patches are taken off
@@ -290,28 +313,80 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     mm.load_models_gpu([mp], force_full_load=True)
     free()
     after = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+    STEP_TIMES.append((times, list(gc_pauses)))
     return statistics.median(times), peak, before, after, first_step, warmed_up
 
 
-def profile_step(run):
+KERNEL_KINDS = (   # (kind, substrings of the kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("layout", ("nchwToNhwc", "nhwcToNchw", "transpose", "Transpose")),
+    ("conv", ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad", "xmma_", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "cublas", "splitK")),
+    ("norm", ("group_norm", "GroupNorm", "layer_norm", "LayerNorm", "RowwiseMoments", "ComputeFused",
+              "norm")),
+    ("foreach", ("multi_tensor", "foreach")),
+    ("reduce", ("reduce", "Reduce")),
+    ("copy/cat", ("copy", "Copy", "CatArray", "cat_")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "Elementwise")),
+)
+
+
+def kernel_kind(name):
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
+
+
+PROFILES = []
+
+
+STEP_TIMES = []   # each engine run's timed steps, in seconds, and its Python garbage collections
+gc_pauses = []    # (generation, ms) of each collection of the cyclic garbage collector during a run
+_gc_started = {}
+
+
+def _gc_timer(phase, info):
+    if phase == "start":
+        _gc_started["t"] = time.perf_counter()
+    elif "t" in _gc_started:
+        gc_pauses.append((info["generation"], (time.perf_counter() - _gc_started.pop("t")) * 1e3))
+
+
+def profile_step(run, label="step"):
     """GPU kernel time of one step by kernel (the same kernels a graph replays), and the total: the step's
-    floor once the host is out of the way."""
+    floor once the host is out of the way. The whole table goes to --out as profile_<label>.txt."""
     from eridiffusion.trainers.graphs import EagerMicroBatches
     from torch.profiler import ProfilerActivity, profile
+    graphed = run.micro_batches
     run.micro_batches = EagerMicroBatches(run._loss_and_gradients)
     run.step()
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run.step()
         sync()
+    run.micro_batches = graphed
+
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(device_us(e) for e in events) / 1e3
     count = sum(e.count for e in events)
-    log(f"GPU kernel time of one eager step: {total:.1f} ms in {count} kernels")
-    for e in sorted(events, key=lambda e: -device_us(e))[:25]:
-        log(f"  {device_us(e) / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+    lines = [f"{label}: GPU kernel time of one eager step: {total:.1f} ms in {count} kernels"]
+    kinds = {}
+    for e in events:
+        k = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
+        k[0] += device_us(e) / 1e3
+        k[1] += e.count
+    lines += [f"  {kind:12s} {ms:8.2f} ms {n:6d} kernels" for kind, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])]
+    for e in sorted(events, key=lambda e: -device_us(e))[:30]:
+        lines.append(f"  {device_us(e) / 1e3:8.2f} ms {e.count:6d}x  [{kernel_kind(e.key)}] {e.key[:120]}")
+    log("\n".join(lines))
+    if MAIN:
+        os.makedirs(ARGS.out, exist_ok=True)
+        with open(os.path.join(ARGS.out, f"profile_{label}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n\nall kernels:\n")
+            for e in sorted(events, key=lambda e: -device_us(e)):
+                f.write(f"{device_us(e) / 1e3:9.3f} ms {e.count:6d}x [{kernel_kind(e.key)}] {e.key}\n")
+    PROFILES.append({"label": label, "kernel_ms": total, "kernels": count,
+                     "by_kind": {k: {"ms": v[0], "kernels": v[1]} for k, v in kinds.items()}})
 
 
 def queue_bench(mp, arch, steps=24, dtype=None):
@@ -353,7 +428,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
         captures = getattr(run.micro_batches, "captures", 0)
         peak = peak_gib()
         if ARGS.profile:
-            profile_step(run)
+            profile_step(run, f"queue_{loaded_dtype}")
     run_precision = run.precision
     mm.unload_all_models()
     del run, model
@@ -382,6 +457,41 @@ def bench_arch(arch, card):
     log(f"built {arch}, {nparams / 1e9:.3f} B parameters, in {time.perf_counter() - t:.1f} s")
     latents, text = synthetic_data(arch, samples=max(2, max(ARGS.batch) * (WORLD.size if WORLD else 1)))
 
+    base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
+            "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora}
+    records = []
+    # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers
+    # (ComfyUI 0.3.75, still there after unload_all_models), which would change what a later run computes.
+    builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
+    runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
+            for f in (ARGS.fraction if v == "gc" else [1.0])]
+    for adapter, variant, batch, compile, fraction in runs:
+        label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
+                 + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
+                 + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
+                 + ("_graphs" if compile == "cuda_graphs" else ""))
+        rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
+               "recompute_attention": ARGS.recompute_attention, "batch": batch, "s_per_step": None, "peak_gib": None,
+               **builtin, "ratio": None}
+        try:
+            (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
+             rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
+                                                                    ARGS.steps, adapter, compile, fraction)
+            rec["step_s"], pauses = STEP_TIMES[-1]
+            rec["python_gc"] = {f"gen{g}": {"collections": sum(1 for q, _ in pauses if q == g),
+                                            "ms": sum(ms for q, ms in pauses if q == g)} for g in (0, 1, 2)}
+            rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]
+            log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
+                f"peak {rec['peak_gib']:.2f} GiB, allocated before {rec['gpu_gib_before_run']:.3f} / after "
+                f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB; first step after {rec['first_step_s']:.1f} s, "
+                f"warm-up done after {rec['warmed_up_s']:.1f} s")
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+            log(f"{arch} {rec['variant']} batch {batch} failed:", rec["error"])
+            mm.unload_all_models()
+            free()
+        records.append(rec)
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     if not ARGS.no_builtin and WORLD is None:
         try:
@@ -393,37 +503,10 @@ def bench_arch(arch, card):
             log(f"{arch} builtin TrainLoraNode failed:", builtin["builtin_error"])
         mm.unload_all_models()
         free()
-
-    base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
-            "torch": torch.__version__}
-    records = []
-    runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
-            for f in (ARGS.fraction if v == "gc" else [1.0])]
-    for adapter, variant, batch, compile, fraction in runs:
-        label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
-                 + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
-                 + ("_graphs" if compile == "cuda_graphs" else ""))
-        rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
-               "recompute_attention": ARGS.recompute_attention, "batch": batch, "s_per_step": None, "peak_gib": None,
-               **builtin, "ratio": None}
-        try:
-            (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
-             rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
-                                                                    ARGS.steps, adapter, compile, fraction)
-            rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]
-            if rec["builtin_s_per_step"] and batch == 1:
-                rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
-            log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
-                f"peak {rec['peak_gib']:.2f} GiB, allocated before {rec['gpu_gib_before_run']:.3f} / after "
-                f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB; first step after {rec['first_step_s']:.1f} s, "
-                f"warm-up done after {rec['warmed_up_s']:.1f} s")
-        except Exception as e:
-            rec["error"] = f"{type(e).__name__}: {e}"
-            log(f"{arch} {rec['variant']} batch {batch} failed:", rec["error"])
-            mm.unload_all_models()
-            free()
-        records.append(rec)
+    for rec in records:
+        rec.update(builtin)
+        if rec["builtin_s_per_step"] and rec["s_per_step"] and rec["batch"] == 1:
+            rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
     if ARGS.queue and WORLD is None:
         try:
             records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch)})
