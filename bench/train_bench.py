@@ -461,8 +461,9 @@ def bench_arch(arch, card):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora}
     records = []
-    # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers
-    # (ComfyUI 0.3.75, still there after unload_all_models), which would change what a later run computes.
+    # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
+    # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
+    # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
             for f in (ARGS.fraction if v == "gc" else [1.0])]
