@@ -111,7 +111,7 @@ from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noq
 from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
 from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
-from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
+from eridiffusion.trainers.loop import TrainingRun, long_lived_objects_frozen  # noqa: E402
 from eridiffusion.trainers.state import new_adapter  # noqa: E402
 from eridiffusion.trainers.distributed import init_from_env  # noqa: E402
 
@@ -281,7 +281,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
         torch.cuda.reset_peak_memory_stats()
     run = None
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # as trainers.loop.train runs it
+        with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
             sync()
             start = time.perf_counter()
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
@@ -412,7 +413,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
         run = TrainingRun(model, state, latents, text, settings, end_step=steps)
         shapes = []
         for i in range(steps):

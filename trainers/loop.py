@@ -9,6 +9,8 @@ installed as object patches, so the MODEL that came in is never changed.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import time
@@ -320,6 +322,26 @@ class TrainingRun:
             settings=self.settings.to_dict())
 
 
+@contextlib.contextmanager
+def long_lived_objects_frozen():
+    """Python's garbage collector leaves the objects that exist when training starts alone until it ends.
+
+    A full collection walks every object of the process: ~430k in a ComfyUI server with SDXL loaded, 190 ms on a
+    2-core CPU machine (measured). While training, one blocks the host in the middle of a step and the GPU
+    waits: SDXL runs on the H200 had one 0.2 s step among 0.11 s ones, at the same step in two processes, which
+    fits one full collection there. Collected first, so no garbage is kept; the objects go back to the collector
+    afterwards, unless something else had frozen objects before (then everything is left as it was)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, settings: TrainingSettings,
           steps: int, on_step: Callable[[StepReport], None] | None = None,
           on_every: Callable[["TrainingRun"], None] | None = None, every: int = 0, world=None,
@@ -333,7 +355,7 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
     finished step (to save it) before the exception goes on."""
     run = None
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
             run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
             for _ in range(steps):
                 report = run.step()

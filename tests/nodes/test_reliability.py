@@ -58,6 +58,31 @@ def test_a_skipped_step_leaves_the_weights_and_adams_step_count_as_the_last_good
                for i, s in skipped.optimizer["state"].items())
 
 
+def test_training_keeps_pythons_collector_off_the_objects_it_started_with_and_gives_them_back(p):
+    # A full collection of a ComfyUI server's objects takes a tenth of a second or more: not in the middle of
+    # a step. Garbage that existed before is collected first, not kept for the run's length.
+    import gc
+    import weakref
+    from eridiffusion.trainers.loop import train as train_steps
+    from helpers import settings
+
+    class Cycle:
+        pass
+    garbage = Cycle()
+    garbage.self = garbage
+    collected = weakref.ref(garbage)
+    del garbage
+    during = []
+
+    def on_step(report):
+        during.append((gc.get_freeze_count() > 0, collected() is None))
+    assert gc.get_freeze_count() == 0
+    with torch.inference_mode(False):
+        train_steps(p["model"], p["adapter"], p["latents"], p["captions"], settings(), 2, on_step=on_step)
+    assert during == [(True, True), (True, True)]
+    assert gc.get_freeze_count() == 0
+
+
 def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
     from eridiffusion.trainers.loop import TrainingError
     _poison_steps(monkeypatch, set(range(2, 30)))
