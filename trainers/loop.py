@@ -263,13 +263,14 @@ class TrainingRun:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
         mean_loss = loss_sum / accumulation
         if self.skips_on_device:
-            # A NaN loss makes NaN gradients, so a non-finite norm covers both; fp16's scaler finds the same
-            # inf/NaN gradients itself and skips (and lowers its scale) on the device too.
+            # fp16's scaler finds the inf/NaN gradients that a NaN loss makes, and skips (and lowers its scale)
+            # on the device too.
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                step_skipping_on_device(self.optimizer, (~torch.isfinite(norm)).float())
+                bad = ~(torch.isfinite(norm) & torch.isfinite(mean_loss))
+                step_skipping_on_device(self.optimizer, bad.float())
         # The one read from the device per step. A NaN loss makes NaN gradients, so no step uses either.
         total, norm = torch.stack([mean_loss, norm.to(loss_sum.dtype)]).tolist()
         problem = None
