@@ -60,14 +60,13 @@ class LoraLayer(AdapterLayer):
         # The rows are flattened before the base layer, so the adapter's in-place add is on its output itself,
         # not on a view (autograd would copy the whole gradient for an in-place change of a view).
         rows = x.reshape(-1, x.shape[-1])
-        down, up = self.cast("down", x.dtype), self.cast("up", x.dtype)
         if FUSED_LINEAR and _plain_linear(layer, rows):
-            out = LoraLinear.apply(rows, layer.weight, layer.bias, down, up, self.scale)
+            out = LoraLinear.apply(rows, layer.weight, layer.bias, self.cast("down", x.dtype),
+                                   self.cast("up", x.dtype), self.scale)
         else:    # a forward of ComfyUI's that casts or patches its weight (fp8, lowvram, stacked LoRAs)
             out = base_forward(rows)
-            hidden = F.linear(rows, down)
-            hidden = (hidden * self.scale if self.scale != 1.0 else hidden).to(out.dtype)
-            out.addmm_(hidden, up.to(out.dtype).t())
+            hidden = self._hidden(rows, layer).to(out.dtype)
+            out.addmm_(hidden, self.cast("up", out.dtype).t())
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
