@@ -86,6 +86,8 @@ args.add_argument("--sdpa", nargs="+", default=None,
                   help="experiment: torch SDPA backends for training, in priority order (trainers.blocks)")
 args.add_argument("--no-fused-lora", action="store_true",
                   help="experiment: LoRA's backward by autograd instead of LoraLinear (trainers.adapters.lora)")
+args.add_argument("--no-gc-freeze", action="store_true",
+                  help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -111,7 +113,8 @@ from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noq
 from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
 from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
-from eridiffusion.trainers.loop import TrainingRun, long_lived_objects_frozen  # noqa: E402
+from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
+from eridiffusion.trainers import loop as engine_loop  # noqa: E402
 from eridiffusion.trainers.state import new_adapter  # noqa: E402
 from eridiffusion.trainers.distributed import init_from_env  # noqa: E402
 
@@ -120,7 +123,10 @@ if ARGS.sdpa:
     import eridiffusion.trainers.blocks as _blocks
     _blocks.TRAINING_SDPA_PRIORITY = [{"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[b] for b in ARGS.sdpa]
-if ARGS.no_fused_lora:
+if ARGS.no_gc_freeze:
+    import contextlib
+    import eridiffusion.trainers.loop as _loop
+    _loop.long_lived_objects_frozen = contextlib.nullcontext
     import eridiffusion.trainers.adapters.lora as _lora
     _lora.FUSED_LINEAR = False
 DEV = mm.get_torch_device()
@@ -282,7 +288,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     run = None
     try:
         # as trainers.loop.train runs it
-        with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
+        with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
             sync()
             start = time.perf_counter()
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
@@ -413,7 +419,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
-    with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
+    with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
         run = TrainingRun(model, state, latents, text, settings, end_step=steps)
         shapes = []
         for i in range(steps):
@@ -460,7 +466,8 @@ def bench_arch(arch, card):
 
     base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
-            "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora}
+            "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
+            "gc_freeze": not ARGS.no_gc_freeze}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -471,6 +478,7 @@ def bench_arch(arch, card):
     for adapter, variant, batch, compile, fraction in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
+                 + ("_gc-unfrozen" if ARGS.no_gc_freeze else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
