@@ -293,7 +293,6 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             start = time.perf_counter()
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
             times = []
-            gc_pauses.clear()
             gc.callbacks.append(_gc_timer)
             for i in range(warmup + steps):
                 if i == warmup:
@@ -340,9 +339,6 @@ KERNEL_KINDS = (   # (kind, substrings of the kernel's name), first match wins
 
 def kernel_kind(name):
     return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
-
-
-PROFILES = []
 
 
 STEP_TIMES = []   # each engine run's timed steps, in seconds, and its Python garbage collections
@@ -392,8 +388,6 @@ def profile_step(run, label="step"):
             f.write("\n".join(lines) + "\n\nall kernels:\n")
             for e in sorted(events, key=lambda e: -device_us(e)):
                 f.write(f"{device_us(e) / 1e3:9.3f} ms {e.count:6d}x [{kernel_kind(e.key)}] {e.key}\n")
-    PROFILES.append({"label": label, "kernel_ms": total, "kernels": count,
-                     "by_kind": {k: {"ms": v[0], "kernels": v[1]} for k, v in kinds.items()}})
 
 
 def queue_bench(mp, arch, steps=24, dtype=None):
@@ -472,7 +466,6 @@ def bench_arch(arch, card):
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
     # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
-    builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
             for f in (ARGS.fraction if v == "gc" else [1.0])]
     for adapter, variant, batch, compile, fraction in runs:
@@ -483,7 +476,7 @@ def bench_arch(arch, card):
                  + ("_graphs" if compile == "cuda_graphs" else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
                "recompute_attention": ARGS.recompute_attention, "batch": batch, "s_per_step": None, "peak_gib": None,
-               **builtin, "ratio": None}
+               "ratio": None}
         try:
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
              rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,

@@ -263,14 +263,7 @@ class TrainingRun:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
         mean_loss = loss_sum / accumulation
         if self.skips_on_device:
-            # fp16's scaler finds the inf/NaN gradients that a NaN loss makes, and skips (and lowers its scale)
-            # on the device too.
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                bad = ~(torch.isfinite(norm) & torch.isfinite(mean_loss))
-                step_skipping_on_device(self.optimizer, bad.float())
+            self._optimizer_step(bad=~(torch.isfinite(norm) & torch.isfinite(mean_loss)))
         # The one read from the device per step. A NaN loss makes NaN gradients, so no step uses either.
         total, norm = torch.stack([mean_loss, norm.to(loss_sum.dtype)]).tolist()
         problem = None
@@ -295,13 +288,8 @@ class TrainingRun:
             total = math.nan
         else:
             self.consecutive_skips = 0
-            if self.skips_on_device:
-                pass                      # stepped above
-            elif self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            if not self.skips_on_device:    # (else it stepped above)
+                self._optimizer_step()
         self.step_count += 1
         self.steps.append(self.step_count)
         self.losses.append(total)
@@ -309,6 +297,18 @@ class TrainingRun:
         self._step_start = None
         return StepReport(self.step_count, self.end_step, total, lr, time.perf_counter() - started,
                           skipped=problem is not None, export=self.export)
+
+    def _optimizer_step(self, bad: torch.Tensor | None = None) -> None:
+        """The optimizer's step; with `bad` (a device flag), skipped on the device where it is set. fp16's scaler
+        finds the inf/NaN gradients that a NaN loss makes itself, and skips (and lowers its scale) on the device
+        with fused AdamW too."""
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif bad is not None:
+            step_skipping_on_device(self.optimizer, bad.float())
+        else:
+            self.optimizer.step()
 
     def export(self) -> AdapterState:
         """The adapter after the last finished step: resuming from it continues exactly."""

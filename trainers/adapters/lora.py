@@ -78,10 +78,9 @@ def _plain_linear(layer, x: torch.Tensor) -> bool:
     """True when the layer's own forward is exactly F.linear(x, layer.weight, layer.bias): a torch Linear whose
     ComfyUI forward casts nothing (weights already in x's dtype and device, no weight or bias functions) and no
     autocast (which would change the GEMMs' dtype)."""
-    weight = getattr(layer, "weight", None)
     return (isinstance(layer, torch.nn.Linear) and not getattr(layer, "comfy_cast_weights", False)
             and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None)
-            and weight.dtype == x.dtype and weight.device == x.device
+            and layer.weight.dtype == x.dtype and layer.weight.device == x.device
             and (layer.bias is None or layer.bias.dtype == x.dtype)
             and not torch.is_autocast_enabled(x.device.type))
 
