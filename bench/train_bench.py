@@ -86,6 +86,8 @@ args.add_argument("--sdpa", nargs="+", default=None,
                   help="experiment: torch SDPA backends for training, in priority order (trainers.blocks)")
 args.add_argument("--no-fused-lora", action="store_true",
                   help="experiment: LoRA's backward by autograd instead of LoraLinear (trainers.adapters.lora)")
+args.add_argument("--no-fused-geglu", action="store_true",
+                  help="experiment: SDXL's GEGLU by ComfyUI's eager ops instead of the Triton kernels (trainers.fused)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
@@ -127,8 +129,12 @@ if ARGS.no_gc_freeze:
     import contextlib
     import eridiffusion.trainers.loop as _loop
     _loop.long_lived_objects_frozen = contextlib.nullcontext
+if ARGS.no_fused_lora:
     import eridiffusion.trainers.adapters.lora as _lora
     _lora.FUSED_LINEAR = False
+if ARGS.no_fused_geglu:
+    import eridiffusion.trainers.fused as _fused
+    _fused.ENABLED = False
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -291,12 +297,17 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
         with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
             sync()
             start = time.perf_counter()
+            tracked = {"frozen": gc.get_freeze_count(), "start": len(gc.get_objects())}
             run = TrainingRun(mp, state, latents, text, settings, end_step=warmup + steps, world=WORLD)
+            tracked["run_built"] = len(gc.get_objects())
             times = []
             gc.callbacks.append(_gc_timer)
             for i in range(warmup + steps):
                 if i == warmup:
                     gc_pauses.clear()      # only the timed steps' collections
+                    full_collections.clear()
+                    tracked["warmed_up"] = len(gc.get_objects())
+                _gc_started["step"] = i
                 sync()
                 t = time.perf_counter()
                 run.step()
@@ -308,6 +319,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
             gc.callbacks.remove(_gc_timer)
+            tracked["end"] = len(gc.get_objects())
+            log(f"Python objects the collector tracks (not frozen): {tracked}; full collections: {full_collections}")
             if ARGS.profile:
                 profile_step(run, f"{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
                              + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else ""))
@@ -319,11 +332,12 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     mm.load_models_gpu([mp], force_full_load=True)
     free()
     after = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
-    STEP_TIMES.append((times, list(gc_pauses)))
+    STEP_TIMES.append((times, list(gc_pauses), list(full_collections)))
     return statistics.median(times), peak, before, after, first_step, warmed_up
 
 
 KERNEL_KINDS = (   # (kind, substrings of the kernel's name), first match wins
+    ("fused", ("geglu_",)),                     # trainers/fused.py's Triton kernels
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("layout", ("nchwToNhwc", "nhwcToNchw", "transpose", "Transpose")),
     ("conv", ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad", "xmma_", "cudnn")),
@@ -343,14 +357,22 @@ def kernel_kind(name):
 
 STEP_TIMES = []   # each engine run's timed steps, in seconds, and its Python garbage collections
 gc_pauses = []    # (generation, ms) of each collection of the cyclic garbage collector during a run
+full_collections = []   # each full (generation 2) collection during the timed steps: step, ms, objects walked
 _gc_started = {}
 
 
 def _gc_timer(phase, info):
     if phase == "start":
+        if info["generation"] == 2:     # what a full collection walks: every tracked object not frozen
+            _gc_started["objects"] = len(gc.get_objects())
         _gc_started["t"] = time.perf_counter()
     elif "t" in _gc_started:
-        gc_pauses.append((info["generation"], (time.perf_counter() - _gc_started.pop("t")) * 1e3))
+        ms = (time.perf_counter() - _gc_started.pop("t")) * 1e3
+        gc_pauses.append((info["generation"], ms))
+        if info["generation"] == 2:
+            full_collections.append({"step": _gc_started.get("step"), "ms": round(ms, 1),
+                                     "objects": _gc_started.pop("objects", None), "collected": info["collected"],
+                                     "frozen": gc.get_freeze_count()})
 
 
 def profile_step(run, label="step"):
@@ -461,7 +483,7 @@ def bench_arch(arch, card):
     base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
-            "gc_freeze": not ARGS.no_gc_freeze}
+            "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -471,7 +493,7 @@ def bench_arch(arch, card):
     for adapter, variant, batch, compile, fraction in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
-                 + ("_gc-unfrozen" if ARGS.no_gc_freeze else "")
+                 + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
@@ -481,7 +503,7 @@ def bench_arch(arch, card):
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
              rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
                                                                     ARGS.steps, adapter, compile, fraction)
-            rec["step_s"], pauses = STEP_TIMES[-1]
+            rec["step_s"], pauses, rec["full_collections"] = STEP_TIMES[-1]
             rec["python_gc"] = {f"gen{g}": {"collections": sum(1 for q, _ in pauses if q == g),
                                             "ms": sum(ms for q, ms in pauses if q == g)} for g in (0, 1, 2)}
             rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]

@@ -22,6 +22,7 @@ import torch
 import comfy.model_management
 
 from . import arch as arches
+from . import fused
 from .adapters.base import cast_once, install
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, spread, training_attention
@@ -124,6 +125,9 @@ class TrainingRun:
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
                     root.get_submodule(path), checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
                     keep_attention=not settings.recompute_attention))
+        if fused.usable_on(self.device):
+            for path, forward in self.arch.fused_forwards(self.base_model.diffusion_model).items():
+                self.patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
         if settings.min_snr_gamma > 0 and self.arch.name != "sdxl":
             logging.warning("EriDiffusion: min_snr_gamma applies to SDXL; %s uses loss_weighting instead",
                             self.arch.name)

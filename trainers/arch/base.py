@@ -44,6 +44,11 @@ class Architecture:
         """Paths of the modules recomputed in backward when checkpointing is on (the model's blocks)."""
         raise NotImplementedError
 
+    def fused_forwards(self, diffusion_model: torch.nn.Module) -> dict[str, object]:
+        """Module path -> a faster `forward` with the same math (trainers/fused.py), patched in while training
+        on a GPU."""
+        return {}
+
     def sample_sigmas(self, model_sampling, batch: Batch, generator: torch.Generator,
                       settings: TrainingSettings) -> torch.Tensor:
         raise NotImplementedError

@@ -43,6 +43,13 @@ class SDXL(Architecture):
         paths += [f"middle_block.{j}" for j in range(len(diffusion_model.middle_block))]
         return paths
 
+    def fused_forwards(self, diffusion_model):
+        from comfy.ldm.modules.attention import GEGLU
+        from ..fused import FusedGEGLUForward
+        # Exactly ComfyUI's GEGLU class: a subclass may compute something else.
+        return {name: FusedGEGLUForward(module) for name, module in diffusion_model.named_modules()
+                if type(module) is GEGLU}
+
     def sample_sigmas(self, model_sampling, batch, generator, settings):
         # DDPM training over the 1000 discrete timesteps: uniform by default, or t in (0, 1) mapped onto them.
         count, size = model_sampling.sigmas.shape[0], len(batch.items)
