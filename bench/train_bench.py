@@ -88,6 +88,8 @@ args.add_argument("--no-fused-lora", action="store_true",
                   help="experiment: LoRA's backward by autograd instead of LoraLinear (trainers.adapters.lora)")
 args.add_argument("--no-fused-geglu", action="store_true",
                   help="experiment: SDXL's GEGLU by ComfyUI's eager ops instead of the Triton kernels (trainers.fused)")
+args.add_argument("--no-fused-group-norm", action="store_true",
+                  help="experiment: SDXL's GroupNorm by PyTorch's kernel instead of the Triton kernels (trainers.fused)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
@@ -134,7 +136,10 @@ if ARGS.no_fused_lora:
     _lora.FUSED_LINEAR = False
 if ARGS.no_fused_geglu:
     import eridiffusion.trainers.fused as _fused
-    _fused.ENABLED = False
+    _fused.ENABLED["geglu"] = False
+if ARGS.no_fused_group_norm:
+    import eridiffusion.trainers.fused as _fused
+    _fused.ENABLED["group_norm"] = False
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -337,7 +342,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
 
 
 KERNEL_KINDS = (   # (kind, substrings of the kernel's name), first match wins
-    ("fused", ("geglu_",)),                     # trainers/fused.py's Triton kernels
+    ("fused", ("geglu_", "group_norm_")),                     # trainers/fused.py's Triton kernels
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("layout", ("nchwToNhwc", "nhwcToNchw", "transpose", "Transpose")),
     ("conv", ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad", "xmma_", "cudnn")),
@@ -483,7 +488,8 @@ def bench_arch(arch, card):
     base = {"arch": arch, "resolution": RES, "card": card, "gpus": WORLD.size if WORLD else 1,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
-            "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu}
+            "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
+            "fused_group_norm": not ARGS.no_fused_group_norm}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -494,6 +500,7 @@ def bench_arch(arch, card):
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
+                 + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,

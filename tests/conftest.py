@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# On the CPU, Triton kernels (trainers/fused.py) run in Triton's interpreter; it must be chosen before Triton is
+# imported. A GPU run (ERI_TEST_DEVICE=cuda) compiles them.
+if os.environ.get("ERI_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_env import import_comfyui_in_process, import_pack  # noqa: E402
 from conftest_images import write_images  # noqa: E402,F401

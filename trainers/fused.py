@@ -1,6 +1,6 @@
 """Fused kernels for ComfyUI layers whose training time is memory traffic, not arithmetic.
 
-SDXL's feed-forward is GEGLU (`comfy/ldm/modules/attention.py`): `x, gate = proj(x).chunk(2, -1)` then
+GEGLU. SDXL's feed-forward is GEGLU (`comfy/ldm/modules/attention.py`): `x, gate = proj(x).chunk(2, -1)` then
 `x * gelu(gate)`. The two halves are strided views of the projection, so PyTorch runs gelu, the product and
 their three backward kernels on its non-vectorized path, and autograd saves gelu(gate) besides the projection;
 an eager profile of an SDXL step put ~5.5 ms of its 82 ms there. One Triton kernel each way reads the
@@ -10,30 +10,49 @@ projection once: forward reads 2 and writes 1 inner-width row (eager: 5), backwa
 The math is ComfyUI's (exact, erf-based gelu) in fp32 registers, rounded once to the layer's dtype where
 eager rounds after each op: results agree to the dtype's rounding. Without Triton, off CUDA, or on an input
 the kernels do not take, `geglu` runs ComfyUI's own two ops.
+
+GroupNorm. SDXL's ResBlocks and SpatialTransformers normalise over 32 groups: at batch 1 PyTorch's CUDA kernel
+computes each group's statistics with one thread block, 32 blocks on a 132-multiprocessor GPU, ~64 µs a call
+(5.4 ms of an SDXL step with checkpointing). Here each group is split over blocks of 4096 elements whose partial
+mean and squared deviations are combined (Chan et al.) by a second kernel; the normalisation is PyTorch's own
+arithmetic: mean and 1/std rounded to the input's dtype as its kernel stores them, then x·a + b in fp32 with
+a = rstd·γ, b = β − a·mean. Backward is PyTorch's `native_group_norm_backward` on those statistics, so the
+gradients are computed exactly as for the eager layer.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-# Off in the bench's A/B runs (`--no-fused-geglu`); the engine reads it when a training run starts.
-ENABLED = True
+try:    # module-level: Triton's interpreter finds `tl` among the kernels' globals
+    import triton
+    import triton.language as tl
+except Exception:   # not installed, or a build that cannot load here: ComfyUI's own ops run
+    triton = tl = None
+# TRITON_INTERPRET=1 before Triton is imported (the CPU tests set it): every kernel, Triton's own library
+# functions included, runs in Triton's interpreter, and `interpret=True` below takes CPU tensors.
+INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+# Which fused forwards a training run patches in; the bench's A/B runs turn them off (`--no-fused-geglu`,
+# `--no-fused-group-norm`). Read when a training run starts.
+ENABLED = {"geglu": True, "group_norm": True}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BLOCK = 1024
+_BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
+_GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
+
+
+def _block(size: int, largest: int) -> int:
+    return min(largest, max(16, 1 << (size - 1).bit_length()))
 
 
 @functools.cache
-def _kernels(interpret: bool = False):
-    """The Triton kernels, built on first use; `interpret`: Triton's interpreter runs them on the CPU (tests)."""
-    import triton
-    import triton.language as tl
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction as jit
-    else:
-        jit = triton.jit
+def _kernels():
+    """The Triton kernels, built on first use (interpreted under TRITON_INTERPRET=1)."""
+    jit = triton.jit
 
     def geglu_forward(h_ptr, out_ptr, inner, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -58,20 +77,59 @@ def _kernels(interpret: bool = False):
         tl.store(grad_h_ptr + row * 2 * inner + cols, grad_a.to(grad_h_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_h_ptr + row * 2 * inner + inner + cols, grad_g.to(grad_h_ptr.dtype.element_ty), mask=mask)
 
-    return jit(geglu_forward), jit(geglu_backward)
+    def group_norm_partial_stats(x_ptr, mean_ptr, m2_ptr, group_size, splits, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)         # one (sample, group)
+        chunk = tl.program_id(1)
+        offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < group_size
+        x = tl.load(x_ptr + row * group_size + offsets, mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(group_size - chunk * BLOCK, BLOCK).to(tl.float32)
+        mean = tl.sum(x, axis=0) / count
+        deviation = tl.where(mask, x - mean, 0.0)
+        tl.store(mean_ptr + row * splits + chunk, mean)
+        tl.store(m2_ptr + row * splits + chunk, tl.sum(deviation * deviation, axis=0))
+
+    def group_norm_stats(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, group_size, splits, eps,
+                         BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        chunks = tl.arange(0, SPLITS)
+        mask = chunks < splits
+        part_mean = tl.load(part_mean_ptr + row * splits + chunks, mask=mask, other=0.0)
+        part_m2 = tl.load(part_m2_ptr + row * splits + chunks, mask=mask, other=0.0)
+        counts = tl.where(mask, tl.minimum(group_size - chunks * BLOCK, BLOCK), 0).to(tl.float32)
+        mean = tl.sum(counts * part_mean, axis=0) / group_size
+        spread = part_mean - mean
+        m2 = tl.sum(part_m2 + counts * spread * spread, axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / group_size + eps)
+        tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
+        tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
+
+    def group_norm_apply(x_ptr, y_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, hw, channels_per_group,
+                         groups, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < group_size
+        mean = tl.load(mean_ptr + row).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row).to(tl.float32)
+        channel = (row % groups) * channels_per_group + offsets // hw
+        scale = rstd * tl.load(weight_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - scale * mean
+        x = tl.load(x_ptr + row * group_size + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * group_size + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+
+    return {"geglu_forward": jit(geglu_forward), "geglu_backward": jit(geglu_backward),
+            "group_norm_partial_stats": jit(group_norm_partial_stats), "group_norm_stats": jit(group_norm_stats),
+            "group_norm_apply": jit(group_norm_apply)}
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:   # not installed, or a build that cannot load here
-        return False
-    return True
+    return triton is not None
 
 
-def _grid(rows: int, inner: int):
-    return rows, math.ceil(inner / _BLOCK)
+def _launch(kernel: str, projection: torch.Tensor, *args):
+    inner = projection.shape[-1] // 2
+    block = _block(inner, _BLOCK)
+    _kernels()[kernel][(projection.numel() // (2 * inner), math.ceil(inner / block))](*args, inner, BLOCK=block)
 
 
 class _FusedGEGLU(torch.autograd.Function):
@@ -79,27 +137,23 @@ class _FusedGEGLU(torch.autograd.Function):
     def forward(ctx, projection: torch.Tensor) -> torch.Tensor:
         inner = projection.shape[-1] // 2
         out = projection.new_empty(*projection.shape[:-1], inner)
-        forward_kernel, _ = _kernels(not projection.is_cuda)
-        forward_kernel[_grid(projection.numel() // (2 * inner), inner)](projection, out, inner, BLOCK=_BLOCK)
+        _launch("geglu_forward", projection, projection, out)
         ctx.save_for_backward(projection)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (projection,) = ctx.saved_tensors
-        inner = projection.shape[-1] // 2
         grad = grad.contiguous()
         grad_projection = torch.empty_like(projection)
-        _, backward_kernel = _kernels(not projection.is_cuda)
-        backward_kernel[_grid(projection.numel() // (2 * inner), inner)](grad, projection, grad_projection, inner,
-                                                                           BLOCK=_BLOCK)
+        _launch("geglu_backward", projection, grad, projection, grad_projection)
         return grad_projection
 
 
 def takes(projection: torch.Tensor, interpret: bool = False) -> bool:
     """Whether the fused kernels run on this GEGLU projection (else ComfyUI's ops do)."""
-    return (triton_available() and (projection.is_cuda or interpret) and projection.is_contiguous()
-            and projection.dtype in _DTYPES and projection.shape[-1] % 2 == 0 and projection.numel() > 0)
+    return (triton_available() and (projection.is_cuda or interpret and INTERPRETING)
+            and projection.is_contiguous() and projection.dtype in _DTYPES and projection.shape[-1] % 2 == 0 and projection.numel() > 0)
 
 
 def reference_geglu(projection: torch.Tensor) -> torch.Tensor:
@@ -126,6 +180,74 @@ class FusedGEGLUForward:
         return geglu(self.module.proj(x))
 
 
+# ------------------------------------------------------------------------------------------------ GroupNorm
+class _FusedGroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        kernels = _kernels()
+        n, channels = x.shape[:2]
+        hw = x.numel() // (n * channels)
+        group_size = channels // groups * hw
+        block = _block(group_size, _GROUP_BLOCK)
+        splits = math.ceil(group_size / block)
+        part_mean = x.new_empty(n * groups, splits, dtype=torch.float32)
+        part_m2 = torch.empty_like(part_mean)
+        kernels["group_norm_partial_stats"][(n * groups, splits)](x, part_mean, part_m2, group_size, splits,
+                                                                  BLOCK=block)
+        # PyTorch's kernel keeps the statistics in the input's dtype; its backward reads them so
+        mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
+        kernels["group_norm_stats"][(n * groups,)](part_mean, part_m2, mean, rstd, group_size, splits, eps,
+                                                   BLOCK=block, SPLITS=max(16, 1 << (splits - 1).bit_length()))
+        y = torch.empty_like(x)
+        kernels["group_norm_apply"][(n * groups, splits)](x, y, mean, rstd, weight, bias, group_size, hw,
+                                                          channels // groups, groups, BLOCK=block)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shape = (n, channels, hw, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, channels, hw, groups = ctx.shape
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x, mean, rstd, weight, n, channels, hw, groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]])
+        return grad_x, None, grad_weight, grad_bias, None
+
+
+def group_norm_takes(x: torch.Tensor, groups: int, weight, bias, interpret: bool = False) -> bool:
+    """Whether the fused kernels run this GroupNorm (else PyTorch's does)."""
+    return (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.is_contiguous()
+            and x.dim() >= 2 and x.dtype in _DTYPES and x.numel() > 0 and x.shape[1] % groups == 0
+            and weight is not None and bias is not None
+            and weight.dtype == bias.dtype == x.dtype and weight.device == x.device)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, interpret: bool = False) -> torch.Tensor:
+    """`torch.nn.functional.group_norm`, fused where `group_norm_takes` says so."""
+    if group_norm_takes(x, groups, weight, bias, interpret):
+        return _FusedGroupNorm.apply(x, groups, weight, bias, eps)
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+class FusedGroupNormForward:
+    """An object patch for a GroupNorm's `forward` (torch's, or comfy.ops' whose weights need no cast or
+    weight function: others run their own forward)."""
+
+    def __init__(self, module: torch.nn.GroupNorm):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if (getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None)
+                or getattr(m, "bias_function", None)):
+            return type(m).forward(m, x)
+        if hasattr(m, "comfy_cast_weights"):       # comfy.ops' layers check for Cancel at every op
+            import comfy.ops
+            comfy.ops.run_every_op()
+        return group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+
+
 def usable_on(device: torch.device) -> bool:
-    """Whether a training run on `device` patches GEGLU layers with the fused kernels."""
-    return ENABLED and torch.device(device).type == "cuda" and triton_available()
+    """Whether a training run on `device` patches layers with fused kernels (ENABLED says which)."""
+    return any(ENABLED.values()) and torch.device(device).type == "cuda" and triton_available()

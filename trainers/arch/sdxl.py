@@ -44,11 +44,18 @@ class SDXL(Architecture):
         return paths
 
     def fused_forwards(self, diffusion_model):
+        import comfy.ops
         from comfy.ldm.modules.attention import GEGLU
-        from ..fused import FusedGEGLUForward
-        # Exactly ComfyUI's GEGLU class: a subclass may compute something else.
-        return {name: FusedGEGLUForward(module) for name, module in diffusion_model.named_modules()
-                if type(module) is GEGLU}
+        from .. import fused
+        # Exactly these classes: a subclass may compute something else.
+        group_norms = (torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm, comfy.ops.manual_cast.GroupNorm)
+        patches = {}
+        for name, module in diffusion_model.named_modules():
+            if type(module) is GEGLU and fused.ENABLED["geglu"]:
+                patches[name] = fused.FusedGEGLUForward(module)
+            elif type(module) in group_norms and module.affine and fused.ENABLED["group_norm"]:
+                patches[name] = fused.FusedGroupNormForward(module)
+        return patches
 
     def sample_sigmas(self, model_sampling, batch, generator, settings):
         # DDPM training over the 1000 discrete timesteps: uniform by default, or t in (0, 1) mapped onto them.

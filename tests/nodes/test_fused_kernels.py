@@ -1,0 +1,219 @@
+"""SDXL trained through the fused Triton kernels (trainers/fused.py) computes what ComfyUI's layers compute:
+GEGLU and GroupNorm, forward and backward, in every training dtype, to the dtype's rounding; a training run
+patches exactly the model's GEGLU and GroupNorm layers, only inside its own MODEL clone, and trains what the
+eager layers train.
+
+On the CPU the kernels run in Triton's interpreter (the same kernel source the GPU compiles); the tests marked
+gpu run the same checks on the GPU's compiled kernels, against PyTorch's CUDA kernels."""
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import comfy.ops  # noqa: E402
+from comfy.ldm.modules.attention import GEGLU  # noqa: E402
+
+from eridiffusion.trainers import fused  # noqa: E402
+
+# the CPU tests run the kernels in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+interpreted = pytest.mark.skipif(not fused.INTERPRETING, reason="TRITON_INTERPRET=1 was not set before Triton loaded")
+
+ROUNDING = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}   # relative, one rounding
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
+                               reason="needs a GPU (ERI_TEST_DEVICE=cuda)")
+
+
+def relative_errors(results):
+    """Max error relative to the largest exact value, output and input gradient, of each result but 'exact'."""
+    ref_out, ref_grad = results.pop("exact")
+    return {name: ((out - ref_out).abs().max().item() / ref_out.abs().max().item(),
+                   (g - ref_grad).abs().max().item() / ref_grad.abs().max().item())
+            for name, (out, g) in results.items()}
+
+
+def run_each(functions, x, grad):
+    """Each function's output and the gradient reaching x; 'exact' runs in fp64."""
+    results = {}
+    for name, function in functions.items():
+        inp = (x.double() if name == "exact" else x.detach().clone()).requires_grad_()
+        out = function(inp)
+        out.backward(grad.to(out.dtype))
+        results[name] = (out.double(), inp.grad.double())
+    return relative_errors(results)
+
+
+# --------------------------------------------------------------------------------------------------- GEGLU
+def comfy_geglu(dim, inner, dtype, device="cpu"):
+    torch.manual_seed(0)
+    layer = GEGLU(dim, inner, dtype=torch.float32)     # comfy.ops' Linear: weights set by us, not initialised
+    with torch.no_grad():
+        layer.proj.weight.copy_(torch.randn(2 * inner, dim) / dim ** 0.5 * 2)
+        layer.proj.bias.copy_(torch.randn(2 * inner))
+    return layer.to(device=device, dtype=dtype)
+
+
+def geglu_errors(dtype, interpret, device="cpu", inner=1300, shape=(2, 37)):
+    layer = comfy_geglu(64, inner, dtype, device)
+    x = torch.randn(*shape, 64, device=device, dtype=dtype)
+    projection = layer.proj(x).detach()
+    grad = torch.randn(*shape, inner, device=device, dtype=dtype)
+    return run_each({"exact": fused.reference_geglu, "eager": fused.reference_geglu,
+                     "fused": functools.partial(fused.geglu, interpret=interpret)}, projection, grad)
+
+
+def assert_as_close_as_eager(errors, dtype, grad_roundings=4):
+    (fused_out, fused_grad), (eager_out, eager_grad) = errors["fused"], errors["eager"]
+    assert fused_out <= ROUNDING[dtype] * 2 and fused_grad <= ROUNDING[dtype] * grad_roundings, errors
+    assert fused_out <= eager_out * 1.05 + 1e-7 and fused_grad <= eager_grad * 1.05 + 1e-7, errors
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_geglu_agrees_with_comfyuis_geglu_to_the_dtypes_rounding(dtype):
+    # 1300 columns: the kernels' 1024-wide blocks end in a partial one; (2, 37) rows: batch and tokens
+    errors = geglu_errors(dtype, interpret=True)
+    if dtype == torch.bfloat16:
+        # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest, the gpu test checks that)
+        (out, grad) = errors["fused"]
+        assert out <= ROUNDING[dtype] * 2 and grad <= ROUNDING[dtype] * 4, errors
+        return
+    assert_as_close_as_eager(errors, dtype)   # one rounding instead of ComfyUI's two or three
+
+
+def test_geglu_runs_comfyuis_own_ops_where_the_kernels_do_not_apply():
+    projection = torch.randn(3, 8, 40)
+    assert not fused.takes(projection)                           # on the CPU without the interpreter
+    assert torch.equal(fused.geglu(projection), fused.reference_geglu(projection))
+    strided = torch.randn(3, 80, 8).transpose(1, 2)              # not contiguous
+    assert not fused.takes(strided, interpret=True)
+    assert torch.equal(fused.geglu(strided, interpret=True), fused.reference_geglu(strided))
+    assert not fused.usable_on(torch.device("cpu"))
+
+
+def test_the_patched_geglu_is_the_modules_own_with_its_projections_adapter():
+    # The forward reaches the projection through the module, so the LoRA that is patched onto `proj` is used.
+    layer = comfy_geglu(32, 48, torch.float32)
+    x = torch.randn(2, 5, 32)
+    patched = fused.FusedGEGLUForward(layer)
+    assert torch.equal(patched(x), layer(x))
+    layer.proj.forward = lambda t: torch.ones(*t.shape[:-1], 96)     # stands in for the adapter's patch
+    assert torch.equal(patched(x), torch.ones(2, 5, 48) * torch.nn.functional.gelu(torch.ones(1)))
+
+
+# ----------------------------------------------------------------------------------------------- GroupNorm
+def comfy_group_norm(channels, dtype, device="cpu", cls=comfy.ops.disable_weight_init.GroupNorm):
+    torch.manual_seed(1)
+    layer = cls(32, channels, eps=1e-6, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(channels) + 0.5)
+        layer.bias.copy_(torch.randn(channels))
+    return layer.to(device=device, dtype=dtype).requires_grad_(False)     # base weights are frozen in training
+
+
+def group_norm_errors(dtype, interpret, device="cpu", shape=(2, 64, 48, 50)):
+    layer = comfy_group_norm(shape[1], dtype, device)
+    torch.manual_seed(2)
+    x = (torch.randn(shape) * 2 + 0.5).to(device=device, dtype=dtype)
+    grad = torch.randn(shape, device=device, dtype=dtype)
+    exact = comfy_group_norm(shape[1], torch.float64, device)
+    return run_each({"exact": exact, "eager": layer,
+                     "fused": lambda t: fused.group_norm(t, 32, layer.weight, layer.bias, layer.eps, interpret)},
+                    x, grad)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [(2, 64, 48, 50), (1, 64, 7, 9), (3, 96, 5)], ids=["two-blocks", "tiny", "1d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_group_norm_agrees_with_pytorchs_to_the_dtypes_rounding(dtype, shape):
+    # 2 x 48 x 50 = 4800 elements a group: one 4096-element block and a partial one
+    errors = group_norm_errors(dtype, interpret=True, shape=shape)
+    out, grad = errors["fused"]
+    # the statistics are rounded to the dtype as PyTorch's CUDA kernel stores them (its CPU kernel keeps fp32)
+    assert out <= ROUNDING[dtype] * 4 and grad <= ROUNDING[dtype] * 8, errors
+
+
+def test_group_norm_runs_pytorchs_kernel_where_the_fused_one_does_not_apply():
+    layer = comfy_group_norm(64, torch.float32)
+    x = torch.randn(2, 64, 4, 4)
+    assert not fused.group_norm_takes(x, 32, layer.weight, layer.bias)           # CPU, no interpreter
+    assert not fused.group_norm_takes(x.transpose(2, 3), 32, layer.weight, layer.bias, interpret=True)
+    assert not fused.group_norm_takes(x, 32, layer.weight.half(), layer.bias.half(), interpret=True)
+    assert not fused.group_norm_takes(x, 32, None, None, interpret=True)
+    assert torch.equal(fused.group_norm(x, 32, layer.weight, layer.bias, layer.eps), layer(x))
+
+
+def test_a_comfy_group_norm_that_casts_or_patches_its_weights_keeps_its_own_forward(monkeypatch):
+    x = torch.randn(1, 64, 4, 4)
+    calls = []
+    monkeypatch.setattr(fused, "group_norm", lambda *a, **k: calls.append(a) or torch.zeros_like(x))
+    casting = comfy_group_norm(64, torch.float32, cls=comfy.ops.manual_cast.GroupNorm)
+    assert torch.equal(fused.FusedGroupNormForward(casting)(x), casting(x)) and not calls
+    patched = comfy_group_norm(64, torch.float32)
+    patched.weight_function = [lambda w: w * 2]
+    assert torch.equal(fused.FusedGroupNormForward(patched)(x), patched(x)) and not calls
+    plain = comfy_group_norm(64, torch.float32)
+    fused.FusedGroupNormForward(plain)(x)
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.mark.slow      # ~30 s: Triton's interpreter runs each kernel's programs one by one in Python
+@interpreted
+def test_training_patches_every_geglu_and_group_norm_of_the_model_clone_and_trains_what_eager_trains(
+        comfy_folders, tiny, monkeypatch):
+    from helpers import prepared, settings
+    from eridiffusion.trainers import loop
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    options = settings(batch_size=2, learning_rate=1e-2, gradient_checkpointing=True)
+
+    def train():
+        with torch.inference_mode(False):
+            return loop.train(p["model"], p["adapter"], p["latents"], p["captions"], options, 2)
+
+    eager = train()
+    modules = list(p["model"].model.diffusion_model.modules())
+    geglus = [m for m in modules if type(m) is GEGLU]
+    group_norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
+    assert geglus and group_norms
+    calls = {"geglu": [], "group_norm": []}
+    geglu, group_norm = fused.geglu, fused.group_norm
+
+    def counted_geglu(projection):
+        calls["geglu"].append(fused.takes(projection, interpret=True))
+        return geglu(projection, interpret=True)
+
+    def counted_group_norm(x, groups, weight, bias, eps):
+        calls["group_norm"].append(fused.group_norm_takes(x, groups, weight, bias, interpret=True))
+        return group_norm(x, groups, weight, bias, eps, interpret=True)
+    monkeypatch.setattr(fused, "usable_on", lambda device: True)     # as on a GPU with Triton
+    monkeypatch.setattr(fused, "geglu", counted_geglu)
+    monkeypatch.setattr(fused, "group_norm", counted_group_norm)
+    patched = train()
+    # forward, and its recomputation under checkpointing: every layer of every micro-batch through the kernels
+    assert len(calls["geglu"]) >= 2 * 2 * len(geglus) and all(calls["geglu"])
+    assert len(calls["group_norm"]) >= 2 * len(group_norms) and all(calls["group_norm"])
+    assert patched.history.losses == pytest.approx(eager.history.losses, rel=1e-5)
+    # AdamW's normalised step turns a 1e-7 difference in a near-zero gradient into up to a few 1e-5 of weight:
+    # 1e-4 is 1 % of one step (lr 1e-2), far below what a wrong gradient anywhere would move.
+    for key in eager.weights:
+        assert torch.allclose(patched.weights[key], eager.weights[key], rtol=1e-4, atol=1e-4), key
+    # once the training clone is unloaded, the shared MODEL's layers run their own forward again
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    assert all(getattr(m.forward, "__func__", None) is GEGLU.forward for m in geglus)
+    assert all(getattr(m.forward, "__func__", None) is type(m).forward for m in group_norms)
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_kernels_on_the_gpu_agree_with_comfyuis_layers(dtype):
+    assert fused.usable_on(torch.device("cuda"))
+    # SDXL's widest GEGLU: 1280 channels, inner 5120, 1024 tokens, batch 2; its largest GroupNorm: 320 x 128²
+    assert_as_close_as_eager(geglu_errors(dtype, interpret=False, device="cuda", inner=5120, shape=(2, 1024)), dtype)
+    assert_as_close_as_eager(group_norm_errors(dtype, interpret=False, device="cuda", shape=(1, 320, 128, 128)),
+                             dtype, grad_roundings=8)
