@@ -83,6 +83,24 @@ def test_training_keeps_pythons_collector_off_the_objects_it_started_with_and_gi
     assert gc.get_freeze_count() == 0
 
 
+def test_training_freezes_the_processs_objects_also_when_a_few_were_frozen_before(p):
+    # The GPU machine's Python starts with a few hundred frozen objects: the run must not take that as
+    # "someone else manages the collector" and leave the 400k objects of ComfyUI and the model to it.
+    import gc
+    from eridiffusion.trainers.loop import train as train_steps
+    from helpers import settings
+    gc.freeze()          # stands in for whatever froze the interpreter's start-up objects
+    before = gc.get_freeze_count()
+    during = []
+    try:
+        with torch.inference_mode(False):
+            train_steps(p["model"], p["adapter"], p["latents"], p["captions"], settings(), 1,
+                        on_step=lambda report: during.append(gc.get_freeze_count()))
+    finally:
+        gc.unfreeze()
+    assert during[0] > before      # what was created since the first freeze is frozen too
+
+
 def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
     from eridiffusion.trainers.loop import TrainingError
     _poison_steps(monkeypatch, set(range(2, 30)))
