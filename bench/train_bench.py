@@ -471,6 +471,9 @@ def queue_bench(mp, arch, steps=24, dtype=None):
 
 
 def commit():
+    # The GPU machine's copy of the tree may carry a stale .git: the caller names the commit there.
+    if os.environ.get("ERI_COMMIT"):
+        return os.environ["ERI_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
