@@ -37,9 +37,11 @@ except Exception:   # not installed, or a build that cannot load here: ComfyUI's
 # functions included, runs in Triton's interpreter, and `interpret=True` below takes CPU tensors.
 INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
-# Which fused forwards a training run patches in; the bench's A/B runs turn them off (`--no-fused-geglu`,
+# Which fused forwards a training run patches in. ERI_FUSED_KERNELS=0 in ComfyUI's environment turns them all
+# off (ComfyUI's own ops then run, as without Triton); the bench's A/B runs turn each off (`--no-fused-geglu`,
 # `--no-fused-group-norm`). Read when a training run starts.
-ENABLED = {"geglu": True, "group_norm": True}
+_ON = os.environ.get("ERI_FUSED_KERNELS", "1") != "0"
+ENABLED = {"geglu": _ON, "group_norm": _ON}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
