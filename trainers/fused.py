@@ -155,7 +155,8 @@ class _FusedGEGLU(torch.autograd.Function):
 def takes(projection: torch.Tensor, interpret: bool = False) -> bool:
     """Whether the fused kernels run on this GEGLU projection (else ComfyUI's ops do)."""
     return (triton_available() and (projection.is_cuda or interpret and INTERPRETING)
-            and projection.is_contiguous() and projection.dtype in _DTYPES and projection.shape[-1] % 2 == 0 and projection.numel() > 0)
+            and projection.is_contiguous() and projection.dtype in _DTYPES and projection.shape[-1] % 2 == 0
+            and projection.numel() > 0)
 
 
 def reference_geglu(projection: torch.Tensor) -> torch.Tensor:
