@@ -134,12 +134,9 @@ if ARGS.no_gc_freeze:
 if ARGS.no_fused_lora:
     import eridiffusion.trainers.adapters.lora as _lora
     _lora.FUSED_LINEAR = False
-if ARGS.no_fused_geglu:
-    import eridiffusion.trainers.fused as _fused
-    _fused.ENABLED["geglu"] = False
-if ARGS.no_fused_group_norm:
-    import eridiffusion.trainers.fused as _fused
-    _fused.ENABLED["group_norm"] = False
+import eridiffusion.trainers.fused as _fused  # noqa: E402
+_fused.ENABLED["geglu"] &= not ARGS.no_fused_geglu
+_fused.ENABLED["group_norm"] &= not ARGS.no_fused_group_norm
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced

@@ -47,8 +47,13 @@ _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
 
 
+def _power_of_two(size: int) -> int:
+    """The smallest power of two ≥ size, at least 16 (Triton's block shapes are powers of two)."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
 def _block(size: int, largest: int) -> int:
-    return min(largest, max(16, 1 << (size - 1).bit_length()))
+    return min(largest, _power_of_two(size))
 
 
 @functools.cache
@@ -200,7 +205,7 @@ class _FusedGroupNorm(torch.autograd.Function):
         # PyTorch's kernel keeps the statistics in the input's dtype; its backward reads them so
         mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
         kernels["group_norm_stats"][(n * groups,)](part_mean, part_m2, mean, rstd, group_size, splits, eps,
-                                                   BLOCK=block, SPLITS=max(16, 1 << (splits - 1).bit_length()))
+                                                   BLOCK=block, SPLITS=_power_of_two(splits))
         y = torch.empty_like(x)
         kernels["group_norm_apply"][(n * groups, splits)](x, y, mean, rstd, weight, bias, group_size, hw,
                                                           channels // groups, groups, BLOCK=block)
@@ -242,6 +247,7 @@ class FusedGroupNormForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
+        # ComfyUI sets comfy_cast_weights on a loaded layer too (partial loads), so this is checked per call
         if (getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None)
                 or getattr(m, "bias_function", None)):
             return type(m).forward(m, x)

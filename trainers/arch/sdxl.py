@@ -47,8 +47,9 @@ class SDXL(Architecture):
         import comfy.ops
         from comfy.ldm.modules.attention import GEGLU
         from .. import fused
-        # Exactly these classes: a subclass may compute something else.
-        group_norms = (torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm, comfy.ops.manual_cast.GroupNorm)
+        # Exactly these classes: a subclass may compute something else. (manual_cast's GroupNorm always casts its
+        # weights, so the fused forward would only hand it back its own.)
+        group_norms = (torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm)
         patches = {}
         for name, module in diffusion_model.named_modules():
             if type(module) is GEGLU and fused.ENABLED["geglu"]:
