@@ -2,11 +2,77 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
     """A setting a user can change is wrong; the message names it and what to change."""
+
+
+QUOTE_LIMIT = 200
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for an error or a warning, cut to about `limit` characters: values come from prompts and
+    job files that anyone reaching the server can send, and a message is stored in /history, logged and sent
+    to every websocket client. A long text or a deeply nested value is never formatted whole."""
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])
+        return text if len(value) <= limit else f"{text[:limit]}…' ({len(value):,} characters)"
+    if isinstance(value, (dict, list, tuple, set)):
+        value = _clipped(value, limit)
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class _Elided:
+    def __repr__(self):
+        return "…"
+
+
+_ELIDED = _Elided()
+
+
+def _clipped(value, budget: int):
+    """A copy of a container small enough to repr: at most `budget` leaves, containers past depth 4 elided.
+    YAML aliases make a 640-byte document a graph whose repr is hundreds of MB: never walk it whole."""
+    left = [budget]
+
+    def clip(v, depth):
+        if left[0] <= 0:
+            return _ELIDED
+        left[0] -= 1
+        if isinstance(v, (dict, list, tuple, set)) and depth >= 4:
+            return _ELIDED
+        if isinstance(v, dict):
+            out = {}
+            for k, sub in v.items():
+                if left[0] <= 0:
+                    out["…"] = _ELIDED
+                    break
+                out[clip(k, depth + 1) if not isinstance(k, str) else k[:QUOTE_LIMIT]] = clip(sub, depth + 1)
+            return out
+        if isinstance(v, (list, tuple, set)):
+            out = []
+            for sub in v:
+                if left[0] <= 0:
+                    out.append(_ELIDED)
+                    break
+                out.append(clip(sub, depth + 1))
+            return type(v)(out) if not isinstance(v, set) else out
+        if isinstance(v, str):
+            return v[:QUOTE_LIMIT]
+        return v
+    return clip(value, 0)
+
+
+def check_finite(owner: str, **values) -> None:
+    """NaN passes every `<` and `>` check (ComfyUI's min/max included) and inf overflows later: refuse both
+    with the input's name."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value} ({owner})")
 
 
 def _help(text: str, **kwargs):

@@ -22,6 +22,12 @@ from safetensors.torch import save_file
 STATE_SUFFIX = ".eri-state"
 
 
+def inside(root: str, path: str) -> bool:
+    """Whether `path`, with every symlink resolved, is `root` or lies under it (root resolved too)."""
+    root_real = os.path.realpath(root)
+    return os.path.commonpath([root_real, os.path.realpath(path)]) == root_real
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
