@@ -1,20 +1,40 @@
-"""Saving an adapter as a file ComfyUI's LoRA loaders read, with its full training state beside it."""
+"""Saving an adapter as a file ComfyUI's LoRA loaders read, with its full training state beside it.
+
+An adapter `<name>.safetensors` and its state `<name>.eri-state` are one unit: the state records the sha256 of
+the adapter file it was saved with, both are written completely before either is renamed into place, and the
+state is renamed first (a new save's adapter only ever appears with its state). Loading refuses a state that
+belongs to another adapter file and warns when an adapter of ours has no state.
+"""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import os
 import re
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from . import adapters
-from .config import AdapterSpec
-from .files import json_meta, load_tensors, save_tensors, state_path_for
+from .config import AdapterSpec, quoted
+from .files import (commit, file_sha256, json_meta, load_tensors, remove_leftovers, stage_bytes, state_path_for,
+                    tensor_bytes)
 from .state import (DTYPES, AdapterState, LossHistory, optimizer_from_tensors, optimizer_to_tensors,
                     spec_from_json, spec_to_json)
 
 FORMAT = "eridiffusion.adapter.v1"
+STATE_FORMAT = FORMAT + ".state"
+# Loss points a state keeps (older ones thinned, see LossHistory.thinned): ~2.5 MB of header, far below
+# safetensors' 100 MB limit, which a full history reached at ~2.1M steps (and every later save failed).
+MAX_SAVED_HISTORY = 50_000
+# the longest file name (one path component, in bytes) that common file systems take
+NAME_MAX = 255
+# save series `<prefix>_v2` ... of one prefix that prefix_for_run looks at before giving up
+MAX_VERSIONS = 1000
+# what a run id may look like (uuid4 hex when this pack makes one): anything else in a file is not used
+RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 def target_of(path: str, module: torch.nn.Module) -> tuple:
@@ -65,6 +85,7 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
         "eri.alpha": spec.alpha, "eri.preset": spec.preset, "eri.steps": state.step,
         "eri.settings": state.settings or {},
         "eri.spec": spec_to_json(spec),
+        **({"eri.run_id": state.run_id} if state.run_id else {}),
         # kohya / ai-toolkit readers look for these
         "eri.dora": spec.dora,
         "ss_network_module": "networks.lora" if spec.kind == "lora" and not spec.dora else "lycoris.kohya",
@@ -78,58 +99,215 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
 
 
 def save_adapter(state: AdapterState, path: str, save_dtype: str = "fp16") -> str:
-    """Write the adapter (ComfyUI-loadable keys) and `<name>.eri-state` beside it; returns path."""
+    """Write the adapter (ComfyUI-loadable keys) and `<name>.eri-state` beside it as one unit; returns path.
+
+    Both files are written to temporary names first (where a full disk shows: then neither changes), then
+    the state is renamed into place and then the adapter. A process killed between the renames leaves a new
+    step's state without its adapter (the save is simply missing) or, re-saving a step, the new state beside
+    the old adapter, which load_adapter recognises by the adapter hash the state records."""
     bad = [k for k, v in state.weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"the adapter has NaN/inf weights at step {state.step} ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                          f"not saved, so {os.path.basename(path)!r} is not overwritten. Train again from the last "
                          f"good save with a lower learning rate")
     method = adapters.method(state.spec.kind)
-    save_tensors(path, method.to_file_tensors(state.spec, state.weights, DTYPES[save_dtype]),
-                 adapter_metadata(state))
+    adapter_data = tensor_bytes(method.to_file_tensors(state.spec, state.weights, DTYPES[save_dtype]),
+                                adapter_metadata(state))
     tensors = {f"weight.{k}": v for k, v in state.weights.items()}
-    meta = {"format": FORMAT + ".state", "spec": spec_to_json(state.spec), "step": state.step,
+    history = state.history.thinned(MAX_SAVED_HISTORY)
+    meta = {"format": STATE_FORMAT, "spec": spec_to_json(state.spec), "step": state.step,
             "cursor": state.cursor, "optimizer_name": state.optimizer_name or "",
-            "history": {"steps": state.history.steps, "losses": state.history.losses,
-                        "learning_rates": state.history.learning_rates},
-            "settings": state.settings or {}}
+            "history": {"steps": history.steps, "losses": history.losses,
+                        "learning_rates": history.learning_rates},
+            "settings": state.settings or {},
+            "adapter_sha256": hashlib.sha256(adapter_data).hexdigest()}
+    if state.run_id:
+        meta["run_id"] = state.run_id
     if state.optimizer is not None:
         optimizer_tensors, optimizer_meta = optimizer_to_tensors(state.optimizer)
         tensors.update(optimizer_tensors)
         meta["optimizer"] = optimizer_meta
     if state.rng is not None:
         tensors["rng"] = state.rng
-    save_tensors(state_path_for(path), tensors, json_meta(meta))
+    state_data = tensor_bytes(tensors, json_meta(meta))
+    state_path = state_path_for(path)
+    remove_leftovers(os.path.dirname(os.path.abspath(path)), targets=(path, state_path))
+    staged_adapter = stage_bytes(path, adapter_data)
+    try:
+        staged_state = stage_bytes(state_path, state_data)
+    except BaseException:
+        staged_adapter.discard()
+        raise
+    commit(staged_state, staged_adapter)
     return path
 
 
+class _Damaged(Exception):
+    """Why a training state cannot be used (a short reason, values quoted)."""
+
+
+def _damaged_state(state_name: str, reason: str) -> ValueError:
+    return ValueError(f"the training state {state_name!r} is damaged ({reason}): delete it to continue from the "
+                      f"weights alone, or load an earlier save")
+
+
+def _json_entry(meta: dict, key: str, types: type, required: bool = True, default=None):
+    if key not in meta:
+        if required:
+            raise _Damaged(f"its entry {key!r} is missing")
+        return default
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError):
+        raise _Damaged(f"its entry {key!r} is not JSON: {quoted(meta[key], 60)}") from None
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise _Damaged(f"its entry {key!r} is {quoted(value, 60)}, not {TYPE_NAMES[types]}")
+    return value
+
+
+TYPE_NAMES = {int: "a whole number", dict: "an object"}
+
+
+def _whole(meta: dict, key: str) -> int:
+    value = _json_entry(meta, key, int)
+    if value < 0:
+        raise _Damaged(f"its {key} is {value}, below 0")
+    return value
+
+
+def _history(meta: dict) -> LossHistory:
+    values = _json_entry(meta, "history", dict, required=False, default={})
+    columns = []
+    for key, kinds, what in (("steps", (int,), "whole numbers"), ("losses", (int, float), "numbers"),
+                             ("learning_rates", (int, float), "numbers")):
+        column = values.get(key, [])
+        if not isinstance(column, list) or not all(type(v) in kinds for v in column):
+            raise _Damaged(f"its loss history's {key} are not all {what}")
+        columns.append(tuple(column))
+    if len({len(c) for c in columns}) > 1:
+        raise _Damaged("its loss history's steps, losses and learning rates differ in length")
+    return LossHistory(*columns)
+
+
+def _optimizer(meta: dict, tensors: dict, parameters: int) -> dict | None:
+    """The optimizer state_dict, for an adapter of `parameters` tensors (each is one parameter)."""
+    values = _json_entry(meta, "optimizer", dict, required=False)
+    if values is None:
+        return None
+    groups, scalars = values.get("param_groups"), values.get("scalars", {})
+    if (not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups)
+            or not all(isinstance(g.get("params"), list) and all(type(i) is int for i in g["params"]) for g in groups)):
+        raise _Damaged("its optimizer's parameter groups are malformed")
+    if not isinstance(scalars, dict):
+        raise _Damaged("its optimizer's values are malformed")
+    try:
+        optimizer = optimizer_from_tensors(tensors, values)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise _Damaged("its optimizer state is malformed") from None
+    known = [i for g in groups for i in g["params"]]
+    if len(known) != parameters:
+        raise _Damaged(f"its optimizer state is for {len(known)} parameters, its adapter has {parameters}")
+    if not set(optimizer["state"]) <= set(known):
+        raise _Damaged("its optimizer state names parameters that no parameter group has")
+    return optimizer
+
+
+def _spec(text: str) -> AdapterSpec:
+    try:
+        spec = spec_from_json(text)
+    except Exception as e:    # JSON, missing or unknown fields, wrong types, ConfigError of a bad value
+        raise _Damaged(f"its adapter description is invalid: {quoted(str(e), 80)}") from None
+    if not isinstance(spec.kind, str) or spec.kind not in adapters.ADAPTERS or not isinstance(spec.dtype, str) \
+            or spec.dtype not in DTYPES:
+        raise _Damaged(f"its adapter type {quoted(spec.kind, 40)} or dtype {quoted(spec.dtype, 40)} is unknown")
+    return spec
+
+
+def _load_state(state_path: str) -> tuple[AdapterState, str | None]:
+    """The state file's AdapterState and the adapter hash it records; raises _Damaged."""
+    try:
+        tensors, meta = load_tensors(state_path)
+    except SafetensorError as e:
+        raise _Damaged(f"it is not a readable safetensors file: {quoted(str(e), 80)}") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise _Damaged(f"its format is {quoted(meta.get('format'), 60)}, not {STATE_FORMAT!r}")
+    if "spec" not in meta:
+        raise _Damaged("its entry 'spec' is missing")
+    spec = _spec(meta["spec"])
+    method = adapters.method(spec.kind)
+    step, cursor = _whole(meta, "step"), _whole(meta, "cursor")
+    optimizer_name = meta.get("optimizer_name") or None
+    history = _history(meta)
+    settings = _json_entry(meta, "settings", dict, required=False, default={}) or None
+    adapter_hash = meta.get("adapter_sha256")
+    if adapter_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", adapter_hash):
+        raise _Damaged(f"its adapter hash {quoted(adapter_hash, 80)} is not a sha256")
+    run_id = meta.get("run_id")
+    if run_id is not None and not RUN_ID.fullmatch(run_id):
+        raise _Damaged(f"its run id {quoted(run_id, 80)} is malformed")
+    weights = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
+    try:   # the layers training builds from them: every target's tensors, of the right shapes
+        method.build_layers(spec, weights, DTYPES[spec.dtype])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise _Damaged(f"its weights do not fit its adapter: {quoted(str(e), 120)}") from None
+    optimizer = _optimizer(meta, tensors, len(weights))
+    rng = tensors.get("rng")
+    if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.Generator().get_state().shape):
+        raise _Damaged("its random generator state is malformed")
+    state = AdapterState(spec, weights, step=step, cursor=cursor, optimizer=optimizer, optimizer_name=optimizer_name,
+                         rng=rng, history=history, settings=settings, run_id=run_id)
+    return state, adapter_hash
+
+
 def load_adapter(path: str, patcher=None) -> AdapterState:
-    """Resume from a file written by save_adapter: the full state if its .state file is beside it, otherwise
-    the weights alone (training continues with a fresh optimizer). A file of another trainer (kohya,
-    LyCORIS, PEFT / diffusers or ComfyUI keys) needs the MODEL (`patcher`) to match its layers to."""
+    """Resume from a file written by save_adapter: the full state if its .eri-state file is beside it,
+    otherwise the weights alone (training continues with a fresh optimizer; logged as a warning). A file of
+    another trainer (kohya, LyCORIS, PEFT / diffusers or ComfyUI keys) needs the MODEL (`patcher`) to match
+    its layers to. Raises ValueError naming the file for a damaged state, a state saved with another adapter
+    file, or NaN/inf weights."""
     name = os.path.basename(path)
     state_path = state_path_for(path)
+    state_name = os.path.basename(state_path)
     if os.path.isfile(state_path):
-        tensors, meta = load_tensors(state_path)
-        spec = spec_from_json(meta["spec"])
-        _check_arch(name, spec, patcher)
-        weights = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
-        history = json.loads(meta.get("history", "{}"))
-        optimizer = None
-        if "optimizer" in meta:
-            optimizer = optimizer_from_tensors(tensors, json.loads(meta["optimizer"]))
-        return AdapterState(
-            spec, weights, step=int(meta["step"]), cursor=int(meta["cursor"]), optimizer=optimizer,
-            optimizer_name=meta.get("optimizer_name") or None, rng=tensors.get("rng"),
-            history=LossHistory(tuple(history.get("steps", ())), tuple(history.get("losses", ())),
-                                tuple(history.get("learning_rates", ()))),
-            settings=json.loads(meta.get("settings", "{}")) or None)
-    tensors, meta = load_tensors(path)
+        try:
+            state, adapter_hash = _load_state(state_path)
+        except _Damaged as e:
+            raise _damaged_state(state_name, str(e)) from None
+        if adapter_hash is not None and file_sha256(path) != adapter_hash:
+            raise ValueError(
+                f"the training state {state_name!r} belongs to another save of this adapter (step {state.step}) "
+                f"than {name!r}{_saved_step(path)}: a save was interrupted or one of the files was replaced. "
+                f"Delete {state_name!r} to continue from the weights of {name!r} alone, or load a save whose pair "
+                f"is complete")
+        _check_arch(name, state.spec, patcher)
+        _check_finite(state_name, state.weights)
+        return state
+    try:
+        tensors, meta = load_tensors(path)
+    except SafetensorError as e:
+        raise ValueError(f"{name!r} cannot be read as a safetensors file ({quoted(str(e), 80)}): it is damaged "
+                         f"or not an adapter; load an earlier save or another file") from None
     if "eri.spec" in meta:
-        spec = spec_from_json(meta["eri.spec"])
+        try:
+            spec = _spec(meta["eri.spec"])
+            step = _whole({"step": meta.get("eri.steps", "0")}, "step")
+        except _Damaged as e:
+            raise ValueError(f"the adapter {name!r} is damaged ({e}): load an earlier save") from None
+        method = adapters.method(spec.kind)
         _check_arch(name, spec, patcher)
-        weights = adapters.method(spec.kind).from_file_tensors(spec, tensors)
-        step = int(meta.get("eri.steps", 0))
+        try:
+            weights = method.from_file_tensors(spec, tensors)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        run_id = meta.get("eri.run_id") or None
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            run_id = None
+        logging.warning(
+            "EriDiffusion: %r has no training state beside it (%s is missing): training continues from its "
+            "weights at step %d with a new optimizer (its moments start from zero), the learning-rate schedule "
+            "at step %d, the random generator seeded anew from the training seed, the data order from its "
+            "beginning and an empty loss history. Load a save that has its .eri-state to resume exactly",
+            name, state_name, step, step)
     elif patcher is None:
         raise ValueError(f"{name!r} was not written by EriDiffusion's Save adapter: connect the MODEL input of "
                          f"Load adapter so its layers can be matched to the model")
@@ -139,9 +317,26 @@ def load_adapter(path: str, patcher=None) -> AdapterState:
             spec, weights = import_adapter(path, tensors, patcher)
         except ValueError as e:
             raise ValueError(str(e) if name in str(e) else f"{name}: {e}") from None
-        step = 0
+        step, run_id = 0, None
     weights = {k: v.to(DTYPES[spec.dtype]) for k, v in weights.items()}
-    return AdapterState(spec, weights, step=step)
+    _check_finite(name, weights)
+    return AdapterState(spec, weights, step=step, run_id=run_id)
+
+
+def _saved_step(path: str) -> str:
+    try:
+        with safe_open(path, framework="pt") as f:
+            step = (f.metadata() or {}).get("eri.steps")
+    except Exception:
+        return ""
+    return f" (step {int(step)})" if step is not None and step.isdigit() else ""
+
+
+def _check_finite(file_name: str, weights: dict[str, torch.Tensor]) -> None:
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{file_name!r} has NaN/inf weights ({quoted(bad, 100)}): training or sampling it "
+                         f"cannot work; load an earlier save")
 
 
 def _check_arch(name: str, spec: AdapterSpec, patcher) -> None:
@@ -177,3 +372,63 @@ def prune_saves(path_of_step, keep: int) -> list[str]:
                 os.remove(path)
                 removed.append(path)
     return removed
+
+
+def run_id_of(adapter_path: str) -> str | None:
+    """The training run an adapter file was saved by (None: unknown, or not readable)."""
+    try:
+        with safe_open(adapter_path, framework="pt") as f:
+            return (f.metadata() or {}).get("eri.run_id") or None
+    except Exception:
+        return None
+
+
+def prefix_for_run(prefix: str, run_id: str, path_of_step, where: str = "", step: int = 0) -> tuple[str, str | None]:
+    """The prefix one training run saves under: `prefix` unless saves `<prefix>_<step>` of another run (or of
+    an unknown one) exist, then the first of `<prefix>_v2`, `<prefix>_v3`, ... that is free or this run's.
+    `path_of_step(prefix, step)` names the files; `where` is put in front of prefixes in the note; `step` is the
+    largest step to be saved (for the length of the names). Returns the
+    prefix and, when it is not `prefix`, a note saying why (for the log and the node's text)."""
+    for version in range(1, MAX_VERSIONS + 1):
+        candidate = prefix if version == 1 else f"{prefix}_v{version}"
+        saves = saved_steps(lambda n: path_of_step(candidate, n))
+        if all(run_id_of(path) == run_id for path in saves.values()):
+            if version == 1:
+                return prefix, None
+            problem = file_name_problem(candidate, step)
+            if problem:
+                raise ValueError(f"{where}{prefix}_* hold another training run's saves, and the next free name "
+                                 f"{candidate!r} {problem}")
+            return candidate, (f"{where}{prefix}_* hold another training run's saves: this run saves as "
+                               f"{where}{candidate}_*")
+    raise ValueError(f"{where}{prefix}_* and {where}{prefix}_v2_* to _v{MAX_VERSIONS}_* all hold other training "
+                     f"runs' saves: choose another prefix")
+
+
+def file_name_problem(prefix: str, step: int = 0) -> str | None:
+    """What is wrong with a save prefix as a file name, as a phrase to follow the input's name and value
+    ("save_prefix 'x/' ends with a folder separator: ..."), or None. Containment in a folder is checked
+    elsewhere (nodes/paths.py)."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        return "is empty: give a file name such as eri/my_lora"
+    control = next((c for c in prefix if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        return f"contains the control character {control!r}: use letters, digits, '-', '_', and '/' between folders"
+    try:
+        prefix.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains characters that cannot be in a file name"
+    separators = re.escape(os.sep + (os.altsep or ""))
+    *folders, last = re.split(f"[{separators}]", prefix)
+    if not last.strip():
+        return "ends with a folder separator: add a file name after it, as in eri/my_lora"
+    for folder in folders:
+        size = len(folder.encode("utf-8"))
+        if size > NAME_MAX:
+            return f"has a folder name of {size} bytes; file systems allow {NAME_MAX}: shorten it"
+    size = len(f"{last}_{step:06d}.safetensors".encode("utf-8"))
+    if size > NAME_MAX:
+        over = size - NAME_MAX
+        return (f"makes file names of {size} bytes (<name>_{step:06d}.safetensors), and file systems allow "
+                f"{NAME_MAX}: shorten its last part by {over} byte{'s' if over > 1 else ''} or more")
+    return None

@@ -316,15 +316,19 @@ class TrainingRun:
 
     def export(self) -> AdapterState:
         """The adapter after the last finished step: resuming from it continues exactly."""
+        import uuid
         from .adapters import method
         cursor, rng = self._step_start or (self.cursor, self.generator.get_state())
+        # One id for the whole run (its saves and the state it returns; chained Train steps and resumes pass
+        # it on): a save series of another run is never overwritten (checkpoint.prefix_for_run).
+        run_id = self.state.run_id or self.__dict__.setdefault("new_run_id", uuid.uuid4().hex)
         return self.state.replace(
             weights=method(self.state.spec.kind).layer_weights(self.layers),
             step=self.step_count, cursor=cursor,
             optimizer=cpu_copy(self.optimizer.state_dict()), optimizer_name=self.settings.optimizer,
             rng=rng.clone(),
             history=self.state.history.extended(self.steps, self.losses, self.lrs),
-            settings=self.settings.to_dict())
+            settings=self.settings.to_dict(), run_id=run_id)
 
 
 @contextlib.contextmanager

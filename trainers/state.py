@@ -32,6 +32,29 @@ class LossHistory:
     def extended(self, steps, losses, lrs) -> "LossHistory":
         return LossHistory(self.steps + tuple(steps), self.losses + tuple(losses), self.learning_rates + tuple(lrs))
 
+    def thinned(self, limit: int) -> "LossHistory":
+        """At most `limit` points: the newest half exactly, the older steps at the smallest power-of-two stride
+        of step numbers that fits. Thinning a thinned history again (each save of a long run does) keeps the
+        same points: only steps that are multiples of the stride remain, and strides only grow."""
+        count = len(self.steps)
+        if count <= limit:
+            return self
+        recent = limit // 2
+        old = count - recent
+        budget = limit - recent
+        span = max(self.steps[:old]) - min(self.steps[:old])
+        stride = 2
+        while span // stride + 1 > budget:     # a bound of the multiples of `stride` among distinct steps
+            stride *= 2
+        while True:                            # (one pass, unless steps repeat)
+            keep = [i for i in range(old) if self.steps[i] % stride == 0]
+            if len(keep) <= budget:
+                break
+            stride *= 2
+        keep += range(old, count)
+        return LossHistory(tuple(self.steps[i] for i in keep), tuple(self.losses[i] for i in keep),
+                           tuple(self.learning_rates[i] for i in keep))
+
 
 @dataclass(frozen=True)
 class AdapterState:
@@ -44,6 +67,10 @@ class AdapterState:
     rng: torch.Tensor | None = None             # state of the generator for noise, timesteps and dropout
     history: LossHistory = field(default_factory=LossHistory)
     settings: dict | None = None                # TrainingSettings of the last run, as a dict
+    # One training run (from a new adapter, through chained Train steps, saves and resumes of them) has one id;
+    # save series of another run are never overwritten (checkpoint.prefix_for_run). None: not trained or
+    # saved yet, or loaded from a file without one.
+    run_id: str | None = None
 
     def __repr__(self):
         return (f"AdapterState({self.spec.kind} r{self.spec.rank} α{self.spec.alpha:g} on {self.spec.arch}, "

@@ -16,11 +16,11 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file_and_says_so(tmp_path,
     path = str(tmp_path / "lora.safetensors")
     files.save_tensors(path, {"w": torch.ones(3)}, {})
 
-    def fill_the_disk(tensors, p, metadata=None):
+    def fill_the_disk(p, data):
         with open(p, "wb") as f:
-            f.write(b"partial")
+            f.write(data[:7])
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(files, "save_file", fill_the_disk)
+    monkeypatch.setattr(files, "write_file", fill_the_disk)
     with pytest.raises(OSError, match=r"the disk is full while saving .*lora.safetensors.*the previous file is "
                                       r"untouched"):
         files.save_tensors(path, {"w": torch.zeros(3)}, {})
@@ -34,15 +34,14 @@ def test_a_process_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint
     child = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(tmp_path)!r})
-        from safetensors.torch import save_file
         import eridiffusion_files as files
 
-        def write_half_then_die(tensors, p, metadata=None):
+        def write_half_then_die(p, data):
             with open(p, "wb") as f:
-                f.write(b"half a file")
+                f.write(data[: len(data) // 2])
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        files.save_file = write_half_then_die
+        files.write_file = write_half_then_die
         files.save_tensors({str(path)!r}, {{"w": torch.zeros(1000)}}, {{}})
     """)
     # the module under test, importable without the pack's package around it
