@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import quoted
 from .data import Dataset, DatasetItem, load_image
 from .files import atomic_write
 
@@ -48,10 +49,17 @@ def latent_key(item: DatasetItem, vae_id: str) -> str:
 
 def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
                   on_progress: Callable[[int, int], None] | None = None) -> LatentSet:
-    """Encode every item with the ComfyUI VAE (batched per bucket), reading and writing `cache_dir`."""
+    """Encode every item with the ComfyUI VAE (batched per bucket), reading and writing `cache_dir`.
+    on_progress(done, total) is called as latents are read from the cache, as each image is read and after
+    each batch: a caller may raise from it (Cancel), and at most the batch being encoded is finished."""
     os.makedirs(cache_dir, exist_ok=True)
     vae_id = model_fingerprint(vae.first_stage_model, getattr(vae.patcher, "patches", None))
     keys = [latent_key(item, vae_id) for item in dataset.items]
+
+    def report(done: int) -> None:
+        if on_progress:
+            on_progress(done, len(keys))
+
     latents: dict[int, torch.Tensor] = {}
     missing = []
     for index, key in enumerate(keys):
@@ -59,6 +67,8 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
         if os.path.isfile(path):
             try:
                 latents[index] = load_file(path)["latent"]
+                if len(latents) % 64 == 0:   # thousands of cached files take seconds to read
+                    report(len(latents))
                 continue
             except Exception:   # a damaged cache file is simply re-encoded
                 pass
@@ -67,10 +77,15 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
     for index in missing:
         by_bucket.setdefault(dataset.items[index].bucket, []).append(index)
     done = len(latents)
+    report(done)
     for group in by_bucket.values():
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
-            pixels = torch.stack([_pixels(dataset.items[i]) for i in chunk])
+            images = []
+            for i in chunk:   # a large image takes a good part of a second to decode and resize
+                images.append(_pixels(dataset.items[i]))
+                report(done)
+            pixels = torch.stack(images)
             encoded = vae.encode(pixels).detach().float().cpu()
             for i, latent in zip(chunk, encoded):
                 latent = latent.clone().contiguous()
@@ -78,8 +93,7 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
                 atomic_write(os.path.join(cache_dir, keys[i] + ".safetensors"),
                              lambda p, t=latent: save_file({"latent": t}, p))
             done += len(chunk)
-            if on_progress:
-                on_progress(done, len(keys))
+            report(done)
     return LatentSet(dataset, tuple(latents[i] for i in range(len(keys))), vae_id, len(missing))
 
 
@@ -109,7 +123,7 @@ class TextSet:
         for text, embedding in self.embeddings:
             if text == caption:
                 return embedding
-        raise KeyError(f"caption {caption!r} was not cached: connect the same dataset to Cache captions")
+        raise KeyError(f"caption {quoted(caption)} was not cached: connect the same dataset to Cache captions")
 
 
 def text_key(caption: str, clip_id: str) -> str:
@@ -118,12 +132,17 @@ def text_key(caption: str, clip_id: str) -> str:
 
 def cache_text(captions, clip, cache_dir: str,
                on_progress: Callable[[int, int], None] | None = None) -> TextSet:
+    """Encode each distinct caption and the empty one, reading and writing `cache_dir`. on_progress(done,
+    total) is called before the first caption and after each: a caller may raise from it (Cancel) and at
+    most one more caption is encoded."""
     os.makedirs(cache_dir, exist_ok=True)
     # layer_idx: CLIPSetLastLayer ("clip skip") changes the output, not the weights
     clip_id = model_fingerprint(clip.cond_stage_model, getattr(clip.patcher, "patches", None),
                                 extra=f"{type(clip.tokenizer).__qualname__}|layer {getattr(clip, 'layer_idx', None)}")
     wanted = [""] + sorted(set(captions) - {""})
     out, encoded = [], 0
+    if on_progress:
+        on_progress(0, len(wanted))
     for n, caption in enumerate(wanted, 1):
         path = os.path.join(cache_dir, text_key(caption, clip_id) + ".safetensors")
         tensors = None

@@ -6,14 +6,45 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
+from typing import Callable
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .config import ConfigError, DatasetConfig
+from . import files
+from .config import ConfigError, DatasetConfig, quoted
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What PIL may decode a training image as (whatever its extension says). Without this list PIL tries every
+# format it knows, EPS (run through Ghostscript) and PSD included, on a file anyone can upload as "x.png".
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+# Images are refused from their header, before their pixels are decoded, when decoding or resizing them would
+# take far more memory than training on them needs:
+# - more pixels than PIL's own decompression-bomb threshold (checked here, naming the file, whatever another
+#   node pack set PIL.Image.MAX_IMAGE_PIXELS to): ~268 MB as 8-bit RGB, far more than any bucket needs;
+MAX_IMAGE_PIXELS = 89_478_485
+# - more elongated than ELONGATION_LIMIT times the dataset's most elongated bucket. An image is resized to
+#   cover its bucket before the crop, so its long side becomes bucket side x (image aspect / bucket aspect):
+#   this keeps that resize at most 4x the bucket's area and every resized side within 4 x max_side (an
+#   8x200000 PNG of 3.5 KB was resized to 256x6,400,000, 6.9 GB).
+ELONGATION_LIMIT = 4.0
+
+# Text encoders read 77 (CLIP) to 512 (T5) tokens; a longer caption only costs encoding time (a 10 MB caption
+# kept Cache captions busy for 14 minutes), so captions are capped well above any real one.
+MAX_CAPTION_CHARS = DatasetConfig.MAX_CAPTION_CHARS
+# A caption file is read up to this many bytes (UTF-8 takes at most 4 per character): a larger one is
+# refused without being read whole.
+MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS
+
+# The switch nodes/paths.py reads too (the engine does not import the nodes, which need ComfyUI's folders).
+ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
+
+
+def any_path_allowed() -> bool:
+    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -72,15 +103,19 @@ def make_buckets(resolution: int, min_side: int, max_side: int, step: int = 64) 
 
 def assign_bucket(size: tuple[int, int], config: DatasetConfig, buckets: tuple[Bucket, ...]) -> Bucket:
     """The bucket of closest aspect ratio; an image too small for it (beyond max_upscale) gets a smaller
-    bucket of its own size rounded down to multiples of 64 instead of being blown up."""
+    bucket of its own size rounded down to multiples of 64 instead of being blown up, its sides between 64
+    and max_side (a long thin image is scaled down to fit max_side rather than trained at its length)."""
     width, height = size
     aspect = math.log(width / height)
     best = min(buckets, key=lambda b: (abs(math.log(b.width / b.height) - aspect), -b.width * b.height))
     needed_scale = math.sqrt(best.width * best.height / (width * height))
     if needed_scale <= config.max_upscale:
         return best
-    scale = config.max_upscale
-    return Bucket(max(64, int(width * scale) // 64 * 64), max(64, int(height * scale) // 64 * 64))
+    scale = min(config.max_upscale, config.max_side / max(width, height))
+
+    def side(length: float) -> int:
+        return min(config.max_side, max(64, int(length) // 64 * 64))
+    return Bucket(side(width * scale), side(height * scale))
 
 
 def crop_for(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -93,7 +128,18 @@ def crop_for(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tu
 
 def load_image(item: DatasetItem) -> Image.Image:
     """The item's pixels, RGB, resized and cropped to its bucket, mirrored if it is a flipped copy."""
-    with Image.open(item.path) as img:
+    name = quoted(os.path.basename(item.path))
+    try:
+        img = Image.open(item.path, formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ConfigError(f"image {name} is too large to decode safely ({e}); it changed since the folder was "
+                          f"scanned: run Training images again") from None
+    with img:
+        # The file may have been replaced since the scan: never decode something the scan did not measure.
+        if sorted(img.size) != sorted(item.original_size):
+            raise ConfigError(f"image {name} is now {img.size[0]}x{img.size[1]} pixels, not the "
+                              f"{item.original_size[0]}x{item.original_size[1]} it had when the folder was "
+                              f"scanned: run Training images again")
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
         resized, (left, top) = crop_for(item.original_size, item.bucket)
@@ -115,14 +161,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _read_caption(image_path: str, config: DatasetConfig) -> str | None:
-    caption_path = os.path.splitext(image_path)[0] + config.caption_ext
-    if os.path.isfile(caption_path):
-        with open(caption_path, encoding="utf-8", errors="replace") as f:
-            return " ".join(f.read().split())
-    return None
-
-
 def _with_trigger(caption: str, trigger: str) -> str:
     if not trigger:
         return caption.replace("[trigger]", "").strip(" ,")
@@ -132,7 +170,8 @@ def _with_trigger(caption: str, trigger: str) -> str:
 
 
 def list_image_files(root: str) -> list[tuple[str, int]]:
-    """(path, repeats) of every file under root, in a stable order; N_name sub-folders repeat N times."""
+    """(path, repeats) of every file under root, in a stable order; N_name sub-folders repeat N times.
+    Linked sub-folders are not entered."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
@@ -152,47 +191,68 @@ def listing_fingerprint(root: str) -> str:
     """Changes when any file under root is added, removed, resized or touched."""
     digest = hashlib.sha256()
     for path, repeats in list_image_files(root):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{repeats}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            info = os.stat(path)
+        except OSError:     # a dangling link: scan_dataset names it
+            info = os.lstat(path)
+        digest.update(f"{path}\0{repeats}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def scan_dataset(root: str, config: DatasetConfig) -> Dataset:
-    """Read the folder into a Dataset, or raise ConfigError naming the file and the fix."""
+def most_elongated(buckets: tuple[Bucket, ...]) -> float:
+    """Long side / short side of the dataset's most elongated bucket."""
+    return max(max(b.width, b.height) / min(b.width, b.height) for b in buckets)
+
+
+def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> Dataset:
+    """Read the folder into a Dataset, or raise ConfigError naming the file and the fix.
+
+    confine: every image and caption file must lie inside `root` once links are resolved (a link to a file
+    elsewhere is refused). None (the default) confines unless ERI_ALLOW_ANY_PATH=1 is set, the switch that
+    also frees the folder itself; callers who already know pass a bool.
+    on_progress(done, total) is called before each file: a caller may raise from it to stop the scan."""
+    if confine is None:
+        confine = not any_path_allowed()
     if not os.path.isdir(root):
-        raise ConfigError(f"folder {config.folder!r} does not exist (looked for {root})")
+        raise ConfigError(f"folder {quoted(config.folder)} does not exist (looked for {root})")
+    if config.caption_ext.lower() in IMAGE_EXTENSIONS:
+        raise ConfigError(f"caption_ext {quoted(config.caption_ext)} is an image extension: captions would be "
+                          f"read from images. Use .txt or another text extension")
     buckets = make_buckets(config.resolution, config.min_side, config.max_side)
+    elongation_limit = ELONGATION_LIMIT * most_elongated(buckets)
+    listing = list_image_files(root)
     items, skipped, duplicates, seen = [], [], [], {}
-    for path, repeats in list_image_files(root):
-        if os.path.splitext(path)[1].lower() == config.caption_ext:
+    for done, (path, repeats) in enumerate(listing):
+        if on_progress:
+            on_progress(done, len(listing))
+        extension = os.path.splitext(path)[1].lower()
+        if extension == config.caption_ext.lower():
             continue
-        if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        if extension not in IMAGE_EXTENSIONS:
             skipped.append(path)
             continue
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            with Image.open(path) as img:
-                img.load()
-                size = ImageOps.exif_transpose(img).size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ConfigError(f"image {os.path.relpath(path, root)!r} in folder {config.folder!r} cannot be read "
-                              f"({e}); fix or remove the file") from e
-        if min(size) < 8:
-            raise ConfigError(f"image {os.path.relpath(path, root)!r} is {size[0]}x{size[1]} pixels: too small "
-                              f"to train on; remove it")
-        caption = _read_caption(path, config)
+        name = os.path.relpath(path, root)
+        if confine and not files.inside(root, path):
+            raise ConfigError(_links_outside("image", name, config))
+        size, content_hash = _measure_image(path, name, config, elongation_limit)
+        caption = _read_caption(path, root, config, confine)
         if caption is None:
             if not config.default_caption:
-                raise ConfigError(
-                    f"image {os.path.relpath(path, root)!r} has no caption file "
-                    f"({os.path.splitext(os.path.basename(path))[0]}{config.caption_ext}) and default_caption is "
-                    f"empty: add the caption file or set default_caption")
+                caption_name = os.path.splitext(os.path.basename(path))[0] + config.caption_ext
+                raise ConfigError(f"image {quoted(name)} has no caption file ({_unquoted(caption_name)}) and "
+                                  f"default_caption is empty: add the caption file or set default_caption")
             caption = config.default_caption
         caption = _with_trigger(caption, config.trigger_word)
+        # "[trigger]" written many times over multiplies the trigger word: room for one caption and one
+        # trigger word at their caps, no more.
+        if len(caption) > 2 * MAX_CAPTION_CHARS:
+            raise ConfigError(f"the caption of image {quoted(name)} in folder {quoted(config.folder)} is "
+                              f"{len(caption):,} characters with the trigger word, more than the "
+                              f"{2 * MAX_CAPTION_CHARS:,} a caption with its trigger word may have: shorten the "
+                              f"caption or trigger_word")
         bucket = assign_bucket(size, config, buckets)
         _, crop = crop_for(size, bucket)
-        content_hash = hashlib.sha256(data).hexdigest()
         if content_hash in seen:   # the same bytes twice would silently double their weight; repeats do that
             duplicates.append((path, seen[content_hash]))
             continue
@@ -200,10 +260,103 @@ def scan_dataset(root: str, config: DatasetConfig) -> Dataset:
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash))
     if not items:
-        raise ConfigError(f"folder {config.folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+        raise ConfigError(f"folder {quoted(config.folder)} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           f"{len(skipped)} other files were skipped. Put training images in {root}")
     if duplicates:
-        logging.warning("EriDiffusion: %d duplicate image(s) in %r left out: %s", len(duplicates), config.folder,
-                        "; ".join(f"{os.path.relpath(a, root)!r} is identical to {os.path.relpath(b, root)!r}"
-                                  for a, b in duplicates[:5]) + (" ..." if len(duplicates) > 5 else ""))
+        logging.warning("EriDiffusion: %d duplicate image(s) in %s left out: %s", len(duplicates),
+                        quoted(config.folder),
+                        "; ".join(f"{quoted(os.path.relpath(a, root))} is identical to "
+                                  f"{quoted(os.path.relpath(b, root))}" for a, b in duplicates[:5])
+                        + (" ..." if len(duplicates) > 5 else ""))
     return Dataset(config, root, tuple(items), tuple(skipped), tuple(duplicates))
+
+
+def _unquoted(text: str, limit: int = 100) -> str:
+    """A file name inside a sentence: control characters escaped as repr does, cut to `limit` characters."""
+    shown = repr(text[:limit])[1:-1]
+    return shown + "…" if len(text) > limit else shown
+
+
+def _links_outside(kind: str, name: str, config: DatasetConfig) -> str:
+    return (f"{kind} {quoted(name)} in folder {quoted(config.folder)} is a link to a file outside the folder, "
+            f"and only files inside it are read: copy the file into the folder, or, on a single-user machine, "
+            f"start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow links that lead out")
+
+
+def _measure_image(path: str, name: str, config: DatasetConfig,
+                   elongation_limit: float) -> tuple[tuple[int, int], str]:
+    """(width, height) as displayed (EXIF orientation applied) and the sha256 of the file's bytes. The size
+    limits are checked from the header, before any pixel is decoded; then the image is decoded once, so a
+    damaged file is named now rather than in the middle of caching."""
+    where = f"image {quoted(name)} in folder {quoted(config.folder)}"
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({e.strerror}; a link to nothing?): fix or remove it") from None
+    if not stat.S_ISREG(info.st_mode):   # a pipe or a device would block or never end
+        raise ConfigError(f"{where} is not a regular file: remove it")
+    with open(path, "rb") as f:
+        try:
+            with Image.open(f, formats=IMAGE_FORMATS) as img:
+                width, height = img.size
+                _check_image_size(img.size, name, where, config, elongation_limit)
+                img.load()
+                orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except ConfigError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ConfigError(f"{where} is too large to decode safely ({e}): resize it to at most "
+                              f"{MAX_IMAGE_PIXELS:,} pixels") from None
+        except UnidentifiedImageError:
+            raise ConfigError(f"{where} cannot be read (it is not a {', '.join(IMAGE_FORMATS)} image): fix or "
+                              f"remove the file") from None
+        except Exception as e:   # decoders raise OSError, SyntaxError, ValueError, struct.error... on damage
+            raise ConfigError(f"{where} cannot be read ({_unquoted(str(e), 120)}): fix or remove the "
+                              f"file") from None
+        f.seek(0)
+        content_hash = hashlib.file_digest(f, "sha256").hexdigest()   # in chunks, not the whole file at once
+    # As ImageOps.exif_transpose (in load_image) will turn it: orientations 5-8 swap the sides.
+    return ((height, width) if orientation in (5, 6, 7, 8) else (width, height)), content_hash
+
+
+def _check_image_size(size: tuple[int, int], name: str, where: str, config: DatasetConfig,
+                      elongation_limit: float) -> None:
+    # Pixels and elongation do not depend on the EXIF orientation, so the header's size is enough.
+    width, height = size
+    if min(size) < 8:
+        raise ConfigError(f"image {quoted(name)} is {width}x{height} pixels: too small to train on; remove it "
+                          f"from folder {quoted(config.folder)}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ConfigError(f"{where} is {width}x{height} pixels ({width * height:,}), more than the "
+                          f"{MAX_IMAGE_PIXELS:,} an image may have: resize it (training uses at most "
+                          f"{config.max_side} pixels a side)")
+    elongation = max(size) / min(size)
+    if elongation > elongation_limit:
+        raise ConfigError(f"{where} is {width}x{height} pixels, {elongation:.1f}:1, more elongated than the "
+                          f"{elongation_limit:g}:1 this dataset allows ({ELONGATION_LIMIT:g} times its most "
+                          f"elongated bucket at resolution {config.resolution}, min_side {config.min_side}, "
+                          f"max_side {config.max_side}): crop it, or lower min_side or raise max_side")
+
+
+def _read_caption(image_path: str, root: str, config: DatasetConfig, confine: bool) -> str | None:
+    """The caption file's text with whitespace collapsed, or None when the image has none."""
+    caption_path = os.path.splitext(image_path)[0] + config.caption_ext
+    if not os.path.lexists(caption_path):
+        return None
+    name = os.path.relpath(caption_path, root)
+    if confine and not files.inside(root, caption_path):
+        raise ConfigError(_links_outside("caption file", name, config))
+    if not os.path.isfile(caption_path):   # a folder, or a link to nothing, of that name is no caption
+        return None
+    where = f"caption file {quoted(name)} in folder {quoted(config.folder)}"
+    with open(caption_path, "rb") as f:
+        raw = f.read(MAX_CAPTION_BYTES + 1)
+        if len(raw) > MAX_CAPTION_BYTES:
+            raise ConfigError(f"{where} is {os.fstat(f.fileno()).st_size:,} bytes, longer than a caption may be "
+                              f"({MAX_CAPTION_CHARS:,} characters; text encoders read at most 77 to 512 tokens): "
+                              f"shorten it")
+    caption = " ".join(raw.decode("utf-8", errors="replace").split())
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ConfigError(f"{where} has {len(caption):,} characters, more than the {MAX_CAPTION_CHARS:,} a "
+                          f"caption may have (text encoders read at most 77 to 512 tokens): shorten it")
+    return caption
