@@ -13,8 +13,8 @@ import folder_paths
 
 from ..trainers import checkpoint, data
 from ..trainers.arch import detect
-from ..trainers.config import ConfigError
-from ..trainers.job import Job, build_dataset, load_job, parse_job
+from ..trainers.config import ConfigError, quoted
+from ..trainers.job import MAX_JOB_BYTES, Job, build_dataset, parse_job, read_job_file
 from ..trainers.sampling import SamplingSettings
 from ..trainers.state import new_adapter
 from . import paths
@@ -46,15 +46,39 @@ config:
 """
 
 
+MAX_FILE_NAME = 1024        # a job file's name in the input folder; a longer "name" is not one
+
+
 def read_job(job: str) -> Job:
     """The node's `job` input: a .yaml/.yml file under ComfyUI's input folder, or the YAML text itself."""
     text = job.strip()
     if "\n" not in text and text.lower().endswith((".yaml", ".yml")):
+        if len(text) > MAX_FILE_NAME:
+            raise ConfigError(f"job file name {quoted(text)} is {len(text):,} characters long; a file name is at "
+                              f"most {MAX_FILE_NAME:,}")
         path = paths.contained(folder_paths.get_input_directory(), text, "job")
         if not os.path.isfile(path):
-            raise ConfigError(f"job file {text!r} does not exist in ComfyUI's input folder (looked for {path})")
-        return load_job(path)
+            raise ConfigError(f"job file {quoted(text)} does not exist in ComfyUI's input folder (looked for "
+                              f"{quoted(path)})")
+        return parse_job(read_job_file(path, text), path)
     return parse_job(job, "job")
+
+
+def queue_problem(job: str) -> str | None:
+    """What is wrong with the `job` input as far as Queue can tell without a model: the job itself (read as
+    execute reads it), and its dataset folders, which must be folders inside ComfyUI's input folder. None
+    when it is fine. Quick: it reads the job and looks at folders, and opens no image."""
+    try:
+        parsed = read_job(job)
+        for i, dataset in enumerate(parsed.datasets):
+            key = f"datasets[{i}].folder_path"
+            folder = input_folder_root(dataset.folder_path, key)
+            if not os.path.isdir(folder):
+                return (f"{parsed.source}: {key} {quoted(dataset.folder_path)} does not exist in ComfyUI's input "
+                        f"folder (looked for {quoted(folder)}): create it and put the training images in it")
+    except ValueError as e:     # ConfigError, PathError
+        return str(e)
+    return None
 
 
 def input_folder_root(folder_path: str, key: str) -> str:
@@ -127,6 +151,14 @@ class EriLoadTrainingJob(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, job=None):
+        # At Queue (POST /prompt): a hostile or mistyped job is refused before a model loads; ComfyUI shows
+        # the message under the node. A linked job arrives as None and is read when the node executes.
+        if job is None:
+            return True
+        return queue_problem(job) or True
+
+    @classmethod
     def fingerprint_inputs(cls, model=None, job="", **kwargs):
         # Re-run when the job file or the image folders change although the inputs did not.
         digest = hashlib.sha256(job.encode())
@@ -134,7 +166,7 @@ class EriLoadTrainingJob(io.ComfyNode):
             parsed = read_job(job)
             if parsed.source != "job":
                 with open(parsed.source, "rb") as f:
-                    digest.update(f.read())
+                    digest.update(f.read(MAX_JOB_BYTES + 1))
             for d in parsed.datasets:
                 digest.update(data.listing_fingerprint(input_folder_root(d.folder_path, "folder_path")).encode())
         except Exception as e:

@@ -19,7 +19,12 @@ A file written for ai-toolkit loads as it is. Its keys that EriDiffusion does no
 loggers, EMA, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
 a key neither knows is a ConfigError naming its path and the closest known key. Defaults of ai-toolkit's
 keys are ai-toolkit's (lr 1e-6, linear_alpha 1.0, dtype fp32, ...), so a job trains what it says there.
-Only `yaml.safe_load` is used. Nothing here imports ComfyUI.
+Nothing here imports ComfyUI.
+
+A job can come from anyone who reaches ComfyUI's HTTP API, so reading one is bounded: the text is at most
+1 MiB, YAML is loaded safely by a loader that refuses deep nesting and aliases that expand past a sane size
+(a 640-byte "billion laughs" document is a graph of billions of values), every number is range-checked here
+(not when training reaches it), and messages quote user values only cut short (`quoted`).
 """
 from __future__ import annotations
 
@@ -27,11 +32,13 @@ import dataclasses
 import difflib
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import yaml
 
-from .config import OPTIMIZERS, ConfigError, DatasetConfig, TrainingSettings
+from .config import OPTIMIZERS, ConfigError, DatasetConfig, TrainingSettings, quoted
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
@@ -49,6 +56,24 @@ SAMPLERS = {"flowmatch": ("euler", "simple"), "ddpm": ("ddpm", "normal"), "euler
             "dpmsolver": ("dpmpp_2m", "karras"), "dpmsolver++": ("dpmpp_2m", "karras")}
 
 _OFF = (None, False, 0, "", [], {})
+
+# Bounds of what a job may be. ai-toolkit's jobs are a few kB with a few hundred values, nested 6 deep.
+MAX_JOB_BYTES = 1 << 20            # text (characters) or file (bytes)
+MAX_YAML_DEPTH = 64                # nested collections; PyYAML's composer recurses per level
+MAX_YAML_VALUES = 20_000           # scalars and collections, counted with what each alias repeats (parsing up
+                                   # to it blocks the server's event loop ~0.5 s at Queue; 100k took 2.3 s)
+MAX_YAML_CHARACTERS = 4 << 20      # text of all scalars, aliases expanded (without aliases it is < MAX_JOB_BYTES)
+MAX_NUMBER_DIGITS = 64             # longer integers are refused before Python converts them
+MAX_NAME_BYTES = 100               # config.name names a folder and the files in it (+ a step and suffix)
+IGNORED_QUOTE_LIMIT = 100          # per value in the ignored-keys warning (values there are usually a word)
+# The trigger word replaces every [trigger] of every prompt and caption: bounded, it cannot multiply a 1 MiB
+# job into gigabytes. A prompt is bounded as a caption is (DatasetConfig checks default_caption).
+MAX_TRIGGER_LENGTH = 200
+MAX_PROMPT_LENGTH = DatasetConfig.MAX_CAPTION_CHARS
+MAX_PROMPTS = 1000                 # sample prompts: each is sampled every sample_every steps
+SEED_MAX = 0xFFFFFFFF              # what the nodes' seed inputs accept
+STEPS_MAX = 10_000_000             # train.steps, and the step counts measured in them
+DEVICE = re.compile(r"(cpu|mps|(cuda|xpu)(:\d{1,3})?)")
 
 
 def _neutral(*values):
@@ -211,7 +236,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise self.error(f"{path} must be a mapping of keys to values, got {type(data).__name__} {data!r}")
+            raise self.error(f"{path} must be a mapping of keys to values, got {type(data).__name__} {quoted(data)}")
         self.data, self.read = data, set()
 
     def error(self, message: str) -> ConfigError:
@@ -234,7 +259,7 @@ class _Section:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"{self.key(name)} must be a whole number, got {value!r}")
+            raise self.error(f"{self.key(name)} must be a whole number, got {quoted(value)}")
         self._range(name, value, lo, hi)
         return value
 
@@ -246,26 +271,30 @@ class _Section:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(f"{self.key(name)} must be a number, got {value!r}")
+            raise self.error(f"{self.key(name)} must be a number, got {quoted(value)}")
         self._range(name, value, lo, hi)
         return float(value)
 
     def bool(self, name, default):
         value = self.raw(name, default)
         if not isinstance(value, bool):
-            raise self.error(f"{self.key(name)} must be true or false, got {value!r}")
+            raise self.error(f"{self.key(name)} must be true or false, got {quoted(value)}")
         return value
 
-    def str(self, name, default=""):
+    def str(self, name, default="", max_length=None):
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(f"{self.key(name)} must be text, got {value!r}")
-        return str(value)
+            raise self.error(f"{self.key(name)} must be text, got {quoted(value)}")
+        value = str(value)
+        if max_length is not None and len(value) > max_length:
+            raise self.error(f"{self.key(name)} is {len(value):,} characters long; it may be at most "
+                             f"{max_length:,}, got {quoted(value)}")
+        return value
 
     def choice(self, name, default, choices: dict):
         value = self.str(name, default).strip()
         if value.lower() not in choices:
-            raise self.error(f"{self.key(name)} must be one of {', '.join(choices)}, got {value!r}")
+            raise self.error(f"{self.key(name)} must be one of {', '.join(choices)}, got {quoted(value)}")
         return choices[value.lower()]
 
     def str_list(self, name) -> tuple[str, ...]:
@@ -273,14 +302,14 @@ class _Section:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(f"{self.key(name)} must be a list of text, got {value!r}")
+            raise self.error(f"{self.key(name)} must be a list of text, got {quoted(value)}")
         return tuple(value)
 
     def _range(self, name, value, lo, hi):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
                       else f"at least {lo}" if lo is not None else f"at most {hi}")
-            raise self.error(f"{self.key(name)} must be {bounds}, got {value}")
+            raise self.error(f"{self.key(name)} must be {bounds}, got {quoted(value)}")
 
     def done(self):
         ignorable = AITK_IGNORED.get(self.kind, {})
@@ -289,12 +318,13 @@ class _Section:
                 continue
             if name in ignorable:
                 if not _is_off(value, ignorable[name]):
-                    self.ignored.append(f"{self.key(name)}: {value!r}")
+                    self.ignored.append(f"{self.key(name)}: {quoted(value, IGNORED_QUOTE_LIMIT)}")
                 continue
             known = sorted(self.read | set(ignorable))
-            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+            # no known key is near a name longer than the longest of them: match on its start only
+            close = difflib.get_close_matches(str(name)[:64], known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            raise self.error(f"unknown key {self.key(str(name))!r}{hint}")
+            raise self.error(f"unknown key {quoted(self.key(str(name)))}{hint}")
 
 
 def _is_off(value, neutrals) -> bool:
@@ -312,9 +342,8 @@ def load_job(text_or_path: str, source: str | None = None) -> Job:
     if _looks_like_path(text_or_path):
         path = os.path.abspath(os.path.expanduser(text_or_path.strip()))
         if not os.path.isfile(path):
-            raise ConfigError(f"job file {text_or_path!r} does not exist (looked for {path})")
-        with open(path, encoding="utf-8") as f:
-            return parse_job(f.read(), source or path)
+            raise ConfigError(f"job file {quoted(text_or_path)} does not exist (looked for {quoted(path)})")
+        return parse_job(read_job_file(path, text_or_path), source or path)
     return parse_job(text_or_path, source or "<job text>")
 
 
@@ -323,29 +352,46 @@ def _looks_like_path(text: str) -> bool:
     return "\n" not in text and text.lower().endswith((".yaml", ".yml"))
 
 
-def parse_job(text: str, source: str = "<job text>") -> Job:
+def read_job_file(path: str, shown_as: str) -> str:
+    """The text of a job file; a file larger than a job can be is refused before it is read."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        size = os.path.getsize(path)
+        if size <= MAX_JOB_BYTES:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_JOB_BYTES + 1)      # the file may have grown since
+            size = len(raw)
+    except OSError as e:
+        raise ConfigError(f"job file {quoted(shown_as)} cannot be read: {e.strerror}") from None
+    if size > MAX_JOB_BYTES:
+        raise ConfigError(f"job file {quoted(shown_as)} is {size:,} bytes; a job is at most {MAX_JOB_BYTES:,} "
+                          f"bytes (1 MiB)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"job file {quoted(shown_as)} is not UTF-8 text (byte {e.start:,})") from None
+
+
+def parse_job(text: str, source: str = "<job text>") -> Job:
+    data = load_yaml(text, source)
     ignored: list[str] = []
     top = _Section(data, "", "top", ignored, source)
     job_type = top.str("job", "extension")
     if job_type not in ("extension", "train"):
-        raise top.error(f"job must be extension (ai-toolkit's training job), got {job_type!r}")
+        raise top.error(f"job must be extension (ai-toolkit's training job), got {quoted(job_type)}")
     meta = top.raw("meta", {})
     if not isinstance(meta, dict):
-        raise top.error(f"meta must be a mapping, got {meta!r}")
+        raise top.error(f"meta must be a mapping, got {quoted(meta)}")
     config = _Section(top.raw("config"), "config", "config", ignored, source)
     top.done()
-    name = config.str("name", "")
-    if not name.strip() or any(c in name for c in "/\\") or name.strip() in (".", ".."):
-        raise config.error(f"config.name must be a plain name (it names the output folder and files), got {name!r}")
+    name = config.str("name", "").strip()
+    problem = _name_problem(name)
+    if problem:
+        raise config.error(f"config.name {problem}, got {quoted(name)}: it names the output folder and its files")
     processes = config.raw("process", [])
     config.done()
     if not isinstance(processes, list) or len(processes) != 1:
         raise config.error(f"config.process must be a list with one process (type: sd_trainer), got "
-                           f"{len(processes) if isinstance(processes, list) else repr(processes)}; put other "
+                           f"{len(processes) if isinstance(processes, list) else quoted(processes)}; put other "
                            f"processes in files of their own")
     job = _parse_process(_Section(processes[0], "config.process[0]", "process", ignored, source), name, source,
                          ignored)
@@ -353,13 +399,120 @@ def parse_job(text: str, source: str = "<job text>") -> Job:
     return dataclasses.replace(job, meta=meta, ignored=tuple(ignored))
 
 
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder and files (<name>/<name>_000250.safetensors, samples), or None."""
+    if not name:
+        return "is required: a plain name such as my_lora"
+    if any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in name):
+        return "must not contain control or invisible characters (such as NUL or a line break)"
+    if any(c in name for c in "/\\") or name in (".", ".."):
+        return "must be a plain name, without / or \\ and not . or .."
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"is {len(name.encode()):,} bytes long (UTF-8); it may be at most {MAX_NAME_BYTES}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ bounded YAML
+def load_yaml(text: str, source: str):
+    """The data of a job's YAML text, read safely (no Python objects) within MAX_JOB_BYTES, MAX_YAML_DEPTH,
+    MAX_YAML_VALUES and MAX_YAML_CHARACTERS. Any failure is a ConfigError of a few hundred characters."""
+    if len(text) > MAX_JOB_BYTES:
+        raise ConfigError(f"{source}: the job is {len(text):,} characters long; a job is at most "
+                          f"{MAX_JOB_BYTES:,} (1 MiB)")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)   # noqa: S506 (a SafeLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:      # not expected below MAX_YAML_DEPTH; never let it out raw
+        raise ConfigError(f"{source}: the job's YAML is nested too deeply to read") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {_cut(str(e))}") from None
+    except Exception as e:      # noqa: BLE001 -- PyYAML's constructors fail raw on values that do not fit an
+        # explicit tag: `!!int abc` (ValueError), `!!timestamp x` (AttributeError), ...
+        raise ConfigError(f"{source}: not valid YAML: a value does not fit its tag ({type(e).__name__}: "
+                          f"{_cut(str(e))})") from None
+
+
+def _cut(text: str, limit: int = 600) -> str:
+    """PyYAML's messages quote anchors and tags whole (%r) and show a line of context: keep their start."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text):,} characters)"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses documents nested deeper than MAX_YAML_DEPTH, and documents whose
+    values, with each alias counted as everything its anchor holds, pass MAX_YAML_VALUES or
+    MAX_YAML_CHARACTERS: the data an alias repeats is shared when it is built, but anything that walks it
+    (a message, a check, a copy) walks every repetition."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.nesting = 0
+        self.expanded_values = 0
+        self.expanded_characters = 0
+        self.aliased = False
+        self.anchor_sizes: dict[str, tuple[int, int]] = {}   # anchor -> (values, characters) it expands to
+        self.open_anchors: set[str] = set()                   # anchors of the collections being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.open_anchors:
+                # `&a [*a]` is a value that contains itself: anything walking it never ends
+                raise ConfigError(f"the job's YAML has an alias inside the value it refers to (line {line}): "
+                                  f"write the values out")
+            values, characters = self.anchor_sizes.get(event.anchor, (0, 0))   # unknown: PyYAML's error
+            self.aliased = True
+            self._count(values, characters, line)
+            return super().compose_node(parent, index)
+        self.nesting += 1
+        if self.nesting > MAX_YAML_DEPTH:
+            raise ConfigError(f"the job's YAML is nested more than {MAX_YAML_DEPTH} levels deep (line {line})")
+        start = (self.expanded_values, self.expanded_characters)
+        self._count(1, len(event.value) if isinstance(event, yaml.ScalarEvent) else 0, line)
+        if event.anchor is not None:
+            self.open_anchors.add(event.anchor)
+        node = super().compose_node(parent, index)
+        if event.anchor is not None:
+            self.open_anchors.discard(event.anchor)
+            self.anchor_sizes[event.anchor] = (self.expanded_values - start[0], self.expanded_characters - start[1])
+        self.nesting -= 1
+        return node
+
+    def _count(self, values: int, characters: int, line: int) -> None:
+        self.expanded_values += values
+        self.expanded_characters += characters
+        if self.expanded_values > MAX_YAML_VALUES:
+            if self.aliased:
+                raise ConfigError(f"the job's YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                                  f"(line {line}): write the values out")
+            raise ConfigError(f"the job's YAML has more than {MAX_YAML_VALUES:,} values (line {line}); a job has "
+                              f"a few hundred")
+        if self.expanded_characters > MAX_YAML_CHARACTERS:
+            raise ConfigError(f"the job's YAML aliases expand to more than {MAX_YAML_CHARACTERS:,} characters of "
+                              f"text (line {line}): write the values out")
+
+    def construct_yaml_int(self, node):
+        # int() of a long decimal raises a raw ValueError, and a long hexadecimal becomes a number whose
+        # repr raises one in every message that quotes it
+        if len(node.value) > MAX_NUMBER_DIGITS:
+            raise ConfigError(f"the number on line {node.start_mark.line + 1} is {len(node.value):,} characters "
+                              f"long; a number in a job has at most {MAX_NUMBER_DIGITS}")
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
 def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> Job:
     kind = p.str("type", "sd_trainer")
     if kind != "sd_trainer":
-        raise p.error(f"{p.key('type')} must be sd_trainer (EriDiffusion trains adapters), got {kind!r}")
+        raise p.error(f"{p.key('type')} must be sd_trainer (EriDiffusion trains adapters), got {quoted(kind)}")
     training_folder = p.str("training_folder", "output")
-    device = p.str("device", "cuda:0")
-    trigger = p.str("trigger_word", "")
+    device = p.str("device", "cuda:0").strip().lower()
+    if not DEVICE.fullmatch(device):
+        raise p.error(f"{p.key('device')} must be cpu, cuda or cuda:N (mps, xpu[:N]), got {quoted(device)}")
+    trigger = p.str("trigger_word", "", max_length=MAX_TRIGGER_LENGTH)
     cpu_offload = p.bool("cpu_offload", False)
 
     sub = lambda key, kind: _Section(p.raw(key), p.key(key), kind, ignored, source)  # noqa: E731
@@ -368,7 +521,8 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     train = sub("train", "train")
     datasets_raw = p.raw("datasets", [])
     if not isinstance(datasets_raw, list):
-        raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got {datasets_raw!r}")
+        raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got "
+                      f"{quoted(datasets_raw)}")
     datasets, dropouts = [], [0.0]
     for i, d in enumerate(datasets_raw):
         dataset, dropout = _parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source),
@@ -398,7 +552,7 @@ def _parse_model(m: _Section) -> ModelJob:
             raise m.error(f"{m.key(key)}: {family} is not supported; EriDiffusion trains SDXL, SD 3.5 and Flux")
     if arch:
         if arch not in ARCHES:
-            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, got {arch!r}")
+            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, got {quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
@@ -419,11 +573,11 @@ def _parse_network(n: _Section, arch: str) -> NetworkJob:
     alpha = n.float("linear_alpha", n.float("alpha", 1.0, lo=0.0), lo=0.0)
     conv = n.int("conv", 0, lo=0, hi=4096)
     conv_alpha = n.float("conv_alpha", float(conv), lo=0.0)
-    lokr_factor = n.int("lokr_factor", -1, lo=-1)
+    lokr_factor = n.int("lokr_factor", -1, lo=-1, hi=1024)
     if lokr_factor == 0:
         raise n.error(f"{n.key('lokr_factor')} must be -1 (automatic) or a positive number, got 0")
     preset = n.choice("target", "attention_mlp", {p: p for p in PRESETS})
-    spec = NetworkJob(kind=kind, rank=rank, alpha=alpha, preset=preset, seed=n.int("seed", 0, lo=0),
+    spec = NetworkJob(kind=kind, rank=rank, alpha=alpha, preset=preset, seed=n.int("seed", 0, lo=0, hi=SEED_MAX),
                       dtype=n.choice("dtype", "fp32", {"fp32": "fp32", "float32": "fp32", "bf16": "bf16",
                                                        "bfloat16": "bf16"}),
                       dora=dora, lokr_factor=lokr_factor, lokr_full_w2=n.bool("lokr_full_rank", False),
@@ -443,24 +597,29 @@ def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
     resolution = d.raw("resolution", 512)
     resolutions = resolution if isinstance(resolution, list) else [resolution]
     if not resolutions or not all(isinstance(r, int) and not isinstance(r, bool) for r in resolutions):
-        raise d.error(f"{d.key('resolution')} must be a number or a list of numbers, got {resolution!r}")
+        raise d.error(f"{d.key('resolution')} must be a number or a list of numbers, got {quoted(resolution)}")
     for r in resolutions:
         if r % 64 or not 64 <= r <= 4096:
-            raise d.error(f"{d.key('resolution')}: {r} is not a multiple of 64 between 64 and 4096")
+            raise d.error(f"{d.key('resolution')}: {quoted(r)} is not a multiple of 64 between 64 and 4096")
     dropout = d.float("caption_dropout_rate", 0.0, lo=0.0, hi=1.0)
     d.bool("cache_latents_to_disk", False)      # latents are always cached on disk
     d.bool("cache_latents", False)
     common = dict(folder=folder, default_caption=d.str("default_caption", ""),
-                  trigger_word=d.str("trigger_word", trigger), flip=d.bool("flip_x", False), caption_ext=ext)
+                  trigger_word=d.str("trigger_word", trigger, max_length=MAX_TRIGGER_LENGTH),
+                  flip=d.bool("flip_x", False), caption_ext=ext)
     repeats = d.int("num_repeats", 1, lo=1, hi=10000)
     d.done()
-    configs = tuple(DatasetConfig(resolution=r, min_side=min(256, r), max_side=max(2048, r), **common)
-                    for r in dict.fromkeys(resolutions))
+    try:
+        configs = tuple(DatasetConfig(resolution=r, min_side=min(256, r), max_side=max(2048, r), **common)
+                        for r in dict.fromkeys(resolutions))
+    except ConfigError as e:    # DatasetConfig checks its own fields (caption_ext): report the job's key
+        field_name = re.search(r"\b(caption_ext|default_caption|trigger_word|resolution)\b", str(e))
+        raise d.error(f"{d.key(field_name[1])}: {e}" if field_name else f"{d.path}: {e}") from None
     return DatasetJob(folder, configs, repeats), dropout
 
 
 def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):
-    steps = t.int("steps", 1000, lo=1, hi=10_000_000)
+    steps = t.int("steps", 1000, lo=1, hi=STEPS_MAX)
     if not t.bool("train_unet", True):
         raise t.error(f"{t.key('train_unet')}: false would train nothing (EriDiffusion trains an adapter on the "
                       f"diffusion model); remove it")
@@ -471,7 +630,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     optimizer = t.str("optimizer", "adamw").strip().lower()
     if optimizer not in OPTIMIZERS:
         close = difflib.get_close_matches(optimizer, OPTIMIZERS, n=1)
-        raise t.error(f"{t.key('optimizer')} {optimizer!r} is not available; choose one of {', '.join(OPTIMIZERS)}"
+        raise t.error(f"{t.key('optimizer')} {quoted(optimizer)} is not available; choose one of "
+                      f"{', '.join(OPTIMIZERS)}"
                       + (f" (closest: {close[0]})" if close else ""))
     schedule = t.choice("lr_scheduler", "constant", SCHEDULERS)
     accumulation = t.int("gradient_accumulation_steps", 1, lo=1, hi=100_000)
@@ -479,21 +639,23 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     noise_scheduler = t.choice("noise_scheduler", "ddpm" if arch in ("sdxl", "") else "flowmatch",
                                NOISE_SCHEDULERS)
     if arch and noise_scheduler and (noise_scheduler == "sdxl") != (arch == "sdxl"):
-        raise t.error(f"{t.key('noise_scheduler')} {t.raw('noise_scheduler')!r} does not fit {arch}: use "
+        raise t.error(f"{t.key('noise_scheduler')} {quoted(t.raw('noise_scheduler'))} does not fit {arch}: use "
                       f"{'ddpm' if arch == 'sdxl' else 'flowmatch'} (training uses the model's own objective)")
     timestep = t.choice("timestep_type", "auto", TIMESTEP_TYPES)
     params = t.raw("optimizer_params", {})
     if not isinstance(params, dict):
-        raise t.error(f"{t.key('optimizer_params')} must be a mapping (weight_decay: ...), got {params!r}")
+        raise t.error(f"{t.key('optimizer_params')} must be a mapping (weight_decay: ...), got {quoted(params)}")
     weight_decay = _Section({"weight_decay": params.get("weight_decay")}, t.key("optimizer_params"), "", [],
                             t.source).float("weight_decay", t.float("weight_decay", 0.01, lo=0.0), lo=0.0)
-    t.ignored.extend(f"{t.key('optimizer_params')}.{k}: {v!r}" for k, v in params.items() if k != "weight_decay")
+    others = {k: v for k, v in params.items() if k != "weight_decay"}
+    if others:      # one entry, however many keys: each would be a line of the warning
+        t.ignored.append(f"{t.key('optimizer_params')}: {quoted(others, IGNORED_QUOTE_LIMIT)}")
     settings_kw = dict(
         optimizer=optimizer, learning_rate=lr, schedule=schedule,
-        warmup_steps=t.int("warmup_steps", 0, lo=0), weight_decay=weight_decay,
+        warmup_steps=t.int("warmup_steps", 0, lo=0, hi=STEPS_MAX), weight_decay=weight_decay,
         max_grad_norm=t.float("max_grad_norm", 1.0, lo=0.0), batch_size=t.int("batch_size", 1, lo=1, hi=4096),
         grad_accumulation=accumulation, precision=t.choice("dtype", "fp32", DTYPES),
-        gradient_checkpointing=t.bool("gradient_checkpointing", True), seed=t.int("seed", 0, lo=0),
+        gradient_checkpointing=t.bool("gradient_checkpointing", True), seed=t.int("seed", 0, lo=0, hi=SEED_MAX),
         noise_offset=t.float("noise_offset", 0.0, lo=0.0, hi=1.0),
         min_snr_gamma=t.float("min_snr_gamma", 0.0, lo=0.0), caption_dropout=caption_dropout,
         timestep_sampling=timestep, logit_mean=t.float("logit_mean", 0.0),
@@ -517,8 +679,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
 
 
 def _parse_save(s: _Section) -> SaveJob:
-    save = SaveJob(dtype=s.choice("dtype", "float16", DTYPES), save_every=s.int("save_every", 1000, lo=1),
-                   max_step_saves_to_keep=s.int("max_step_saves_to_keep", 5, lo=1))
+    save = SaveJob(dtype=s.choice("dtype", "float16", DTYPES), save_every=s.int("save_every", 1000, lo=1, hi=STEPS_MAX),
+                   max_step_saves_to_keep=s.int("max_step_saves_to_keep", 5, lo=1, hi=100_000))
     s.done()
     return save
 
@@ -527,21 +689,33 @@ def _parse_sample(s: _Section, trigger: str, first_sample: bool, arch: str) -> S
     prompts = list(s.str_list("prompts"))
     samples = s.raw("samples", [])
     if not isinstance(samples, list):
-        raise s.error(f"{s.key('samples')} must be a list of {{prompt: ...}}, got {samples!r}")
+        raise s.error(f"{s.key('samples')} must be a list of {{prompt: ...}}, got {quoted(samples)}")
     for i, item in enumerate(samples):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise s.error(f"{s.key('samples')}[{i}] must be a mapping with a prompt, got {item!r}")
+            raise s.error(f"{s.key('samples')}[{i}] must be a mapping with a prompt, got {quoted(item)}")
         prompts.append(item["prompt"])
+    if len(prompts) > MAX_PROMPTS:
+        raise s.error(f"{s.key('prompts')}: {len(prompts):,} prompts (with samples); at most {MAX_PROMPTS:,} are "
+                      f"sampled")
+    for i, prompt in enumerate(prompts):    # measured before [trigger] is replaced: the replacing multiplies
+        length = len(prompt) + prompt.count("[trigger]") * (len(trigger) - len("[trigger]"))
+        if length > MAX_PROMPT_LENGTH:
+            raise s.error(f"{s.key('prompts')}: prompt {i} is {length:,} characters long (with the trigger word); "
+                          f"a prompt may be at most {MAX_PROMPT_LENGTH:,}, got {quoted(prompt)}")
+    prompts = [_inject_trigger(" ".join(p.split()), trigger) for p in prompts]
     neg = s.raw("neg", "")
+    if isinstance(neg, str) and len(neg) > MAX_PROMPT_LENGTH:
+        raise s.error(f"{s.key('neg')} is {len(neg):,} characters long; it may be at most {MAX_PROMPT_LENGTH:,}")
     sampler = s.str("sampler", "flowmatch" if arch in ("sd3", "flux") else "ddpm").strip()
     sampler_name, scheduler = SAMPLERS.get(sampler.lower(), (sampler, "normal"))
     scheduler = s.str("scheduler", scheduler)
     _check_comfy_names(s, sampler_name, scheduler)
     job = SampleJob(
-        prompts=tuple(_inject_trigger(" ".join(p.split()), trigger) for p in prompts),
+        prompts=tuple(prompts),
         negative=neg if isinstance(neg, str) else "",
-        sample_every=s.int("sample_every", 100, lo=1), sample_start_step=s.int("sample_start_step", 0, lo=0),
-        first_sample=first_sample, seed=s.int("seed", 0, lo=0, hi=0xFFFFFFFF),
+        sample_every=s.int("sample_every", 100, lo=1, hi=STEPS_MAX),
+        sample_start_step=s.int("sample_start_step", 0, lo=0, hi=STEPS_MAX),
+        first_sample=first_sample, seed=s.int("seed", 0, lo=0, hi=SEED_MAX),
         walk_seed=s.bool("walk_seed", False), guidance_scale=s.float("guidance_scale", 7.0, lo=0.0),
         sample_steps=s.int("sample_steps", 20, lo=1, hi=1000), width=_size(s, "width"), height=_size(s, "height"),
         sampler_name=sampler_name, scheduler=scheduler)
@@ -564,10 +738,10 @@ def _check_comfy_names(s: _Section, sampler: str, scheduler: str) -> None:
         return
     if sampler not in comfy.samplers.KSampler.SAMPLERS:
         close = difflib.get_close_matches(sampler, comfy.samplers.KSampler.SAMPLERS, n=1)
-        raise s.error(f"{s.key('sampler')} {sampler!r} is neither ai-toolkit's ({', '.join(SAMPLERS)}) nor a "
+        raise s.error(f"{s.key('sampler')} {quoted(sampler)} is neither ai-toolkit's ({', '.join(SAMPLERS)}) nor a "
                       f"ComfyUI sampler" + (f"; did you mean {close[0]!r}?" if close else ""))
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        raise s.error(f"{s.key('scheduler')} {scheduler!r} is not a ComfyUI scheduler; choose one of "
+        raise s.error(f"{s.key('scheduler')} {quoted(scheduler)} is not a ComfyUI scheduler; choose one of "
                       f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
 
 
