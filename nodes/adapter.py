@@ -9,8 +9,8 @@ from comfy_api.latest import io, ui
 from ..trainers import adapters, checkpoint
 from ..trainers.arch import ARCHITECTURES
 from ..trainers.config import AdapterSpec, help_of
-from ..trainers.state import DTYPES, new_adapter
-from . import paths
+from ..trainers.state import new_adapter
+from . import checks, paths
 from .types import CATEGORY, Adapter
 
 PRESETS = sorted({p for a in ARCHITECTURES.values() for p in a.presets},
@@ -48,6 +48,10 @@ class EriCreateAdapter(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, alpha=None, conv_alpha=None):
+        return checks.verdict(checks.numbers_problem(cls, alpha=alpha, conv_alpha=conv_alpha))
+
+    @classmethod
     def execute(cls, model, adapter_type, rank, alpha, target, seed, dtype, dora=False, lokr_factor=-1,
                 lokr_full_w2=False, conv_layers=False, conv_rank=0, conv_alpha=0.0) -> io.NodeOutput:
         spec = checkpoint.make_spec(model, adapter_type, rank, alpha, target, seed, dtype, dora=dora,
@@ -75,11 +79,18 @@ class EriSaveAdapter(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        return checks.verdict(filename_prefix is not None and checks.guarded(
+            lambda: paths.lora_prefix(filename_prefix, "filename_prefix")))
+
+    @classmethod
     def execute(cls, adapter, filename_prefix, save_dtype) -> io.NodeOutput:
-        path = paths.lora_file(filename_prefix, adapter.step)
+        adapter, prefix, note = paths.lora_series(adapter, filename_prefix, "filename_prefix", adapter.step)
+        path = paths.lora_file(prefix, adapter.step)
         checkpoint.save_adapter(adapter, path, save_dtype)
         name = os.path.relpath(path, paths.loras_folder())
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved {name} (step {adapter.step})"))
+        text = f"saved {name} (step {adapter.step})" + (f"\n{note}" if note else "")
+        return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 
 class EriLoadAdapter(io.ComfyNode):

@@ -3,17 +3,27 @@ from __future__ import annotations
 
 import logging
 
+import comfy.model_management
 from comfy_api.latest import io
 from comfy.utils import ProgressBar
 
 from ..trainers import cache, data
-from ..trainers.config import DatasetConfig, help_of
-from . import paths
+from ..trainers.config import DatasetConfig, help_of, quoted
+from . import checks, paths
 from .types import CATEGORY, Dataset, Latents, Text
 
 
 def _tip(name: str) -> str:
     return help_of(DatasetConfig, name)
+
+
+def _progress(bar: ProgressBar):
+    """A progress callback that moves the bar and honours Cancel. Cancel is checked on every call: newer
+    ComfyUI throttles the bar's updates, so the bar's own hook cannot be relied on to stop the work."""
+    def report(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return report
 
 
 class EriTrainingImages(io.ComfyNode):
@@ -37,6 +47,12 @@ class EriTrainingImages(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, folder=None, max_upscale=None):
+        return checks.verdict(
+            checks.numbers_problem(cls, max_upscale=max_upscale),
+            folder is not None and checks.guarded(lambda: paths.existing_input_folder(folder)))
+
+    @classmethod
     def fingerprint_inputs(cls, folder, **kwargs):
         # Re-run when the folder's files change although its name did not.
         try:
@@ -50,9 +66,11 @@ class EriTrainingImages(io.ComfyNode):
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip)
-        dataset = data.scan_dataset(paths.input_folder(folder), config)
+        root = paths.input_folder(folder)
+        dataset = data.scan_dataset(root, config, confine=not paths.any_path_allowed(),
+                                    on_progress=_progress(ProgressBar(1)))   # the scan reports the total
         if dataset.skipped:
-            logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), folder)
+            logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), quoted(folder))
         logging.info("EriDiffusion: %r", dataset)
         return io.NodeOutput(dataset)
 
@@ -76,7 +94,7 @@ class EriCacheLatents(io.ComfyNode):
     def execute(cls, dataset, vae, batch_size) -> io.NodeOutput:
         bar = ProgressBar(len(dataset.items))
         latents = cache.cache_latents(dataset, vae, paths.cache_folder("latents"), batch_size,
-                                      on_progress=lambda done, total: bar.update_absolute(done, total))
+                                      on_progress=_progress(bar))
         logging.info("EriDiffusion: %r", latents)
         return io.NodeOutput(latents)
 
@@ -98,8 +116,7 @@ class EriCacheCaptions(io.ComfyNode):
     def execute(cls, dataset, clip) -> io.NodeOutput:
         captions = dataset.captions
         bar = ProgressBar(len(captions) + 1)
-        text = cache.cache_text(captions, clip, paths.cache_folder("text"),
-                                on_progress=lambda done, total: bar.update_absolute(done, total))
+        text = cache.cache_text(captions, clip, paths.cache_folder("text"), on_progress=_progress(bar))
         logging.info("EriDiffusion: %r", text)
         return io.NodeOutput(text)
 

@@ -7,8 +7,12 @@ ERI_ALLOW_ANY_PATH=1 before starting ComfyUI lifts this for single-user machines
 from __future__ import annotations
 
 import os
+import uuid
 
 import folder_paths
+
+from ..trainers import checkpoint
+from ..trainers.config import quoted
 
 ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
 
@@ -25,14 +29,45 @@ def contained(base: str, name: str, input_name: str) -> str:
     """`name` resolved under `base`; raises PathError naming the input if it leaves `base`."""
     if not name or not name.strip():
         raise PathError(f"{input_name} is empty: give a folder name under {base}")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise PathError(f"{input_name} {quoted(name)} contains control characters (such as NUL or a line break): "
+                        f"use a plain file or folder name")
     if os.path.isabs(name) and any_path_allowed():
         return os.path.realpath(name)
     base_real = os.path.realpath(base)
     resolved = os.path.realpath(os.path.join(base_real, name))
     if os.path.commonpath([base_real, resolved]) != base_real:
-        raise PathError(f"{input_name} {name!r} points outside {base_real}. Use a path inside that folder, or "
-                        f"start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow any path")
+        raise PathError(f"{input_name} {quoted(name)} points outside {base_real}. Use a path inside that folder, "
+                        f"or start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow any path")
     return resolved
+
+
+# The longest tail save_samples adds to a sample's prefix: _step<7>_seed<10>_p<3>_<5>_.png
+SAMPLE_NAME_TAIL = len("_step0000000_seed4294967295_p000_00000_.png")
+NAME_MAX = 255
+
+
+def output_prefix(prefix: str, input_name: str = "filename_prefix") -> str:
+    """Where files named `<prefix>...` go under ComfyUI's output folder (symlinks resolved: ComfyUI's own
+    check does not resolve them); raises PathError naming the input if they would leave it or their names
+    would be too long for the file system."""
+    folder = contained(folder_paths.get_output_directory(), os.path.dirname(os.path.normpath(prefix)) or ".",
+                       input_name)
+    _check_sample_name(prefix, input_name)
+    return os.path.join(folder, os.path.basename(os.path.normpath(prefix)))
+
+
+def _check_sample_name(prefix: str, input_name: str) -> None:
+    """The prefix's last part, with what save_samples appends, must make a file name (an adapter's prefix is
+    checked by checkpoint.file_name_problem)."""
+    tail = SAMPLE_NAME_TAIL
+    name = os.path.basename(os.path.normpath(prefix))
+    if not name or name in (".", "..") or prefix.endswith(("/", os.sep)):
+        raise PathError(f"{input_name} {quoted(prefix)} has no file name part: end it with a name, e.g. eri/my_lora")
+    if len(name.encode()) + tail > NAME_MAX:
+        raise PathError(f"{input_name}: its file name part is {len(name.encode())} bytes long; file names here "
+                        f"are at most {NAME_MAX} bytes with the {tail} this pack appends: shorten it to "
+                        f"{NAME_MAX - tail} or less")
 
 
 def input_folder(name: str, input_name: str = "folder") -> str:
@@ -45,6 +80,34 @@ def loras_folder() -> str:
 
 def lora_file(prefix: str, step: int, input_name: str = "filename_prefix") -> str:
     return contained(loras_folder(), f"{prefix}_{step:06d}.safetensors", input_name)
+
+
+def lora_prefix(prefix: str, input_name: str = "filename_prefix", step: int = 0) -> str:
+    """Checks a save prefix under models/loras (inside the folder, a usable file name up to `step`) as Queue
+    can; returns the path of its file at `step`."""
+    problem = checkpoint.file_name_problem(prefix, step)
+    if problem:
+        raise PathError(f"{input_name} {quoted(prefix)} {problem}")
+    return lora_file(prefix, step, input_name)
+
+
+def lora_series(state, prefix: str, input_name: str, last_step: int):
+    """(state with a run id, the prefix its saves go under, a note when that is not `prefix`): saves of another
+    training run under `prefix` are kept, and this run's go to <prefix>_v2 (_v3, ...) instead."""
+    lora_prefix(prefix, input_name, last_step)
+    if state.run_id is None:    # not trained by this pack since it was created or loaded: a run of its own
+        state = state.replace(run_id=uuid.uuid4().hex)
+    prefix, note = checkpoint.prefix_for_run(prefix, state.run_id, lambda p, step: lora_file(p, step, input_name),
+                                             where="models/loras/", step=last_step)
+    return state, prefix, note
+
+
+def existing_input_folder(name: str, input_name: str = "folder") -> str:
+    folder = input_folder(name, input_name)
+    if not os.path.isdir(folder):
+        raise PathError(f"{input_name} {quoted(name)} does not exist in ComfyUI's input folder (looked for "
+                        f"{folder}): create it and put the training images in it")
+    return folder
 
 
 def cache_folder(kind: str) -> str:

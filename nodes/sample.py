@@ -15,6 +15,7 @@ import folder_paths
 
 from ..trainers.config import help_of
 from ..trainers.sampling import SEED_MODES, Sample, SamplingSettings
+from . import checks, paths
 from .types import CATEGORY, Sampling
 
 
@@ -75,9 +76,16 @@ class EriSamplingSettings(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None, cfg=None, guidance=None):
+        return checks.verdict(
+            checks.numbers_problem(cls, cfg=cfg, guidance=guidance),
+            filename_prefix is not None and checks.guarded(lambda: paths.output_prefix(filename_prefix)))
+
+    @classmethod
     def execute(cls, vae, prompts, negative_prompt, every_n_steps, seed, seed_mode, width, height, sampler_name,
                 scheduler, steps, cfg, guidance, filename_prefix, clip=None, positive=None,
                 negative=None) -> io.NodeOutput:
+        paths.output_prefix(filename_prefix)     # a linked prefix was not known at Queue
         positives = [("conditioning", _plain(positive))] if positive is not None else []
         if clip is not None:
             positives += [(line.strip(), _plain(_encode(clip, line.strip())))
@@ -99,6 +107,7 @@ def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict
     """Write each sample as <prefix>_step<step>_seed<seed>_p<index>_<counter>_.png under output/; returns
     ComfyUI's image records ({filename, subfolder, type}) for the canvas and /view."""
     output_dir = folder_paths.get_output_directory()
+    paths.output_prefix(settings.filename_prefix)    # again at write time: a link may have appeared since Queue
     results = []
     for s in samples:
         prefix = f"{settings.filename_prefix}_step{s.step:06d}_seed{s.seed}_p{s.index}"

@@ -13,7 +13,7 @@ from ..trainers.config import (COMPILE_MODES, LOSS_WEIGHTINGS, NAN_POLICIES, OPT
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
 from ..trainers.state import patched_model
-from . import paths
+from . import checks, paths
 from .live import LiveRun
 from .sample import save_samples
 from .types import CATEGORY, Adapter, Latents, Loss, Sampling, Settings, Text
@@ -76,6 +76,16 @@ class EriTrainingSettings(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
+                        min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
+                        timestep_shift=None, flux_guidance=None, checkpoint_fraction=None):
+        return checks.verdict(checks.numbers_problem(
+            cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
+            logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
+            flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction))
+
+    @classmethod
     def execute(cls, **values) -> io.NodeOutput:
         return io.NodeOutput(TrainingSettings(**values))
 
@@ -118,11 +128,22 @@ class EriTrainSteps(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, save_every=None, save_prefix=None):
+        return checks.verdict(
+            checks.numbers_problem(cls, save_every=save_every),
+            bool(save_every) and save_prefix is not None and checks.guarded(
+                lambda: paths.lora_prefix(save_prefix, "save_prefix")))
+
+    @classmethod
     def execute(cls, model, adapter, latents, captions, settings, steps, sampling=None, save_every=0, keep_last=3,
                 save_prefix="eri/checkpoints/my_lora") -> io.NodeOutput:
         bar = ProgressBar(steps)
         if save_every:
-            paths.lora_file(save_prefix, 0, "save_prefix")    # a prefix outside models/loras fails before training
+            # A bad prefix fails before training, and the run's saves (every N steps and the one when it
+            # stops) all go under one prefix, chosen here.
+            adapter, save_prefix, note = paths.lora_series(adapter, save_prefix, "save_prefix", adapter.step + steps)
+            if note:
+                logging.warning("EriDiffusion: %s", note)
 
         def save(state):
             checkpoint.save_adapter(state, paths.lora_file(save_prefix, state.step, "save_prefix"), "fp16")
@@ -172,6 +193,10 @@ class EriLossGraph(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
+
+    @classmethod
+    def validate_inputs(cls, smoothing=None):
+        return checks.verdict(checks.numbers_problem(cls, smoothing=smoothing))
 
     @classmethod
     def execute(cls, loss, smoothing) -> io.NodeOutput:

@@ -122,6 +122,17 @@ class ComfyClient:
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {route} -> {e.code}: {e.read().decode(errors='replace')}") from e
 
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        """POST /prompt as a script would (floats that are NaN or infinite written as Python's json writes
+        them, which ComfyUI reads); (HTTP status, ComfyUI's answer), also when it refuses the prompt."""
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     def run(self, prompt: dict, timeout: float = 600.0, on_event=None) -> "PromptResult":
         """Queue `prompt` and wait for it; `on_event(event)` sees every websocket message as it arrives."""
         ws = websocket.create_connection(self.url.replace("http", "ws") + f"/ws?clientId={self.client_id}",

@@ -107,14 +107,34 @@ class DatasetConfig:
     flip: bool = _help("Also train on every image mirrored left-right (doubles the dataset).", default=False)
     caption_ext: str = _help("Extension of caption files.", default=".txt")
 
+    # Not a field. Text encoders read 77 (CLIP) to 512 (T5) tokens, so longer text only costs encoding time
+    # (a 10 MB caption kept Cache captions busy for 14 minutes); real captions stay far below this.
+    MAX_CAPTION_CHARS = 8192
+
     def __post_init__(self):
+        check_finite("dataset", max_upscale=self.max_upscale)
         if self.resolution % 64 or not 64 <= self.resolution <= 4096:
             raise ConfigError(f"resolution must be a multiple of 64 between 64 and 4096, got {self.resolution}")
         if self.min_side % 64 or self.max_side % 64 or not 64 <= self.min_side <= self.max_side:
             raise ConfigError(f"min_side and max_side must be multiples of 64 with min_side <= max_side, got "
                               f"{self.min_side} and {self.max_side}")
+        if self.min_side > self.resolution:   # no bucket of about resolution² pixels has such a short side
+            raise ConfigError(f"min_side ({self.min_side}) must be at most resolution ({self.resolution}): "
+                              f"lower min_side")
         if self.max_upscale < 1.0:
             raise ConfigError(f"max_upscale must be at least 1.0, got {self.max_upscale}")
+        # The caption's path is the image's minus its extension plus caption_ext: anything but a plain
+        # extension (a "/", "..") would make it a path elsewhere.
+        ext = self.caption_ext
+        if not (isinstance(ext, str) and 2 <= len(ext) <= 17 and ext.startswith(".") and ext.isascii()
+                and all(c.isalnum() or c in "_-" for c in ext[1:])):
+            raise ConfigError(f"caption_ext must be a dot and 1 to 16 letters, digits, _ or - (like .txt or "
+                              f".caption), got {quoted(ext)}")
+        for name in ("default_caption", "trigger_word"):
+            if len(getattr(self, name)) > self.MAX_CAPTION_CHARS:
+                raise ConfigError(f"{name} is {len(getattr(self, name)):,} characters, more than the "
+                                  f"{self.MAX_CAPTION_CHARS:,} a caption may have (text encoders read at most 77 "
+                                  f"to 512 tokens): shorten it")
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,9 @@ class AdapterSpec:
     conv_alpha: float = _help("Alpha for the convolution layers (0 = the same as alpha).", default=0.0)
 
     def __post_init__(self):
+        check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
+        if self.alpha < 0 or self.conv_alpha < 0:
+            raise ConfigError(f"alpha and conv_alpha must not be negative, got {self.alpha}, {self.conv_alpha}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"lokr_factor must be -1 (automatic) or a positive number, got {self.lokr_factor}")
         if self.rank < 1 or self.conv_rank < 0:
@@ -224,30 +247,34 @@ class TrainingSettings:
                          "CPU training always runs without graphs.", default="cuda_graphs")
 
     def __post_init__(self):
+        check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                             if f.type in ("float", float)})
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {quoted(self.optimizer)}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {quoted(self.schedule)}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {quoted(self.precision)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("batch_size and grad_accumulation must be at least 1")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
-                              f"got {self.timestep_sampling!r}")
+                              f"got {quoted(self.timestep_sampling)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
-                              f"got {self.loss_weighting!r}")
+                              f"got {quoted(self.loss_weighting)}")
         if self.nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+            raise ConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {quoted(self.nan_policy)}")
         if not 0.0 <= self.checkpoint_fraction <= 1.0:
             raise ConfigError(f"checkpoint_fraction is a share between 0 and 1, got {self.checkpoint_fraction}")
         if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {quoted(self.compile)}")
         if self.logit_std <= 0 or self.sigmoid_scale <= 0:
             raise ConfigError("logit_std and sigmoid_scale must be positive")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.noise_offset < 0 or self.min_snr_gamma < 0:
+            raise ConfigError("weight_decay, max_grad_norm, noise_offset and min_snr_gamma must not be negative")
         if self.timestep_shift < 0:
             raise ConfigError(f"timestep_shift must be 0 (the model's own) or positive, got {self.timestep_shift}")
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -16,7 +16,7 @@ import torch
 
 from . import adapters
 from .adapters.base import DORA_SUFFIX, file_key, target_shape
-from .config import AdapterSpec
+from .config import AdapterSpec, quoted
 
 # suffix in a file -> (adapter kind, suffix in our files); kind None: belongs to any kind
 SUFFIXES = {
@@ -109,11 +109,11 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
     for key, tensor in tensors.items():
         split = _split(key)
         if split is None:
-            raise ValueError(f"{name}: key {key!r} is not a LoRA, DoRA, LoKr or LoHa weight EriDiffusion can "
+            raise ValueError(f"{name}: key {quoted(key)} is not a LoRA, DoRA, LoKr or LoHa weight EriDiffusion can "
                              f"train; choose a LoRA / LyCORIS (LoKr, LoHa) file")
         stem, suffix = split
         if suffix in UNSUPPORTED:
-            raise ValueError(f"{name} holds {UNSUPPORTED[suffix]} ({key!r}), which EriDiffusion cannot continue "
+            raise ValueError(f"{name} holds {UNSUPPORTED[suffix]} ({quoted(key)}), which EriDiffusion cannot continue "
                              f"training; choose a LoRA, DoRA, LoKr or LoHa file, or start a new adapter with "
                              f"Create adapter")
         groups.setdefault(stem, {})[suffix] = tensor
@@ -130,7 +130,7 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
         guess = _guess_arch(missing)
         made_for = f"it looks made for {guess}" if guess else "it was made for another model"
         raise ValueError(f"{name}: {len(missing)} of {len(stems)} layers match no layer of this {arch.name} MODEL "
-                         f"(first: {missing[0]!r}); {made_for}. Connect a MODEL of that architecture to Load "
+                         f"(first: {quoted(missing[0])}); {made_for}. Connect a MODEL of that architecture to Load "
                          f"adapter, or choose a file made for {arch.name}")
     kinds = {SUFFIXES[s][0] for g in (groups[s] for s in stems) for s in g} - {None}
     if len(kinds) != 1:
@@ -146,12 +146,12 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
     for stem in stems:
         weight_key = _lookup(mapping, stem)
         if not isinstance(weight_key, str):
-            raise ValueError(f"{name}: layer {stem!r} is a slice of a fused layer ({weight_key[0]}), which "
+            raise ValueError(f"{name}: layer {quoted(stem)} is a slice of a fused layer ({weight_key[0]}), which "
                              f"EriDiffusion does not train; choose a file with whole layers")
         module_path = weight_key[len("diffusion_model."):-len(".weight")]
         module = root.get_submodule(module_path)
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise ValueError(f"{name}: layer {stem!r} is a {type(module).__name__}; EriDiffusion adapts linear "
+            raise ValueError(f"{name}: layer {quoted(stem)} is a {type(module).__name__}; EriDiffusion adapts linear "
                              f"and convolution layers only")
         target = target_of(module_path, module)
         targets.append(target)
@@ -164,7 +164,7 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
         if DORA_SUFFIX in own:
             scale = own[DORA_SUFFIX]
             if scale.shape[0] != 1 and target_shape(target)[0] != 1:
-                raise ValueError(f"{name}: dora_scale of layer {stem!r} has shape {tuple(scale.shape)}, one "
+                raise ValueError(f"{name}: dora_scale of layer {quoted(stem)} has shape {tuple(scale.shape)}, one "
                                  f"magnitude per output channel (LyCORIS wd_on_out). ComfyUI applies that form "
                                  f"with the norm of the base weight only, so it cannot be trained to match what "
                                  f"ComfyUI shows; choose a DoRA file with one magnitude per input channel "

@@ -18,7 +18,7 @@ import comfy.sample
 import comfy.samplers
 import node_helpers
 
-from .config import ConfigError
+from .config import ConfigError, check_finite, quoted
 from .state import AdapterState, patched_model
 
 SEED_MODES = ("fixed", "walk")
@@ -52,17 +52,18 @@ class SamplingSettings:
                                  default="eri_samples/sample")
 
     def __post_init__(self):
+        check_finite("sampling settings", cfg=self.cfg, guidance=self.guidance)
         if not self.positives:
             raise ConfigError("sampling needs at least one prompt: connect a CLIP and write prompts, or connect "
                               "a positive CONDITIONING")
         if self.every_n_steps < 1:
             raise ConfigError(f"every_n_steps must be at least 1, got {self.every_n_steps}")
         if self.seed_mode not in SEED_MODES:
-            raise ConfigError(f"seed_mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
+            raise ConfigError(f"seed_mode must be one of {', '.join(SEED_MODES)}, got {quoted(self.seed_mode)}")
         if self.sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler_name!r}")
+            raise ConfigError(f"unknown sampler {quoted(self.sampler_name)}")
         if self.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}")
+            raise ConfigError(f"unknown scheduler {quoted(self.scheduler)}")
         if self.width % 8 or self.height % 8 or min(self.width, self.height) < 64:
             raise ConfigError(f"width and height must be multiples of 8 and at least 64, got {self.width}x{self.height}")
 

@@ -97,6 +97,8 @@ def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client
     write_images(server.base / "input" / "cancel_images", [(64, 64)] * 2)
     api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
     prompt = tiny_training_prompt(api, "cancel_images", steps=100000, prefix="ci/cancelled")
+    # a prefix of its own: another run's saves under the example's prefix would send these to <prefix>_v2
+    prompt["7"]["inputs"]["save_prefix"] = "ci/cancel_checkpoints/sdxl_lora"
     seen = []
 
     def on_event(event):
@@ -109,7 +111,7 @@ def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client
     assert any(e["type"] == "execution_interrupted" for e in result.events)
     assert 3 <= len(seen) <= 5, seen
     # the example saves every 250 steps, so Cancel keeps the last finished step, with its state, to resume
-    kept = server.base / "models" / "loras" / "eri" / "checkpoints" / f"sdxl_lora_{seen[-1]:06d}.safetensors"
+    kept = server.base / "models" / "loras" / "ci" / "cancel_checkpoints" / f"sdxl_lora_{seen[-1]:06d}.safetensors"
     assert kept.is_file() and kept.with_name(kept.stem + ".eri-state").is_file(), server.log_tail()
     again = client.run({"1": {"class_type": "EriTestTinyModel", "inputs": {"arch": "sdxl", "seed": 1}},
                         "2": {"class_type": "EriCreateAdapter", "inputs": {

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterSpec
+from ..config import AdapterSpec, quoted
 
 FILE_PREFIX = "lora_unet_"
 DORA_SUFFIX = "dora_scale"
@@ -292,15 +292,15 @@ def from_file_tensors(cls, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) 
         path, key = target[0], file_key(target[0])
         own = {s: tensors[f"{key}.{s}"].float() for s in cls.SUFFIXES.values() if f"{key}.{s}" in tensors}
         if not own:
-            raise ValueError(f"the adapter file has no {spec.kind} weights for layer {path!r}")
+            raise ValueError(f"the adapter file has no {spec.kind} weights for layer {quoted(path)}")
         layer = cls.create(spec, target, {s: tuple(t.shape) for s, t in own.items()}, torch.float32)
         if spec.dora:
             scale = tensors.get(f"{key}.{DORA_SUFFIX}")
             if scale is None:
-                raise ValueError(f"the adapter file has no dora_scale for layer {path!r}")
+                raise ValueError(f"the adapter file has no dora_scale for layer {quoted(path)}")
             layer.enable_dora(torch.float32)
             if scale.numel() != layer.magnitude.numel() or scale.shape[0] != 1:
-                raise ValueError(f"dora_scale of layer {path!r} has shape {tuple(scale.shape)}; expected "
+                raise ValueError(f"dora_scale of layer {quoted(path)} has shape {tuple(scale.shape)}; expected "
                                  f"{tuple(layer.magnitude.shape)} (one magnitude per input channel)")
             own[DORA_SUFFIX] = scale.float().reshape(layer.magnitude.shape)
         weights.update({f"{path}.{s}": t for s, t in own.items()})
@@ -312,7 +312,7 @@ def check_shapes(path: str, kind: str, shapes: dict[str, tuple], expected: dict[
     if shapes != expected:
         got = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
         want = ", ".join(f"{k} {tuple(v)}" for k, v in expected.items())
-        raise ValueError(f"{kind} weights of layer {path!r} have shapes {got}; expected {want}")
+        raise ValueError(f"{kind} weights of layer {quoted(path)} have shapes {got}; expected {want}")
 
 
 class Method:

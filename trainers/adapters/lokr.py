@@ -17,7 +17,7 @@ import torch
 
 from comfy.weight_adapter.base import factorization   # LyCORIS' own function, as ComfyUI ships it
 
-from ..config import AdapterSpec
+from ..config import AdapterSpec, quoted
 from . import base
 from .base import AdapterLayer, check_shapes, target_shape
 
@@ -55,14 +55,14 @@ class LokrLayer(AdapterLayer):
         has = set(shapes)
         if not ({"lokr_w1"} <= has or {"lokr_w1_a", "lokr_w1_b"} <= has) or \
                 not ({"lokr_w2"} <= has or {"lokr_w2_a", "lokr_w2_b"} <= has):
-            raise ValueError(f"LoKr weights of layer {path!r} are incomplete: found {', '.join(sorted(has))}")
+            raise ValueError(f"LoKr weights of layer {quoted(path)} are incomplete: found {', '.join(sorted(has))}")
         w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
         w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1])
         out_features, in_features, *kernel = shape
         fits = (w1[0] * w2[0] == out_features and w1[1] * math.prod(w2[1:]) == in_features * math.prod(kernel)
                 and (len(w2) == 2 or tuple(w2[2:]) == tuple(kernel)))
         if not fits or len(w1) != 2:
-            raise ValueError(f"LoKr weights of layer {path!r} (w1 {tuple(w1)}, w2 {tuple(w2)}) do not make its "
+            raise ValueError(f"LoKr weights of layer {quoted(path)} (w1 {tuple(w1)}, w2 {tuple(w2)}) do not make its "
                              f"weight {shape}")
         layer = cls(shape, shapes, spec.alpha_for(target), dtype)
         check_shapes(path, "LoKr", shapes, {s: tuple(p.shape) for s, p in layer.tensors().items()})

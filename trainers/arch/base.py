@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TrainingSettings
+from ..config import TrainingSettings, quoted
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Architecture:
 
     def target_modules(self, diffusion_model: torch.nn.Module, preset: str) -> list[tuple[str, torch.nn.Module]]:
         if preset not in self.preset_rules:
-            raise ValueError(f"target preset {preset!r} is not one of {', '.join(self.presets)}")
+            raise ValueError(f"target preset {quoted(preset)} is not one of {', '.join(self.presets)}")
         rules = self.preset_rules[preset]
         return linear_modules(diffusion_model, lambda name: any(rule.search(name) for rule in rules))
 
@@ -112,4 +112,4 @@ def sample_unit_times(batch_size: int, generator: torch.Generator, settings: Tra
         return torch.sigmoid(settings.logit_mean + settings.logit_std * z)
     if how == "sigmoid":
         return torch.sigmoid(settings.sigmoid_scale * z)
-    raise ValueError(f"unknown timestep sampling {how!r}")
+    raise ValueError(f"unknown timestep sampling {quoted(how)}")
