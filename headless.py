@@ -26,7 +26,7 @@ import folder_paths
 from .nodes import job as job_node
 from .nodes.sample import save_samples
 from .trainers import cache, checkpoint, loop
-from .trainers.config import ConfigError
+from .trainers.config import ConfigError, quoted
 from .trainers.distributed import World
 from .trainers.files import state_path_for
 from .trainers.job import Job, ModelJob, build_dataset
@@ -52,7 +52,7 @@ def load_models(job: Job):
         raise ConfigError(f"{job.source}: model.name_or_path is required: the checkpoint or diffusion-model file")
     path = _path(job, m.name_or_path)
     if not os.path.isfile(path):
-        raise ConfigError(f"{job.source}: model.name_or_path {m.name_or_path!r} is not a file (looked for {path}). "
+        raise ConfigError(f"{job.source}: model.name_or_path {quoted(m.name_or_path)} is not a file (looked for {path}). "
                           f"EriDiffusion loads local files: download the model (e.g. the .safetensors of "
                           f"{m.name_or_path}) and name the file")
     options = {"dtype": torch.float8_e4m3fn} if m.quantize else {}
@@ -67,18 +67,18 @@ def load_models(job: Job):
         files = [_path(job, p) for p in m.text_encoder_paths]
         for name, file in zip(m.text_encoder_paths, files):
             if not os.path.isfile(file):
-                raise ConfigError(f"{job.source}: model.text_encoder_paths: {name!r} is not a file (looked for {file})")
+                raise ConfigError(f"{job.source}: model.text_encoder_paths: {quoted(name)} is not a file (looked for {file})")
         clip = comfy.sd.load_clip(files, clip_type=getattr(comfy.sd.CLIPType, CLIP_TYPES[arch]))
     if m.vae_path:
         file = _path(job, m.vae_path)
         if not os.path.isfile(file):
-            raise ConfigError(f"{job.source}: model.vae_path {m.vae_path!r} is not a file (looked for {file})")
+            raise ConfigError(f"{job.source}: model.vae_path {quoted(m.vae_path)} is not a file (looked for {file})")
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(file))
     if clip is None:
-        raise ConfigError(f"{job.source}: {m.name_or_path!r} has no text encoder: list its files in "
+        raise ConfigError(f"{job.source}: {quoted(m.name_or_path)} has no text encoder: list its files in "
                           f"model.text_encoder_paths (Flux: clip_l and t5xxl; SD 3.5: clip_l, clip_g, t5xxl)")
     if vae is None or getattr(vae, "first_stage_model", None) is None:
-        raise ConfigError(f"{job.source}: {m.name_or_path!r} has no VAE: name its file in model.vae_path")
+        raise ConfigError(f"{job.source}: {quoted(m.name_or_path)} has no VAE: name its file in model.vae_path")
     return model, clip, vae
 
 
@@ -197,7 +197,7 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
 def _dataset_root(job: Job, folder_path: str, key: str) -> str:
     root = _path(job, folder_path)
     if not os.path.isdir(root):
-        raise ConfigError(f"{job.source}: {key} {folder_path!r} is not a folder (looked for {root})")
+        raise ConfigError(f"{job.source}: {key} {quoted(folder_path)} is not a folder (looked for {root})")
     return root
 
 
