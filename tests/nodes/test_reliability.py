@@ -1,4 +1,5 @@
 """A training run never loses what it trained: NaN/inf losses, running out of GPU memory, bad saves."""
+import contextlib
 import logging
 import math
 
@@ -99,6 +100,27 @@ def test_training_freezes_the_processs_objects_also_when_a_few_were_frozen_befor
     finally:
         gc.unfreeze()
     assert during[0] > before      # what was created since the first freeze is frozen too
+
+
+@pytest.mark.parametrize("stop", [None, comfy.model_management.InterruptProcessingException, RuntimeError])
+def test_comfyuis_in_training_flag_is_set_while_training_and_restored_after_success_cancel_and_errors(
+        p, monkeypatch, stop):
+    # ComfyUI 0.33's models and ops read the flag to take their autograd-safe paths (Flux's rotary embedding).
+    # 0.3.75 has no flag: one is given here, so the test checks the same on both.
+    from eridiffusion.trainers.loop import train as train_steps
+    from helpers import settings
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    during = []
+
+    def on_step(report):
+        during.append(comfy.model_management.in_training)
+        if stop is not None and report.step == 2:
+            raise stop("stopped at step 2")
+    stops = contextlib.nullcontext() if stop is None else pytest.raises(stop)
+    with torch.inference_mode(False), stops:
+        train_steps(p["model"], p["adapter"], p["latents"], p["captions"], settings(), 3, on_step=on_step)
+    assert during == ([True] * 3 if stop is None else [True, True])
+    assert comfy.model_management.in_training is False
 
 
 def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
