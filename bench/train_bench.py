@@ -115,7 +115,7 @@ import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
 import_pack()
 from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
 from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
-from eridiffusion.trainers.comfy_compat import flux_config  # noqa: E402
+from eridiffusion.trainers.comfy_compat import flux_config, training_mode  # noqa: E402
 from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
 from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
@@ -298,7 +298,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     run = None
     try:
         # as trainers.loop.train runs it
-        with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
+        with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
             sync()
             start = time.perf_counter()
             tracked = {"frozen": gc.get_freeze_count(), "start": len(gc.get_objects())}
@@ -439,7 +439,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
-    with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
+    with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
         run = TrainingRun(model, state, latents, text, settings, end_step=steps)
         shapes = []
         for i in range(steps):
