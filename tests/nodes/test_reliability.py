@@ -211,6 +211,30 @@ def test_cancel_keeps_the_adapter_of_the_last_finished_step_and_it_resumes_exact
     assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
 
 
+def test_cancel_is_seen_after_the_step_it_was_pressed_in_even_when_the_progress_bar_sends_nothing(
+        p, comfy_folders, monkeypatch):
+    # ComfyUI 0.33's progress bar throttles its updates, and ComfyUI checks Cancel in an update it sends and in
+    # its layers' forward (which a CUDA graph's replay skips): the next step must not even start.
+    import comfy.utils
+    from eridiffusion.trainers.loop import TrainingRun
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", lambda self, value, total=None, preview=None: None)
+    step = TrainingRun.step
+    started = []
+
+    def cancel_during_step_2(self):
+        started.append(self.step_count + 1)
+        report = step(self)
+        if report.step == 2:
+            comfy.model_management.interrupt_current_processing()
+        return report
+    monkeypatch.setattr(TrainingRun, "step", cancel_during_step_2)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train_node(p, 6, save_every=100, save_prefix="cancelled/run")
+    assert started == [1, 2]
+    assert sorted(f.name for f in (comfy_folders["loras"] / "cancelled").iterdir()) == [
+        "run_000002.eri-state", "run_000002.safetensors"]
+
+
 def test_a_save_prefix_outside_the_loras_folder_fails_before_training(p):
     with pytest.raises(ValueError, match="save_prefix"):
         _train_node(p, 2, save_every=1, save_prefix="../../escape")
