@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import comfy.ldm.flux.model
 import comfy.model_management
 
 # Flux.1's value of the fields that newer ComfyUI's FluxParams requires and older ones do not accept
@@ -20,6 +19,7 @@ _FLUX_1_FIELDS = {"txt_ids_dims": []}
 
 def flux_config(config: dict) -> dict:
     """A Flux.1 unet config (as model_detection finds it in 0.3.75) completed for this ComfyUI's FluxParams."""
+    import comfy.ldm.flux.model   # here, not at the top: the training loop imports this module too
     accepted = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     return {**{k: v for k, v in _FLUX_1_FIELDS.items() if k in accepted}, **config}
 
