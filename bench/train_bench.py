@@ -115,6 +115,7 @@ import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
 import_pack()
 from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
 from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
+from eridiffusion.trainers.comfy_compat import flux_config, training_mode  # noqa: E402
 from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
 from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
@@ -160,9 +161,10 @@ SDXL_TINY = {"model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1,
     "context_dim": 64, "num_head_channels": 16, "adm_in_channels": 32 + 6 * 256, "use_spatial_transformer": True,
     "legacy": False, "num_classes": "sequential", "image_size": 32, "in_channels": 4, "out_channels": 4,
     "use_temporal_attention": False, "use_temporal_resblock": False}
-FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
-        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+FLUX = flux_config({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+        "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+        "patch_size": 2})
 FLUX_TINY = {**FLUX, "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
              "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12]}
 SD35L = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "input_size": None,
@@ -296,7 +298,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     run = None
     try:
         # as trainers.loop.train runs it
-        with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
+        with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
             sync()
             start = time.perf_counter()
             tracked = {"frozen": gc.get_freeze_count(), "start": len(gc.get_objects())}
@@ -437,7 +439,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
-    with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen():
+    with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
         run = TrainingRun(model, state, latents, text, settings, end_step=steps)
         shapes = []
         for i in range(steps):

@@ -27,6 +27,7 @@ from .adapters.base import cast_once, install
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, spread, training_attention
 from .cache import LatentSet, TextSet
+from .comfy_compat import training_mode
 from .config import ConfigError, TrainingSettings
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
@@ -362,7 +363,7 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
     finished step (to save it) before the exception goes on."""
     run = None
     try:
-        with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen():
+        with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen(), training_mode():
             run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
             for _ in range(steps):
                 report = run.step()

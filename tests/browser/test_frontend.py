@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,9 @@ CHROMIUM = os.environ.get("ERI_CHROMIUM") or shutil.which("chromium") or shutil.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
 APP_READY = "window.app?.graph && window.LiteGraph && window.EriDiffusion"
+# The frontend of ComfyUI 0.33 (1.49) also notes a workflow's model files that the server lacks, as "... is
+# missing": the example's model (not in the test server's models/), not a node the pack failed to register.
+MODEL_FILE_NOTICE = re.compile(r"model file|\.safetensors", re.IGNORECASE)
 
 
 def artifacts() -> Path:
@@ -68,12 +72,17 @@ def page(browser, server):
 
 
 def load(page, workflow: dict) -> list:
-    """Load a UI workflow as dropping it on the canvas does; returns the missing-node reports it caused."""
+    """Load a UI workflow as dropping it on the canvas does; returns the missing-node reports it caused and
+    the types of loaded nodes that no registered node type backs (frontend 1.49 reports missing nodes in a
+    panel of its own, not through showMissingNodesError)."""
     return page.evaluate("""async (workflow) => {
         const missing = [];
         const show = app.showMissingNodesError;
         app.showMissingNodesError = function (types) { missing.push(types); return show.apply(this, arguments); };
         try { await app.loadGraphData(workflow); } finally { app.showMissingNodesError = show; }
+        for (const node of app.graph.nodes) {
+            if (!(node.type in LiteGraph.registered_node_types)) missing.push(node.type);
+        }
         return missing;
     }""", workflow)
 
@@ -85,7 +94,8 @@ def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_ap
     for path in examples:
         ui = json.loads(path.read_text())
         assert load(page, ui) == [], f"{path.name}: missing nodes"
-        assert not page.locator("text=/missing/i >> visible=true").count(), f"{path.name}: a dialog says missing"
+        notices = page.locator("text=/missing/i >> visible=true").filter(has_not_text=MODEL_FILE_NOTICE)
+        assert not notices.count(), f"{path.name}: a dialog says missing"
         prompt = page.evaluate("""async () => {
             const { output } = await app.graphToPrompt();
             return Object.fromEntries(Object.entries(output).map(([id, n]) => [id, {class_type: n.class_type,

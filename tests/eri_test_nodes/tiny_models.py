@@ -6,6 +6,9 @@ explicitly (std 1/sqrt(fan-in) for matrices, 1 for norm scales, 0 for biases).
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 import comfy.latent_formats
@@ -18,6 +21,17 @@ import comfy.supported_models_base
 import comfy.taesd.taesd
 import comfy.text_encoders.flux
 import comfy.text_encoders.sd3_clip
+
+
+def _comfy_compat():
+    """The pack's trainers/comfy_compat.py, by its path: ComfyUI imports this test pack under another name
+    than the pack, so it cannot import the pack's modules by name."""
+    path = Path(__file__).resolve().parents[2] / "trainers" / "comfy_compat.py"
+    spec = importlib.util.spec_from_file_location("eri_test_nodes_comfy_compat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell")
 
@@ -36,11 +50,11 @@ SD3_MMDIT = {
     "x_block_self_attn_layers": [], "qk_norm": None,
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
 }
-FLUX = {
+FLUX = _comfy_compat().flux_config({
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
     "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
     "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
-}
+})
 FLUX_SCHNELL = {**FLUX, "guidance_embed": False}
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).

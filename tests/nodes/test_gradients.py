@@ -59,7 +59,10 @@ def _run(comfy_folders, tiny, arch, dtype, checkpointing, precision, seed=0):
 
 
 def _loss_and_gradient(training, micro_batch):
-    with torch.inference_mode(False), torch.enable_grad():
+    # ComfyUI's training flag as train() sets it: 0.33's Flux rotates q and k with comfy-kitchen's inference
+    # kernel without it (no float64, and not meant for autograd).
+    from eridiffusion.trainers.comfy_compat import training_mode
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
         for p in training.params:
             p.grad = None
         loss = training._loss(micro_batch)
@@ -68,7 +71,8 @@ def _loss_and_gradient(training, micro_batch):
 
 
 def _loss_at(training, micro_batch, direction, eps):
-    with torch.inference_mode(False), torch.no_grad():
+    from eridiffusion.trainers.comfy_compat import training_mode
+    with torch.inference_mode(False), torch.no_grad(), training_mode():
         for p, v in zip(training.params, direction):
             p.add_(eps * v.to(p.dtype))
         loss = training._loss(micro_batch).item()

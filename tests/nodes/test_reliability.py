@@ -1,4 +1,5 @@
 """A training run never loses what it trained: NaN/inf losses, running out of GPU memory, bad saves."""
+import contextlib
 import logging
 import math
 
@@ -101,6 +102,27 @@ def test_training_freezes_the_processs_objects_also_when_a_few_were_frozen_befor
     assert during[0] > before      # what was created since the first freeze is frozen too
 
 
+@pytest.mark.parametrize("stop", [None, comfy.model_management.InterruptProcessingException, RuntimeError])
+def test_comfyuis_in_training_flag_is_set_while_training_and_restored_after_success_cancel_and_errors(
+        p, monkeypatch, stop):
+    # ComfyUI 0.33's models and ops read the flag to take their autograd-safe paths (Flux's rotary embedding).
+    # 0.3.75 has no flag: one is given here, so the test checks the same on both.
+    from eridiffusion.trainers.loop import train as train_steps
+    from helpers import settings
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    during = []
+
+    def on_step(report):
+        during.append(comfy.model_management.in_training)
+        if stop is not None and report.step == 2:
+            raise stop("stopped at step 2")
+    stops = contextlib.nullcontext() if stop is None else pytest.raises(stop)
+    with torch.inference_mode(False), stops:
+        train_steps(p["model"], p["adapter"], p["latents"], p["captions"], settings(), 3, on_step=on_step)
+    assert during == ([True] * 3 if stop is None else [True, True])
+    assert comfy.model_management.in_training is False
+
+
 def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(p, monkeypatch):
     from eridiffusion.trainers.loop import TrainingError
     _poison_steps(monkeypatch, set(range(2, 30)))
@@ -187,6 +209,30 @@ def test_cancel_keeps_the_adapter_of_the_last_finished_step_and_it_resumes_exact
     _, continued, _, _ = _train_node(p, 3, adapter=kept)
     assert continued.history.losses == straight.history.losses
     assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
+
+
+def test_cancel_is_seen_after_the_step_it_was_pressed_in_even_when_the_progress_bar_sends_nothing(
+        p, comfy_folders, monkeypatch):
+    # ComfyUI 0.33's progress bar throttles its updates, and ComfyUI checks Cancel in an update it sends and in
+    # its layers' forward (which a CUDA graph's replay skips): the next step must not even start.
+    import comfy.utils
+    from eridiffusion.trainers.loop import TrainingRun
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", lambda self, value, total=None, preview=None: None)
+    step = TrainingRun.step
+    started = []
+
+    def cancel_during_step_2(self):
+        started.append(self.step_count + 1)
+        report = step(self)
+        if report.step == 2:
+            comfy.model_management.interrupt_current_processing()
+        return report
+    monkeypatch.setattr(TrainingRun, "step", cancel_during_step_2)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _train_node(p, 6, save_every=100, save_prefix="cancelled/run")
+    assert started == [1, 2]
+    assert sorted(f.name for f in (comfy_folders["loras"] / "cancelled").iterdir()) == [
+        "run_000002.eri-state", "run_000002.safetensors"]
 
 
 def test_a_save_prefix_outside_the_loras_folder_fails_before_training(p):

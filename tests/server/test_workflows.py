@@ -18,8 +18,15 @@ def test_example_workflow_uses_registered_nodes_and_its_ui_form_matches_its_api_
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     ui = json.loads((EXAMPLES / f"{name}.json").read_text())
     assert {n["type"] for n in ui["nodes"]} <= set(info)
-    assert ui == api_to_ui(api, info), "regenerate with scripts/export_workflows.py"
+    assert _graph(ui) == _graph(api_to_ui(api, info)), "regenerate with scripts/export_workflows.py"
     assert ui_to_api(ui, info) == api
+
+
+def _graph(ui: dict) -> dict:
+    """A UI workflow without what the frontend derives from the server's node definitions, which change between
+    ComfyUI versions (0.33's SaveImage gained an IMAGE output): node sizes and outputs nothing is linked to."""
+    return {**ui, "nodes": [{**{k: v for k, v in node.items() if k != "size"},
+                             "outputs": [o for o in node["outputs"] if o["links"]]} for node in ui["nodes"]]}
 
 
 def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(client, server):
