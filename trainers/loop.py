@@ -25,7 +25,7 @@ from . import arch as arches
 from . import fused
 from .adapters.base import cast_once, install
 from .arch.base import compute_dtype
-from .blocks import TrainingBlockForward, spread, training_attention
+from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
 from .comfy_compat import training_mode
 from .config import ConfigError, TrainingSettings
@@ -177,6 +177,8 @@ class TrainingRun:
             self.autocast = None
         # the dtype adapter layers see activations in, where it is known (autocast mixes dtypes)
         self.activation_dtype = compute_dtype(self.base_model) if self.autocast is None else None
+        if settings.gradient_checkpointing:
+            prime_attention(self.device, compute_dtype(self.base_model) if self.autocast is None else self.autocast)
         # (fp16's loss scale is a tensor on the device that the scaler updates in place: graphs read it anew)
         if settings.compile == "cuda_graphs" and self.device.type == "cuda":
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)

@@ -1,11 +1,16 @@
 """Gradient checkpointing on the GPU trains what training without it trains, on every architecture, with each
 block's attention kept or recomputed, with and without CUDA graphs.
 
-The images are 1024 pixels so that ComfyUI's attention takes its GPU path: ComfyUI 0.33 hands attention
-inputs of 131,072 elements and more to SDPA under its own backend priority (flash, cuDNN, efficient, math),
-and that path broke checkpointed training there ("Trying to backward an extra time ... selective activation
-checkpoint", "cuDNN Frontend error", "_scaled_dot_product_flash_attention encountered during backward, but not
-found in storage"). These need a GPU: `ERI_TEST_DEVICE=cuda scripts/test -m gpu`; on the CPU they are skipped."""
+SDXL's and Flux's images are 1024 pixels so that ComfyUI's attention takes its GPU path: ComfyUI 0.33 hands
+attention inputs of 131,072 elements and more to SDPA under its own backend priority (flash, cuDNN, efficient,
+math), and that path broke checkpointed training there on full-size models ("cuDNN Frontend error: The dim
+for input_names::Stats is invalid", "_scaled_dot_product_flash_attention encountered during backward, but
+not found in storage"). The tiny SD3's position table stops at 256 pixels, below that path; bench/ runs the
+full-size SD 3.5 Large. Bit-exact equality is not expected in bf16 (the recomputation's kernels may round
+differently, and Adam turns a near-zero gradient's sign into a whole step): the losses agree to 0.1 % and
+the weights' change from the start to 10 % of its norm. In a new process the first checkpointed test runs the
+first attention calls (trainers/blocks.py: prime_attention). These need a GPU:
+`ERI_TEST_DEVICE=cuda scripts/test -m gpu`; on the CPU they are skipped."""
 import pytest
 import torch
 
@@ -15,8 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
     reason="needs a GPU (ERI_TEST_DEVICE=cuda)")]
 
-SIZES = ((1024, 1024),) * 2
-DATASET = dict(resolution=1024, min_side=64, max_side=1024)
+SIDE = {"sdxl": 1024, "sd3": 256, "flux": 1024}
 OPTIONS = dict(precision="bf16", learning_rate=1e-3)
 
 
@@ -34,15 +38,20 @@ def arch(request):
 
 @pytest.fixture
 def p(comfy_folders, tiny, arch):
-    return prepared(comfy_folders, tiny, arch=arch, sizes=SIZES, **DATASET)
+    side = SIDE[arch]
+    return prepared(comfy_folders, tiny, arch=arch, sizes=((side, side),) * 2, resolution=side, min_side=64,
+                    max_side=side)
 
 
 @pytest.mark.parametrize("compile_mode", ["off", "cuda_graphs"])
 @pytest.mark.parametrize("recompute_attention", [False, True], ids=["attention_kept", "attention_recomputed"])
 def test_checkpointed_training_equals_training_without_checkpointing(p, compile_mode, recompute_attention):
-    plain = train(p, 3, gradient_checkpointing=False, compile=compile_mode)
+    # checkpointed first: in a new process the first attention calls are the ones that failed
     checkpointed = train(p, 3, gradient_checkpointing=True, recompute_attention=recompute_attention,
                          compile=compile_mode)
+    plain = train(p, 3, gradient_checkpointing=False, compile=compile_mode)
     assert checkpointed.history.losses == pytest.approx(plain.history.losses, rel=1e-3)
-    for key in plain.weights:
-        assert torch.allclose(checkpointed.weights[key], plain.weights[key], rtol=1e-3, atol=1e-5), key
+    start = p["adapter"].weights
+    change = torch.cat([(plain.weights[k] - start[k]).flatten() for k in start])
+    difference = torch.cat([(checkpointed.weights[k] - plain.weights[k]).flatten() for k in start])
+    assert change.norm() > 0 and difference.norm() <= 0.1 * change.norm()
