@@ -115,7 +115,7 @@ class EriLoadAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, model=None) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        path = paths.lora_to_load(lora_name)
         return io.NodeOutput(checkpoint.load_adapter(path, model))
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import folder_paths
 
-from ..trainers import checkpoint
+from ..trainers import checkpoint, files
 from ..trainers.config import quoted
 
 ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
@@ -76,6 +76,21 @@ def input_folder(name: str, input_name: str = "folder") -> str:
 
 def loras_folder() -> str:
     return folder_paths.get_folder_paths("loras")[0]
+
+
+def lora_to_load(name: str, input_name: str = "lora_name") -> str:
+    """The path of a file of ComfyUI's loras list, and of the training state beside it, both resolved inside
+    one of the loras folders (a link in them may point anywhere)."""
+    path = folder_paths.get_full_path_or_raise("loras", name)
+    if any_path_allowed():
+        return path
+    folders = [os.path.realpath(f) for f in folder_paths.get_folder_paths("loras")]
+    for file in (path, files.state_path_for(path)):
+        if os.path.lexists(file) and not any(files.inside(folder, file) for folder in folders):
+            raise PathError(f"{input_name} {quoted(name)}: {quoted(os.path.basename(file))} is a link to a file "
+                            f"outside the loras folders, and only files inside them are read. Copy the file into "
+                            f"models/loras, or start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow links that lead out")
+    return path
 
 
 def lora_file(prefix: str, step: int, input_name: str = "filename_prefix") -> str:
