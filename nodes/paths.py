@@ -14,15 +14,11 @@ import folder_paths
 from ..trainers import checkpoint, files
 from ..trainers.config import quoted
 
-ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
+ALLOW_ANY_PATH_ENV, any_path_allowed = files.ALLOW_ANY_PATH_ENV, files.any_path_allowed
 
 
 class PathError(ValueError):
     pass
-
-
-def any_path_allowed() -> bool:
-    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def contained(base: str, name: str, input_name: str) -> str:

@@ -39,13 +39,7 @@ MAX_CAPTION_CHARS = DatasetConfig.MAX_CAPTION_CHARS
 # refused without being read whole.
 MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS
 
-# The switch nodes/paths.py reads too (the engine does not import the nodes, which need ComfyUI's folders).
-ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
-
-
-def any_path_allowed() -> bool:
-    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes")
-
+ALLOW_ANY_PATH_ENV, any_path_allowed = files.ALLOW_ANY_PATH_ENV, files.any_path_allowed
 
 @dataclass(frozen=True)
 class Bucket:

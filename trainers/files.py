@@ -44,6 +44,15 @@ DISK_FULL_TEXTS = ("no space left on device", f"os error {errno.ENOSPC}", "disk 
                    f"os error {errno.EDQUOT}")
 
 
+# Set before starting ComfyUI on a single-user machine: paths in prompts may then leave ComfyUI's folders, and
+# links in them may lead out (nodes/paths.py, trainers/data.py).
+ALLOW_ANY_PATH_ENV = "ERI_ALLOW_ANY_PATH"
+
+
+def any_path_allowed() -> bool:
+    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def inside(root: str, path: str) -> bool:
     """Whether `path`, with every symlink resolved, is `root` or lies under it (root resolved too)."""
     root_real = os.path.realpath(root)
