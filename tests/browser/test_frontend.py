@@ -105,7 +105,9 @@ def node_design(request, client):
 
 
 def show_node(page, node_id: int) -> None:
-    """Zoom to 100 % with the node in the middle of the view, as a user watching it would."""
+    """Zoom to 100 % with the node in the middle of the view, as a user watching it would (after a reload,
+    once the frontend has restored the workflow)."""
+    page.wait_for_function("(id) => app.graph.getNodeById(id)", arg=node_id, timeout=60_000)
     page.evaluate("""(id) => { app.canvas.ds.scale = 1; app.canvas.centerOnNode(app.graph.getNodeById(id));
                                app.canvas.setDirty(true, true); }""", node_id)
     page.wait_for_timeout(300)
