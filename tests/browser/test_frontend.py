@@ -143,10 +143,12 @@ def chart_sample(page, node_id: int, path: Path) -> dict:
 
 def wait_for_images(page, node_id: int) -> None:
     """Until the node shows images: node.imgs on the classic canvas; with Nodes 2.0 the Vue node shows them as
-    <img> elements and leaves node.imgs unset."""
-    page.wait_for_function("""(id) => app.graph.getNodeById(id)?.imgs?.length > 0 ||
-                                      document.querySelector(`[data-node-id="${id}"] img`)""",
-                           arg=node_id, timeout=60_000)
+    <img> elements (loaded, so that a screenshot has them) and leaves node.imgs unset."""
+    page.wait_for_function("""(id) => {
+        if (app.graph.getNodeById(id)?.imgs?.length > 0) return true;
+        const imgs = [...document.querySelectorAll(`[data-node-id="${id}"] img`)];
+        return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
+    }""", arg=node_id, timeout=60_000)
 
 
 def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_api_form(page, client):
