@@ -151,6 +151,15 @@ def wait_for_images(page, node_id: int) -> None:
     }""", arg=node_id, timeout=60_000)
 
 
+def wait_until(page, predicate: str, arg, failure: str, timeout_ms: int = 30_000) -> None:
+    """page.wait_for_function that fails the test saying what did not happen."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(predicate, arg=arg, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pytest.fail(f"{failure} (waited {timeout_ms / 1000:.0f} s)")
+
+
 def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_api_form(page, client):
     info = client.get_json("/object_info")
     examples = sorted(EXAMPLES.glob("*.json"))
@@ -186,13 +195,19 @@ def test_queued_training_draws_the_live_loss_chart_step_by_step_and_it_survives_
     show_node(page, 7)
     assert page.locator('[data-node-id="7"]').count() == (1 if vue_nodes else 0), "the node design in use"
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
-    run_drawn = "(n) => { const r = window.EriDiffusion.runs.get('7'); " \
-                f"return r && r.prompt_id !== {json.dumps(stale)} && r.drawn >= n; }}"
+    # ["steps", n]: the page has n steps of this run; ["drawn", n]: its chart was last drawn with n steps.
+    run_has = "([what, n]) => { const r = window.EriDiffusion.runs.get('7'); " \
+              f"return r && r.prompt_id !== {json.dumps(stale)} && " \
+              "(what === 'steps' ? r.steps.length : r.drawn) >= n; }"
     # The chart follows the run: two looks at it while it trains, the second drawn with more steps and
-    # looking different (Nodes 2.0 on 1.32.9 and 1.58.1 drew the chart once and never again).
-    page.wait_for_function(run_drawn, arg=3, timeout=180_000)
+    # looking different (Nodes 2.0 on 1.32.9 and 1.58.1 drew the chart once and never again). A chart is
+    # drawn within a frame of its step; 30 s leave room for a busy machine.
+    page.wait_for_function(run_has, arg=["steps", 3], timeout=180_000)
+    wait_until(page, run_has, ["drawn", 3], "the chart was never drawn with the run's first 3 steps")
     first = chart_sample(page, 7, artifacts() / f"frontend_train_chart_{node_design}_mid_run_1.png")
-    page.wait_for_function(run_drawn, arg=first["drawn"] + 20, timeout=180_000)
+    page.wait_for_function(run_has, arg=["steps", first["steps"] + 20], timeout=180_000)
+    wait_until(page, run_has, ["drawn", first["drawn"] + 20],
+               f"the chart stayed at {first['drawn']} steps drawn while 20 more came")
     second = chart_sample(page, 7, artifacts() / f"frontend_train_chart_{node_design}_mid_run_2.png")
     assert 3 <= first["drawn"] < second["drawn"] < steps, "the chart is redrawn as the steps come"
     assert first["running"] and second["running"]
