@@ -96,10 +96,21 @@ function onStep({ detail }) {
 // WidgetLegacy component draws the widget into a <canvas> of its own, only when it mounts or resizes, and
 // hangs its redraw on the widget as triggerDraw (1.32 and 1.49 alike), so without that call the chart stays
 // as first drawn. One path for both: mark the canvas dirty and call triggerDraw where it exists.
+// At most once a frame: a fast run sends more steps than a screen shows, and triggerDraw redraws at once.
+const chartsToRedraw = new Set();
+
 function redrawChart(nodeId) {
-  const node = app.graph?.getNodeById?.(Number(nodeId)) ?? app.graph?.getNodeById?.(nodeId);
-  node?.widgets?.find((w) => w.name === CHART_WIDGET)?.triggerDraw?.();
-  node?.setDirtyCanvas?.(true, false);
+  if (!chartsToRedraw.size) requestAnimationFrame(redrawCharts);
+  chartsToRedraw.add(String(nodeId));
+}
+
+function redrawCharts() {
+  for (const id of chartsToRedraw) {
+    const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+    node?.widgets?.find((w) => w.name === CHART_WIDGET)?.triggerDraw?.();
+    node?.setDirtyCanvas?.(true, false);
+  }
+  chartsToRedraw.clear();
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
