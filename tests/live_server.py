@@ -58,6 +58,10 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", "--preview-method", "none"]
+        # A frontend build other than the venv's comfyui_frontend_package (its static/ folder), to try a newer
+        # frontend against this server without another venv.
+        if os.environ.get("ERI_FRONTEND_ROOT"):
+            cmd += ["--front-end-root", os.environ["ERI_FRONTEND_ROOT"]]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT,

@@ -1,6 +1,7 @@
 """The real ComfyUI frontend (comfyui-frontend-package, served by the live test server) in Debian's headless
 Chromium, driven by Playwright: the example workflows load and queue as a user would, and the Train steps
-node draws its live loss chart, also after a page reload in the middle of a run.
+node's live loss chart follows the run step by step, on the classic canvas and with Nodes 2.0 (the frontend's
+Vue-rendered nodes), also after a page reload in the middle of a run.
 
 Screenshots go to $ERI_TEST_ARTIFACTS (default test-artifacts/). Chromium comes from scripts/setup (apt-get);
 without it these tests are skipped, never `playwright install`-ed.
@@ -28,6 +29,11 @@ APP_READY = "window.app?.graph && window.LiteGraph && window.EriDiffusion"
 # The frontend of ComfyUI 0.33 (1.49) also notes a workflow's model files that the server lacks, as "... is
 # missing": the example's model (not in the test server's models/), not a node the pack failed to register.
 MODEL_FILE_NOTICE = re.compile(r"model file|\.safetensors", re.IGNORECASE)
+# "Modern Node Design (Nodes 2.0)" in the settings dialog: nodes drawn as Vue components over the canvas
+# (frontend 1.32 and 1.49 both have it).
+NODES_2_SETTING = "Comfy.VueNodes.Enabled"
+# Set, the frontend opens no Templates dialog on a first visit (1.49's opens late, after open_app's Escape).
+TUTORIAL_DONE_SETTING = "Comfy.TutorialCompleted"
 
 
 def artifacts() -> Path:
@@ -61,7 +67,8 @@ def open_app(page, url: str) -> None:
 
 
 @pytest.fixture
-def page(browser, server):
+def page(browser, server, client):
+    client.post_json("/settings", {TUTORIAL_DONE_SETTING: True})
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     page = context.new_page()
     page.errors = []
@@ -87,6 +94,72 @@ def load(page, workflow: dict) -> list:
     }""", workflow)
 
 
+@pytest.fixture(params=["classic", "nodes2"])
+def node_design(request, client):
+    """The node design the page opens with (a server-side setting, read when the page loads): "classic"
+    (LiteGraph draws the nodes on its canvas) or "nodes2" (Nodes 2.0). Put back to classic afterwards: the
+    server, and its settings, last the whole session."""
+    client.post_json("/settings", {NODES_2_SETTING: request.param == "nodes2"})
+    yield request.param
+    client.post_json("/settings", {NODES_2_SETTING: False})
+
+
+def show_node(page, node_id: int) -> None:
+    """Zoom to 100 % with the node in the middle of the view, as a user watching it would (after a reload,
+    once the frontend has restored the workflow)."""
+    page.wait_for_function("(id) => app.graph.getNodeById(id)", arg=node_id, timeout=60_000)
+    page.evaluate("""(id) => { app.canvas.ds.scale = 1; app.canvas.centerOnNode(app.graph.getNodeById(id));
+                               app.canvas.setDirty(true, true); }""", node_id)
+    page.wait_for_timeout(300)
+
+
+def chart_clip(page, node_id: int) -> dict:
+    """Where the node's chart is on the page (CSS pixels): the Vue widget's own <canvas> with Nodes 2.0, the
+    widget's rows of the graph canvas otherwise."""
+    return page.evaluate("""(id) => {
+        const vueCanvas = document.querySelector(`[data-node-id="${id}"] canvas`);
+        if (vueCanvas) {
+            const r = vueCanvas.getBoundingClientRect();
+            return {x: r.left, y: r.top, width: r.width, height: r.height};
+        }
+        const node = app.graph.getNodeById(id);
+        const widget = node.widgets.find((w) => w.name === "eri_loss_chart");
+        const { offset, scale } = app.canvas.ds;
+        const r = app.canvas.canvas.getBoundingClientRect();
+        const height = (widget.computeSize?.(node.size[0])[1] ?? 180) * scale;
+        return {x: r.left + (node.pos[0] + offset[0]) * scale, y: r.top + (node.pos[1] + widget.y + offset[1]) * scale,
+                width: node.size[0] * scale, height};
+    }""", node_id)
+
+
+def chart_sample(page, node_id: int, path: Path) -> dict:
+    """The node's run as the page holds it and the chart as it looks now (a screenshot of just the chart)."""
+    sample = page.evaluate("(id) => { const r = window.EriDiffusion.runs.get(String(id)); "
+                           "return {steps: r.steps.length, drawn: r.drawn, running: r.running}; }", node_id)
+    page.screenshot(path=str(path), clip=chart_clip(page, node_id))
+    sample["image"] = path.read_bytes()
+    return sample
+
+
+def wait_for_images(page, node_id: int) -> None:
+    """Until the node shows images: node.imgs on the classic canvas; with Nodes 2.0 the Vue node shows them as
+    <img> elements (loaded, so that a screenshot has them) and leaves node.imgs unset."""
+    page.wait_for_function("""(id) => {
+        if (app.graph.getNodeById(id)?.imgs?.length > 0) return true;
+        const imgs = [...document.querySelectorAll(`[data-node-id="${id}"] img`)];
+        return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
+    }""", arg=node_id, timeout=60_000)
+
+
+def wait_until(page, predicate: str, arg, failure: str, timeout_ms: int = 30_000) -> None:
+    """page.wait_for_function that fails the test saying what did not happen."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(predicate, arg=arg, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pytest.fail(f"{failure} (waited {timeout_ms / 1000:.0f} s)")
+
+
 def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_api_form(page, client):
     info = client.get_json("/object_info")
     examples = sorted(EXAMPLES.glob("*.json"))
@@ -105,7 +178,10 @@ def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_ap
     assert page.errors == []
 
 
-def test_queued_training_draws_the_live_loss_chart_and_it_survives_a_reload_mid_run(page, client, server):
+def test_queued_training_draws_the_live_loss_chart_step_by_step_and_it_survives_a_reload_mid_run(
+        node_design, page, client, server):
+    vue_nodes = page.evaluate(f"app.extensionManager.setting.get({json.dumps(NODES_2_SETTING)})")
+    assert vue_nodes == (node_design == "nodes2")
     write_images(server.base / "input" / "browser_images", [(64, 64)] * 3)
     info = client.get_json("/object_info")
     api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
@@ -116,13 +192,30 @@ def test_queued_training_draws_the_live_loss_chart_and_it_survives_a_reload_mid_
     except Exception:
         stale = None
     assert load(page, ui) == []
+    show_node(page, 7)
+    assert page.locator('[data-node-id="7"]').count() == (1 if vue_nodes else 0), "the node design in use"
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
-    run_drawn = "(n) => { const r = window.EriDiffusion.runs.get('7'); " \
-                f"return r && r.prompt_id !== {json.dumps(stale)} && r.drawn >= n; }}"
-    page.wait_for_function(run_drawn, arg=3, timeout=180_000)
+    # ["steps", n]: the page has n steps of this run; ["drawn", n]: its chart was last drawn with n steps.
+    run_has = "([what, n]) => { const r = window.EriDiffusion.runs.get('7'); " \
+              f"return r && r.prompt_id !== {json.dumps(stale)} && " \
+              "(what === 'steps' ? r.steps.length : r.drawn) >= n; }"
+    # The chart follows the run: two looks at it while it trains, the second drawn with more steps and
+    # looking different (Nodes 2.0 on 1.32.9 and 1.58.1 drew the chart once and never again). A chart is
+    # drawn within a frame of its step; 30 s leave room for a busy machine.
+    page.wait_for_function(run_has, arg=["steps", 3], timeout=180_000)
+    wait_until(page, run_has, ["drawn", 3], "the chart was never drawn with the run's first 3 steps")
+    first = chart_sample(page, 7, artifacts() / f"frontend_train_chart_{node_design}_mid_run_1.png")
+    page.wait_for_function(run_has, arg=["steps", first["steps"] + 20], timeout=180_000)
+    wait_until(page, run_has, ["drawn", first["drawn"] + 20],
+               f"the chart stayed at {first['drawn']} steps drawn while 20 more came")
+    second = chart_sample(page, 7, artifacts() / f"frontend_train_chart_{node_design}_mid_run_2.png")
+    assert 3 <= first["drawn"] < second["drawn"] < steps, "the chart is redrawn as the steps come"
+    assert first["running"] and second["running"]
+    assert first["image"] != second["image"], "the chart on the page changed between two steps"
 
     page.reload()
     page.wait_for_function(APP_READY, timeout=90_000)
+    show_node(page, 7)
     page.wait_for_function(f"() => {{ const r = window.EriDiffusion.runs.get('7'); return r && !r.running && "
                            f"r.steps.length === {steps} && r.drawn === {steps}; }}", timeout=180_000)
     assert page.evaluate("window.EriDiffusion.stepEvents") > 0, "the page was reloaded while the run went on"
@@ -132,12 +225,11 @@ def test_queued_training_draws_the_live_loss_chart_and_it_survives_a_reload_mid_
     assert chart["steps"] == list(range(1, steps + 1)), "steps from before the reload came back from the server"
     assert chart == {"steps": history["steps"], "losses": history["losses"], "lrs": history["lrs"]}
 
-    page.wait_for_function("() => app.graph.getNodeById(7)?.imgs?.length > 0", timeout=60_000)
-    page.wait_for_function("() => app.graph.getNodeById(9)?.imgs?.length > 0", timeout=60_000)   # loss graph: done
-    page.evaluate("() => { const node = app.graph.getNodeById(7); app.canvas.centerOnNode(node); "
-                  "app.canvas.setDirty(true, true); }")
-    page.wait_for_timeout(500)
-    shot = artifacts() / "frontend_train_chart.png"
+    wait_for_images(page, 7)
+    wait_for_images(page, 9)   # the Loss graph node: the run is done
+    show_node(page, 7)
+    page.wait_for_timeout(200)
+    shot = artifacts() / f"frontend_train_chart_{node_design}.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
     assert page.errors == []

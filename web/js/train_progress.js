@@ -67,7 +67,7 @@ async function fetchHistory(nodeId) {
     const body = await response.json();
     if (nodeId == null) for (const [id, h] of Object.entries(body)) mergeHistory(id, h);
     else mergeHistory(String(nodeId), body);
-    app.graph?.setDirtyCanvas?.(true, false);
+    for (const id of nodeId == null ? runs.keys() : [String(nodeId)]) redrawChart(id);
   } catch (error) {
     console.warn("EriDiffusion: could not fetch the training history", error);
   }
@@ -88,8 +88,29 @@ function onStep({ detail }) {
   }
   Object.assign(run, { total: detail.total, it_per_s: detail.it_per_s, eta_s: detail.eta_s,
                        running: detail.step < detail.total });
-  const node = app.graph?.getNodeById?.(Number(detail.node)) ?? app.graph?.getNodeById?.(detail.node);
-  node?.setDirtyCanvas?.(true, false);
+  redrawChart(id);
+}
+
+// The chart is drawn where the node is drawn. On the classic canvas LiteGraph calls the widget's draw in its
+// next frame once the canvas is dirty. With Nodes 2.0 (Vue nodes) LiteGraph draws no node: the frontend's
+// WidgetLegacy component draws the widget into a <canvas> of its own, only when it mounts or resizes, and
+// hangs its redraw on the widget as triggerDraw (1.32 and 1.49 alike), so without that call the chart stays
+// as first drawn. One path for both: mark the canvas dirty and call triggerDraw where it exists.
+// At most once a frame: a fast run sends more steps than a screen shows, and triggerDraw redraws at once.
+const chartsToRedraw = new Set();
+
+function redrawChart(nodeId) {
+  if (!chartsToRedraw.size) requestAnimationFrame(redrawCharts);
+  chartsToRedraw.add(String(nodeId));
+}
+
+function redrawCharts() {
+  for (const id of chartsToRedraw) {
+    const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+    node?.widgets?.find((w) => w.name === CHART_WIDGET)?.triggerDraw?.();
+    node?.setDirtyCanvas?.(true, false);
+  }
+  chartsToRedraw.clear();
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
@@ -110,6 +131,7 @@ function drawSeries(ctx, xs, ys, x0, y0, w, h, xmin, xmax, ymin, ymax) {
 
 function drawChart(ctx, node, width, y, height) {
   const run = runs.get(String(node.id));
+  reserveHeight(ctx.canvas, height);
   const margin = 10, x0 = margin + 34, x1 = width - margin - 30;
   const top = y + 20, bottom = y + height - 18;
   ctx.save();
@@ -156,6 +178,17 @@ function drawChart(ctx, node, width, y, height) {
     run.drawn = steps.length;
   }
   ctx.restore();
+}
+
+// Nodes 2.0 on frontend 1.32: WidgetLegacy's <canvas> is absolutely positioned in a container of no height,
+// so the node's sample images, laid out below the widgets, cover the chart (1.49 sizes that container
+// itself). Reserving the chart's height on the container keeps it in the node's layout. Never the graph's
+// own canvas: its parent is the whole page.
+function reserveHeight(canvas, height) {
+  const container = canvas?.parentElement;
+  if (!container || canvas === app.canvas?.canvas || !container.closest?.("[data-node-id]")) return;
+  const minHeight = `${height}px`;
+  if (container.style.minHeight !== minHeight) container.style.minHeight = minHeight;
 }
 
 function addChart(node) {
