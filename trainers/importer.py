@@ -16,6 +16,7 @@ import torch
 
 from . import adapters
 from .adapters.base import DORA_SUFFIX, file_key, target_shape
+from .comfy_compat import is_linear
 from .config import AdapterSpec, quoted
 
 # suffix in a file -> (adapter kind, suffix in our files); kind None: belongs to any kind
@@ -150,7 +151,7 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
                              f"EriDiffusion does not train; choose a file with whole layers")
         module_path = weight_key[len("diffusion_model."):-len(".weight")]
         module = root.get_submodule(module_path)
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not (is_linear(module) or isinstance(module, torch.nn.Conv2d)):
             raise ValueError(f"{name}: layer {quoted(stem)} is a {type(module).__name__}; EriDiffusion adapts linear "
                              f"and convolution layers only")
         target = target_of(module_path, module)
