@@ -34,6 +34,22 @@ def model_output(model_patcher, p, load=None):
     return helpers.model_output(model_patcher, p, inference_mode=False, load=load)
 
 
+def per_layer_patches_requantize() -> bool:
+    """Whether this ComfyUI's per-layer weight patches (model_patcher.LowVramPatch) store W + ΔW back in the
+    layer's format through its set_weight (0.3.75) rather than keep it in the compute dtype (0.33): asked by
+    applying a zero patch with a set_weight that records its call."""
+    import comfy.model_patcher
+    calls = []
+
+    def set_weight(weight, **kwargs):
+        calls.append(weight)
+        return weight
+
+    patches = {"layer.weight": [(1.0, (torch.zeros(2, 2),), 1.0, None, None)]}
+    comfy.model_patcher.LowVramPatch("layer.weight", patches, None, set_weight)(torch.ones(2, 2))
+    return bool(calls)
+
+
 @contextlib.contextmanager
 def patched_per_layer(model_patcher):
     """The MODEL loaded with its weight patches applied per layer at each call, as ComfyUI 0.33 applies them
@@ -47,6 +63,14 @@ def patched_per_layer(model_patcher):
         yield
     finally:
         model_patcher.unpatch_model(model_patcher.offload_device)
+
+
+def requantization_bound(comfy_folders, tiny, p) -> float:
+    """What requantizing every patched weight (W + ΔW rounded back to the layer's format, as ComfyUI stores a
+    fully loaded patch) may change the output by: twice the checkpoint's own rounding, as ComfyUI requantizes
+    by stochastic rounding, whose error is on average √2 times that of the round-to-nearest that made the
+    checkpoint."""
+    return 2 * quantization_error(comfy_folders, tiny, p)
 
 
 def quantization_error(comfy_folders, tiny, p) -> float:
@@ -81,33 +105,38 @@ def test_create_adapter_finds_the_same_layers_as_on_the_unquantized_model(comfy_
 @pytest.mark.parametrize("type_id", TYPE_IDS)
 def test_an_adapter_on_quantized_layers_trains_and_loads_in_the_stock_loader_as_trained(
         comfy_folders, tiny, tmp_path, caplog, quant_format, type_id):
+    """Where ComfyUI applies the stock loader's patches per layer in the compute dtype (0.33: dynamic VRAM on
+    a GPU, lowvram mode), it shows the trained output within 1e-3; where it requantizes every patched weight
+    (0.3.75), within the requantization bound."""
     from eridiffusion.trainers.state import patched_model
     p = quantized_p(comfy_folders, tiny, tmp_path, quant_format)
+    rounding = quantization_error(comfy_folders, tiny, p)
+    exact = not per_layer_patches_requantize()
+    stock_output = lambda model: model_output(model, p, load=patched_per_layer if exact else None)
     adapter = create(p, type_id)
     base = model_output(p["model"], p)
     fresh = model_output(patched_model(p["model"], adapter), p)
-    # An adapted layer computes dequantized, as under the stock loader's patches: a new adapter gives what
-    # the stock loader gives for its file, and differs from the MODEL alone only where the layer's own forward
-    # rounds its input too (int8 here), by less than quantizing the checkpoint changed the output.
-    untrained = stock_load(p, save(adapter, f"quantized/{quant_format}_{type_id}_new"), caplog)
-    torch.testing.assert_close(fresh, model_output(untrained, p, load=patched_per_layer), rtol=1e-5, atol=1e-6)
-    assert relative_error(fresh, base) <= quantization_error(comfy_folders, tiny, p)
+    # An adapted layer computes dequantized, as under the stock loader's per-layer patches: a new adapter
+    # differs from the MODEL alone only where the layer's own forward rounds its input too (int8 here), by
+    # less than quantizing the checkpoint changed the output.
+    assert relative_error(fresh, base) <= rounding
+    if exact:
+        untrained = stock_load(p, save(adapter, f"quantized/{quant_format}_{type_id}_new"), caplog)
+        torch.testing.assert_close(fresh, stock_output(untrained), rtol=1e-5, atol=1e-6)
     trained_model, trained, history = train(p, 5, adapter=adapter, learning_rate=2e-2)
     assert all(math.isfinite(loss) for loss in history.losses)
     expected = model_output(trained_model, p)
     assert relative_error(expected, base) > 1e-2, "training changed the output"
-    name = save(trained, f"quantized/{quant_format}_{type_id}")
-    got = model_output(stock_load(p, name, caplog), p, load=patched_per_layer)
-    assert relative_error(got, expected) <= 1e-3
+    got = stock_output(stock_load(p, save(trained, f"quantized/{quant_format}_{type_id}"), caplog))
+    assert relative_error(got, expected) <= (1e-3 if exact else requantization_bound(comfy_folders, tiny, p))
 
 
-def test_a_full_load_of_the_stock_loader_is_off_by_no_more_than_the_checkpoints_own_quantization(
+def test_a_full_load_in_the_stock_loader_is_off_by_no_more_than_requantizing(
         comfy_folders, tiny, tmp_path, caplog, quant_format):
-    """A full load stores each patched weight requantized (W + ΔW rounded to the layer's format), so the
-    stock loader's output there differs from the trained one by that rounding: no more than quantizing the
-    checkpoint changed the unquantized model's output."""
+    """A full load (what the CPU gets) stores each patched weight requantized, W + ΔW rounded to the layer's
+    format, so the stock loader's output there differs from the trained one by that rounding."""
     p = quantized_p(comfy_folders, tiny, tmp_path, quant_format)
     trained_model, trained, _ = train(p, 5, adapter=create(p, "lora"), learning_rate=2e-2)
     expected = model_output(trained_model, p)
     got = model_output(stock_load(p, save(trained, f"quantized/{quant_format}_full_load"), caplog), p)
-    assert relative_error(got, expected) <= quantization_error(comfy_folders, tiny, p)
+    assert relative_error(got, expected) <= requantization_bound(comfy_folders, tiny, p)
