@@ -66,7 +66,10 @@ def _guess_arch(stems) -> str | None:
 def key_map(patcher) -> dict:
     """File stem -> `diffusion_model.<path>.weight` (or a (key, slice) tuple for fused layers)."""
     import comfy.lora
-    mapping = dict(comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    # outside inference mode (nodes run in it): ComfyUI reads the keys from model.state_dict(), which detaches
+    # every weight, and torch cannot detach a QuantizedTensor weight in inference mode (0.3.75)
+    with torch.inference_mode(False):
+        mapping = dict(comfy.lora.model_lora_keys_unet(patcher.model, {}))
     for stem, target in list(mapping.items()):
         if ".processor." in stem:   # PEFT's names for diffusers attention: no .processor, to_out.0
             plain = stem.replace(".processor.", ".")

@@ -140,3 +140,25 @@ def test_a_full_load_in_the_stock_loader_is_off_by_no_more_than_requantizing(
     expected = model_output(trained_model, p)
     got = model_output(stock_load(p, save(trained, f"quantized/{quant_format}_full_load"), caplog), p)
     assert relative_error(got, expected) <= requantization_bound(comfy_folders, tiny, p)
+
+
+def test_a_file_of_another_trainer_loads_on_the_quantized_layers_and_trains_on(
+        comfy_folders, tiny, tmp_path, quant_format):
+    """Load adapter maps a kohya file's layers onto the quantized MODEL's layers (its importer takes them as
+    linear layers) and gives the trained output."""
+    from safetensors.torch import load_file
+    from eridiffusion.nodes.adapter import EriLoadAdapter
+    from eridiffusion.trainers.state import patched_model
+    from helpers import run
+    from test_adapter_types import _foreign, write_file
+    p = quantized_p(comfy_folders, tiny, tmp_path, quant_format)
+    trained_model, trained, _ = train(p, 2, adapter=create(p, "lora"), learning_rate=2e-2)
+    ours = load_file(str(comfy_folders["loras"] / save(trained, f"quantized/{quant_format}_source")))
+    name = write_file(comfy_folders["loras"], f"kohya_{quant_format}.safetensors",
+                      _foreign(ours, "kohya", trained.spec, p["model"].model.model_config.unet_config))
+    loaded = run(EriLoadAdapter, lora_name=name, model=p["model"])[0]
+    assert sorted(loaded.spec.targets) == sorted(trained.spec.targets)
+    expected = model_output(trained_model, p)
+    assert relative_error(model_output(patched_model(p["model"], loaded), p), expected) <= 1e-3
+    _, continued, history = train(p, 2, adapter=loaded)
+    assert continued.step == 2 and all(math.isfinite(loss) for loss in history.losses)
