@@ -28,9 +28,9 @@ def quantized_p(comfy_folders, tiny, tmp_path, quant_format):
 
 
 def model_output(model_patcher, p, load=None):
-    """helpers.model_output outside inference mode: ComfyUI 0.33 cannot move a model with QuantizedTensor
-    weights on the CPU under torch.inference_mode (its _quantized_apply re-wraps each weight as a Parameter,
-    which torch refuses for an inference tensor subclass: "Cannot set version_counter for inference tensor")."""
+    """helpers.model_output outside inference mode: ComfyUI cannot load a model with QuantizedTensor weights
+    on the CPU under torch.inference_mode (moving or detaching such a weight there fails with "Cannot set
+    version_counter for inference tensor"; 0.33's _quantized_apply re-wraps each as a Parameter)."""
     return helpers.model_output(model_patcher, p, inference_mode=False, load=load)
 
 
@@ -55,7 +55,7 @@ def patched_per_layer(model_patcher):
     """The MODEL loaded with its weight patches applied per layer at each call, as ComfyUI 0.33 applies them
     on a GPU by default (dynamic VRAM) and in lowvram mode: each layer dequantizes its weight and adds the
     patch's ΔW in the compute dtype. (A full load, what the CPU gets, instead stores W + ΔW requantized to
-    the layer's format once; see the last test.)"""
+    the layer's format once; see the full-load test.)"""
     import comfy.model_management
     comfy.model_management.unload_all_models()
     model_patcher.patch_model(model_patcher.load_device, lowvram_model_memory=1)
