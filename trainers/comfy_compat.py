@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import torch
+
 import comfy.model_management
 
 # Flux.1's value of the fields that newer ComfyUI's FluxParams requires and older ones do not accept
@@ -39,3 +41,60 @@ def training_mode():
         yield
     finally:
         comfy.model_management.in_training = before
+
+
+def is_linear(module) -> bool:
+    """A linear layer adapters can wrap: a torch Linear (ComfyUI's plain, manual-cast and fp8 ops, and 0.3.75's
+    scaled-fp8 op subclass it), or the Linear of ComfyUI's quantized ops (`MixedPrecisionOps`: scaled fp8 as
+    0.33 converts old files on load, nvfp4, int8, ...), which is a plain Module holding a QuantizedTensor
+    weight of the layer's logical (out, in) shape and casting it in its own forward."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    import comfy.ops
+    return (isinstance(module, comfy.ops.CastWeightBiasOp) and type(module).__name__ == "Linear"
+            and isinstance(getattr(module, "in_features", None), int)
+            and getattr(module, "weight", None) is not None and len(module.weight.shape) == 2)
+
+
+def dequantized(layer, weight):
+    """`weight` (a layer's weight as comfy.ops casts it, possibly still stored quantized) as the plain tensor
+    the layer's forward multiplies by: a QuantizedTensor dequantized (0.33 returns it undequantized when it
+    already reports the requested dtype), times the per-tensor scale of 0.3.75's scaled-fp8 op
+    (`scale_weight`, which its forward applies itself and cast_bias_weight leaves out)."""
+    if isinstance(weight, _quantized_tensor_class()):
+        weight = weight.dequantize()
+    scale = getattr(layer, "scale_weight", None)
+    if scale is not None:
+        weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
+    return weight
+
+
+def _quantized_tensor_class() -> type | tuple:
+    """ComfyUI's QuantizedTensor (comfy/quant_ops.py, from comfy-kitchen in 0.33); () where there is none."""
+    try:
+        import comfy.quant_ops
+    except ImportError:
+        return ()
+    return getattr(comfy.quant_ops, "QuantizedTensor", ())
+
+
+def has_quantized_weight(layer) -> bool:
+    """The layer keeps its weight as a QuantizedTensor (ComfyUI's MixedPrecisionOps)."""
+    return isinstance(getattr(layer, "weight", None), _quantized_tensor_class())
+
+
+def dequantized_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """A quantized Linear's output for x computed with its weight dequantized to x's dtype: how ComfyUI runs
+    such a layer while weight patches (the stock LoRA loader's, on a GPU's dynamic VRAM or in lowvram mode)
+    apply to it. Its own forward otherwise takes the quantized matmul, which also quantizes the input (int8;
+    fp8 and nvfp4 where the GPU computes in them) and so would not give what the stock loader shows for the
+    trained adapter. Casting goes through comfy.ops, so offloaded weights and stacked LoRAs' weight functions
+    apply as in ComfyUI's forward."""
+    import comfy.ops
+    pre_quant_scale = getattr(layer, "pre_quant_scale", None)   # ModelOpt AWQ smoothing, as the forward does
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale.to(device=x.device, dtype=x.dtype)
+    weight, bias, offload_stream = comfy.ops.cast_bias_weight(layer, x, offloadable=True)
+    out = torch.nn.functional.linear(x, dequantized(layer, weight).to(x.dtype), bias)
+    comfy.ops.uncast_bias_weight(layer, weight, bias, offload_stream)
+    return out

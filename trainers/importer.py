@@ -16,6 +16,7 @@ import torch
 
 from . import adapters
 from .adapters.base import DORA_SUFFIX, file_key, target_shape
+from .comfy_compat import is_linear
 from .config import AdapterSpec, quoted
 
 # suffix in a file -> (adapter kind, suffix in our files); kind None: belongs to any kind
@@ -65,7 +66,10 @@ def _guess_arch(stems) -> str | None:
 def key_map(patcher) -> dict:
     """File stem -> `diffusion_model.<path>.weight` (or a (key, slice) tuple for fused layers)."""
     import comfy.lora
-    mapping = dict(comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    # outside inference mode (nodes run in it): ComfyUI reads the keys from model.state_dict(), which detaches
+    # every weight, and torch cannot detach a QuantizedTensor weight in inference mode (0.3.75)
+    with torch.inference_mode(False):
+        mapping = dict(comfy.lora.model_lora_keys_unet(patcher.model, {}))
     for stem, target in list(mapping.items()):
         if ".processor." in stem:   # PEFT's names for diffusers attention: no .processor, to_out.0
             plain = stem.replace(".processor.", ".")
@@ -150,7 +154,7 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
                              f"EriDiffusion does not train; choose a file with whole layers")
         module_path = weight_key[len("diffusion_model."):-len(".weight")]
         module = root.get_submodule(module_path)
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not (is_linear(module) or isinstance(module, torch.nn.Conv2d)):
             raise ValueError(f"{name}: layer {quoted(stem)} is a {type(module).__name__}; EriDiffusion adapts linear "
                              f"and convolution layers only")
         target = target_of(module_path, module)

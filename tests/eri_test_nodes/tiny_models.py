@@ -116,6 +116,55 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
     return _patcher(model)
 
 
+# Quantized weight formats of tiny_quantized_sd3: "scaled_fp8" is the old file form (a `scaled_fp8` marker and
+# a per-layer `scale_weight`; ComfyUI 0.3.75 loads it with its scaled-fp8 ops, 0.33 converts it on load to
+# its quantized ops); the others are per-layer formats named in the file's `_quantization_metadata`, loaded
+# as ComfyUI's MixedPrecisionOps layers holding QuantizedTensor weights.
+QUANTIZED_FORMATS = ("scaled_fp8", "float8_e4m3fn", "int8_tensorwise", "nvfp4")
+
+
+def quantized_formats() -> tuple[str, ...]:
+    """The formats of QUANTIZED_FORMATS this ComfyUI can load (comfy/quant_ops.py's QUANT_ALGOS)."""
+    import comfy.quant_ops
+    algos = getattr(comfy.quant_ops, "QUANT_ALGOS", {})
+    return tuple(f for f in QUANTIZED_FORMATS if f == "scaled_fp8" or f in algos)
+
+
+def tiny_quantized_sd3(quant_format: str, folder: Path, seed: int = 0):
+    """The tiny SD3 with every Linear weight of its blocks quantized to `quant_format`, written to a
+    safetensors file in `folder` and loaded as ComfyUI's UNETLoader loads one (comfy.sd.load_diffusion_model):
+    the layers are whatever ops ComfyUI picks for such a file."""
+    import json
+    import comfy.quant_ops
+    from safetensors.torch import save_file
+    source = tiny_model("sd3", seed).model.diffusion_model
+    state = {k: v.detach().clone().contiguous() for k, v in source.state_dict().items()}
+    linears = [name for name, m in source.named_modules() if isinstance(m, torch.nn.Linear) and "_blocks." in name]
+    metadata = {}
+    if quant_format == "scaled_fp8":
+        for name in linears:
+            weight = state[f"{name}.weight"]
+            scale = weight.abs().max().float() / torch.finfo(torch.float8_e4m3fn).max
+            state[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+            state[f"{name}.scale_weight"] = scale.reshape(())
+        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    else:
+        layout = comfy.quant_ops.QUANT_ALGOS[quant_format]["comfy_tensor_layout"]
+        for name in linears:
+            quantized = comfy.quant_ops.QuantizedTensor.from_float(state.pop(f"{name}.weight"), layout)
+            if hasattr(quantized, "state_dict"):   # 0.33 (comfy-kitchen): every tensor of the format
+                tensors = quantized.state_dict(f"{name}.weight")
+            else:                                  # 0.3.75: fp8 data and its per-tensor scale
+                tensors = {f"{name}.weight": quantized._qdata,
+                           f"{name}.weight_scale": quantized._layout_params["scale"].float().reshape(())}
+            state.update({k: v.contiguous() for k, v in tensors.items()})
+        layers = {name: {"format": quant_format} for name in linears}
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+    path = Path(folder) / f"tiny_sd3_{quant_format}.safetensors"
+    save_file(state, str(path), metadata=metadata)
+    return comfy.sd.load_diffusion_model(str(path))
+
+
 class _TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
     """ComfyUI's SDXL text encoder (CLIP-L + CLIP-G) with the tiny widths of TINY_CLIP."""
 

@@ -47,8 +47,11 @@ def train(p, steps, adapter=None, **setting_overrides):
                captions=p["captions"], settings=settings(**setting_overrides), steps=steps)[:3]
 
 
-def model_output(model_patcher, p, seed=123):
-    """The MODEL's prediction (ComfyUI's apply_model, as samplers call it) on fixed inputs."""
+def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
+    """The MODEL's prediction (ComfyUI's apply_model, as samplers call it) on fixed inputs; under
+    torch.inference_mode as ComfyUI samples, or (inference_mode False) under no_grad only. `load` puts the
+    MODEL on its device and returns a context that holds it there (default: load_models_gpu, as samplers
+    do)."""
     import comfy.model_management
     import comfy.model_sampling
     base = model_patcher.model
@@ -60,9 +63,12 @@ def model_output(model_patcher, p, seed=123):
     cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
                 y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
                 guidance=torch.tensor([1.0]))
-    with torch.inference_mode():
-        comfy.model_management.load_models_gpu([model_patcher])
-        return base.apply_model(x, sigma, **cond).clone()
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        if load is None:
+            comfy.model_management.load_models_gpu([model_patcher])
+            return base.apply_model(x, sigma, **cond).clone()
+        with load(model_patcher):
+            return base.apply_model(x, sigma, **cond).clone()
 
 
 def fixed_loss(model_patcher, p, seed=7):

@@ -55,10 +55,12 @@ def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator) -> None:
 
 def base_weight(layer: torch.nn.Module, device) -> torch.Tensor:
     """The layer's weight as its own forward uses it, in float32: through comfy.ops' cast (fp8, lowvram,
-    weight functions of LoRAs stacked with the stock loader) for ComfyUI layers."""
+    weight functions of LoRAs stacked with the stock loader) for ComfyUI layers, dequantized for quantized
+    ones (scaled fp8, nvfp4, int8)."""
     if hasattr(layer, "weight_function"):
         import comfy.ops
-        weight = comfy.ops.cast_bias_weight(layer, device=device, dtype=torch.float32)[0]
+        from ..comfy_compat import dequantized
+        weight = dequantized(layer, comfy.ops.cast_bias_weight(layer, device=device, dtype=torch.float32)[0])
     else:
         weight = layer.weight
     return weight.to(device=device, dtype=torch.float32)
@@ -187,11 +189,18 @@ class PatchedForward:
     forward (for most methods base output plus delta)."""
 
     def __init__(self, layer: torch.nn.Module, adapter: AdapterLayer):
+        from ..comfy_compat import has_quantized_weight
         self.layer = layer
         self.adapter = adapter
+        # a quantized layer runs dequantized under an adapter, as ComfyUI runs it under the stock loader's
+        # patches (comfy_compat.dequantized_linear says why)
+        self.dequantize = has_quantized_weight(layer)
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
+        if self.dequantize:
+            from ..comfy_compat import dequantized_linear
+            return self.adapter.apply(layer, x, lambda inp: dequantized_linear(layer, inp))
         return self.adapter.apply(layer, x, lambda inp: type(layer).forward(layer, inp, *args, **kwargs))
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comfy_compat import is_linear
 from ..config import TrainingSettings, quoted
 
 
@@ -84,7 +85,8 @@ class Architecture:
 
 
 def linear_modules(root: torch.nn.Module, keep) -> list[tuple[str, torch.nn.Module]]:
-    return [(name, m) for name, m in root.named_modules() if isinstance(m, torch.nn.Linear) and keep(name)]
+    """The linear layers whose path `keep` accepts, quantized ones (ComfyUI's MixedPrecisionOps) included."""
+    return [(name, m) for name, m in root.named_modules() if is_linear(m) and keep(name)]
 
 
 def compute_dtype(base_model) -> torch.dtype:
