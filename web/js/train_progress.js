@@ -53,6 +53,7 @@ function mergeHistory(nodeId, h) {
     if (mine.steps.length && mine.steps[mine.steps.length - 1] > last) {
       Object.assign(theirs, { total: mine.total, it_per_s: mine.it_per_s, eta_s: mine.eta_s, running: mine.running });
     }
+    theirs.drawn = mine.drawn;   // the chart on screen is still the one drawn from ours, until the next frame
   } else if (mine && mine.running && !h.running) {
     return;   // a newer run started here since the server wrote that history
   }
