@@ -60,6 +60,10 @@ class EriCreateAdapter(io.ComfyNode):
         return io.NodeOutput(new_adapter(spec, model))
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
 class EriSaveAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -89,7 +93,7 @@ class EriSaveAdapter(io.ComfyNode):
         path = paths.lora_file(prefix, adapter.step)
         checkpoint.save_adapter(adapter, path, save_dtype)
         name = os.path.relpath(path, paths.loras_folder())
-        text = f"saved {name} (step {adapter.step})" + (f"\n{note}" if note else "")
+        text = f"saved {name} (step {adapter.step}, {_size(os.path.getsize(path))})" + (f"\n{note}" if note else "")
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 

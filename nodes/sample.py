@@ -127,3 +127,38 @@ def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict
 
 
 NODES = [EriSamplingSettings]
+
+
+CAPTION_CHARS = 80
+
+
+def caption_of(sample: Sample, prompts: int) -> str:
+    label = " ".join(sample.label.split())
+    label = label if len(label) <= CAPTION_CHARS else label[:CAPTION_CHARS - 1] + "…"
+    return f"step {sample.step} · prompt {sample.index + 1}/{prompts}: {label}"
+
+
+def captioned_previews(samples: list[Sample]) -> list[dict]:
+    """What the Train steps node shows of a round: each sample with a strip below it saying its step and
+    prompt, written to ComfyUI's temp folder as PreviewImage does (the files under output/ stay as sampled)."""
+    from PIL import ImageDraw, ImageFont
+    temp_dir = folder_paths.get_temp_directory()
+    results = []
+    for s in samples:
+        pixels = np.clip(s.image.numpy() * 255.0, 0, 255).round().astype(np.uint8)
+        height, width = pixels.shape[:2]
+        font = ImageFont.load_default(size=max(10, width // 40))
+        strip = max(14, width // 40 * 3 // 2)
+        canvas = Image.new("RGB", (width, height + strip), (27, 29, 34))
+        canvas.paste(Image.fromarray(pixels), (0, 0))
+        draw, caption = ImageDraw.Draw(canvas), caption_of(s, len(samples))
+        while len(caption) > 8 and draw.textlength(caption, font=font) > width - 8:
+            caption = caption[:-2] + "…"
+        draw.text((4, height + strip // 2), caption, fill=(220, 225, 230), font=font, anchor="lm")
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            f"eri_preview_step{s.step:06d}_p{s.index}", temp_dir, width, height)
+        os.makedirs(folder, exist_ok=True)
+        file = f"{filename}_{counter:05}_.png"
+        canvas.save(os.path.join(folder, file), compress_level=1)
+        results.append({"filename": file, "subfolder": subfolder, "type": "temp"})
+    return results

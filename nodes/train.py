@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management
 import torch
@@ -15,8 +16,8 @@ from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
 from ..trainers.state import patched_model
 from . import checks, paths
-from .live import LiveRun
-from .sample import save_samples
+from . import live as live_view
+from .sample import captioned_previews, save_samples
 from .types import CATEGORY, Adapter, Latents, Loss, Sampling, Settings, Text
 
 
@@ -125,7 +126,7 @@ class EriTrainSteps(io.ComfyNode):
                                 tooltip="The images sampled during these steps, in order (an empty batch without "
                                         "sampling settings)."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
 
     @classmethod
@@ -146,13 +147,18 @@ class EriTrainSteps(io.ComfyNode):
             if note:
                 logging.warning("EriDiffusion: %s", note)
 
+        saved = []
+
         def save(state):
-            checkpoint.save_adapter(state, paths.lora_file(save_prefix, state.step, "save_prefix"), "fp16")
+            path = paths.lora_file(save_prefix, state.step, "save_prefix")
+            checkpoint.save_adapter(state, path, "fp16")
+            saved.append(os.path.relpath(path, paths.loras_folder()))
             checkpoint.prune_saves(lambda step: paths.lora_file(save_prefix, step, "save_prefix"), keep_last)
         first = adapter.step
-        live = LiveRun(cls.hidden.unique_id if cls.hidden is not None else None, adapter.history, first,
-                       first + steps)
-        images = []
+        hidden = cls.hidden
+        live = live_view.LiveRun(hidden.unique_id if hidden is not None else None, adapter.history, first,
+                                 first + steps, live_view.workflow_id(hidden.extra_pnginfo if hidden else None))
+        images, sample_files = [], []
 
         def on_step(report: loop.StepReport):
             logging.info("EriDiffusion: step %d/%d loss %.5f lr %.3g", report.step, report.total, report.loss,
@@ -168,7 +174,8 @@ class EriTrainSteps(io.ComfyNode):
         def on_every(run: loop.TrainingRun):
             samples = sample_round(model, run.export(), sampling)
             images.extend(s.image for s in samples)
-            live.images_saved(save_samples(samples, sampling))
+            sample_files.extend(save_samples(samples, sampling))
+            live.images_saved(captioned_previews(samples))
 
         try:
             trained = loop.train(model, adapter, latents, captions, settings, steps, on_step=on_step,
@@ -176,10 +183,15 @@ class EriTrainSteps(io.ComfyNode):
                                  every=sampling.every_n_steps if sampling else 0,
                                  # Cancel or an error: keep the last finished step, if saves were asked for
                                  on_stopped=save if save_every else None)
-        finally:
-            live.finish()
+        except BaseException as stop:   # 0.33's InterruptProcessingException is a BaseException
+            cancelled = isinstance(stop, comfy.model_management.InterruptProcessingException)
+            live.finish(live_view.CANCELLED if cancelled else live_view.FAILED, saved[-1] if saved else None,
+                        None if cancelled else live_view.first_line(stop))
+            raise
+        live.finish(live_view.FINISHED, saved[-1] if saved else None)
         batch = torch.stack(images) if images else torch.zeros((0, 64, 64, 3))
-        shown = {"images": live.images} if live.images else None
+        # the node shows the captioned previews; the files under output/ are listed for scripts (queue_workflow)
+        shown = {"images": live.images, "eri_samples": sample_files} if live.images else None
         return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
 
 

@@ -233,14 +233,15 @@ def fetch_results(comfy: Comfy, prompt_id: str, workflow: dict, out: Path) -> No
         time.sleep(0.1)
     for node, outputs in sorted(history.get("outputs", {}).items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
         class_type = workflow.get(node, {}).get("class_type", "?")
-        for image in outputs.get("images", []):
+        # Train steps shows captioned previews of its samples and lists the sample files as "eri_samples"
+        for image in outputs.get("eri_samples") or outputs.get("images", []):
             query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
             target = out / image.get("subfolder", "") / image["filename"]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(comfy.get(f"/view?{query}"))
             print(f"image from node {node} ({class_type}): {target}", flush=True)
         for text in outputs.get("text", []):
-            saved = re.match(r"saved (.+?) \(step (\d+)\)", str(text))
+            saved = re.match(r"saved (.+?) \(step (\d+)", str(text))
             if saved:
                 print(f"adapter saved by node {node}: {saved.group(1)} (step {saved.group(2)}; in ComfyUI's "
                       f"models/loras, the .eri-state beside it resumes training)", flush=True)

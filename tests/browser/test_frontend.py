@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def chart_clip(page, node_id: int) -> dict:
 
 def chart_sample(page, node_id: int, path: Path) -> dict:
     """The node's run as the page holds it and the chart as it looks now (a screenshot of just the chart)."""
-    sample = page.evaluate("(id) => { const r = window.EriDiffusion.runs.get(String(id)); "
+    sample = page.evaluate("(id) => { const r = window.EriDiffusion.runOf(id); "
                            "return {steps: r.steps.length, drawn: r.drawn, running: r.running}; }", node_id)
     page.screenshot(path=str(path), clip=chart_clip(page, node_id))
     sample["image"] = path.read_bytes()
@@ -149,6 +150,17 @@ def wait_for_images(page, node_id: int) -> None:
         const imgs = [...document.querySelectorAll(`[data-node-id="${id}"] img`)];
         return imgs.length > 0 && imgs.every((img) => img.complete && img.naturalWidth > 0);
     }""", arg=node_id, timeout=60_000)
+
+
+def last_run(client, node_id: int, workflow: str) -> dict:
+    """The server's history of the node's latest run in that workflow ({} if it never ran)."""
+    from urllib.error import HTTPError
+    try:
+        return client.get_json(f"/eridiffusion/history/{node_id}?workflow={workflow}")
+    except HTTPError as error:
+        if error.code == 404:
+            return {}
+        raise
 
 
 def wait_until(page, predicate: str, arg, failure: str, timeout_ms: int = 30_000) -> None:
@@ -187,16 +199,15 @@ def test_queued_training_draws_the_live_loss_chart_step_by_step_and_it_survives_
     api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
     steps = 400   # long enough that the reload lands mid-run even with one fast CPU thread
     ui = api_to_ui(tiny_training_prompt(api, "browser_images", steps=steps, prefix="ci/browser"), info)
-    try:
-        stale = client.get_json("/eridiffusion/history/7")["prompt_id"]
-    except Exception:
-        stale = None
     assert load(page, ui) == []
+    workflow = page.evaluate("window.EriDiffusion.workflowId()")
+    assert workflow, "the loaded workflow has an id (the frontend sends it with the prompt)"
+    stale = last_run(client, 7, workflow).get("prompt_id")
     show_node(page, 7)
     assert page.locator('[data-node-id="7"]').count() == (1 if vue_nodes else 0), "the node design in use"
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     # ["steps", n]: the page has n steps of this run; ["drawn", n]: its chart was last drawn with n steps.
-    run_has = "([what, n]) => { const r = window.EriDiffusion.runs.get('7'); " \
+    run_has = "([what, n]) => { const r = window.EriDiffusion.runOf('7'); " \
               f"return r && r.prompt_id !== {json.dumps(stale)} && " \
               "(what === 'steps' ? r.steps.length : r.drawn) >= n; }"
     # The chart follows the run: two looks at it while it trains, the second drawn with more steps and
@@ -216,12 +227,12 @@ def test_queued_training_draws_the_live_loss_chart_step_by_step_and_it_survives_
     page.reload()
     page.wait_for_function(APP_READY, timeout=90_000)
     show_node(page, 7)
-    page.wait_for_function(f"() => {{ const r = window.EriDiffusion.runs.get('7'); return r && !r.running && "
-                           f"r.steps.length === {steps} && r.drawn === {steps}; }}", timeout=180_000)
+    page.wait_for_function(f"() => {{ const r = window.EriDiffusion.runOf('7'); return r && r.state === 'finished' "
+                           f"&& r.steps.length === {steps} && r.drawn === {steps}; }}", timeout=180_000)
     assert page.evaluate("window.EriDiffusion.stepEvents") > 0, "the page was reloaded while the run went on"
-    chart = page.evaluate("(() => { const r = window.EriDiffusion.runs.get('7'); "
+    chart = page.evaluate("(() => { const r = window.EriDiffusion.runOf('7'); "
                           "return {steps: r.steps, losses: r.losses, lrs: r.lrs}; })()")
-    history = client.get_json("/eridiffusion/history/7")
+    history = last_run(client, 7, workflow)
     assert chart["steps"] == list(range(1, steps + 1)), "steps from before the reload came back from the server"
     assert chart == {"steps": history["steps"], "losses": history["losses"], "lrs": history["lrs"]}
 
@@ -232,4 +243,69 @@ def test_queued_training_draws_the_live_loss_chart_step_by_step_and_it_survives_
     shot = artifacts() / f"frontend_train_chart_{node_design}.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+    assert page.errors == []
+
+
+def test_cancel_shows_the_step_it_stopped_at_and_the_file_it_saved_and_a_reload_shows_both_with_the_samples(
+        page, client, server):
+    write_images(server.base / "input" / "browser_cancel", [(64, 64)] * 3)
+    info = client.get_json("/object_info")
+    api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
+    prompt = tiny_training_prompt(api, "browser_cancel", steps=100_000, prefix="ci/browser_cancel")
+    prompt["7"]["inputs"]["save_prefix"] = "ci/browser_cancel_checkpoints/sdxl_lora"
+    sampling = next(n for n in prompt.values() if n["class_type"] == "EriSamplingSettings")
+    sampling["inputs"]["every_n_steps"] = 2
+    ui = api_to_ui(prompt, info)
+    ui["id"] = str(uuid.uuid4())
+    assert load(page, ui) == []
+    show_node(page, 7)
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => { const r = window.EriDiffusion.runOf('7'); return r && r.steps.length >= 4 && "
+                           "r.images.length >= 2; }", timeout=180_000)
+    page.evaluate("async () => { await app.api.interrupt(); }")
+    wait_until(page, "() => window.EriDiffusion.runOf('7')?.state === 'cancelled'", None,
+               "the chart never said the run was cancelled")
+    run = page.evaluate("(() => { const r = window.EriDiffusion.runOf('7'); return {step: r.stopped_step, "
+                        "saved: r.saved, lines: window.EriDiffusion.progressLines(r)}; })()")
+    step = run["step"]
+    assert run["saved"] == f"ci/browser_cancel_checkpoints/sdxl_lora_{step:06d}.safetensors"
+    assert (server.base / "models" / "loras" / run["saved"]).is_file()
+    assert run["lines"][0].startswith(f"cancelled at step {step}/100000 after ")
+    assert run["lines"][1] == f"saved as {run['saved']}"
+    chart_sample(page, 7, artifacts() / "frontend_train_chart_cancelled.png")
+
+    page.reload()
+    page.wait_for_function(APP_READY, timeout=90_000)
+    show_node(page, 7)
+    wait_until(page, "() => { const r = window.EriDiffusion.runOf('7'); return r?.state === 'cancelled' && "
+                     "r.drawn > 0; }", None, "after a reload the chart did not show the cancelled run")
+    assert page.evaluate("window.EriDiffusion.progressLines(window.EriDiffusion.runOf('7'))") == run["lines"]
+    wait_for_images(page, 7)   # the samples come back from the server's history, captioned
+    shown = page.evaluate("(() => app.graph.getNodeById(7).imgs?.map((i) => i.src) ?? [...document.querySelectorAll("
+                          "'[data-node-id=\"7\"] img')].map((i) => i.src))()")
+    assert shown and all("eri_preview_step" in src and "type=temp" in src for src in shown), shown
+    page.screenshot(path=str(artifacts() / "frontend_train_cancelled_after_reload.png"))
+    assert page.errors == []
+
+
+def test_two_workflows_whose_train_steps_share_a_node_id_keep_their_own_charts(page, client, server):
+    write_images(server.base / "input" / "browser_two", [(64, 64)] * 2)
+    info = client.get_json("/object_info")
+    api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
+    first = api_to_ui(tiny_training_prompt(api, "browser_two", steps=4, prefix="ci/browser_two"), info)
+    second = json.loads(json.dumps(first))
+    first["id"], second["id"] = str(uuid.uuid4()), str(uuid.uuid4())
+    assert load(page, first) == []
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    wait_until(page, "() => window.EriDiffusion.runOf('7')?.state === 'finished'", None,
+               "the first workflow's run never finished", timeout_ms=180_000)
+    assert load(page, second) == []
+    show_node(page, 7)
+    assert page.evaluate("window.EriDiffusion.runOf('7') === undefined"), \
+        "a workflow that never trained shows no other workflow's run"
+    assert page.evaluate("window.EriDiffusion.progressLines(window.EriDiffusion.runOf('7'))") == \
+        ["waiting for the first step"]
+    assert load(page, first) == []
+    run = page.evaluate("(() => { const r = window.EriDiffusion.runOf('7'); return [r.state, r.steps]; })()")
+    assert run == ["finished", [1, 2, 3, 4]]
     assert page.errors == []

@@ -3,7 +3,9 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import write_images
 from workflow_format import api_to_ui, tiny_training_prompt, ui_to_api
@@ -45,12 +47,21 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
     assert result.outputs("9")["images"], "the loss graph is shown in the canvas"
     assert "saved ci/sdxl_000012.safetensors" in json.dumps(result.outputs("8"))
 
-    # samples every 6 steps (two prompts), shown on the node while it trains, then kept in its output
+    # samples every 6 steps (two prompts), saved under output/ as sampled, and shown on the node while it
+    # trains, each captioned with its step and prompt (a copy in temp/), then kept in its output
+    saved = sorted(p.name[:len("sdxl_lora_step000006_seed42_p0")]
+                   for p in (server.base / "output" / "eri_samples").glob("sdxl_lora_step*.png"))
+    assert saved == ["sdxl_lora_step000006_seed42_p0", "sdxl_lora_step000006_seed42_p1",
+                     "sdxl_lora_step000012_seed42_p0", "sdxl_lora_step000012_seed42_p1"]
     samples = result.outputs("7")["images"]
-    assert [s["filename"][:len("sdxl_lora_step000006_seed42_p0")] for s in samples] == [
-        "sdxl_lora_step000006_seed42_p0", "sdxl_lora_step000006_seed42_p1",
-        "sdxl_lora_step000012_seed42_p0", "sdxl_lora_step000012_seed42_p1"]
-    assert all((server.base / "output" / s["subfolder"] / s["filename"]).is_file() for s in samples)
+    assert [(s["type"], s["filename"][:len("eri_preview_step000006_p0")]) for s in samples] == [
+        ("temp", "eri_preview_step000006_p0"), ("temp", "eri_preview_step000006_p1"),
+        ("temp", "eri_preview_step000012_p0"), ("temp", "eri_preview_step000012_p1")]
+    for shown, output in zip(samples, sorted((server.base / "output" / "eri_samples").glob("sdxl_lora_step*.png"))):
+        with Image.open(server.base / "temp" / shown["subfolder"] / shown["filename"]) as captioned, \
+                Image.open(output) as plain:
+            assert captioned.width == plain.width and captioned.height > plain.height, "a caption strip below"
+            assert np.array_equal(np.asarray(captioned.convert("RGB"))[:plain.height], np.asarray(plain.convert("RGB")))
     kinds = [(e["type"], e["data"].get("step")) for e in result.events
              if e["type"] in ("eridiffusion.step", "executed") and e["data"].get("node") == "7"]
     preview = kinds.index(("executed", None))
@@ -120,6 +131,13 @@ def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client
     # the example saves every 250 steps, so Cancel keeps the last finished step, with its state, to resume
     kept = server.base / "models" / "loras" / "ci" / "cancel_checkpoints" / f"sdxl_lora_{seen[-1]:06d}.safetensors"
     assert kept.is_file() and kept.with_name(kept.stem + ".eri-state").is_file(), server.log_tail()
+    # the canvas is told the run was cancelled, at which step, and where that step went
+    ends = [e for e in result.events_of("eridiffusion.run") if e["state"] != "running"]
+    assert [(e["state"], e["step"], e["saved"]) for e in ends] == \
+        [("cancelled", seen[-1], f"ci/cancel_checkpoints/sdxl_lora_{seen[-1]:06d}.safetensors")]
+    history = client.get_json("/eridiffusion/history/7")
+    assert (history["state"], history["stopped_step"], history["saved"], history["running"]) == \
+        ("cancelled", seen[-1], ends[0]["saved"], False), "a reloaded page reads the same"
     again = client.run({"1": {"class_type": "EriTestTinyModel", "inputs": {"arch": "sdxl", "seed": 1}},
                         "2": {"class_type": "EriCreateAdapter", "inputs": {
                             "model": ["1", 0], "adapter_type": "lora", "rank": 2, "alpha": 2.0,

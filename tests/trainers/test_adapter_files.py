@@ -392,11 +392,13 @@ def test_saved_files_get_the_mode_of_the_umask(comfy_folders, tmp_path, umask, m
 def test_a_second_run_saving_under_the_same_prefix_saves_as_v2_and_says_so(comfy_folders):
     loras = comfy_folders["loras"]
     first, text = save_node(trained_state(step=2, seed=1, run_id="1" * 32))
-    assert first == "eri/my_lora_000002.safetensors" and text == "saved eri/my_lora_000002.safetensors (step 2)"
+    size = (loras / first).stat().st_size / 1024
+    assert first == "eri/my_lora_000002.safetensors"
+    assert text == f"saved eri/my_lora_000002.safetensors (step 2, {size:.1f} KB)", "name, step and size"
     kept = (loras / first).read_bytes(), (loras / first).with_suffix(".eri-state").read_bytes()
     second, text = save_node(trained_state(step=2, seed=2, run_id="2" * 32))
     assert second == "eri/my_lora_v2_000002.safetensors"
-    assert text == ("saved eri/my_lora_v2_000002.safetensors (step 2)\nmodels/loras/eri/my_lora_* hold another "
+    assert text == (f"saved eri/my_lora_v2_000002.safetensors (step 2, {size:.1f} KB)\nmodels/loras/eri/my_lora_* hold another "
                     "training run's saves: this run saves as models/loras/eri/my_lora_v2_*")
     assert ((loras / first).read_bytes(), (loras / first).with_suffix(".eri-state").read_bytes()) == kept
     # the same run saving again overwrites its own save, under whichever prefix it has
