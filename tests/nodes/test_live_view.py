@@ -1,5 +1,7 @@
 """What the canvas is told about a Train steps run (nodes/live.py): its state at the end (finished, cancelled,
 failed with the error's first line, and where the adapter went), kept per workflow and node, in bounded memory."""
+import inspect
+
 import pytest
 import torch
 
@@ -11,7 +13,10 @@ def train_node(unique_id: str, workflow_id):
     from comfy_api.latest import io
     from eridiffusion.nodes.train import EriTrainSteps
     pnginfo = None if workflow_id is None else {"workflow": {"id": workflow_id, "nodes": []}}
-    return EriTrainSteps.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id, io.Hidden.extra_pnginfo: pnginfo})
+    hidden = {io.Hidden.unique_id: unique_id, io.Hidden.extra_pnginfo: pnginfo}
+    # 0.3.75 takes the hidden inputs, 0.33 its V3 data holding them
+    takes_v3_data = "v3_data" in inspect.signature(EriTrainSteps.PREPARE_CLASS_CLONE).parameters
+    return EriTrainSteps.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if takes_v3_data else hidden)
 
 
 @pytest.fixture

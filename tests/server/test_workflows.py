@@ -49,17 +49,17 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
 
     # samples every 6 steps (two prompts), saved under output/ as sampled, and shown on the node while it
     # trains, each captioned with its step and prompt (a copy in temp/), then kept in its output
-    saved = sorted(p.name[:len("sdxl_lora_step000006_seed42_p0")]
-                   for p in (server.base / "output" / "eri_samples").glob("sdxl_lora_step*.png"))
-    assert saved == ["sdxl_lora_step000006_seed42_p0", "sdxl_lora_step000006_seed42_p1",
-                     "sdxl_lora_step000012_seed42_p0", "sdxl_lora_step000012_seed42_p1"]
+    saved = result.outputs("7")["eri_samples"]
+    assert [(s["subfolder"], s["filename"][:len("sdxl_lora_step000006_seed42_p0")]) for s in saved] == [
+        ("eri_samples", "sdxl_lora_step000006_seed42_p0"), ("eri_samples", "sdxl_lora_step000006_seed42_p1"),
+        ("eri_samples", "sdxl_lora_step000012_seed42_p0"), ("eri_samples", "sdxl_lora_step000012_seed42_p1")]
     samples = result.outputs("7")["images"]
     assert [(s["type"], s["filename"][:len("eri_preview_step000006_p0")]) for s in samples] == [
         ("temp", "eri_preview_step000006_p0"), ("temp", "eri_preview_step000006_p1"),
         ("temp", "eri_preview_step000012_p0"), ("temp", "eri_preview_step000012_p1")]
-    for shown, output in zip(samples, sorted((server.base / "output" / "eri_samples").glob("sdxl_lora_step*.png"))):
+    for shown, output in zip(samples, saved):
         with Image.open(server.base / "temp" / shown["subfolder"] / shown["filename"]) as captioned, \
-                Image.open(output) as plain:
+                Image.open(server.base / "output" / output["subfolder"] / output["filename"]) as plain:
             assert captioned.width == plain.width and captioned.height > plain.height, "a caption strip below"
             assert np.array_equal(np.asarray(captioned.convert("RGB"))[:plain.height], np.asarray(plain.convert("RGB")))
     kinds = [(e["type"], e["data"].get("step")) for e in result.events
@@ -72,7 +72,7 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
     history = client.get_json("/eridiffusion/history/7")
     assert history["steps"] == list(range(1, 13)) and history["running"] is False
     assert history["losses"] == [e["loss"] for e in steps] and history["prompt_id"] == result.prompt_id
-    assert [i["filename"] for i in history["images"]] == [s["filename"] for s in samples]
+    assert history["images"] == samples, "a reloaded page shows the same captioned samples"
 
 
 @pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux")])
