@@ -50,7 +50,7 @@ class EriTrainingImages(io.ComfyNode):
     def validate_inputs(cls, folder=None, max_upscale=None):
         return checks.verdict(
             checks.numbers_problem(cls, max_upscale=max_upscale),
-            folder is not None and checks.guarded(lambda: paths.existing_input_folder(folder)))
+            folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)))
 
     @classmethod
     def fingerprint_inputs(cls, folder, **kwargs):

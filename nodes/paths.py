@@ -11,7 +11,7 @@ import uuid
 
 import folder_paths
 
-from ..trainers import checkpoint, files
+from ..trainers import checkpoint, data, files
 from ..trainers.config import quoted
 
 ALLOW_ANY_PATH_ENV, any_path_allowed = files.ALLOW_ANY_PATH_ENV, files.any_path_allowed
@@ -118,6 +118,14 @@ def existing_input_folder(name: str, input_name: str = "folder") -> str:
     if not os.path.isdir(folder):
         raise PathError(f"{input_name} {quoted(name)} does not exist in ComfyUI's input folder (looked for "
                         f"{folder}): create it and put the training images in it")
+    return folder
+
+
+def input_folder_with_images(name: str, input_name: str = "folder") -> str:
+    folder = existing_input_folder(name, input_name)
+    if not data.has_image_files(folder):
+        raise PathError(f"{input_name} {quoted(name)} has no images ({', '.join(data.IMAGE_EXTENSIONS)}): put the "
+                        f"training images (and a .txt caption beside each, if you have them) in {folder}")
     return folder
 
 

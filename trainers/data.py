@@ -181,6 +181,20 @@ def list_image_files(root: str) -> list[tuple[str, int]]:
     return found
 
 
+def has_image_files(root: str, look_at: int = 10_000) -> bool:
+    """Whether root holds an image file (the check at Queue, before any model loads). After `look_at` entries
+    without one it answers True: the scan when the node runs decides, and Queue stays quick."""
+    seen = 0
+    for _, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                return True
+        seen += len(filenames) + len(dirnames)
+        if seen >= look_at:
+            return True
+    return False
+
+
 def listing_fingerprint(root: str) -> str:
     """Changes when any file under root is added, removed, resized or touched."""
     digest = hashlib.sha256()

@@ -309,3 +309,19 @@ def test_two_workflows_whose_train_steps_share_a_node_id_keep_their_own_charts(p
     run = page.evaluate("(() => { const r = window.EriDiffusion.runOf('7'); return [r.state, r.steps]; })()")
     assert run == ["finished", [1, 2, 3, 4]]
     assert page.errors == []
+
+
+def test_an_error_while_running_is_shown_under_the_nodes_display_name(page, client, server):
+    folder = server.base / "input" / "browser_broken"
+    folder.mkdir(exist_ok=True)
+    (folder / "photo.png").write_bytes(b"not a png at all")   # passes the check at Queue, fails when read
+    info = client.get_json("/object_info")
+    api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
+    ui = api_to_ui(tiny_training_prompt(api, "browser_broken", steps=2, prefix="ci/browser_broken"), info)
+    assert load(page, ui) == []
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    dialog = page.locator(".p-dialog:visible")
+    dialog.first.wait_for(timeout=120_000)
+    page.screenshot(path=str(artifacts() / "frontend_execution_error.png"))
+    text = dialog.first.inner_text()
+    assert "Training images (EriTrainingImages)" in text and "photo.png" in text, text

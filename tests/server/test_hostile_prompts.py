@@ -73,6 +73,18 @@ def test_a_missing_training_folder_is_refused_at_queue(client, server):
     assert "folder 'no_such_folder' does not exist in ComfyUI's input folder" in node_error_text(answer, "2")
 
 
+def test_a_training_folder_without_images_is_refused_at_queue_saying_where_to_put_them(client, server):
+    empty = server.base / "input" / "no_images_yet"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.md").write_text("to do: add photos")
+    prompt = sdxl_prompt(server)
+    prompt["2"]["inputs"]["folder"] = "no_images_yet"
+    status, answer = client.queue(prompt)
+    assert status == 400
+    text = node_error_text(answer, "2")
+    assert "folder 'no_images_yet' has no images (.png, .jpg" in text and str(empty) in text, text
+
+
 def test_a_caption_extension_that_climbs_out_of_the_dataset_reads_nothing(client, server):
     # The attack: a folder named "<image stem>." (which /upload/image creates with subfolder=trav/a.) makes
     # "<stem>" + "./../../../secret.txt" a path that resolves; the caption text came back in the error.

@@ -388,9 +388,27 @@ function showSaved(node, lines) {
   node.setDirtyCanvas?.(true, true);
 }
 
+// ComfyUI's error dialog titles an execution error with the node's class name ("EriTrainingImages"); the
+// canvas calls it "Training images". The socket's messages all pass through api.dispatchCustomEvent: an error
+// of one of our nodes gets its display name there (the class name after it, for searching).
+const DISPLAY_NAMES = new Map();
+
+function withDisplayNames() {
+  const dispatch = api.dispatchCustomEvent;
+  if (typeof dispatch !== "function" || dispatch.eriDisplayNames) return;
+  const named = function (type, detail) {
+    const display = type === "execution_error" ? DISPLAY_NAMES.get(detail?.node_type) : undefined;
+    if (display) detail = { ...detail, node_type: `${display} (${detail.node_type})` };
+    return dispatch.call(this, type, detail);
+  };
+  named.eriDisplayNames = true;
+  api.dispatchCustomEvent = named;
+}
+
 app.registerExtension({
   name: "eridiffusion.TrainProgress",
   setup() {
+    withDisplayNames();
     api.addEventListener("eridiffusion.step", onStep);
     api.addEventListener("eridiffusion.run", onRun);
     api.addEventListener("executed", onExecuted);
@@ -406,6 +424,10 @@ app.registerExtension({
     }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.python_module?.startsWith?.("custom_nodes.") && nodeData.name?.startsWith("Eri") &&
+        nodeData.display_name) {
+      DISPLAY_NAMES.set(nodeData.name, nodeData.display_name);
+    }
     if (nodeData.name === SAVE_NODE_TYPE) {
       const onExecutedBefore = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (output) {
