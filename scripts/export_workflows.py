@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from live_server import ComfyClient, ComfyServer  # noqa: E402
-from workflow_format import _default, _inputs, api_to_ui  # noqa: E402
+from workflow_format import _default, _inputs, example_ui  # noqa: E402
 
 
 def with_all_widgets(api: dict, info: dict) -> dict:
@@ -43,7 +43,7 @@ def main():
             if complete != api:
                 write_api(api_path, complete)
                 print("completed", api_path.relative_to(ROOT))
-            ui = api_to_ui(complete, info)
+            ui = example_ui(api_path.stem, complete, info)
             out = ROOT / "example_workflows" / api_path.name
             out.write_text(json.dumps(ui, indent=1) + "\n")
             print("wrote", out.relative_to(ROOT))

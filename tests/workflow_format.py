@@ -6,6 +6,8 @@ module, so the two never disagree; a test checks the committed UI files against 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Frontend-only nodes: in the workflow, never in the prompt.
+VIRTUAL_NODES = {"Note", "MarkdownNote"}
 # The frontend adds a "control after generate" widget after a seed that asks for one; examples keep it fixed.
 CONTROL_VALUE = "fixed"
 
@@ -83,6 +85,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                       "size": [340, height], "flags": {}, "order": order, "mode": 0,
                       "inputs": socket_inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+        if node.get("_meta", {}).get("title"):
+            nodes[-1]["title"] = node["_meta"]["title"]
         rows[column] = row + height + 40
     return {"last_node_id": max(int(i) for i in ids), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
@@ -93,6 +97,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     link_src = {l[0]: (str(l[1]), l[2]) for l in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
         info = object_info[node["type"]]
         inputs, widgets = {}, list(node.get("widgets_values", []))
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
@@ -104,6 +110,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 if control:
                     widgets.pop(0)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+        if node.get("title"):
+            api[str(node["id"])]["_meta"] = {"title": node["title"]}
     return api
 
 
@@ -161,3 +169,64 @@ def tiny_training_prompt(api: dict, images_folder: str, steps: int, prefix: str)
         elif kind == "EriSaveAdapter":
             inputs["filename_prefix"] = prefix
     return prompt
+
+
+# Where the examples' model files come from: the frontend's missing-models dialog offers these downloads
+# (a node's properties.models), and the example's Note says which folder each goes in.
+MODEL_SOURCES = {
+    "sd_xl_base_1.0.safetensors": (
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    "sd3.5_large.safetensors": (
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors"),
+    "clip_l.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "clip_g.safetensors": (
+        "text_encoders",
+        "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"),
+    "t5xxl_fp16.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "flux1-dev.safetensors": (
+        "diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    "ae.safetensors": ("vae", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
+}
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
+
+
+def _models_of(node: dict) -> list[dict]:
+    return [{"name": value, "url": MODEL_SOURCES[value][1], "directory": MODEL_SOURCES[value][0]}
+            for value in node["inputs"].values() if isinstance(value, str) and value in MODEL_SOURCES]
+
+
+def _note_text(api: dict) -> str:
+    images = next(n["inputs"]["folder"] for n in api.values() if n["class_type"] == "EriTrainingImages")
+    models = [m for n in api.values() for m in _models_of(n)]
+    saves = [n["inputs"]["filename_prefix"] for n in api.values() if n["class_type"] == "EriSaveAdapter"]
+    where = "; ".join(f"{m['name']} in ComfyUI/models/{m['directory']}" for m in models)
+    return "\n".join([
+        "Before you queue:",
+        f"1. Training images: put your images (PNG, JPEG, WEBP; any size) in ComfyUI/input/{images}, or type another "
+        "folder of ComfyUI/input in Training images. A .txt file with the same name beside an image is its caption.",
+        f"2. Models: {where}. The missing-models dialog links each download (some need a Hugging Face login).",
+        "3. Queue. Train steps draws the loss as it trains, shows samples every N steps, and says when it is done, "
+        "cancelled or failed.",
+        *(f"4. Save adapter writes ComfyUI/models/loras/{prefix}_<step>.safetensors and its .eri-state beside it "
+          "(keep both to resume). Use the LoRA with the stock Load LoRA node." for prefix in saves[:1]),
+    ])
+
+
+def example_ui(name: str, api: dict, object_info: dict) -> dict:
+    """An example workflow as the pack ships it: the API form in UI form, with a stable id of its own (the chart
+    of its Train steps nodes belongs to it), model download hints on its loaders and a Note on what goes where."""
+    import uuid
+    ui = api_to_ui(api, object_info)
+    ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"eridiffusion/example_workflows/{name}"))
+    for node in ui["nodes"]:
+        models = _models_of(api[str(node["id"])])
+        if models:
+            node["properties"]["models"] = models
+    note_id = ui["last_node_id"] + 1
+    ui["nodes"].append({"id": note_id, "type": "Note", "pos": [40, -300], "size": [720, 260], "flags": {},
+                        "order": len(ui["nodes"]), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                        "widgets_values": [_note_text(api)], **NOTE_COLORS})
+    ui["last_node_id"] = note_id
+    return ui

@@ -179,14 +179,27 @@ def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_ap
     for path in examples:
         ui = json.loads(path.read_text())
         assert load(page, ui) == [], f"{path.name}: missing nodes"
+        # the test server has none of the example's models: the frontend's dialog lists each with its download
+        models = {m["name"]: m["url"] for n in ui["nodes"] for m in n.get("properties", {}).get("models", [])}
+        assert models, f"{path.name}: model download hints on its loaders"
+        dialog = page.locator(".p-dialog:visible", has_text="Missing Models")
+        dialog.first.wait_for(timeout=10_000)
+        listed = " ".join(dialog.all_inner_texts())
+        assert all(name in listed for name in models), f"{path.name}: the missing-models dialog lists {listed}"
+        page.screenshot(path=str(artifacts() / f"frontend_missing_models_{path.stem}.png"))
+        page.keyboard.press("Escape")
+        dialog.first.wait_for(state="hidden", timeout=10_000)
         notices = page.locator("text=/missing/i >> visible=true").filter(has_not_text=MODEL_FILE_NOTICE)
-        assert not notices.count(), f"{path.name}: a dialog says missing"
+        assert not notices.count(), f"{path.name}: a dialog says missing: {notices.all_inner_texts()}"
+        note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "ComfyUI/input/training_images" in note and all(name in note for name in models)
         prompt = page.evaluate("""async () => {
             const { output } = await app.graphToPrompt();
             return Object.fromEntries(Object.entries(output).map(([id, n]) => [id, {class_type: n.class_type,
                                                                                    inputs: n.inputs}]));
         }""")
-        assert prompt == ui_to_api(ui, info), f"{path.name}: the Queue button sends the workflow's API form"
+        expected = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in ui_to_api(ui, info).items()}
+        assert prompt == expected, f"{path.name}: the Queue button sends the workflow's API form"
     assert page.errors == []
 
 
