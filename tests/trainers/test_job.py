@@ -113,7 +113,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
 
 
 def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
-    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n", "x.yaml")
+    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n      network: {type: lora}\n",
+                    "x.yaml")
     # ai-toolkit: lr 1e-6, linear_alpha = alpha = 1.0, dtype fp32, resolution 512, save every 1000 keep 5
     assert (job.settings.learning_rate, job.network.alpha, job.settings.precision) == (1e-6, 1.0, "fp32")
     assert job.datasets[0].configs[0].resolution == 512
@@ -152,7 +153,6 @@ def test_an_unknown_key_is_an_error_naming_its_path_and_the_closest_known_key(ed
     (lambda p: p["datasets"][0].update(resolution=[512, 700]), ["datasets[0].resolution", "700", "multiple of 64"]),
     (lambda p: p["datasets"][0].update(caption_dropout_rate=1.5), ["caption_dropout_rate", "between 0"]),
     (lambda p: p["network"].update(type="lorm"), ["network.type", "lora, locon, dora, lokr, loha"]),
-    (lambda p: p["network"].update(conv=8), ["network.conv", "flux", "SDXL only"]),
     (lambda p: p["train"].update(noise_scheduler="ddpm"), ["noise_scheduler", "flowmatch"]),
     (lambda p: p["train"].update(train_unet=False), ["train_unet", "train nothing"]),
     (lambda p: p["model"].update(arch="sdxl"), ["arch", "is_flux", "keep one"]),
@@ -166,7 +166,7 @@ def test_a_wrong_value_is_an_error_naming_the_key_and_what_fits(edit, words):
 
 
 def test_architecture_from_arch_or_ai_toolkits_flags():
-    base = "config:\n  name: x\n  process:\n    - model: {%s}\n"
+    base = "config:\n  name: x\n  process:\n    - network: {type: lora}\n      model: {%s}\n"
     assert parse_job(base % "arch: sd35").model.arch == "sd3"
     assert parse_job(base % "is_v3: true").model.arch == "sd3"
     assert parse_job(base % "is_xl: true").model.arch == "sdxl"
@@ -215,6 +215,7 @@ config:
   name: x
   process:
     - trigger_word: ohwx
+      network: {type: lora}
       datasets:
         - {folder_path: a, resolution: [64, 128], num_repeats: 3}
         - {folder_path: b, resolution: 64, default_caption: "[trigger] on white", flip_x: true}
