@@ -237,3 +237,191 @@ def test_each_rank_takes_a_contiguous_share_and_together_all_samples():
             shares = [list(range(count))[World(rank, size).share(count)] for rank in range(size)]
             assert sum(shares, []) == list(range(count))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+# A job as ai-toolkit's web UI exports it (ui/src/app/jobs/new/jobConfig.ts defaultJobConfig with
+# helpers/defaultSamples.ts, then a model chosen: options.tsx sets name_or_path, arch, quantize, sampler), trimmed
+# to two sample prompts.
+AI_TOOLKIT_UI_JOB = """\
+job: extension
+config:
+  name: my_first_lora_v1
+  process:
+    - type: diffusion_trainer
+      training_folder: output
+      sqlite_db_path: ./aitk_db.db
+      device: cuda
+      trigger_word: null
+      performance_log_every: 10
+      network:
+        type: lora
+        linear: 32
+        linear_alpha: 32
+        conv: 16
+        conv_alpha: 16
+        lokr_full_rank: true
+        lokr_factor: -1
+        network_kwargs:
+          ignore_if_contains: []
+      save:
+        dtype: bf16
+        save_every: 250
+        max_step_saves_to_keep: 4
+        save_format: diffusers
+        push_to_hub: false
+      datasets:
+        - folder_path: /path/to/images/folder
+          mask_path: null
+          mask_min_value: 0.1
+          default_caption: ''
+          caption_ext: txt
+          caption_dropout_rate: 0.05
+          cache_latents_to_disk: false
+          is_reg: false
+          network_weight: 1
+          resolution: [512, 768, 1024]
+          controls: []
+          shrink_video_to_frames: true
+          num_frames: 1
+          flip_x: false
+          flip_y: false
+          num_repeats: 1
+      train:
+        batch_size: 1
+        bypass_guidance_embedding: true
+        steps: 3000
+        gradient_accumulation: 1
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        noise_scheduler: flowmatch
+        optimizer: adamw8bit
+        timestep_type: sigmoid
+        content_or_style: balanced
+        optimizer_params:
+          weight_decay: 0.0001
+        unload_text_encoder: false
+        cache_text_embeddings: false
+        lr: 0.0001
+        ema_config:
+          use_ema: false
+          ema_decay: 0.99
+        skip_first_sample: false
+        force_first_sample: false
+        disable_sampling: false
+        dtype: bf16
+        diff_output_preservation: false
+        diff_output_preservation_multiplier: 1.0
+        diff_output_preservation_class: person
+        switch_boundary_every: 1
+        loss_type: mse
+      logging:
+        log_every: 1
+        use_ui_logger: true
+      model:
+        name_or_path: black-forest-labs/FLUX.1-dev
+        quantize: true
+        qtype: qfloat8
+        quantize_te: true
+        qtype_te: qfloat8
+        arch: flux
+        low_vram: false
+        model_kwargs: {}
+        compile: false
+      sample:
+        sampler: flowmatch
+        sample_every: 250
+        sample_start_step: 0
+        width: 1024
+        height: 1024
+        samples:
+          - prompt: woman with red hair, playing chess at the park, bomb going off in the background
+          - prompt: a bear building a log cabin in the snow covered mountains
+        neg: ''
+        seed: 42
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 30
+        num_frames: 1
+        fps: 1
+meta:
+  name: '[name]'
+  version: '1.0'
+"""
+
+UI_MODELS = {   # what options.tsx sets when a model is chosen (the UI has no SD 3.5 entry: ai-toolkit's arch sd3)
+    "flux": {},
+    "sdxl": {"model": {"name_or_path": "stabilityai/stable-diffusion-xl-base-1.0", "arch": "sdxl", "quantize": False,
+                       "quantize_te": False},
+             "train": {"noise_scheduler": "ddpm"}, "sample": {"sampler": "ddpm", "guidance_scale": 6}},
+    "sd3": {"model": {"name_or_path": "stabilityai/stable-diffusion-3.5-large", "arch": "sd3", "quantize": False,
+                      "quantize_te": False}},
+}
+
+
+def ui_job(arch: str, **edits) -> str:
+    def edit(p):
+        for section, values in {**UI_MODELS[arch], **edits}.items():
+            p[section].update(values)
+    return edited(AI_TOOLKIT_UI_JOB, edit)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_a_job_as_ai_toolkits_web_ui_exports_it_loads_with_one_warning_of_what_has_no_effect(arch):
+    job = parse_job(ui_job(arch), "ui.yaml")
+    assert (job.model.arch, job.network.rank, job.network.alpha, job.steps) == (arch, 32, 32.0, 3000)
+    assert (job.save.dtype, job.settings.optimizer, job.settings.learning_rate) == ("bf16", "adamw8bit", 1e-4)
+    assert job.sample.prompts[1] == "a bear building a log cabin in the snow covered mountains"
+    warning = job.ignored_warning()
+    assert warning.count("\n") == 0
+    # the UI's bookkeeping has no effect here, and is named
+    assert all(key in warning for key in ("sqlite_db_path", "performance_log_every", "logging"))
+    # what is off, or only tunes a feature that is off, or cannot matter for an adapter, is not
+    for quiet in ("diff_output_preservation", "mask_min_value", "ema_config", "network_kwargs", "save_format",
+                  "fps", "qtype", "content_or_style", "loss_type", "model_kwargs"):
+        assert quiet not in warning, quiet
+    # Flux-only settings warn on Flux only; SD 3.5 and Flux have no convolutions: conv is dropped, with a word
+    assert ("bypass_guidance_embedding" in warning) == (arch == "flux")
+    assert ("quantize_te" in warning) == (arch == "flux")
+    assert job.network.conv == (arch == "sdxl") and ("network.conv: 16" in warning) == (arch != "sdxl")
+
+
+def test_a_ui_job_without_model_arch_is_resolved_for_the_model_it_meets():
+    data = yaml.safe_load(AI_TOOLKIT_UI_JOB)
+    del data["config"]["process"][0]["model"]["arch"]
+    job = parse_job(yaml.safe_dump(data), "ui.yaml")
+    assert job.network.conv and "bypass_guidance_embedding" not in job.ignored_warning()
+    flux = job.for_arch("flux")
+    assert not flux.network.conv and "network.conv" in flux.ignored_warning()
+    assert "bypass_guidance_embedding" in flux.ignored_warning()
+    assert (flux.settings.timestep_sampling, flux.settings.timestep_shift) == ("sigmoid", 1.0)
+    sdxl = job.for_arch("sdxl")
+    assert sdxl.network.conv and sdxl.settings.timestep_sampling == "auto"
+    assert "bypass_guidance_embedding" not in sdxl.ignored_warning()
+
+
+@pytest.mark.parametrize("text, words", [
+    # ai-toolkit's config/examples/train_slider.example.yml, its first lines
+    ("job: train\nconfig:\n  name: detail_slider_v1\n  training_folder: output/LoRA\n  device: cuda:0\n"
+     "  process:\n    - type: slider\n      network: {type: lierla, linear: 8, linear_alpha: 4}\n",
+     ["job 'train'", "concept slider trainer", "'slider'", "does not support", "job: extension"]),
+    ("job: generate\nconfig:\n  name: x\n  process:\n    - type: to_folder\n",
+     ["job 'generate'", "image generation job", "does not support"]),
+    (AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: concept_slider"),
+     ["type 'concept_slider'", "concept slider trainer", "does not support"]),
+    (AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: textual_inversion_trainer"),
+     ["textual inversion", "does not support"]),
+    (edited(AI_TOOLKIT_FLUX, lambda p: p.pop("network")),
+     ["config.process[0] has no network section", "fine-tunes the whole model", "does not support"]),
+    (edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(timestep_type="next_sample")),
+     ["train.timestep_type 'next_sample' is not supported", "flux_shift"]),
+])
+def test_slider_and_other_non_adapter_jobs_are_errors_saying_what_the_job_is(text, words):
+    message = error_of(text)
+    assert all(w in message for w in words), message
+
+
+def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
+    ui = parse_job(AI_TOOLKIT_UI_JOB, "ui.yaml")
+    sd_trainer = parse_job(AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: sd_trainer"), "ui.yaml")
+    assert (ui.settings, ui.network, ui.datasets) == (sd_trainer.settings, sd_trainer.network, sd_trainer.datasets)
