@@ -491,8 +491,8 @@ def _resolved(job: Job, arch: str) -> Job:
     if job.timestep_type:
         settings = _aitk_timesteps(settings, job.timestep_type, arch, job.explicit_shift)
     if network.conv and arch != "sdxl":     # ai-toolkit's web UI writes conv for every model
-        ignored.append(f"config.process[0].network.conv: {network.conv_rank} ({arch} has no convolution layers to adapt; "
-                       f"ai-toolkit ignores it there too)")
+        ignored.append(f"config.process[0].network.conv: {network.conv_rank} ({arch} has no convolution layers to "
+                       f"adapt; ai-toolkit ignores it there too)")
         network = dataclasses.replace(network, conv=False, conv_rank=0, conv_alpha=0.0)
     model = dataclasses.replace(job.model, arch=arch)
     return dataclasses.replace(job, settings=settings, network=network, model=model, ignored=tuple(ignored),

@@ -113,8 +113,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
 
 
 def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
-    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n      network: {type: lora}\n",
-                    "x.yaml")
+    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n"
+                    "      network: {type: lora}\n", "x.yaml")
     # ai-toolkit: lr 1e-6, linear_alpha = alpha = 1.0, dtype fp32, resolution 512, save every 1000 keep 5
     assert (job.settings.learning_rate, job.network.alpha, job.settings.precision) == (1e-6, 1.0, "fp32")
     assert job.datasets[0].configs[0].resolution == 512
