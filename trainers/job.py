@@ -468,7 +468,12 @@ def parse_job(text: str, source: str = "<job text>") -> Job:
                          ignored)
     meta = {k: (v.replace("[name]", name) if isinstance(v, str) else v) for k, v in meta.items()}
     job = dataclasses.replace(job, meta=meta, ignored=tuple(ignored))
-    return _resolved(job, job.model.arch) if job.model.arch else job
+    if job.model.arch:
+        return _resolved(job, job.model.arch)
+    if job.timestep_type:   # until a MODEL resolves it: as on the flow-matching models ai-toolkit applies it to
+        job = dataclasses.replace(job, settings=_aitk_timesteps(job.settings, job.timestep_type, "",
+                                                                job.explicit_shift))
+    return job
 
 
 def _other_job(job_type: str, data: dict) -> str:
@@ -502,7 +507,8 @@ def _resolved(job: Job, arch: str) -> Job:
 def _aitk_timesteps(settings: TrainingSettings, timestep_type: str, arch: str, explicit_shift: bool):
     """The settings that draw timesteps as ai-toolkit draws `timestep_type` for `arch` (AITK_TIMESTEP_TYPES)."""
     if arch == "sdxl":      # BaseSDTrainProcess: timestep_type is read for flowmatch only; DDPM draws uniformly
-        return dataclasses.replace(settings, timestep_sampling="auto", resolution_shift=False)
+        return dataclasses.replace(settings, timestep_sampling="auto", resolution_shift=False,
+                                   timestep_shift=settings.timestep_shift if explicit_shift else 0.0)
     sampling, shifted = AITK_TIMESTEP_TYPES[timestep_type]
     changes = {"timestep_sampling": sampling}
     if not explicit_shift:

@@ -391,12 +391,14 @@ def test_a_ui_job_without_model_arch_is_resolved_for_the_model_it_meets():
     del data["config"]["process"][0]["model"]["arch"]
     job = parse_job(yaml.safe_dump(data), "ui.yaml")
     assert job.network.conv and "bypass_guidance_embedding" not in job.ignored_warning()
+    # until a MODEL says otherwise, timesteps as ai-toolkit's flow-matching models draw them
+    assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
     flux = job.for_arch("flux")
     assert not flux.network.conv and "network.conv" in flux.ignored_warning()
     assert "bypass_guidance_embedding" in flux.ignored_warning()
     assert (flux.settings.timestep_sampling, flux.settings.timestep_shift) == ("sigmoid", 1.0)
     sdxl = job.for_arch("sdxl")
-    assert sdxl.network.conv and sdxl.settings.timestep_sampling == "auto"
+    assert sdxl.network.conv and (sdxl.settings.timestep_sampling, sdxl.settings.timestep_shift) == ("auto", 0.0)
     assert "bypass_guidance_embedding" not in sdxl.ignored_warning()
 
 
