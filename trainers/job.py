@@ -134,7 +134,7 @@ AITK_IGNORED = {
         "lr_scheduler_params", "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
-        "do_paramiter_swapping", "bypass_guidance_embedding", "target_norm_std", "standardize_images",
+        "do_paramiter_swapping", "target_norm_std", "standardize_images",
         "standardize_latents", "dynamic_noise_offset", "do_cfg", "do_random_cfg", "correct_pred_norm",
         "prompt_dropout_prob", "match_noise_norm", "short_and_long_captions", "single_item_batching",
         "inverted_mask_prior", "diff_output_preservation", "diff_output_preservation_multiplier",
@@ -483,7 +483,9 @@ def _other_job(job_type: str, data: dict) -> str:
     first = process[0] if isinstance(process, list) and process and isinstance(process[0], dict) else {}
     kind = first.get("type") if isinstance(first.get("type"), str) else ""
     what = OTHER_PROCESSES.get(kind) and f"{OTHER_PROCESSES[kind]} trainer (config.process[0].type {quoted(kind)})"
-    what = what or OTHER_JOBS.get(str(job_type)) or "not a job ai-toolkit runs"
+    what = what or OTHER_JOBS.get(str(job_type))
+    if not what:
+        return f"job must be extension (ai-toolkit's training job), got {quoted(job_type)}"
     return (f"job {quoted(job_type)} is {what}, which EriDiffusion does not support: it trains LoRA, LoKr, LoHa "
             f"and DoRA adapters from jobs with job: extension and config.process[0].type "
             f"{' or '.join(PROCESS_TYPES[:2])}")
