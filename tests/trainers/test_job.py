@@ -427,3 +427,12 @@ def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
     ui = parse_job(AI_TOOLKIT_UI_JOB, "ui.yaml")
     sd_trainer = parse_job(AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: sd_trainer"), "ui.yaml")
     assert (ui.settings, ui.network, ui.datasets) == (sd_trainer.settings, sd_trainer.network, sd_trainer.datasets)
+
+
+def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
+    def switch_on(p):
+        p["train"].update(diff_output_preservation=True)
+        p["datasets"][0].update(mask_path="masks")
+    warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
+    assert "train.diff_output_preservation: True" in warning
+    assert "diff_output_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning
