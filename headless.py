@@ -135,14 +135,11 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
     process) writes adapters, samples and job.yaml; every rank trains its share of each batch."""
     main = world is None or world.is_main
     folder = _path(job, os.path.join(job.training_folder, job.name))
-    if main:
-        if job.ignored_warning():
-            logging.warning("EriDiffusion: %s", job.ignored_warning())
-        os.makedirs(folder, exist_ok=True)
-        if os.path.isfile(job.source):
-            shutil.copyfile(job.source, os.path.join(folder, "job.yaml"))
     model, clip, vae = load_models(job)
     arch = job_node.check_arch(job, model)
+    job = job.for_arch(arch)
+    if main and job.ignored_warning():
+        logging.warning("EriDiffusion: %s", job.ignored_warning())
     dataset = build_dataset(job, lambda folder_path, key: _dataset_root(job, folder_path, key))
     cache_dir = os.environ.get("ERI_CACHE_DIR") or os.path.join(_path(job, job.training_folder), ".eri-cache")
     latents = text = None
@@ -159,6 +156,10 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
             print(f"{job.name}: already trained to step {state.step} of {job.steps} ({folder})", flush=True)
         return state
 
+    if main:    # the job's folder is made once training is about to start: a job that fails before leaves none
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isfile(job.source):
+            shutil.copyfile(job.source, os.path.join(folder, "job.yaml"))
     sampling = job_node.sampling_settings(job, arch, clip, vae, f"samples/{job.name}") if main else None
     output_dir = folder_paths.get_output_directory()
     folder_paths.set_output_directory(folder)    # where save_samples writes (this process only)

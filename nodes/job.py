@@ -176,9 +176,10 @@ class EriLoadTrainingJob(io.ComfyNode):
     @classmethod
     def execute(cls, model, job, clip=None, vae=None) -> io.NodeOutput:
         parsed = read_job(job)
+        arch = check_arch(parsed, model)
+        parsed = parsed.for_arch(arch)
         if parsed.ignored_warning():
             logging.warning("EriDiffusion: %s", parsed.ignored_warning())
-        arch = check_arch(parsed, model)
         dataset = build_dataset(parsed, input_folder_root)
         sampling = None
         if clip is not None and vae is not None:

@@ -47,8 +47,29 @@ PRESETS = ("attention", "attention_mlp", "all_linear")
 DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "full": "fp32", "bf16": "bf16", "bfloat16": "bf16",
           "fp16": "fp16", "float16": "fp16", "half": "fp16"}
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
-TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "uniform", "uniform": "uniform", "logit_normal": "logit_normal",
-                  "lognorm": "logit_normal", "auto": "auto"}
+# ai-toolkit's train.timestep_type -> (what t is drawn from, whether the schedule's shift applies), as
+# toolkit/samplers/custom_flowmatch_sampler.py set_train_timesteps draws them for flow-matching models (σ = the
+# timestep / 1000): sigmoid (its default) sigmoid(N(0, 1)); linear and weighted evenly from 1000 to 1 (weighted
+# also weighs the loss, SDTrainer.py); shift / flux_shift evenly, then shifted as the model's sampler shifts;
+# lognorm_blend (trainers/arch/base.py). Its DDPM models (SDXL) draw uniformly whatever timestep_type says.
+AITK_TIMESTEP_TYPES = {"sigmoid": ("sigmoid", False), "linear": ("uniform", False), "weighted": ("uniform", False),
+                       "lognorm_blend": ("lognorm_blend", False), "shift": ("uniform", True),
+                       "flux_shift": ("uniform", True)}
+AITK_UNSUPPORTED_TIMESTEP_TYPES = ("next_sample", "one_step", "two_step", "four_step", "eight_step",
+                                   "lumina2_shift")
+# EriDiffusion's own values: drawn as the canvas's Training settings draws them (then the model's own shift)
+TIMESTEP_TYPES = {"uniform": "uniform", "logit_normal": "logit_normal", "lognorm": "logit_normal", "auto": "auto"}
+# The process types of ai-toolkit that train a LoRA-style network (ui_trainer and diffusion_trainer are what its
+# web UI writes; they add the UI's progress database to sd_trainer).
+PROCESS_TYPES = ("sd_trainer", "diffusion_trainer", "ui_trainer")
+# What ai-toolkit's other jobs and processes are, for the error that says they are not supported here.
+OTHER_JOBS = {"train": "ai-toolkit's older special-purpose trainers (slider, vae, esrgan, ...)",
+              "generate": "ai-toolkit's image generation job", "extract": "ai-toolkit's LoRA extraction job",
+              "mod": "ai-toolkit's LoRA rescaling job", "merge": "ai-toolkit's model merging job"}
+OTHER_PROCESSES = {"slider": "a concept slider", "concept_slider": "a concept slider",
+                   "ultimate_slider_trainer": "a concept slider", "image_reference_slider_trainer": "a concept slider",
+                   "textual_inversion_trainer": "a textual inversion (embedding)",
+                   "vae": "a VAE", "esrgan": "an ESRGAN upscaler", "reference": "a reference adapter"}
 NOISE_SCHEDULERS = {"ddpm": "sdxl", "euler": None, "euler_a": None, "flowmatch": "flow", "flow_match": "flow"}
 # ai-toolkit's sample.sampler (diffusers names) -> (ComfyUI sampler, scheduler); other values are ComfyUI names.
 SAMPLERS = {"flowmatch": ("euler", "simple"), "ddpm": ("ddpm", "normal"), "euler": ("euler", "normal"),
@@ -80,11 +101,19 @@ def _neutral(*values):
     return _OFF + values
 
 
+class _AnyValue:
+    """Neutrals of a key that has no effect on image models whatever its value (video frame rates)."""
+
+
+_ANY = _AnyValue()
+
+
 # ai-toolkit keys EriDiffusion reads but does not implement, with the values that mean "off" there. Set to
 # anything else, they are listed in Job.ignored. (Keys ai-toolkit has for other model families are unknown.)
 AITK_IGNORED = {
     "process": {k: _OFF for k in ("performance_log_every", "logging", "log_dir", "embedding", "adapter",
-                                  "decorator", "slider", "guidance", "print_config", "verbose")},
+                                  "decorator", "slider", "guidance", "print_config", "verbose",
+                                  "sqlite_db_path")},
     "network": {"dropout": _OFF, "network_kwargs": _OFF, "normalize": _OFF, "lorm": _OFF,
                 "transformer_only": _neutral(True), "split_multistage_loras": _neutral(True)},
     "model": {**{k: _OFF for k in (
@@ -92,7 +121,9 @@ AITK_IGNORED = {
         "lora_path", "assistant_lora_path", "inference_lora_path", "attn_masking", "split_model_over_gpus",
         "compile", "model_kwargs", "quantize_kwargs", "ignore_if_contains", "only_if_contains", "use_flux_cfg",
         "experimental_xl", "latent_space_version", "refiner_name_or_path", "unet_path", "extras_name_or_path",
-        "layer_offloading", "accuracy_recovery_adapter")},
+        "layer_offloading", "accuracy_recovery_adapter", "unconditional_lora_path", "block_compile",
+        "compile_mode", "compile_fullgraph", "compile_dynamic", "cache_size_limit",
+        "layer_offloading_transformer_percent", "layer_offloading_text_encoder_percent")},
         "dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
         "vae_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
         "te_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
@@ -103,14 +134,17 @@ AITK_IGNORED = {
         "lr_scheduler_params", "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
-        "do_paramiter_swapping", "bypass_guidance_embedding", "target_norm_std", "standardize_images",
+        "do_paramiter_swapping", "target_norm_std", "standardize_images",
         "standardize_latents", "dynamic_noise_offset", "do_cfg", "do_random_cfg", "correct_pred_norm",
         "prompt_dropout_prob", "match_noise_norm", "short_and_long_captions", "single_item_batching",
         "inverted_mask_prior", "diff_output_preservation", "diff_output_preservation_multiplier",
         "diff_output_preservation_class", "adaptive_scaling_factor", "force_consistent_noise",
         "blended_blur_noise", "do_guidance_loss", "negative_prompt", "do_prior_divergence",
         "latent_feature_extractor_path", "diffusion_feature_extractor_path", "random_noise_shift",
-        "random_noise_multiplier", "snr_gamma")},
+        "random_noise_multiplier", "snr_gamma", "blank_prompt_preservation", "blank_prompt_preservation_multiplier",
+        "do_differential_guidance", "differential_guidance_scale", "max_loss", "validation_config",
+        "guidance_loss_target")},
+        "audio_loss_multiplier": _neutral(1, 1.0),
         "max_denoising_steps": _neutral(999, 1000), "content_or_style": _neutral("balanced"),
         "train_refiner": _neutral(True), "noise_multiplier": _neutral(1, 1.0), "img_multiplier": _neutral(1, 1.0),
         "loss_type": _neutral("mse"), "loss_target": _neutral("noise"), "reg_weight": _neutral(1, 1.0),
@@ -123,17 +157,35 @@ AITK_IGNORED = {
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
         "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
-        "shuffle_tokens", "keep_tokens", "extra_values", "debug")},
+        "shuffle_tokens", "keep_tokens", "extra_values", "debug", "do_audio", "audio_normalize",
+        "audio_preserve_pitch", "auto_frame_count", "control_path_1", "control_path_2", "control_path_3")},
         "type": _neutral("image"), "buckets": _neutral(True), "bucket_tolerance": _neutral(64),
         "scale": _neutral(1, 1.0), "network_weight": _neutral(1, 1.0), "loss_multiplier": _neutral(1, 1.0),
-        "num_frames": _neutral(1), "fps": _OFF + (16,), "num_workers": _OFF + (1, 2, 4, 8),
+        "num_frames": _neutral(1), "fps": _ANY, "num_workers": _OFF + (1, 2, 4, 8),
         "prefetch_factor": _OFF + (2,), "caption_type": _OFF + ("txt", ".txt"),
         "full_size_control_images": _neutral(True), "replay_transforms": _neutral(True),
         "shrink_video_to_frames": _neutral(True), "do_i2v": _neutral(True)},
-    "save": {"save_format": _neutral("safetensors"), "push_to_hub": _OFF, "hf_repo_id": _OFF, "hf_private": _OFF},
+    # save_format diffusers applies to full models only (BaseSDTrainProcess.save): an adapter is one file either way
+    "save": {"save_format": _neutral("safetensors", "diffusers"), "push_to_hub": _OFF, "hf_repo_id": _OFF,
+             "hf_private": _OFF},
     "sample": {"network_multiplier": _neutral(1, 1.0), "guidance_rescale": _OFF, "format": _OFF + ("jpg", "png"),
                "adapter_conditioning_scale": _neutral(1, 1.0), "refiner_start_at": _OFF + (0.5,),
-               "extra_values": _OFF, "num_frames": _neutral(1), "fps": _OFF + (16,)},
+               "extra_values": _OFF, "num_frames": _neutral(1), "fps": _ANY},
+}
+
+# Ignored keys that only tune another (its switch, or the path it needs): not worth a warning while that one is
+# off. ai-toolkit's web UI writes them all, with their features off.
+AITK_SUBKEYS = {
+    "train": {"diff_output_preservation_multiplier": "diff_output_preservation",
+              "diff_output_preservation_class": "diff_output_preservation",
+              "blank_prompt_preservation_multiplier": "blank_prompt_preservation",
+              "differential_guidance_scale": "do_differential_guidance", "guidance_loss_target": "do_guidance_loss"},
+    "model": {"qtype": "quantize", "qtype_te": "quantize_te", "quantize_kwargs": "quantize",
+              "layer_offloading_transformer_percent": "layer_offloading",
+              "layer_offloading_text_encoder_percent": "layer_offloading", "block_compile": "compile",
+              "compile_mode": "compile", "compile_fullgraph": "compile", "compile_dynamic": "compile",
+              "cache_size_limit": "compile"},
+    "datasets": {"mask_min_value": "mask_path", "random_triggers_max": "random_triggers"},
 }
 
 
@@ -214,6 +266,17 @@ class Job:
     sample: SampleJob | None
     meta: dict = field(default_factory=dict)
     ignored: tuple[str, ...] = ()           # "key.path: value" of ai-toolkit keys that have no effect here
+    timestep_type: str = ""                 # ai-toolkit's train.timestep_type ("" when the job uses our own)
+    explicit_shift: bool = False            # train.timestep_shift is given: it wins over timestep_type's shift
+    arch_ignored: tuple[tuple[str, str], ...] = ()  # (arch, entry): keys that have an effect on that arch only
+
+    def for_arch(self, arch: str) -> "Job":
+        """The job for a MODEL of `arch` (sdxl, sd3, flux): what ai-toolkit does per model family (timesteps,
+        Flux's guidance bypass, no convolutions in a DiT) resolved, and the warning complete. A job whose
+        model.arch is given was resolved when it was read."""
+        if not arch or self.model.arch:
+            return self
+        return _resolved(self, arch)
 
     @property
     def save_prefix(self) -> str:
@@ -317,6 +380,9 @@ class _Section:
             if name in self.read:
                 continue
             if name in ignorable:
+                switch = AITK_SUBKEYS.get(self.kind, {}).get(name)
+                if switch is not None and _is_off(self.data.get(switch), _OFF):
+                    continue
                 if not _is_off(value, ignorable[name]):
                     self.ignored.append(f"{self.key(name)}: {quoted(value, IGNORED_QUOTE_LIMIT)}")
                 continue
@@ -329,10 +395,15 @@ class _Section:
 
 def _is_off(value, neutrals) -> bool:
     """Whether an ignored key's value means "off" (then it is not worth a warning). A mapping is off when it
-    has switches and all are false (ema_config: {use_ema: false, ema_decay: 0.99})."""
+    has switches and all are false (ema_config: {use_ema: false, ema_decay: 0.99}), or, without switches, when
+    all its values are off (network_kwargs: {ignore_if_contains: []})."""
+    if neutrals is _ANY:
+        return True
     if isinstance(value, dict) and value:
         switches = [v for v in value.values() if isinstance(v, bool)]
-        return bool(switches) and not any(switches)
+        if switches:
+            return not any(switches)
+        return all(_is_off(v, _OFF) for v in value.values())
     return any(type(value) is type(n) and value == n for n in neutrals)
 
 
@@ -376,8 +447,8 @@ def parse_job(text: str, source: str = "<job text>") -> Job:
     ignored: list[str] = []
     top = _Section(data, "", "top", ignored, source)
     job_type = top.str("job", "extension")
-    if job_type not in ("extension", "train"):
-        raise top.error(f"job must be extension (ai-toolkit's training job), got {quoted(job_type)}")
+    if job_type != "extension":
+        raise top.error(_other_job(job_type, data))
     meta = top.raw("meta", {})
     if not isinstance(meta, dict):
         raise top.error(f"meta must be a mapping, got {quoted(meta)}")
@@ -396,7 +467,60 @@ def parse_job(text: str, source: str = "<job text>") -> Job:
     job = _parse_process(_Section(processes[0], "config.process[0]", "process", ignored, source), name, source,
                          ignored)
     meta = {k: (v.replace("[name]", name) if isinstance(v, str) else v) for k, v in meta.items()}
-    return dataclasses.replace(job, meta=meta, ignored=tuple(ignored))
+    job = dataclasses.replace(job, meta=meta, ignored=tuple(ignored))
+    if job.model.arch:
+        return _resolved(job, job.model.arch)
+    if job.timestep_type:   # until a MODEL resolves it: as on the flow-matching models ai-toolkit applies it to
+        job = dataclasses.replace(job, settings=_aitk_timesteps(job.settings, job.timestep_type, "",
+                                                                job.explicit_shift))
+    return job
+
+
+def _other_job(job_type: str, data: dict) -> str:
+    """The error for a job that is not `job: extension`: what ai-toolkit would run, and that it is not
+    supported here."""
+    process = (data.get("config") or {}).get("process") if isinstance(data.get("config"), dict) else None
+    first = process[0] if isinstance(process, list) and process and isinstance(process[0], dict) else {}
+    kind = first.get("type") if isinstance(first.get("type"), str) else ""
+    what = OTHER_PROCESSES.get(kind) and f"{OTHER_PROCESSES[kind]} trainer (config.process[0].type {quoted(kind)})"
+    what = what or OTHER_JOBS.get(str(job_type))
+    if not what:
+        return f"job must be extension (ai-toolkit's training job), got {quoted(job_type)}"
+    return (f"job {quoted(job_type)} is {what}, which EriDiffusion does not support: it trains LoRA, LoKr, LoHa "
+            f"and DoRA adapters from jobs with job: extension and config.process[0].type "
+            f"{' or '.join(PROCESS_TYPES[:2])}")
+
+
+def _resolved(job: Job, arch: str) -> Job:
+    """`job` for a MODEL of `arch` (see Job.for_arch)."""
+    settings, network = job.settings, job.network
+    ignored = list(job.ignored) + [entry for only, entry in job.arch_ignored if only == arch]
+    if job.timestep_type:
+        settings = _aitk_timesteps(settings, job.timestep_type, arch, job.explicit_shift)
+    if network.conv and arch != "sdxl":     # ai-toolkit's web UI writes conv for every model
+        ignored.append(f"config.process[0].network.conv: {network.conv_rank} ({arch} has no convolution layers to "
+                       f"adapt; ai-toolkit ignores it there too)")
+        network = dataclasses.replace(network, conv=False, conv_rank=0, conv_alpha=0.0)
+    model = dataclasses.replace(job.model, arch=arch)
+    return dataclasses.replace(job, settings=settings, network=network, model=model, ignored=tuple(ignored),
+                               arch_ignored=())
+
+
+def _aitk_timesteps(settings: TrainingSettings, timestep_type: str, arch: str, explicit_shift: bool):
+    """The settings that draw timesteps as ai-toolkit draws `timestep_type` for `arch` (AITK_TIMESTEP_TYPES)."""
+    if arch == "sdxl":      # BaseSDTrainProcess: timestep_type is read for flowmatch only; DDPM draws uniformly
+        return dataclasses.replace(settings, timestep_sampling="auto", resolution_shift=False,
+                                   timestep_shift=settings.timestep_shift if explicit_shift else 0.0)
+    sampling, shifted = AITK_TIMESTEP_TYPES[timestep_type]
+    changes = {"timestep_sampling": sampling}
+    if not explicit_shift:
+        if not shifted:
+            changes.update(timestep_shift=1.0, resolution_shift=False)
+        elif arch == "sd3":     # toolkit/sampler.py sd_flow_config: shift 3.0, no dynamic shifting
+            changes.update(timestep_shift=3.0, resolution_shift=False)
+        else:                   # flux_config: dynamic shifting by the latent's size, for dev and schnell alike
+            changes.update(timestep_shift=0.0, resolution_shift=True)
+    return dataclasses.replace(settings, **changes)
 
 
 def _name_problem(name: str) -> str | None:
@@ -506,8 +630,13 @@ _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct
 
 def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> Job:
     kind = p.str("type", "sd_trainer")
-    if kind != "sd_trainer":
-        raise p.error(f"{p.key('type')} must be sd_trainer (EriDiffusion trains adapters), got {quoted(kind)}")
+    if kind in OTHER_PROCESSES:
+        raise p.error(f"{p.key('type')} {quoted(kind)} is {OTHER_PROCESSES[kind]} trainer, which EriDiffusion does "
+                      f"not support: it trains LoRA, LoKr, LoHa and DoRA adapters (type: sd_trainer or "
+                      f"diffusion_trainer)")
+    if kind not in PROCESS_TYPES:
+        raise p.error(f"{p.key('type')} must be one of {', '.join(PROCESS_TYPES)} (ai-toolkit's adapter trainers), "
+                      f"got {quoted(kind)}")
     training_folder = p.str("training_folder", "output")
     device = p.str("device", "cuda:0").strip().lower()
     if not DEVICE.fullmatch(device):
@@ -516,8 +645,9 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     cpu_offload = p.bool("cpu_offload", False)
 
     sub = lambda key, kind: _Section(p.raw(key), p.key(key), kind, ignored, source)  # noqa: E731
+    has_network = p.has("network")
     model = _parse_model(sub("model", "model"))
-    network = _parse_network(sub("network", "network"), model.arch)
+    network = _parse_network(sub("network", "network"))
     train = sub("train", "train")
     datasets_raw = p.raw("datasets", [])
     if not isinstance(datasets_raw, list):
@@ -532,14 +662,19 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     if len(set(dropouts[1:])) > 1:
         ignored.append(f"{p.key('datasets')}[*].caption_dropout_rate: one rate applies to all datasets here "
                        f"(the largest, {max(dropouts)})")
-    settings, steps, first_sample, sampling_on = _parse_train(train, model.arch, max(dropouts), cpu_offload)
+    settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, max(dropouts),
+                                                                         cpu_offload)
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
     p.done()
+    if not has_network:
+        raise p.error(f"{p.path} has no network section: ai-toolkit then fine-tunes the whole model, which "
+                      f"EriDiffusion does not support (it trains adapters); add network: {{type: lora, linear: 16, "
+                      f"linear_alpha: 16}}")
     return Job(name=name.strip(), source=source, training_folder=training_folder, device=device,
                trigger_word=trigger, model=model, network=network, settings=settings, steps=steps,
-               datasets=tuple(datasets), save=save, sample=sample if sampling_on else None)
+               datasets=tuple(datasets), save=save, sample=sample if sampling_on else None, **timesteps)
 
 
 def _parse_model(m: _Section) -> ModelJob:
@@ -564,7 +699,7 @@ def _parse_model(m: _Section) -> ModelJob:
     return model
 
 
-def _parse_network(n: _Section, arch: str) -> NetworkJob:
+def _parse_network(n: _Section) -> NetworkJob:
     kind, dora = n.choice("type", "lora", {k: v for k, v in NETWORK_TYPES.items()})
     dora = n.bool("dora", dora) or n.bool("dora_wd", False)
     if n.has("rank") and n.has("linear") and n.raw("rank") != n.raw("linear"):
@@ -582,8 +717,6 @@ def _parse_network(n: _Section, arch: str) -> NetworkJob:
                                                        "bfloat16": "bf16"}),
                       dora=dora, lokr_factor=lokr_factor, lokr_full_w2=n.bool("lokr_full_rank", False),
                       conv=conv > 0, conv_rank=conv, conv_alpha=conv_alpha if conv else 0.0)
-    if spec.conv and arch in ("sd3", "flux"):
-        raise n.error(f"{n.key('conv')}: {arch} has no UNet convolutions to adapt; remove conv (SDXL only)")
     n.done()
     return spec
 
@@ -641,7 +774,7 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     if arch and noise_scheduler and (noise_scheduler == "sdxl") != (arch == "sdxl"):
         raise t.error(f"{t.key('noise_scheduler')} {quoted(t.raw('noise_scheduler'))} does not fit {arch}: use "
                       f"{'ddpm' if arch == 'sdxl' else 'flowmatch'} (training uses the model's own objective)")
-    timestep = t.choice("timestep_type", "auto", TIMESTEP_TYPES)
+    timestep_type, timestep, loss_weighting = _parse_timestep_type(t)
     params = t.raw("optimizer_params", {})
     if not isinstance(params, dict):
         raise t.error(f"{t.key('optimizer_params')} must be a mapping (weight_decay: ...), got {quoted(params)}")
@@ -661,7 +794,7 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         timestep_sampling=timestep, logit_mean=t.float("logit_mean", 0.0),
         logit_std=t.float("logit_std", 1.0, lo=1e-6), sigmoid_scale=t.float("sigmoid_scale", 1.0, lo=1e-6),
         timestep_shift=t.float("timestep_shift", 0.0, lo=0.0),
-        loss_weighting=t.choice("loss_weighting", "none", {w: w for w in ("none", "sigma_sqrt", "cosmap")}),
+        loss_weighting=loss_weighting,
         flux_guidance=t.float("flux_guidance", 1.0, lo=0.0),
         nan_policy=t.choice("nan_policy", "stop", {"stop": "stop", "skip": "skip"}),
         compile=t.choice("compile", "cuda_graphs", {"cuda_graphs": "cuda_graphs", "off": "off"}),
@@ -670,12 +803,37 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
     first_sample = not t.bool("skip_first_sample", False)
     sampling_on = not t.bool("disable_sampling", False)
+    timesteps = {"timestep_type": timestep_type, "explicit_shift": t.has("timestep_shift"),
+                 "arch_ignored": (("flux", f"{t.key('bypass_guidance_embedding')}: True"),)
+                 if t.bool("bypass_guidance_embedding", False) else ()}   # ai-toolkit bypasses it on Flux only
     t.done()
     try:
         settings = TrainingSettings(**settings_kw)
     except ConfigError as e:
         raise t.error(f"{t.path}: {e}") from None
-    return settings, steps, first_sample, sampling_on
+    return settings, steps, first_sample, sampling_on, timesteps
+
+
+def _parse_timestep_type(t: _Section) -> tuple[str, str, str]:
+    """(ai-toolkit's timestep_type or "", our timestep_sampling, loss_weighting) of the train section. ai-toolkit's
+    types are resolved per architecture when the job's model is known (_aitk_timesteps); left out, the type is
+    ai-toolkit's default, sigmoid."""
+    value = t.str("timestep_type", "sigmoid").strip().lower()
+    if value in AITK_UNSUPPORTED_TIMESTEP_TYPES:
+        raise t.error(f"{t.key('timestep_type')} {quoted(value)} is not supported; choose one of "
+                      f"{', '.join(AITK_TIMESTEP_TYPES)} (ai-toolkit's) or {', '.join(TIMESTEP_TYPES)}")
+    if value not in AITK_TIMESTEP_TYPES and value not in TIMESTEP_TYPES:
+        raise t.error(f"{t.key('timestep_type')} must be one of {', '.join(AITK_TIMESTEP_TYPES)} (ai-toolkit's) or "
+                      f"{', '.join(TIMESTEP_TYPES)}, got {quoted(value)}")
+    weighting = t.choice("loss_weighting", "none", {w: w for w in ("none", "sigma_sqrt", "cosmap")})
+    if value == "weighted":
+        if weighting != "none":
+            raise t.error(f"{t.key('timestep_type')} weighted weighs the loss per timestep itself; remove "
+                          f"{t.key('loss_weighting')} ({quoted(weighting)}) or choose another timestep_type")
+        weighting = "weighted"
+    if value in AITK_TIMESTEP_TYPES:
+        return value, AITK_TIMESTEP_TYPES[value][0], weighting
+    return "", TIMESTEP_TYPES[value], weighting
 
 
 def _parse_save(s: _Section) -> SaveJob:

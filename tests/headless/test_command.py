@@ -75,6 +75,29 @@ def test_a_wrong_job_exits_2_naming_the_key_through_the_folder_name_module(setup
     assert "config.process[0].train.stepz" in result.stderr and "'steps'" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_job_asking_for_a_gpu_this_machine_lacks_exits_2_and_a_failed_job_writes_nothing(setup):
+    job = write_job(setup, "gpu_job", setup / "gpu_out")
+    data = yaml.safe_load(job.read_text())
+    data["config"]["process"][0].update(device="cuda:0")        # as every ai-toolkit example says
+    job.write_text(yaml.safe_dump(data))
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", PACK, "train", str(job), *args], cwd=setup / "packs",
+                              env={**os.environ, "COMFYUI_PATH": str(comfyui_dir()), "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=120)
+    result = train()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "config.process[0].device 'cuda:0'" in result.stderr and "no cuda device" in result.stderr
+    assert "--device cpu" in result.stderr
+    # --device cpu goes on: to the model-file check, which fails here; it leaves no job folder, no job.yaml
+    data["config"]["process"][0]["model"]["name_or_path"] = "missing.safetensors"
+    job.write_text(yaml.safe_dump(data))
+    result = train("--device", "cpu")
+    assert result.returncode == 2 and "model.name_or_path 'missing.safetensors' is not a file" in result.stderr
+    assert not (setup / "gpu_out").exists()
+
+
 @pytest.mark.slow
 def test_train_saves_every_n_keeps_the_last_k_samples_and_resumes(setup):
     job = write_job(setup, "job", setup / "out")

@@ -65,8 +65,9 @@ def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
                                   captions=captions, settings=job_settings, steps=steps, sampling=sampling)
     assert samples.shape[0] == 2                       # after step 2 and after the last step
 
+    # the job leaves timestep_type out: ai-toolkit's default, sigmoid timesteps without the model's shift
     by_hand = settings(learning_rate=1e-3, batch_size=2, noise_offset=0.05, caption_dropout=0.25,
-                       timestep_sampling="auto")
+                       timestep_sampling="sigmoid", timestep_shift=1.0)
     adapter_by_hand = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=2.0,
                           target="attention_mlp", seed=0, dtype="fp32")[0]
     _, wired, _, _ = run(EriTrainSteps, model=p["model"], adapter=adapter_by_hand, latents=latents,

@@ -93,6 +93,7 @@ def test_a_caption_extension_that_climbs_out_of_the_dataset_reads_nothing(client
     write_images(server.base / "input" / "trav", [(64, 64)], prefix="a")
     (server.base / "input" / "trav" / "a.").mkdir(exist_ok=True)
     job = ("job: extension\nconfig:\n  name: trav\n  process:\n    - type: sd_trainer\n"
+           "      network: {type: lora}\n"
            "      datasets: [{folder_path: trav, caption_ext: './../../../secret.txt', resolution: 64}]\n"
            "      train: {steps: 1, lr: 0.01}\n")
     prompt = {

@@ -254,7 +254,7 @@ HUGE = "x" * 100_000
     (lambda p: p["datasets"][0].update(resolution=[HUGE]), ["datasets[0].resolution"]),
     (lambda p: p["train"].update(optimizer_params=HUGE), ["optimizer_params must be a mapping"]),
     (lambda p: p.update(model={"arch": HUGE}), ["model.arch"]),
-    (lambda p: p.update(type=HUGE), ["type must be sd_trainer"]),
+    (lambda p: p.update(type=HUGE), ["type must be one of sd_trainer"]),
     (lambda p: p["train"].update(steps=HUGE), ["train.steps must be a whole number"]),
     (lambda p: p["train"].update(gradient_checkpointing={"k": HUGE}), ["gradient_checkpointing"]),
 ])

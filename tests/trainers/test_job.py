@@ -113,7 +113,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
 
 
 def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
-    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n", "x.yaml")
+    job = parse_job("config:\n  name: x\n  process:\n    - datasets: [{folder_path: imgs}]\n"
+                    "      network: {type: lora}\n", "x.yaml")
     # ai-toolkit: lr 1e-6, linear_alpha = alpha = 1.0, dtype fp32, resolution 512, save every 1000 keep 5
     assert (job.settings.learning_rate, job.network.alpha, job.settings.precision) == (1e-6, 1.0, "fp32")
     assert job.datasets[0].configs[0].resolution == 512
@@ -152,7 +153,6 @@ def test_an_unknown_key_is_an_error_naming_its_path_and_the_closest_known_key(ed
     (lambda p: p["datasets"][0].update(resolution=[512, 700]), ["datasets[0].resolution", "700", "multiple of 64"]),
     (lambda p: p["datasets"][0].update(caption_dropout_rate=1.5), ["caption_dropout_rate", "between 0"]),
     (lambda p: p["network"].update(type="lorm"), ["network.type", "lora, locon, dora, lokr, loha"]),
-    (lambda p: p["network"].update(conv=8), ["network.conv", "flux", "SDXL only"]),
     (lambda p: p["train"].update(noise_scheduler="ddpm"), ["noise_scheduler", "flowmatch"]),
     (lambda p: p["train"].update(train_unet=False), ["train_unet", "train nothing"]),
     (lambda p: p["model"].update(arch="sdxl"), ["arch", "is_flux", "keep one"]),
@@ -166,7 +166,7 @@ def test_a_wrong_value_is_an_error_naming_the_key_and_what_fits(edit, words):
 
 
 def test_architecture_from_arch_or_ai_toolkits_flags():
-    base = "config:\n  name: x\n  process:\n    - model: {%s}\n"
+    base = "config:\n  name: x\n  process:\n    - network: {type: lora}\n      model: {%s}\n"
     assert parse_job(base % "arch: sd35").model.arch == "sd3"
     assert parse_job(base % "is_v3: true").model.arch == "sd3"
     assert parse_job(base % "is_xl: true").model.arch == "sdxl"
@@ -198,9 +198,9 @@ def test_yaml_is_read_safely_and_bad_yaml_is_a_config_error():
 
 def test_the_seed_example_and_every_shipped_job_load():
     jobs = {path.stem: load_job(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
-    assert {"seed_example", "sdxl_lora", "sd35_lora", "flux_lora"} <= set(jobs)
-    assert [jobs[n].model.arch for n in ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora")] == \
-        ["sdxl", "sdxl", "sd3", "flux"]
+    names = ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora", "flux_schnell_lora")
+    assert set(names) <= set(jobs)
+    assert [jobs[n].model.arch for n in names] == ["sdxl", "sdxl", "sd3", "flux", "flux"]
     assert all(not job.ignored for job in jobs.values())
     assert jobs["sdxl_lora"].network.conv and jobs["flux_lora"].model.text_encoder_paths
     with pytest.raises(ConfigError, match="no datasets"):
@@ -215,6 +215,7 @@ config:
   name: x
   process:
     - trigger_word: ohwx
+      network: {type: lora}
       datasets:
         - {folder_path: a, resolution: [64, 128], num_repeats: 3}
         - {folder_path: b, resolution: 64, default_caption: "[trigger] on white", flip_x: true}
@@ -236,3 +237,202 @@ def test_each_rank_takes_a_contiguous_share_and_together_all_samples():
             shares = [list(range(count))[World(rank, size).share(count)] for rank in range(size)]
             assert sum(shares, []) == list(range(count))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+# A job as ai-toolkit's web UI exports it (ui/src/app/jobs/new/jobConfig.ts defaultJobConfig with
+# helpers/defaultSamples.ts, then a model chosen: options.tsx sets name_or_path, arch, quantize, sampler), trimmed
+# to two sample prompts.
+AI_TOOLKIT_UI_JOB = """\
+job: extension
+config:
+  name: my_first_lora_v1
+  process:
+    - type: diffusion_trainer
+      training_folder: output
+      sqlite_db_path: ./aitk_db.db
+      device: cuda
+      trigger_word: null
+      performance_log_every: 10
+      network:
+        type: lora
+        linear: 32
+        linear_alpha: 32
+        conv: 16
+        conv_alpha: 16
+        lokr_full_rank: true
+        lokr_factor: -1
+        network_kwargs:
+          ignore_if_contains: []
+      save:
+        dtype: bf16
+        save_every: 250
+        max_step_saves_to_keep: 4
+        save_format: diffusers
+        push_to_hub: false
+      datasets:
+        - folder_path: /path/to/images/folder
+          mask_path: null
+          mask_min_value: 0.1
+          default_caption: ''
+          caption_ext: txt
+          caption_dropout_rate: 0.05
+          cache_latents_to_disk: false
+          is_reg: false
+          network_weight: 1
+          resolution: [512, 768, 1024]
+          controls: []
+          shrink_video_to_frames: true
+          num_frames: 1
+          flip_x: false
+          flip_y: false
+          num_repeats: 1
+      train:
+        batch_size: 1
+        bypass_guidance_embedding: true
+        steps: 3000
+        gradient_accumulation: 1
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        noise_scheduler: flowmatch
+        optimizer: adamw8bit
+        timestep_type: sigmoid
+        content_or_style: balanced
+        optimizer_params:
+          weight_decay: 0.0001
+        unload_text_encoder: false
+        cache_text_embeddings: false
+        lr: 0.0001
+        ema_config:
+          use_ema: false
+          ema_decay: 0.99
+        skip_first_sample: false
+        force_first_sample: false
+        disable_sampling: false
+        dtype: bf16
+        diff_output_preservation: false
+        diff_output_preservation_multiplier: 1.0
+        diff_output_preservation_class: person
+        switch_boundary_every: 1
+        loss_type: mse
+      logging:
+        log_every: 1
+        use_ui_logger: true
+      model:
+        name_or_path: black-forest-labs/FLUX.1-dev
+        quantize: true
+        qtype: qfloat8
+        quantize_te: true
+        qtype_te: qfloat8
+        arch: flux
+        low_vram: false
+        model_kwargs: {}
+        compile: false
+      sample:
+        sampler: flowmatch
+        sample_every: 250
+        sample_start_step: 0
+        width: 1024
+        height: 1024
+        samples:
+          - prompt: woman with red hair, playing chess at the park, bomb going off in the background
+          - prompt: a bear building a log cabin in the snow covered mountains
+        neg: ''
+        seed: 42
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 30
+        num_frames: 1
+        fps: 1
+meta:
+  name: '[name]'
+  version: '1.0'
+"""
+
+UI_MODELS = {   # what options.tsx sets when a model is chosen (the UI has no SD 3.5 entry: ai-toolkit's arch sd3)
+    "flux": {},
+    "sdxl": {"model": {"name_or_path": "stabilityai/stable-diffusion-xl-base-1.0", "arch": "sdxl", "quantize": False,
+                       "quantize_te": False},
+             "train": {"noise_scheduler": "ddpm"}, "sample": {"sampler": "ddpm", "guidance_scale": 6}},
+    "sd3": {"model": {"name_or_path": "stabilityai/stable-diffusion-3.5-large", "arch": "sd3", "quantize": False,
+                      "quantize_te": False}},
+}
+
+
+def ui_job(arch: str, **edits) -> str:
+    def edit(p):
+        for section, values in {**UI_MODELS[arch], **edits}.items():
+            p[section].update(values)
+    return edited(AI_TOOLKIT_UI_JOB, edit)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_a_job_as_ai_toolkits_web_ui_exports_it_loads_with_one_warning_of_what_has_no_effect(arch):
+    job = parse_job(ui_job(arch), "ui.yaml")
+    assert (job.model.arch, job.network.rank, job.network.alpha, job.steps) == (arch, 32, 32.0, 3000)
+    assert (job.save.dtype, job.settings.optimizer, job.settings.learning_rate) == ("bf16", "adamw8bit", 1e-4)
+    assert job.sample.prompts[1] == "a bear building a log cabin in the snow covered mountains"
+    warning = job.ignored_warning()
+    assert warning.count("\n") == 0
+    # the UI's bookkeeping has no effect here, and is named
+    assert all(key in warning for key in ("sqlite_db_path", "performance_log_every", "logging"))
+    # what is off, or only tunes a feature that is off, or cannot matter for an adapter, is not
+    for quiet in ("diff_output_preservation", "mask_min_value", "ema_config", "network_kwargs", "save_format",
+                  "fps", "qtype", "content_or_style", "loss_type", "model_kwargs"):
+        assert quiet not in warning, quiet
+    # Flux-only settings warn on Flux only; SD 3.5 and Flux have no convolutions: conv is dropped, with a word
+    assert ("bypass_guidance_embedding" in warning) == (arch == "flux")
+    assert ("quantize_te" in warning) == (arch == "flux")
+    assert job.network.conv == (arch == "sdxl") and ("network.conv: 16" in warning) == (arch != "sdxl")
+
+
+def test_a_ui_job_without_model_arch_is_resolved_for_the_model_it_meets():
+    data = yaml.safe_load(AI_TOOLKIT_UI_JOB)
+    del data["config"]["process"][0]["model"]["arch"]
+    job = parse_job(yaml.safe_dump(data), "ui.yaml")
+    assert job.network.conv and "bypass_guidance_embedding" not in job.ignored_warning()
+    # until a MODEL says otherwise, timesteps as ai-toolkit's flow-matching models draw them
+    assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
+    flux = job.for_arch("flux")
+    assert not flux.network.conv and "network.conv" in flux.ignored_warning()
+    assert "bypass_guidance_embedding" in flux.ignored_warning()
+    assert (flux.settings.timestep_sampling, flux.settings.timestep_shift) == ("sigmoid", 1.0)
+    sdxl = job.for_arch("sdxl")
+    assert sdxl.network.conv and (sdxl.settings.timestep_sampling, sdxl.settings.timestep_shift) == ("auto", 0.0)
+    assert "bypass_guidance_embedding" not in sdxl.ignored_warning()
+
+
+@pytest.mark.parametrize("text, words", [
+    # ai-toolkit's config/examples/train_slider.example.yml, its first lines
+    ("job: train\nconfig:\n  name: detail_slider_v1\n  training_folder: output/LoRA\n  device: cuda:0\n"
+     "  process:\n    - type: slider\n      network: {type: lierla, linear: 8, linear_alpha: 4}\n",
+     ["job 'train'", "concept slider trainer", "'slider'", "does not support", "job: extension"]),
+    ("job: generate\nconfig:\n  name: x\n  process:\n    - type: to_folder\n",
+     ["job 'generate'", "image generation job", "does not support"]),
+    (AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: concept_slider"),
+     ["type 'concept_slider'", "concept slider trainer", "does not support"]),
+    (AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: textual_inversion_trainer"),
+     ["textual inversion", "does not support"]),
+    (edited(AI_TOOLKIT_FLUX, lambda p: p.pop("network")),
+     ["config.process[0] has no network section", "fine-tunes the whole model", "does not support"]),
+    (edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(timestep_type="next_sample")),
+     ["train.timestep_type 'next_sample' is not supported", "flux_shift"]),
+])
+def test_slider_and_other_non_adapter_jobs_are_errors_saying_what_the_job_is(text, words):
+    message = error_of(text)
+    assert all(w in message for w in words), message
+
+
+def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
+    ui = parse_job(AI_TOOLKIT_UI_JOB, "ui.yaml")
+    sd_trainer = parse_job(AI_TOOLKIT_UI_JOB.replace("type: diffusion_trainer", "type: sd_trainer"), "ui.yaml")
+    assert (ui.settings, ui.network, ui.datasets) == (sd_trainer.settings, sd_trainer.network, sd_trainer.datasets)
+
+
+def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
+    def switch_on(p):
+        p["train"].update(diff_output_preservation=True)
+        p["datasets"][0].update(mask_path="masks")
+    warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
+    assert "train.diff_output_preservation: True" in warning
+    assert "diff_output_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning

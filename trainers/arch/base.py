@@ -109,9 +109,22 @@ def sample_unit_times(batch_size: int, generator: torch.Generator, settings: Tra
     how = auto if settings.timestep_sampling == "auto" else settings.timestep_sampling
     if how == "uniform":
         return torch.rand(batch_size, generator=generator)
+    if how == "lognorm_blend":
+        return lognorm_blend(batch_size, generator)
     z = torch.randn(batch_size, generator=generator)
     if how == "logit_normal":
         return torch.sigmoid(settings.logit_mean + settings.logit_std * z)
     if how == "sigmoid":
         return torch.sigmoid(settings.sigmoid_scale * z)
     raise ValueError(f"unknown timestep sampling {quoted(how)}")
+
+
+def lognorm_blend(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """ai-toolkit's `timestep_type: lognorm_blend`, as toolkit/samplers/custom_flowmatch_sampler.py builds it
+    once per batch: 750 log-normal values x (σ of log x 0.333) become timesteps 1000·(1 - x / max x), 250 more
+    are spaced evenly from 1000 to 1, all are cut to whole timesteps, and each sample takes one of the 999
+    largest (jobs/process/BaseSDTrainProcess.py draws indices in [0, 999)). σ = timestep / 1000."""
+    x = torch.exp(0.333 * torch.randn(750, generator=generator))
+    grid = torch.cat([(1.0 - x / x.max()) * 1000.0, torch.linspace(1000.0, 1.0, 250)])
+    grid = grid.sort(descending=True).values.to(torch.int32)
+    return grid[torch.randint(0, 999, (batch_size,), generator=generator)].float() / 1000.0

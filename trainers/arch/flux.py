@@ -6,7 +6,6 @@ forwards run with augmented assignments made out of place while training (traine
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -15,23 +14,12 @@ import comfy.model_base
 import comfy.model_sampling
 
 from .base import cat_contexts, compute_dtype
-from .flow import RectifiedFlow, model_shift
+from .flow import RectifiedFlow, resolution_shift
 
 _DOUBLE_ATTENTION = re.compile(r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$")
 _SINGLE = re.compile(r"single_blocks\.\d+\.linear[12]$")        # fused qkv+MLP-in and proj+MLP-out
 _DOUBLE_MLP = re.compile(r"double_blocks\.\d+\.(img|txt)_mlp\.[02]$")
 _MODULATION = re.compile(r"(double_blocks\.\d+\.(img|txt)_mod|single_blocks\.\d+\.modulation)\.lin$")
-
-# ComfyUI's ModelSamplingFlux node: μ is linear in the number of 2×2 latent patches, from 0.5 at 256 to
-# 1.15 at 4096 (1024² pixels); α = e^μ.
-BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
-
-
-def resolution_shift(width: int, height: int) -> float:
-    slope = (MAX_SHIFT - BASE_SHIFT) / (4096 - 256)
-    mu = (width * height / (8 * 8 * 2 * 2)) * slope + (BASE_SHIFT - slope * 256)
-    return math.exp(mu)
-
 
 class Flux(RectifiedFlow):
     name = "flux"
@@ -49,11 +37,9 @@ class Flux(RectifiedFlow):
                 [f"single_blocks.{i}" for i in range(len(diffusion_model.single_blocks))])
 
     def shift(self, model_sampling, item, settings):
-        if settings.timestep_shift:
-            return settings.timestep_shift
-        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):     # dev
-            return resolution_shift(item.bucket.width, item.bucket.height)
-        return model_shift(model_sampling)                                        # schnell: its own (1.0)
+        if not settings.timestep_shift and isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+            return resolution_shift(item.bucket.width, item.bucket.height)     # dev's own
+        return super().shift(model_sampling, item, settings)                  # schnell's own is 1.0
 
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
