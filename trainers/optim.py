@@ -163,9 +163,10 @@ class OffloadedOptimizer:
         self._switch(to_evaluation_point)
 
     def _switch(self, mode):
-        mode(self.inner)
-        for param, master in zip(self.params, self.masters):
-            param.copy_(master, non_blocking=True)
+        if callable(getattr(self.inner, "train", None)):   # schedule-free: the weights on the device follow
+            mode(self.inner)
+            for param, master in zip(self.params, self.masters):
+                param.copy_(master, non_blocking=True)
 
     def state_dict(self):
         return self.inner.state_dict()
