@@ -161,6 +161,21 @@ def test_adafactor_lowers_the_loss_about_as_much_as_adamw_on_the_same_task(p, bi
     assert drops["adafactor"] > 0.8 * drops["adamw"] and drops["adamw"] > 0.15, drops
 
 
+def test_an_adafactor_state_of_torchs_adafactor_continues_with_a_new_optimizer_state_and_a_warning(p, caplog):
+    # before transformers' Adafactor, `adafactor` was torch's, whose state (row_var, col_var) cannot continue it
+    _, trained, _ = train(p, 1, optimizer="adafactor")
+    with torch.inference_mode(False):
+        params = [torch.nn.Parameter(w.clone()) for w in trained.weights.values()]
+        old = torch.optim.Adafactor(params, lr=1e-3)
+        for param in params:
+            param.grad = torch.ones_like(param)
+        old.step()
+    with caplog.at_level(logging.WARNING):
+        _, continued, history = train(p, 1, adapter=trained.replace(optimizer=old.state_dict()), optimizer="adafactor")
+    assert "saved by torch's Adafactor" in caplog.text and math.isfinite(history.losses[-1])
+    assert "exp_avg_sq_row" in str(continued.optimizer["state"]) and "row_var" not in str(continued.optimizer["state"])
+
+
 @pytest.mark.parametrize("optimizer, schedule", [(o, "cosine") for o in OPTIMIZERS]
                          + [("adamw", s) for s in SCHEDULES if s != "cosine"])
 def test_load_adapter_resumes_bit_exactly(p, comfy_folders, big, optimizer, schedule):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eridiffusion.trainers.arch import detect
-from eridiffusion.trainers.config import SCHEDULES, ConfigError, TrainingSettings
+from eridiffusion.trainers.config import LOSS_TYPES, OPTIMIZERS, SCHEDULES, ConfigError, TrainingSettings, help_of
 from eridiffusion.trainers.losses import elementwise_loss, huber_threshold
 from eridiffusion.trainers.optim import learning_rate
 
@@ -107,3 +107,8 @@ def test_step_multiplies_by_gamma_every_step_size_steps_after_warm_up():
 def test_a_wrong_loss_or_schedule_setting_is_an_error_naming_it(field, value, words):
     with pytest.raises(ConfigError, match=words):
         TrainingSettings(**{field: value})
+
+
+@pytest.mark.parametrize("field, names", [("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss_type", LOSS_TYPES)])
+def test_the_tooltip_of_each_choice_names_every_option(field, names):
+    assert all(name in help_of(TrainingSettings, field) for name in names)
