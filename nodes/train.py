@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
 
 from ..trainers import checkpoint, loop
-from ..trainers.config import (COMPILE_MODES, LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS,
-                                TrainingSettings, help_of)
+from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS,
+                                PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
 from ..trainers.state import patched_model
@@ -73,6 +73,23 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("checkpoint_fraction"), optional=True),
                 io.Boolean.Input("recompute_attention", default=False, tooltip=_tip("recompute_attention"),
                                  optional=True),
+                # schedule shapes and loss types
+                io.Int.Input("schedule_cycles", default=1, min=1, max=1000, tooltip=_tip("schedule_cycles"),
+                             optional=True),
+                io.Float.Input("schedule_power", default=1.0, min=0.01, max=10.0, step=0.1,
+                               tooltip=_tip("schedule_power"), optional=True),
+                io.Int.Input("schedule_step_size", default=0, min=0, max=1000000, tooltip=_tip("schedule_step_size"),
+                             optional=True),
+                io.Float.Input("schedule_gamma", default=0.1, min=0.001, max=1.0, step=0.01,
+                               tooltip=_tip("schedule_gamma"), optional=True),
+                io.Combo.Input("loss_type", options=list(LOSS_TYPES), default="mse", tooltip=_tip("loss_type"),
+                               optional=True),
+                io.Combo.Input("huber_schedule", options=list(HUBER_SCHEDULES), default="snr",
+                               tooltip=_tip("huber_schedule"), optional=True),
+                io.Float.Input("huber_c", default=0.1, min=0.001, max=1.0, step=0.01, tooltip=_tip("huber_c"),
+                               optional=True),
+                io.Float.Input("huber_scale", default=1.0, min=0.001, max=100.0, step=0.1,
+                               tooltip=_tip("huber_scale"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -80,12 +97,14 @@ class EriTrainingSettings(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
-                        timestep_shift=None, flux_guidance=None, checkpoint_fraction=None):
+                        timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
+                        schedule_gamma=None, huber_c=None, huber_scale=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
-            flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction))
+            flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
+            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

@@ -83,8 +83,10 @@ def help_of(cls, name: str) -> str:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "lion8bit", "adamw_schedulefree", "came")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "step")
+LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "sigmoid", "lognorm_blend")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "weighted")
@@ -189,10 +191,20 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    optimizer: str = _help("adamw (torch), adamw8bit (bitsandbytes, less memory), adafactor (torch).",
+    optimizer: str = _help("adamw: torch's AdamW, the usual choice. adamw8bit: bitsandbytes' AdamW with 8-bit state "
+                           "(less memory, about the same training). adafactor: transformers' Adafactor at the given "
+                           "learning rate (factored second moments: the least memory). prodigy: finds its own step "
+                           "size; set learning_rate to 1.0. lion (bitsandbytes): sign updates, one moment; use a "
+                           "learning rate 3-10x lower than AdamW's. lion8bit: Lion with 8-bit state. "
+                           "adamw_schedulefree: schedule-free AdamW (needs no decay schedule: keep constant); the "
+                           "adapter saved and sampled is its averaged weights. came (pytorch-optimizer): "
+                           "confidence-guided Adafactor, little memory, steadier than Adafactor.",
                            default="adamw")
     learning_rate: float = _help("Peak learning rate.", default=1e-4)
-    schedule: str = _help("Learning-rate schedule after warm-up: constant, linear decay to 0, cosine to 0.",
+    schedule: str = _help("Learning-rate schedule after warm-up (transformers' schedules): constant (and its "
+                          "alias constant_with_warmup; warm-up applies to every schedule), linear decay to 0, cosine "
+                          "to 0, cosine_with_restarts (schedule_cycles cosines, each back from the peak), polynomial "
+                          "decay to 0 (schedule_power), step (times schedule_gamma every schedule_step_size steps).",
                           default="constant")
     warmup_steps: int = _help("Steps of linear warm-up from 0 to the learning rate.", default=0)
     total_steps: int = _help("Length of the schedule in optimizer steps (decay ends here). 0 = take the "
@@ -252,6 +264,24 @@ class TrainingSettings:
                          "captured once (about a second) and replayed, which removes Python's launch overhead "
                          "(SDXL trains several times faster). off: train without graphs. Same results either way; "
                          "CPU training always runs without graphs.", default="cuda_graphs")
+    # Schedule shapes and loss types (kept together: later settings go after this group).
+    schedule_cycles: int = _help("cosine_with_restarts: how many cosine cycles the schedule has (the learning rate "
+                                 "jumps back to its peak at the start of each).", default=1)
+    schedule_power: float = _help("polynomial: power of the decay to 0 (1 = linear, 2 = falls faster early).",
+                                  default=1.0)
+    schedule_step_size: int = _help("step: multiply the learning rate by schedule_gamma every this many steps "
+                                    "after warm-up (0 = a quarter of the schedule).", default=0)
+    schedule_gamma: float = _help("step: the factor each drop multiplies the learning rate by.", default=0.1)
+    loss_type: str = _help("mse: squared error, the models' own objective. l1: absolute error (less pulled by "
+                           "outliers, sharper details). huber: squared near 0, linear past huber_c (robust to "
+                           "corrupted images and captions); smooth_l1: the same, scaled as L1. Huber and smooth_l1 "
+                           "use kohya's pseudo-Huber and huber_schedule.", default="mse")
+    huber_schedule: str = _help("huber / smooth_l1 threshold per timestep, as kohya's: snr (huber_c at high noise, "
+                                "near 1 at low noise), exponential (huber_scale at t=0 down to huber_c·huber_scale "
+                                "at the last timestep), constant (huber_c·huber_scale).", default="snr")
+    huber_c: float = _help("huber / smooth_l1: the threshold parameter (kohya's default 0.1; between 0 and 1).",
+                           default=0.1)
+    huber_scale: float = _help("huber / smooth_l1: scales the exponential and constant thresholds.", default=1.0)
 
     def __post_init__(self):
         check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -286,6 +316,20 @@ class TrainingSettings:
             raise ConfigError(f"timestep_shift must be 0 (the model's own) or positive, got {self.timestep_shift}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {quoted(self.loss_type)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise ConfigError(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, "
+                              f"got {quoted(self.huber_schedule)}")
+        if not 0.0 < self.huber_c <= 1.0 or not self.huber_scale > 0:
+            raise ConfigError(f"huber_c must be above 0 and at most 1 and huber_scale positive, got {self.huber_c} "
+                              f"and {self.huber_scale}")
+        if self.schedule_cycles < 1 or self.schedule_step_size < 0:
+            raise ConfigError(f"schedule_cycles must be at least 1 and schedule_step_size at least 0, got "
+                              f"{self.schedule_cycles} and {self.schedule_step_size}")
+        if not self.schedule_power > 0 or not 0.0 < self.schedule_gamma <= 1.0:
+            raise ConfigError(f"schedule_power must be positive and schedule_gamma above 0 and at most 1, got "
+                              f"{self.schedule_power} and {self.schedule_gamma}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

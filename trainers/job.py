@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .config import OPTIMIZERS, ConfigError, DatasetConfig, TrainingSettings, quoted
+from .config import HUBER_SCHEDULES, ConfigError, DatasetConfig, TrainingSettings, quoted
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
@@ -46,7 +47,15 @@ NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lo
 PRESETS = ("attention", "attention_mlp", "all_linear")
 DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "full": "fp32", "bf16": "bf16", "bfloat16": "bf16",
           "fp16": "fp16", "float16": "fp16", "half": "fp16"}
-SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
+SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "linear": "linear",
+              "cosine": "cosine", "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial",
+              "step": "step"}
+# ai-toolkit's `optimizer:` values (and kohya's, lower-cased) -> ours
+OPTIMIZER_NAMES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adafactor": "adafactor", "prodigy": "prodigy",
+                   "lion": "lion", "lion8bit": "lion8bit", "adamw_schedulefree": "adamw_schedulefree",
+                   "adamwschedulefree": "adamw_schedulefree", "schedulefree": "adamw_schedulefree", "came": "came"}
+# ai-toolkit's `loss_type` values (mae is its L1) and kohya's (l2)
+LOSS_TYPE_NAMES = {"mse": "mse", "l2": "mse", "l1": "l1", "mae": "l1", "huber": "huber", "smooth_l1": "smooth_l1"}
 # ai-toolkit's train.timestep_type -> (what t is drawn from, whether the schedule's shift applies), as
 # toolkit/samplers/custom_flowmatch_sampler.py set_train_timesteps draws them for flow-matching models (σ = the
 # timestep / 1000): sigmoid (its default) sigmoid(N(0, 1)); linear and weighted evenly from 1000 to 1 (weighted
@@ -131,7 +140,7 @@ AITK_IGNORED = {
         "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
     "train": {**{k: _OFF for k in (
         "train_text_encoder", "ema_config", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
-        "lr_scheduler_params", "min_denoising_steps", "xformers", "sdp", "train_turbo",
+        "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
         "do_paramiter_swapping", "target_norm_std", "standardize_images",
@@ -147,7 +156,7 @@ AITK_IGNORED = {
         "audio_loss_multiplier": _neutral(1, 1.0),
         "max_denoising_steps": _neutral(999, 1000), "content_or_style": _neutral("balanced"),
         "train_refiner": _neutral(True), "noise_multiplier": _neutral(1, 1.0), "img_multiplier": _neutral(1, 1.0),
-        "loss_type": _neutral("mse"), "loss_target": _neutral("noise"), "reg_weight": _neutral(1, 1.0),
+        "loss_target": _neutral("noise"), "reg_weight": _neutral(1, 1.0),
         "num_train_timesteps": _neutral(1000), "optimal_noise_pairing_samples": _neutral(1),
         "switch_boundary_every": _neutral(1), "max_negative_prompts": _neutral(1),
         "target_noise_multiplier": _neutral(1, 1.0), "pred_scaler": _neutral(1, 1.0)},
@@ -761,12 +770,19 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     if lr <= 0:
         raise t.error(f"{t.key('lr')} must be positive, got {lr}")
     optimizer = t.str("optimizer", "adamw").strip().lower()
-    if optimizer not in OPTIMIZERS:
-        close = difflib.get_close_matches(optimizer, OPTIMIZERS, n=1)
+    if optimizer not in OPTIMIZER_NAMES:
+        close = difflib.get_close_matches(optimizer, OPTIMIZER_NAMES, n=1)
         raise t.error(f"{t.key('optimizer')} {quoted(optimizer)} is not available; choose one of "
-                      f"{', '.join(OPTIMIZERS)}"
+                      f"{', '.join(OPTIMIZER_NAMES)}"
                       + (f" (closest: {close[0]})" if close else ""))
+    optimizer = OPTIMIZER_NAMES[optimizer]
+    if optimizer == "prodigy" and lr < 0.1:
+        # ai-toolkit does the same: Prodigy's lr multiplies the step size it finds (1.0 is its recommended value)
+        logging.warning("EriDiffusion: %s is %g with optimizer prodigy; training at 1.0, as ai-toolkit does",
+                        t.key("lr"), lr)
+        lr = 1.0
     schedule = t.choice("lr_scheduler", "constant", SCHEDULERS)
+    schedule_kw = _parse_schedule_params(t)
     accumulation = t.int("gradient_accumulation_steps", 1, lo=1, hi=100_000)
     accumulation = t.int("gradient_accumulation", accumulation, lo=1, hi=100_000)
     noise_scheduler = t.choice("noise_scheduler", "ddpm" if arch in ("sdxl", "") else "flowmatch",
@@ -784,7 +800,10 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     if others:      # one entry, however many keys: each would be a line of the warning
         t.ignored.append(f"{t.key('optimizer_params')}: {quoted(others, IGNORED_QUOTE_LIMIT)}")
     settings_kw = dict(
-        optimizer=optimizer, learning_rate=lr, schedule=schedule,
+        optimizer=optimizer, learning_rate=lr, schedule=schedule, **schedule_kw,
+        loss_type=t.choice("loss_type", "mse", LOSS_TYPE_NAMES),
+        huber_schedule=t.choice("huber_schedule", "snr", {h: h for h in HUBER_SCHEDULES}),
+        huber_c=t.float("huber_c", 0.1, lo=1e-6, hi=1.0), huber_scale=t.float("huber_scale", 1.0, lo=1e-6),
         warmup_steps=t.int("warmup_steps", 0, lo=0, hi=STEPS_MAX), weight_decay=weight_decay,
         max_grad_norm=t.float("max_grad_norm", 1.0, lo=0.0), batch_size=t.int("batch_size", 1, lo=1, hi=4096),
         grad_accumulation=accumulation, precision=t.choice("dtype", "fp32", DTYPES),
@@ -834,6 +853,23 @@ def _parse_timestep_type(t: _Section) -> tuple[str, str, str]:
     if value in AITK_TIMESTEP_TYPES:
         return value, AITK_TIMESTEP_TYPES[value][0], weighting
     return "", TIMESTEP_TYPES[value], weighting
+
+
+def _parse_schedule_params(t: _Section) -> dict:
+    """TrainingSettings' schedule fields from `lr_scheduler_params` (diffusers' num_cycles and power, torch
+    StepLR's step_size and gamma); its other keys go to the ignored-keys warning, as one entry."""
+    params = t.raw("lr_scheduler_params", {})
+    if not isinstance(params, dict):
+        raise t.error(f"{t.key('lr_scheduler_params')} must be a mapping (num_cycles: ...), got {quoted(params)}")
+    p = _Section(params, t.key("lr_scheduler_params"), "", [], t.source)
+    values = dict(schedule_cycles=p.int("num_cycles", 1, lo=1, hi=100_000),
+                  schedule_power=p.float("power", 1.0, lo=1e-3, hi=100.0),
+                  schedule_step_size=p.int("step_size", 0, lo=0, hi=STEPS_MAX),
+                  schedule_gamma=p.float("gamma", 0.1, lo=1e-6, hi=1.0))
+    others = {k: v for k, v in params.items() if k not in p.read}
+    if others:
+        t.ignored.append(f"{t.key('lr_scheduler_params')}: {quoted(others, IGNORED_QUOTE_LIMIT)}")
+    return values
 
 
 def _parse_save(s: _Section) -> SaveJob:

@@ -1,7 +1,7 @@
 """The training loop: read it top to bottom.
 
     data order -> micro-batch -> noise, timesteps -> noisy latents -> predict -> native target -> weighted
-    MSE -> backward (accumulated) -> clip -> learning rate -> optimizer step
+    loss (MSE, L1, Huber) -> backward (accumulated) -> clip -> learning rate -> optimizer step
 
 Everything architecture-specific is asked of `trainers.arch`; everything method-specific of
 `trainers.adapters`. Training runs on a clone of the MODEL with the adapter (and gradient checkpointing)
@@ -30,8 +30,9 @@ from .cache import LatentSet, TextSet
 from .comfy_compat import training_mode
 from .config import ConfigError, TrainingSettings
 from .graphs import EagerMicroBatches, GraphedMicroBatches
+from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
-                    step_skipping_on_device)
+                    state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,7 +148,12 @@ class TrainingRun:
         else:
             self.optimizer = make_optimizer(self.params, settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
-            load_optimizer_state(self.optimizer, cpu_copy(state.optimizer))
+            if state_fits(settings.optimizer, state.optimizer):
+                load_optimizer_state(self.optimizer, cpu_copy(state.optimizer))
+            else:
+                logging.warning("EriDiffusion: the adapter's %s state was saved by torch's Adafactor, which this "
+                                "version replaced by transformers' (a fixed learning rate, as kohya and ai-toolkit "
+                                "run it): training continues with a new optimizer state", settings.optimizer)
         # The optimizer skips a NaN step on the device itself (fused AdamW): the step is queued behind the
         # micro-batches and the host reads the loss afterwards, instead of the GPU idling while the host reads
         # it, decides, and then launches the optimizer (~1,400 parameters of Python for SDXL's LoRA).
@@ -225,7 +231,11 @@ class TrainingRun:
         target = self.arch.target(ms, x0, noise, sigma)
         # The loss in fp32 at least (fp64 models keep fp64: the gradient tests compare against it).
         wide = torch.promote_types(prediction.dtype, torch.float32)
-        per_sample = (prediction.to(wide) - target.to(wide)).square().mean(dim=tuple(range(1, target.ndim)))
+        threshold = None
+        if self.settings.loss_type in ("huber", "smooth_l1"):
+            threshold = huber_threshold(self.settings, *self.arch.noise_levels(ms, sigma.to(wide)))
+        per_sample = elementwise_loss(prediction.to(wide), target.to(wide), self.settings, threshold).mean(
+            dim=tuple(range(1, target.ndim)))
         weight = self.arch.loss_weight(ms, sigma, self.settings)
         if self.world is not None:   # this share's part of the global batch's mean
             return (per_sample * weight).sum() / self.global_count
@@ -246,6 +256,13 @@ class TrainingRun:
         started = time.perf_counter()
         # what export() gives while a step is under way: the last finished step (Cancel or an error mid-step)
         self._step_start = (self.cursor, self.generator.get_state().clone())
+        to_training_point(self.optimizer)
+        try:
+            return self._step(started)
+        finally:   # between steps (export, sampling, an error) the weights are those to evaluate with
+            to_evaluation_point(self.optimizer)
+
+    def _step(self, started: float) -> StepReport:
         accumulation = self.settings.grad_accumulation
         loss_sum = None
         for _ in range(accumulation):
@@ -284,6 +301,7 @@ class TrainingRun:
                 self.scaler.update()
             self.consecutive_skips += 1
             if self.settings.nan_policy == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                to_evaluation_point(self.optimizer)    # the state it carries is that of a finished step
                 raise TrainingError(
                     f"{problem} at step {self.step_count + 1}"
                     + (f" ({self.consecutive_skips} steps in a row)" if self.consecutive_skips > 1 else "")

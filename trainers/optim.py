@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules by name."""
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 
@@ -17,24 +17,87 @@ def _adamw(params, s: TrainingSettings, device):
         return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, foreach=True)
 
 
-def _adamw8bit(params, s: TrainingSettings, device):
+def _package(module: str, optimizer: str, pip_name: str):
+    import importlib
     try:
-        import bitsandbytes as bnb
+        return importlib.import_module(module)
     except Exception as e:   # ImportError, or a CUDA library that fails to load
-        raise ConfigError(f"optimizer adamw8bit needs bitsandbytes, which could not be loaded ({e}). Install it "
-                          f"with 'pip install bitsandbytes' or choose optimizer adamw") from e
+        raise ConfigError(f"optimizer {optimizer} needs {pip_name}, which could not be loaded ({e}). Install it "
+                          f"with 'pip install {pip_name}' or choose optimizer adamw") from e
+
+
+# bitsandbytes' optimizers (AdamW8bit, Lion, Lion8bit) step on CPU tensors too (its CPU backend), so they train
+# and are tested without a GPU.
+def _adamw8bit(params, s: TrainingSettings, device):
+    bnb = _package("bitsandbytes", "adamw8bit", "bitsandbytes")
     return bnb.optim.AdamW8bit(params, lr=s.learning_rate, weight_decay=s.weight_decay)
 
 
+def _lion(params, s: TrainingSettings, device):
+    bnb = _package("bitsandbytes", "lion", "bitsandbytes")
+    return bnb.optim.Lion(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+def _lion8bit(params, s: TrainingSettings, device):
+    bnb = _package("bitsandbytes", "lion8bit", "bitsandbytes")
+    return bnb.optim.Lion8bit(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
 def _adafactor(params, s: TrainingSettings, device):
-    return torch.optim.Adafactor(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    # A fixed learning rate, as kohya and ai-toolkit run it: Adafactor's relative step size (torch's only mode)
+    # scales each update by the parameter's RMS, which keeps a zero-initialised lora_up at zero.
+    from transformers.optimization import Adafactor
+    return Adafactor(params, lr=s.learning_rate, weight_decay=s.weight_decay, relative_step=False,
+                     scale_parameter=False, warmup_init=False)
 
 
-OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "adafactor": _adafactor}
+def _prodigy(params, s: TrainingSettings, device):
+    prodigyopt = _package("prodigyopt", "prodigy", "prodigyopt")
+    return prodigyopt.Prodigy(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+def _adamw_schedulefree(params, s: TrainingSettings, device):
+    schedulefree = _package("schedulefree", "adamw_schedulefree", "schedulefree")
+    return schedulefree.AdamWScheduleFree(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+def _came(params, s: TrainingSettings, device):
+    # pytorch-optimizer's CAME: the paper's own package (came-pytorch) has had one release, in 2023.
+    pytorch_optimizer = _package("pytorch_optimizer", "came", "pytorch-optimizer")
+    return pytorch_optimizer.CAME(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "adafactor": _adafactor, "prodigy": _prodigy,
+              "lion": _lion, "lion8bit": _lion8bit, "adamw_schedulefree": _adamw_schedulefree, "came": _came}
+
+
+# State keys of torch's Adafactor, which `adafactor` was before transformers' took its place: such a state cannot
+# continue transformers' Adafactor (other keys, another update).
+_FOREIGN_STATE_KEYS = {"adafactor": {"row_var", "col_var", "variance"}}
+
+
+def state_fits(name: str, optimizer_state: dict) -> bool:
+    """Whether a saved state of optimizer `name` can be loaded into ours of that name."""
+    foreign = _FOREIGN_STATE_KEYS.get(name, set())
+    return not any(foreign & set(values) for values in optimizer_state["state"].values())
 
 
 def make_optimizer(params, settings: TrainingSettings, device: torch.device) -> torch.optim.Optimizer:
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
+
+
+def to_training_point(optimizer) -> None:
+    """Schedule-free optimizers compute gradients at another point than the weights they evaluate with: move the
+    parameters there before a step's forward passes (other optimizers: nothing)."""
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()
+
+
+def to_evaluation_point(optimizer) -> None:
+    """Back to the weights a schedule-free optimizer evaluates with (its average), after each step: what is
+    saved, sampled and resumed from. Every step makes the same round trip, so a resumed run continues exactly."""
+    if callable(getattr(optimizer, "eval", None)):
+        optimizer.eval()
 
 
 def skips_on_device(optimizer) -> bool:
@@ -91,6 +154,20 @@ class OffloadedOptimizer:
             param.grad = None
         self.inner.zero_grad(set_to_none=set_to_none)
 
+    @torch.no_grad()
+    def train(self):
+        self._switch(to_training_point)
+
+    @torch.no_grad()
+    def eval(self):
+        self._switch(to_evaluation_point)
+
+    def _switch(self, mode):
+        if callable(getattr(self.inner, "train", None)):   # schedule-free: the weights on the device follow
+            mode(self.inner)
+            for param, master in zip(self.params, self.masters):
+                param.copy_(master, non_blocking=True)
+
     def state_dict(self):
         return self.inner.state_dict()
 
@@ -98,25 +175,28 @@ class OffloadedOptimizer:
         self.inner.load_state_dict(state)
 
 
-def _constant(progress: float) -> float:
-    return 1.0
-
-
-def _linear(progress: float) -> float:
-    return max(0.0, 1.0 - progress)
-
-
-def _cosine(progress: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-SCHEDULES = {"constant": _constant, "linear": _linear, "cosine": _cosine}
+@functools.lru_cache(maxsize=32)
+def _transformers_schedule(name: str, steps: int, cycles: int, power: float):
+    """transformers' multiplier function of (step after warm-up) for a schedule over `steps` steps."""
+    from transformers.optimization import get_scheduler
+    with torch.inference_mode(False):   # a stand-in optimizer: only its learning rate of 1 is read
+        holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    kwargs = {"cosine_with_restarts": {"num_cycles": cycles}, "polynomial": {"lr_end": 0.0, "power": power}}
+    return get_scheduler(name, holder, num_warmup_steps=0, num_training_steps=steps,
+                         scheduler_specific_kwargs=kwargs.get(name)).lr_lambdas[0]
 
 
 def learning_rate(settings: TrainingSettings, step: int, total_steps: int) -> float:
-    """LR for optimizer step `step` (0-based): linear warm-up, then the schedule over the remaining steps."""
+    """LR for optimizer step `step` (0-based): linear warm-up, then the schedule over the remaining steps. A pure
+    function of the step, so a resumed run needs no scheduler state. Warm-up is ours: transformers' spends its
+    first step at a learning rate of 0."""
     if settings.warmup_steps and step < settings.warmup_steps:
         return settings.learning_rate * (step + 1) / settings.warmup_steps
     decay_steps = max(1, total_steps - settings.warmup_steps)
-    progress = (step - settings.warmup_steps) / decay_steps
-    return settings.learning_rate * SCHEDULES[settings.schedule](progress)
+    after = min(step - settings.warmup_steps, decay_steps)     # past the schedule's end it stays at its end
+    if settings.schedule == "step":   # torch's StepLR (ai-toolkit's `step`); transformers has no such schedule
+        size = settings.schedule_step_size or max(1, decay_steps // 4)
+        return settings.learning_rate * settings.schedule_gamma ** (after // size)
+    multiplier = _transformers_schedule(settings.schedule, decay_steps, settings.schedule_cycles,
+                                        settings.schedule_power)
+    return settings.learning_rate * multiplier(after)

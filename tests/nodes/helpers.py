@@ -71,12 +71,15 @@ def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
             return base.apply_model(x, sigma, **cond).clone()
 
 
-def fixed_loss(model_patcher, p, seed=7):
-    """Mean training loss of a MODEL over the whole dataset at fixed timesteps and noise."""
+def fixed_loss(model_patcher, p, seed=7, settings=None):
+    """Mean training loss of a MODEL over the whole dataset at fixed timesteps and noise; of the loss type of
+    `settings` (TrainingSettings; default MSE)."""
     import comfy.model_management
     import comfy.model_sampling
     from eridiffusion.trainers.arch import Batch, detect
     from eridiffusion.trainers.config import TrainingSettings
+    from eridiffusion.trainers.losses import elementwise_loss, huber_threshold
+    settings = settings or TrainingSettings()
     arch = detect(model_patcher)
     base = model_patcher.model
     ms = base.model_sampling
@@ -91,6 +94,7 @@ def fixed_loss(model_patcher, p, seed=7):
             noise = torch.randn(x0.shape, generator=gen)
             sigma = torch.full((len(items),), t) if flow else ms.sigmas[torch.full((len(items),), int(t * 1000))]
             batch = Batch(x0, [p["captions"].get(i.caption) for i in items], items)
-            pred = arch.predict(base, ms, arch.noisy(ms, x0, noise, sigma), sigma, batch, TrainingSettings())
-            total += (pred - arch.target(ms, x0, noise, sigma)).square().mean().item()
+            pred = arch.predict(base, ms, arch.noisy(ms, x0, noise, sigma), sigma, batch, settings)
+            threshold = huber_threshold(settings, *arch.noise_levels(ms, sigma))
+            total += elementwise_loss(pred, arch.target(ms, x0, noise, sigma), settings, threshold).mean().item()
     return total / 5

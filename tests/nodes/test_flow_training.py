@@ -77,16 +77,19 @@ def test_a_model_with_fp8_weights_trains_a_bf16_adapter(comfy_folders, tiny, arc
     assert fixed_loss(model, fp8_p) < 0.95 * before
 
 
-def test_optimizer_offload_trains_exactly_as_the_optimizer_on_the_device(comfy_folders, tiny):
+# schedule-free AdamW also moves the weights between its two points around every step: offloaded, the weights
+# on the device must follow the CPU copies it steps
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_schedulefree"])
+def test_optimizer_offload_trains_exactly_as_the_optimizer_on_the_device(comfy_folders, tiny, optimizer):
     p = prepared(comfy_folders, tiny, arch="flux")
-    _, on_device, _ = train(p, 4)
-    _, offloaded, history = train(p, 4, optimizer_offload=True)
+    _, on_device, _ = train(p, 4, optimizer=optimizer)
+    _, offloaded, history = train(p, 4, optimizer_offload=True, optimizer=optimizer)
     assert history.losses == on_device.history.losses
     assert all(torch.equal(on_device.weights[k], offloaded.weights[k]) for k in on_device.weights)
     assert all(t.device.type == "cpu" for s in offloaded.optimizer["state"].values() for t in s.values()
                if isinstance(t, torch.Tensor))
-    _, continued, _ = train(p, 2, adapter=offloaded, optimizer_offload=True)
-    _, straight, _ = train(p, 6)
+    _, continued, _ = train(p, 2, adapter=offloaded, optimizer_offload=True, optimizer=optimizer)
+    _, straight, _ = train(p, 6, optimizer=optimizer)
     assert continued.history.losses == straight.history.losses
 
 

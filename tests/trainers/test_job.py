@@ -148,7 +148,11 @@ def test_an_unknown_key_is_an_error_naming_its_path_and_the_closest_known_key(ed
     (lambda p: p["train"].update(batch_size=0), ["train.batch_size", "between 1 and 4096", "got 0"]),
     (lambda p: p["train"].update(lr="fast"), ["train.lr", "number"]),
     (lambda p: p["train"].update(gradient_checkpointing="yes"), ["gradient_checkpointing", "true or false"]),
-    (lambda p: p["train"].update(optimizer="prodigy"), ["train.optimizer", "adamw, adamw8bit, adafactor"]),
+    (lambda p: p["train"].update(optimizer="dadaptation"), ["train.optimizer", "adamw, adamw8bit, adafactor, prodigy"]),
+    (lambda p: p["train"].update(loss_type="wavelet"), ["train.loss_type", "mse, l2, l1, mae, huber, smooth_l1"]),
+    (lambda p: p["train"].update(lr_scheduler="cosine_annealing"), ["train.lr_scheduler", "cosine_with_restarts"]),
+    (lambda p: p["train"].update(lr_scheduler_params={"num_cycles": 0}), ["lr_scheduler_params.num_cycles",
+                                                                          "between 1"]),
     (lambda p: p["train"].update(dtype="int8"), ["train.dtype", "bf16"]),
     (lambda p: p["datasets"][0].update(resolution=[512, 700]), ["datasets[0].resolution", "700", "multiple of 64"]),
     (lambda p: p["datasets"][0].update(caption_dropout_rate=1.5), ["caption_dropout_rate", "between 0"]),
@@ -163,6 +167,41 @@ def test_an_unknown_key_is_an_error_naming_its_path_and_the_closest_known_key(ed
 def test_a_wrong_value_is_an_error_naming_the_key_and_what_fits(edit, words):
     message = error_of(edited(AI_TOOLKIT_FLUX, edit))
     assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("name, ours", [
+    ("adamw", "adamw"), ("AdamW8bit", "adamw8bit"), ("adafactor", "adafactor"), ("prodigy", "prodigy"),
+    ("lion", "lion"), ("lion8bit", "lion8bit"), ("AdamWScheduleFree", "adamw_schedulefree"), ("came", "came")])
+def test_ai_toolkit_and_kohya_optimizer_names_map_onto_ours(name, ours):
+    settings = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(optimizer=name)), "x.yaml").settings
+    assert settings.optimizer == ours
+    # ai-toolkit trains Prodigy at lr 1.0 when the job's lr is below 0.1 (Prodigy finds its own step size)
+    assert settings.learning_rate == (1.0 if ours == "prodigy" else 1e-4)
+
+
+def test_lr_scheduler_and_its_params_map_onto_the_schedule_settings_and_unknown_params_are_warned():
+    def settings(**train):
+        return parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(train)), "x.yaml")
+    restarts = settings(lr_scheduler="cosine_with_restarts", lr_scheduler_params={"num_cycles": 3}).settings
+    assert (restarts.schedule, restarts.schedule_cycles) == ("cosine_with_restarts", 3)
+    poly = settings(lr_scheduler="polynomial", lr_scheduler_params={"power": 2.0}).settings
+    assert (poly.schedule, poly.schedule_power) == ("polynomial", 2.0)
+    step = settings(lr_scheduler="step", lr_scheduler_params={"step_size": 100, "gamma": 0.5}).settings
+    assert (step.schedule, step.schedule_step_size, step.schedule_gamma) == ("step", 100, 0.5)
+    assert settings(lr_scheduler="constant_with_warmup", warmup_steps=10).settings.schedule == "constant_with_warmup"
+    job = settings(lr_scheduler="cosine", lr_scheduler_params={"eta_min": 1e-6})
+    assert any("train.lr_scheduler_params" in line and "eta_min" in line for line in job.ignored)
+
+
+def test_loss_type_and_kohyas_huber_settings_map_onto_the_loss_settings_without_a_warning():
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        loss_type="huber", huber_schedule="exponential", huber_c=0.2, huber_scale=2.0)), "x.yaml")
+    s = job.settings
+    assert (s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale) == ("huber", "exponential", 0.2, 2.0)
+    assert not any("loss_type" in line for line in job.ignored)
+    assert parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(loss_type="mae")),
+                     "x.yaml").settings.loss_type == "l1"
+    assert parse_job(AI_TOOLKIT_FLUX, "x.yaml").settings.loss_type == "mse"
 
 
 def test_architecture_from_arch_or_ai_toolkits_flags():

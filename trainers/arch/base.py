@@ -83,6 +83,12 @@ class Architecture:
     def loss_weight(self, model_sampling, sigma: torch.Tensor, settings: TrainingSettings) -> torch.Tensor:
         return torch.ones_like(sigma)
 
+    def noise_levels(self, model_sampling, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(share, noise ratio) per sample, for the Huber loss's threshold schedule (trainers/losses.py): the
+        timestep as a share of the noise schedule (0 clean .. 1 pure noise) and the noisy latent's
+        noise-to-signal ratio. Device work only."""
+        raise NotImplementedError
+
 
 def linear_modules(root: torch.nn.Module, keep) -> list[tuple[str, torch.nn.Module]]:
     """The linear layers whose path `keep` accepts, quantized ones (ComfyUI's MixedPrecisionOps) included."""

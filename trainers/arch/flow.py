@@ -73,6 +73,10 @@ class RectifiedFlow(Architecture):
             return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma * sigma))
         return torch.ones_like(sigma)
 
+    def noise_levels(self, model_sampling, sigma):
+        # x_t = (1-σ)·x0 + σ·ε: the schedule runs over σ itself (kohya's timesteps are σ·1000)
+        return sigma, sigma / (1.0 - sigma)
+
 
 @functools.cache
 def _weights_on(device: torch.device) -> torch.Tensor:

@@ -96,3 +96,7 @@ class SDXL(Architecture):
         snr = 1.0 / (sigma * sigma)
         clipped = torch.clamp(snr, max=settings.min_snr_gamma)
         return clipped / (snr + 1.0) if self._is_v(model_sampling) else clipped / snr
+
+    def noise_levels(self, model_sampling, sigma):
+        # ComfyUI's σ is DDPM's √((1-ᾱ)/ᾱ); its timestep is the (fractional) index of σ among the 1000
+        return model_sampling.timestep(sigma).float() / model_sampling.sigmas.shape[0], sigma
