@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
@@ -123,7 +124,8 @@ class EriTrainSteps(io.ComfyNode):
                 Loss.Output(display_name="loss", tooltip="Loss history since the adapter was created."),
                 io.Image.Output(display_name="samples",
                                 tooltip="The images sampled during these steps, in order (an empty batch without "
-                                        "sampling settings)."),
+                                        "sampling settings); a prompt with its own size is resized to the first "
+                                        "prompt's here (its saved file keeps its size)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -178,9 +180,20 @@ class EriTrainSteps(io.ComfyNode):
                                  on_stopped=save if save_every else None)
         finally:
             live.finish()
-        batch = torch.stack(images) if images else torch.zeros((0, 64, 64, 3))
+        batch = _one_batch(images)
         shown = {"images": live.images} if live.images else None
         return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
+
+
+def _one_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """The samples as one IMAGE batch: an image of another size than the first (a prompt's own --w / --h) is
+    resized to the first's (its saved file keeps its size)."""
+    if not images:
+        return torch.zeros((0, 64, 64, 3))
+    height, width = images[0].shape[:2]
+    return torch.stack([image if image.shape[:2] == (height, width) else
+                        comfy.utils.common_upscale(image.movedim(-1, 0)[None], width, height, "bilinear",
+                                                   "disabled")[0].movedim(0, -1) for image in images])
 
 
 class EriLossGraph(io.ComfyNode):
