@@ -73,6 +73,12 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("checkpoint_fraction"), optional=True),
                 io.Boolean.Input("recompute_attention", default=False, tooltip=_tip("recompute_attention"),
                                  optional=True),
+                # EMA of the adapter's weights
+                io.Boolean.Input("ema", default=False, tooltip=_tip("ema"), optional=True),
+                io.Float.Input("ema_decay", default=0.999, min=0.5, max=0.99999, step=0.0001, round=False,
+                               tooltip=_tip("ema_decay"), optional=True),
+                io.Int.Input("ema_every", default=1, min=1, max=1000000, tooltip=_tip("ema_every"), optional=True),
+                io.Boolean.Input("ema_on_cpu", default=False, tooltip=_tip("ema_on_cpu"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -80,12 +86,12 @@ class EriTrainingSettings(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
-                        timestep_shift=None, flux_guidance=None, checkpoint_fraction=None):
+                        timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, ema_decay=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
-            flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction))
+            flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, ema_decay=ema_decay))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

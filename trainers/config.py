@@ -245,6 +245,18 @@ class TrainingSettings:
                          "captured once (about a second) and replayed, which removes Python's launch overhead "
                          "(SDXL trains several times faster). off: train without graphs. Same results either way; "
                          "CPU training always runs without graphs.", default="cuda_graphs")
+    # EMA of the adapter's weights (ai-toolkit's ema_config, SimpleTuner's and OneTrainer's EMA)
+    ema: bool = _help("Keep an exponential moving average (EMA) of the adapter's weights: a smoother adapter that "
+                      "often samples better late in training. With it on, Save adapter writes the EMA weights, and "
+                      "sampling and Train steps' MODEL use them; the raw weights train on and are kept in the "
+                      ".eri-state, so a resume continues exactly. A Train steps with ema off drops the EMA.",
+                      default=False)
+    ema_decay: float = _help("Share of the EMA kept at each update: ema = decay·ema + (1-decay)·weights. 0.99 "
+                             "follows the last ~100 updates, 0.999 the last ~1000.", default=0.999)
+    ema_every: int = _help("Update the EMA after every N optimizer steps (counted from the adapter's creation).",
+                           default=1)
+    ema_on_cpu: bool = _help("Keep the EMA in CPU memory (saves GPU memory, costs a copy of the adapter per "
+                             "update).", default=False)
 
     def __post_init__(self):
         check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -279,6 +291,10 @@ class TrainingSettings:
             raise ConfigError(f"timestep_shift must be 0 (the model's own) or positive, got {self.timestep_shift}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
+        if self.ema and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (0.999 is common), got {self.ema_decay}")
+        if not 1 <= self.ema_every <= 1_000_000:
+            raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -100,7 +100,7 @@ AITK_IGNORED = {
         "qtype": _neutral("qfloat8"), "qtype_te": _neutral("qfloat8"),
         "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
     "train": {**{k: _OFF for k in (
-        "train_text_encoder", "ema_config", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
+        "train_text_encoder", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
         "lr_scheduler_params", "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
@@ -131,6 +131,7 @@ AITK_IGNORED = {
         "prefetch_factor": _OFF + (2,), "caption_type": _OFF + ("txt", ".txt"),
         "full_size_control_images": _neutral(True), "replay_transforms": _neutral(True),
         "shrink_video_to_frames": _neutral(True), "do_i2v": _neutral(True)},
+    "ema_config": {"use_feedback": _OFF, "param_multiplier": _neutral(1, 1.0)},
     "save": {"save_format": _neutral("safetensors"), "push_to_hub": _OFF, "hf_repo_id": _OFF, "hf_private": _OFF},
     "sample_item": {"network_multiplier": _neutral(1, 1.0), "ctrl_img": _OFF, "ctrl_idx": _OFF,
                     "num_frames": _neutral(1), "fps": _OFF + (16,)},
@@ -678,6 +679,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         recompute_attention=t.bool("recompute_attention", False),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
+    settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
+                                           t.source)))
     first_sample = not t.bool("skip_first_sample", False)
     sampling_on = not t.bool("disable_sampling", False)
     t.done()
@@ -686,6 +689,16 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     except ConfigError as e:
         raise t.error(f"{t.path}: {e}") from None
     return settings, steps, first_sample, sampling_on
+
+
+def _parse_ema(e: _Section) -> dict:
+    """ai-toolkit's train.ema_config (use_ema, ema_decay; ema_every and ema_on_cpu are ours) as settings."""
+    values = dict(ema=e.bool("use_ema", False), ema_decay=e.float("ema_decay", 0.999, lo=0.0, hi=1.0),
+                  ema_every=e.int("ema_every", 1, lo=1, hi=1_000_000), ema_on_cpu=e.bool("ema_on_cpu", False))
+    if values["ema"] and not 0.0 < values["ema_decay"] < 1.0:
+        raise e.error(f"{e.key('ema_decay')} must be between 0 and 1 (0.999 is common), got {values['ema_decay']}")
+    e.done()
+    return values
 
 
 def _parse_save(s: _Section) -> SaveJob:

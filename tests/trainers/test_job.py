@@ -108,10 +108,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
     assert job.meta == {"name": "my_first_flux_lora_v1", "version": "1.0"}
     # walk_seed: prompt i samples with seed + i, as in ai-toolkit
     assert [o.seed for o in sample.options] == [42, 43]
-    # One warning lists what has no effect here; switches that are off are not listed.
-    assert len(job.ignored) == 1
-    assert "train.ema_config" in job.ignored[0]
-    assert job.ignored_warning().count("\n") == 0 and "push_to_hub" not in job.ignored_warning()
+    # EMA and walk_seed work; switches that are off (push_to_hub) are not worth a warning
+    assert s.ema and s.ema_decay == 0.99 and job.ignored_warning() is None
 
 
 def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
@@ -243,7 +241,7 @@ def test_each_rank_takes_a_contiguous_share_and_together_all_samples():
 # ------------------------------------------------------------------------------ per-prompt sample settings
 def sample_of(**sample):
     return parse_job(edited(AI_TOOLKIT_FLUX, lambda p: (p["model"].update(is_flux=False, is_xl=True),
-                                                        p["train"].pop("noise_scheduler"), p["train"].pop("ema_config"),
+                                                        p["train"].pop("noise_scheduler"),
                                                         p["sample"].update(sampler="euler", **sample))),
                      "x.yaml")
 
@@ -316,3 +314,18 @@ def test_is_v_pred_marks_an_sdxl_job_v_prediction_and_is_refused_for_flow_models
     assert job.model.v_pred and not job.ignored
     assert not parse_job(base % "is_xl: true").model.v_pred
     assert "is_v_pred" in error_of(base % "is_flux: true, is_v_pred: true")
+
+
+def test_ema_config_maps_onto_the_ema_settings_and_its_unsupported_keys_are_named():
+    s = parse_job(AI_TOOLKIT_FLUX, "flux.yaml").settings
+    assert (s.ema, s.ema_decay, s.ema_every, s.ema_on_cpu) == (True, 0.99, 1, False)
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(ema_config=dict(
+        use_ema=True, ema_decay=0.9, ema_every=4, ema_on_cpu=True, use_feedback=True))), "x.yaml")
+    assert (job.settings.ema_decay, job.settings.ema_every, job.settings.ema_on_cpu) == (0.9, 4, True)
+    assert "train.ema_config.use_feedback: True" in job.ignored_warning()
+    assert not parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=False, ema_decay=0))), "x.yaml").settings.ema
+    assert "ema_config.ema_decay" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=True, ema_decay=1.0))))
+    assert "ema_config.ema_decya" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=True, ema_decya=0.9))))
