@@ -106,10 +106,25 @@ class DatasetConfig:
     trigger_word: str = _help("Put in front of every caption, or where a caption says [trigger].", default="")
     flip: bool = _help("Also train on every image mirrored left-right (doubles the dataset).", default=False)
     caption_ext: str = _help("Extension of caption files.", default=".txt")
+    # Caption variety (kohya's shuffle_caption / keep_tokens / caption_dropout_rate, ai-toolkit's shuffle_tokens)
+    shuffle_captions: bool = _help("Train each image on its caption's comma-separated tags in a shuffled order "
+                                   "(kohya shuffle_caption). Captions are cached as text embeddings, so "
+                                   "caption_variants orders per caption are encoded once and each step draws one.",
+                                   default=False)
+    keep_tokens: int = _help("With shuffle_captions, the first N tags stay in place (1 keeps the trigger word "
+                             "first).", default=0)
+    caption_variants: int = _help("With shuffle_captions, how many orders of each caption are cached and drawn "
+                                  "from (the caption's own order and N-1 shuffles; at most 8, fewer when the "
+                                  "caption has fewer orders). Each is one more text embedding to encode and keep "
+                                  "in memory.", default=4)
+    caption_dropout: float = _help("Probability of training an image of this folder on the empty caption (the "
+                                   "larger of this and Training settings' caption_dropout applies).", default=0.0)
 
     # Not a field. Text encoders read 77 (CLIP) to 512 (T5) tokens, so longer text only costs encoding time
     # (a 10 MB caption kept Cache captions busy for 14 minutes); real captions stay far below this.
     MAX_CAPTION_CHARS = 8192
+    # Not a field: each variant is a cached text embedding (Flux's T5 output alone is ~8 MB in fp32).
+    MAX_CAPTION_VARIANTS = 8
 
     def __post_init__(self):
         check_finite("dataset", max_upscale=self.max_upscale)
@@ -130,6 +145,14 @@ class DatasetConfig:
                 and all(c.isalnum() or c in "_-" for c in ext[1:])):
             raise ConfigError(f"caption_ext must be a dot and 1 to 16 letters, digits, _ or - (like .txt or "
                               f".caption), got {quoted(ext)}")
+        check_finite("dataset", caption_dropout=self.caption_dropout)
+        if not 1 <= self.caption_variants <= self.MAX_CAPTION_VARIANTS:
+            raise ConfigError(f"caption_variants must be between 1 and {self.MAX_CAPTION_VARIANTS}, got "
+                              f"{self.caption_variants}")
+        if not 0 <= self.keep_tokens <= 1000:
+            raise ConfigError(f"keep_tokens must be between 0 and 1000, got {self.keep_tokens}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
         for name in ("default_caption", "trigger_word"):
             if len(getattr(self, name)) > self.MAX_CAPTION_CHARS:
                 raise ConfigError(f"{name} is {len(getattr(self, name)):,} characters, more than the "

@@ -124,7 +124,7 @@ AITK_IGNORED = {
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
         "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
-        "shuffle_tokens", "keep_tokens", "extra_values", "debug")},
+        "extra_values", "debug")},
         "type": _neutral("image"), "buckets": _neutral(True), "bucket_tolerance": _neutral(64),
         "scale": _neutral(1, 1.0), "network_weight": _neutral(1, 1.0), "loss_multiplier": _neutral(1, 1.0),
         "num_frames": _neutral(1), "fps": _OFF + (16,), "num_workers": _OFF + (1, 2, 4, 8),
@@ -529,16 +529,10 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     if not isinstance(datasets_raw, list):
         raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got "
                       f"{quoted(datasets_raw)}")
-    datasets, dropouts = [], [0.0]
-    for i, d in enumerate(datasets_raw):
-        dataset, dropout = _parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source),
-                                          trigger)
-        datasets.append(dataset)
-        dropouts.append(dropout)
-    if len(set(dropouts[1:])) > 1:
-        ignored.append(f"{p.key('datasets')}[*].caption_dropout_rate: one rate applies to all datasets here "
-                       f"(the largest, {max(dropouts)})")
-    settings, steps, first_sample, sampling_on = _parse_train(train, model.arch, max(dropouts), cpu_offload)
+    datasets = [_parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source), trigger)
+                for i, d in enumerate(datasets_raw)]
+    # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
+    settings, steps, first_sample, sampling_on = _parse_train(train, model.arch, 0.0, cpu_offload)
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
@@ -599,7 +593,7 @@ def _parse_network(n: _Section, arch: str) -> NetworkJob:
     return spec
 
 
-def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
+def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     folder = d.str("folder_path", "")
     if not folder.strip():
         raise d.error(f"{d.key('folder_path')} is required: the folder of training images with their captions")
@@ -618,6 +612,9 @@ def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
     common = dict(folder=folder, default_caption=d.str("default_caption", ""),
                   trigger_word=d.str("trigger_word", trigger, max_length=MAX_TRIGGER_LENGTH),
                   flip=d.bool("flip_x", False), caption_ext=ext)
+    common.update(shuffle_captions=d.bool("shuffle_tokens", False), keep_tokens=d.int("keep_tokens", 0, lo=0, hi=1000),
+                  caption_variants=d.int("caption_variants", 4, lo=1, hi=DatasetConfig.MAX_CAPTION_VARIANTS),
+                  caption_dropout=dropout)
     repeats = d.int("num_repeats", 1, lo=1, hi=10000)
     d.done()
     try:
@@ -626,7 +623,7 @@ def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
     except ConfigError as e:    # DatasetConfig checks its own fields (caption_ext): report the job's key
         field_name = re.search(r"\b(caption_ext|default_caption|trigger_word|resolution)\b", str(e))
         raise d.error(f"{d.key(field_name[1])}: {e}" if field_name else f"{d.path}: {e}") from None
-    return DatasetJob(folder, configs, repeats), dropout
+    return DatasetJob(folder, configs, repeats)
 
 
 def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):

@@ -219,8 +219,12 @@ class TrainingRun:
         gen, s = self.generator, self.settings
         contexts = []
         for item in items:
-            dropped = s.caption_dropout > 0 and torch.rand((), generator=gen).item() < s.caption_dropout
-            contexts.append(self.text.get("" if dropped else item.caption))
+            rate = max(s.caption_dropout, item.caption_dropout)
+            dropped = rate > 0 and torch.rand((), generator=gen).item() < rate
+            caption, variants = item.caption, item.caption_variants
+            if variants:    # shuffle_captions: one of the cached orders
+                caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
+            contexts.append(self.text.get("" if dropped else caption))
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)

@@ -254,3 +254,50 @@ def test_with_ema_the_saved_adapter_is_the_ema_and_resuming_its_state_continues_
     # Train steps' MODEL applies the EMA, not the raw weights
     raw_model = patched_model(p["model"], straight.replace(ema=None))
     assert not torch.allclose(model_output(straight_model, p), model_output(raw_model, p))
+
+
+# ------------------------------------------------------------------------------------------ caption variants
+@pytest.fixture
+def shuffled(p, comfy_folders):
+    """The four images with four-tag captions, shuffled with the first tag kept, three variants each."""
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriTrainingImages
+    for i in range(4):
+        (comfy_folders["input"] / "set" / f"img{i}.txt").write_text(f"pattern {i}, red, round, small")
+    dataset = run(EriTrainingImages, folder="set", resolution=64, trigger_word="", default_caption="", flip=False,
+                  min_side=64, max_side=128, max_upscale=1.0, shuffle_captions=True, keep_tokens=1,
+                  caption_variants=3)[0]
+    return dict(p, dataset=dataset, captions=run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0],
+                latents=run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0])
+
+
+def drawn_captions(monkeypatch):
+    from eridiffusion.trainers.cache import TextSet
+    seen, get = [], TextSet.get
+    monkeypatch.setattr(TextSet, "get", lambda self, caption: seen.append(caption) or get(self, caption))
+    return seen
+
+
+def test_shuffled_captions_cache_a_bounded_number_of_variants_and_each_step_draws_one_by_the_seed(
+        shuffled, monkeypatch):
+    assert shuffled["captions"].encoded == 4 * 3 + 1 - 1, "3 variants per image and the empty caption, " \
+        "less the empty one cached by the first Cache captions"
+    assert len(shuffled["captions"].embeddings) == 4 * 3 + 1
+    seen = drawn_captions(monkeypatch)
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2)
+    first = list(seen)
+    seen.clear()
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2)
+    assert seen == first, "the same seed draws the same variants"
+    seen.clear()
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2, seed=1)
+    assert seen != first
+    variants = {c for i in shuffled["dataset"].items for c in i.caption_variants}
+    assert variants <= set(first) | set(seen) and "" in first and all(c.startswith("pattern ") for c in variants)
+
+
+def test_training_on_shuffled_captions_chains_and_resumes_bit_exactly(shuffled):
+    _, once, _ = train(shuffled, 8, batch_size=2, caption_dropout=0.2)
+    _, half, _ = train(shuffled, 4, batch_size=2, caption_dropout=0.2)
+    _, twice, _ = train(shuffled, 4, adapter=half, batch_size=2, caption_dropout=0.2)
+    assert twice.history.losses == once.history.losses
+    assert all(torch.equal(once.weights[k], twice.weights[k]) for k in once.weights)

@@ -95,7 +95,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
     assert (job.name, job.model.arch, job.model.quantize, job.steps) == ("my_first_flux_lora_v1", "flux", True, 2000)
     assert (s.optimizer, s.learning_rate, s.precision, s.batch_size, s.grad_accumulation) == \
         ("adamw8bit", 1e-4, "bf16", 1, 1)
-    assert s.gradient_checkpointing and s.caption_dropout == 0.05
+    assert s.gradient_checkpointing and s.caption_dropout == 0.0
+    assert {c.caption_dropout for c in job.datasets[0].configs} == {0.05}     # each dataset's own rate
     assert (job.network.kind, job.network.rank, job.network.alpha, job.network.dora) == ("lora", 16, 16.0, False)
     assert [c.resolution for c in job.datasets[0].configs] == [512, 768, 1024]
     assert {c.trigger_word for c in job.datasets[0].configs} == {"p3r5on"}
@@ -329,3 +330,21 @@ def test_ema_config_maps_onto_the_ema_settings_and_its_unsupported_keys_are_name
         ema_config=dict(use_ema=True, ema_decay=1.0))))
     assert "ema_config.ema_decya" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
         ema_config=dict(use_ema=True, ema_decya=0.9))))
+
+
+def test_caption_shuffle_keep_tokens_and_dropout_are_each_datasets_own():
+    job = parse_job("""
+config:
+  name: x
+  process:
+    - datasets:
+        - {folder_path: a, shuffle_tokens: true, keep_tokens: 1, caption_variants: 8, caption_dropout_rate: 0.1}
+        - {folder_path: b, caption_dropout_rate: 0.3}
+""")
+    a, b = (d.configs[0] for d in job.datasets)
+    assert (a.shuffle_captions, a.keep_tokens, a.caption_variants, a.caption_dropout) == (True, 1, 8, 0.1)
+    assert (b.shuffle_captions, b.caption_dropout) == (False, 0.3) and not job.ignored
+    assert "caption_variants" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
+        caption_variants=9)))
+    assert "token_dropout_rate: 0.1" in parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
+        token_dropout_rate=0.1))).ignored_warning()
