@@ -132,7 +132,9 @@ class EriLoadTrainingJob(io.ComfyNode):
                         "datasets, save, sample) into the objects of Training images, Create adapter, Training "
                         "settings and Sampling settings. Connect them to Cache latents / Cache captions / Train "
                         "steps, and the steps and prefix to Train steps / Save adapter. Paths stay inside "
-                        "ComfyUI's input folder; model.name_or_path is not read (the MODEL input is trained).",
+                        "ComfyUI's input folder; model.name_or_path is not read (the MODEL input is trained), and "
+                        "model.is_v_pred needs a MODEL that predicts v (ComfyUI's ModelSamplingDiscrete node, "
+                        "sampling v_prediction, after the loader).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to train (the job's model.arch, if given, must match)."),
                 io.String.Input("job", multiline=True, default=DEFAULT_JOB,

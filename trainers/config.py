@@ -237,7 +237,8 @@ class TrainingSettings:
     recompute_attention: bool = _help("With gradient checkpointing, recompute attention too. Off keeps each "
                                       "block's attention output from the forward pass (Flux ~1.6 GiB, SDXL ~0.3 GiB "
                                       "at 1024²) and saves its recomputation (~5% faster).", default=False)
-    seed: int = _help("Seed for batch order, noise, timesteps and caption dropout.", default=0)
+    seed: int = _help("Seed for batch order, noise, timesteps, caption dropout and the caption variant each step "
+                      "draws.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
                                 default=0.0)
     min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off).", default=0.0)

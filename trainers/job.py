@@ -16,7 +16,7 @@
     meta: {name: "[name]"}
 
 A file written for ai-toolkit loads as it is. Its keys that EriDiffusion does not implement (hub upload,
-loggers, EMA, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
+loggers, token dropout, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
 a key neither knows is a ConfigError naming its path and the closest known key. Defaults of ai-toolkit's
 keys are ai-toolkit's (lr 1e-6, linear_alpha 1.0, dtype fp32, ...), so a job trains what it says there.
 Nothing here imports ComfyUI.
