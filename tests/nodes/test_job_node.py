@@ -114,3 +114,20 @@ def test_is_v_pred_needs_a_v_prediction_model_on_the_canvas_and_headless_patches
     _, b, _ = train(dict(p, model=stock), 3)
     _, eps, _ = train(p, 3)
     assert a.history.losses == b.history.losses != eps.history.losses
+
+
+def test_headless_loads_an_is_v_pred_job_as_a_v_prediction_model(comfy_folders, tiny, tmp_path, monkeypatch):
+    import comfy.sd
+    from eridiffusion import headless
+    from eridiffusion.trainers.arch.sdxl import predicts_v
+    from eridiffusion.trainers.job import parse_job
+    checkpoint = tmp_path / "sdxl.ckpt"
+    checkpoint.write_bytes(b"")
+    with torch.inference_mode(False):
+        loaded = tiny.tiny_model("sdxl"), tiny.tiny_clip("sdxl"), tiny.tiny_vae("sdxl")
+    # the tiny SDXL is not detected from a file (comfyui-testing.md): the loader hands it over instead
+    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", lambda *a, **k: (*loaded, None))
+    text = f"config:\n  name: x\n  process:\n    - model: {{name_or_path: '{checkpoint}', is_xl: true%s}}\n"
+    model, _, _ = headless.load_models(parse_job(text % ", is_v_pred: true"))
+    assert predicts_v(model) and not predicts_v(loaded[0])
+    assert not predicts_v(headless.load_models(parse_job(text % ""))[0])
