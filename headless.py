@@ -27,6 +27,7 @@ from .nodes import job as job_node
 from .nodes.sample import save_samples
 from .trainers import cache, checkpoint, loop
 from .trainers.config import ConfigError, quoted
+from .trainers.arch.sdxl import v_prediction_model
 from .trainers.distributed import World
 from .trainers.files import state_path_for
 from .trainers.job import Job, ModelJob, build_dataset
@@ -63,6 +64,8 @@ def load_models(job: Job):
     else:
         model = comfy.sd.load_diffusion_model(path, model_options=options)
     arch = job_node.check_arch(job, model)
+    if m.v_pred:    # as ComfyUI's ModelSamplingDiscrete node (v_prediction) would patch it on the canvas
+        model = v_prediction_model(model)
     if m.text_encoder_paths:
         files = [_path(job, p) for p in m.text_encoder_paths]
         for name, file in zip(m.text_encoder_paths, files):

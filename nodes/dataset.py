@@ -42,14 +42,21 @@ class EriTrainingImages(io.ComfyNode):
                 io.Int.Input("max_side", default=2048, min=64, max=8192, step=64, tooltip=_tip("max_side")),
                 io.Float.Input("max_upscale", default=1.0, min=1.0, max=8.0, step=0.05,
                                tooltip=_tip("max_upscale")),
+                # caption variety
+                io.Boolean.Input("shuffle_captions", default=False, tooltip=_tip("shuffle_captions"), optional=True),
+                io.Int.Input("keep_tokens", default=0, min=0, max=1000, tooltip=_tip("keep_tokens"), optional=True),
+                io.Int.Input("caption_variants", default=4, min=1, max=DatasetConfig.MAX_CAPTION_VARIANTS,
+                             tooltip=_tip("caption_variants"), optional=True),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip=_tip("caption_dropout"), optional=True),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
-    def validate_inputs(cls, folder=None, max_upscale=None):
+    def validate_inputs(cls, folder=None, max_upscale=None, caption_dropout=None):
         return checks.verdict(
-            checks.numbers_problem(cls, max_upscale=max_upscale),
+            checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout),
             folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)))
 
     @classmethod
@@ -62,10 +69,13 @@ class EriTrainingImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
-                max_upscale) -> io.NodeOutput:
+                max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
+                caption_dropout=0.0) -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
-                               trigger_word=trigger_word, flip=flip)
+                               trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
+                               keep_tokens=keep_tokens, caption_variants=caption_variants,
+                               caption_dropout=caption_dropout)
         root = paths.input_folder(folder)
         dataset = data.scan_dataset(root, config, confine=not paths.any_path_allowed(),
                                     on_progress=_progress(ProgressBar(1)))   # the scan reports the total
@@ -104,7 +114,8 @@ class EriCacheCaptions(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EriCacheCaptions", display_name="Cache captions", category=f"{CATEGORY}/data",
-            description="Encodes each distinct caption (and the empty caption, for dropout) once, cached on disk.",
+            description="Encodes each distinct caption (its shuffled variants too, with shuffle_captions; and the "
+                        "empty caption, for dropout) once, cached on disk.",
             inputs=[
                 Dataset.Input("dataset", tooltip="Training images whose captions to encode."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you train."),

@@ -13,12 +13,14 @@ import folder_paths
 
 from ..trainers import checkpoint, data
 from ..trainers.arch import detect
+from ..trainers.arch.sdxl import predicts_v
 from ..trainers.config import ConfigError, quoted
 from ..trainers.job import MAX_JOB_BYTES, Job, build_dataset, parse_job, read_job_file
+from ..trainers.prompts import PromptOptions
 from ..trainers.sampling import SamplingSettings
 from ..trainers.state import new_adapter
 from . import paths
-from .sample import EriSamplingSettings
+from .sample import make_sampling
 from .types import CATEGORY, Adapter, Dataset, Sampling, Settings
 
 DEFAULT_JOB = """\
@@ -99,21 +101,26 @@ def check_arch(job: Job, model) -> str:
     if job.model.arch and job.model.arch != arch:
         raise ConfigError(f"{job.source}: model.arch says {job.model.arch} but the MODEL is {arch}: connect a "
                           f"{job.model.arch} MODEL or change model.arch")
+    if job.model.v_pred and arch != "sdxl":
+        raise ConfigError(f"{job.source}: model.is_v_pred is true but the MODEL is {arch}, a flow-matching model: "
+                          f"remove is_v_pred (it applies to SDXL)")
     return arch
 
 
 def sampling_settings(job: Job, arch: str, clip, vae, filename_prefix: str) -> SamplingSettings | None:
-    """Sampling settings of the job's `sample` section (None without prompts). Flux takes guidance_scale as
-    its embedded guidance with CFG 1 (as ai-toolkit samples it); SDXL and SD3 take it as the CFG scale."""
+    """Sampling settings of the job's `sample` section (None without prompts), each prompt with its own
+    options (samples[] items, --w/--h/--d/... flags). Flux takes guidance_scale as its embedded guidance with
+    CFG 1 (as ai-toolkit samples it); SDXL and SD3 take it as the CFG scale."""
     s = job.sample
     if s is None:
         return None
     flux = arch == "flux"
-    return EriSamplingSettings.execute(
-        vae=vae, prompts="\n".join(s.prompts), negative_prompt=s.negative, every_n_steps=s.sample_every,
-        seed=s.seed, seed_mode="fixed", width=s.width, height=s.height, sampler_name=s.sampler_name,
-        scheduler=s.scheduler, steps=s.sample_steps, cfg=1.0 if flux else s.guidance_scale,
-        guidance=s.guidance_scale if flux else 3.5, filename_prefix=filename_prefix, clip=clip).result[0]
+    return make_sampling(
+        vae, clip, list(zip(s.prompts, s.options or [PromptOptions()] * len(s.prompts))), s.negative,
+        every_n_steps=s.sample_every, seed=s.seed, seed_mode="fixed", width=s.width, height=s.height,
+        sampler_name=s.sampler_name, scheduler=s.scheduler, steps=s.sample_steps,
+        cfg=1.0 if flux else s.guidance_scale, guidance=s.guidance_scale if flux else 3.5,
+        filename_prefix=filename_prefix)
 
 
 class EriLoadTrainingJob(io.ComfyNode):
@@ -125,7 +132,9 @@ class EriLoadTrainingJob(io.ComfyNode):
                         "datasets, save, sample) into the objects of Training images, Create adapter, Training "
                         "settings and Sampling settings. Connect them to Cache latents / Cache captions / Train "
                         "steps, and the steps and prefix to Train steps / Save adapter. Paths stay inside "
-                        "ComfyUI's input folder; model.name_or_path is not read (the MODEL input is trained).",
+                        "ComfyUI's input folder; model.name_or_path is not read (the MODEL input is trained), and "
+                        "model.is_v_pred needs a MODEL that predicts v (ComfyUI's ModelSamplingDiscrete node, "
+                        "sampling v_prediction, after the loader).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to train (the job's model.arch, if given, must match)."),
                 io.String.Input("job", multiline=True, default=DEFAULT_JOB,
@@ -180,6 +189,10 @@ class EriLoadTrainingJob(io.ComfyNode):
         parsed = parsed.for_arch(arch)
         if parsed.ignored_warning():
             logging.warning("EriDiffusion: %s", parsed.ignored_warning())
+        if parsed.model.v_pred and not predicts_v(model):
+            raise ConfigError(f"{parsed.source}: model.is_v_pred is true but the MODEL predicts noise (eps): put "
+                              f"ComfyUI's ModelSamplingDiscrete node (sampling v_prediction) after the model loader "
+                              f"and train that MODEL, or remove is_v_pred")
         dataset = build_dataset(parsed, input_folder_root)
         sampling = None
         if clip is not None and vae is not None:

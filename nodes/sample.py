@@ -1,6 +1,7 @@
 """Sampling settings for Train steps, and how its samples are saved under ComfyUI's output folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,7 +14,8 @@ from comfy_api.latest import io
 import comfy.samplers
 import folder_paths
 
-from ..trainers.config import help_of
+from ..trainers.config import ConfigError, help_of
+from ..trainers.prompts import PromptOptions, parse_prompt
 from ..trainers.sampling import SEED_MODES, Sample, SamplingSettings
 from . import checks, paths
 from .types import CATEGORY, Sampling
@@ -47,7 +49,10 @@ class EriSamplingSettings(io.ComfyNode):
                 io.Vae.Input("vae", tooltip=_tip("vae")),
                 io.String.Input("prompts", multiline=True, default="a photo of ohwx",
                                 tooltip="One prompt per line, encoded with the CLIP (used only when a CLIP is "
-                                        "connected)."),
+                                        "connected). A line may end with its own settings, as sd-scripts and "
+                                        "ai-toolkit write them: --w 768 --h 1024 (size), --d 7 (seed), --s 30 "
+                                        "(steps), --l 4.5 (CFG), --g 3.5 (Flux guidance), --n blurry (negative "
+                                        "prompt); the others apply where a line sets none."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt for every image, encoded with the CLIP (when no negative "
                                         "CONDITIONING is connected)."),
@@ -85,22 +90,44 @@ class EriSamplingSettings(io.ComfyNode):
     def execute(cls, vae, prompts, negative_prompt, every_n_steps, seed, seed_mode, width, height, sampler_name,
                 scheduler, steps, cfg, guidance, filename_prefix, clip=None, positive=None,
                 negative=None) -> io.NodeOutput:
-        paths.output_prefix(filename_prefix)     # a linked prefix was not known at Queue
-        positives = [("conditioning", _plain(positive))] if positive is not None else []
+        entries = []
         if clip is not None:
-            positives += [(line.strip(), _plain(_encode(clip, line.strip())))
-                          for line in prompts.splitlines() if line.strip()]
-        if negative is not None:
-            negative = _plain(negative)
-        elif clip is not None:
-            negative = _plain(_encode(clip, negative_prompt))
-        elif positives:     # no text encoder: the zeroed prompt, as ConditioningZeroOut makes it
-            negative = [[torch.zeros_like(c), {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
-                                               for k, v in extra.items()}] for c, extra in positives[0][1]]
-        return io.NodeOutput(SamplingSettings(
-            vae=vae, positives=tuple(positives), negative=negative, every_n_steps=every_n_steps, seed=seed,
+            for number, line in enumerate(prompts.splitlines(), 1):
+                if line.strip():
+                    try:
+                        text, options, _ = parse_prompt(line.strip())
+                    except ConfigError as e:
+                        raise ConfigError(f"prompts, line {number}: {e}") from None
+                    entries.append((text, options))
+        return io.NodeOutput(make_sampling(
+            vae, clip, entries, negative_prompt, positive, negative, every_n_steps=every_n_steps, seed=seed,
             seed_mode=seed_mode, width=width, height=height, sampler_name=sampler_name, scheduler=scheduler,
             steps=steps, cfg=cfg, guidance=guidance, filename_prefix=filename_prefix))
+
+
+def make_sampling(vae, clip, entries: list[tuple[str, PromptOptions]], negative_prompt: str, positive=None,
+                  negative=None, **settings) -> SamplingSettings:
+    """SamplingSettings of (prompt, options) entries encoded with `clip` (after a `positive` CONDITIONING, if
+    any); a prompt's own negative text is encoded too."""
+    paths.output_prefix(settings["filename_prefix"])     # a linked prefix was not known at Queue
+    positives = [("conditioning", _plain(positive))] if positive is not None else []
+    options = [PromptOptions()] if positive is not None else []
+    for text, option in entries:
+        positives.append((text, _plain(_encode(clip, text))))
+        if isinstance(option.negative, str):
+            option = dataclasses.replace(option, negative=_plain(_encode(clip, option.negative)))
+        options.append(option)
+    if negative is not None:
+        negative = _plain(negative)
+    elif clip is not None:
+        negative = _plain(_encode(clip, negative_prompt))
+    elif positives:     # no text encoder: the zeroed prompt, as ConditioningZeroOut makes it
+        negative = [[torch.zeros_like(c), {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                                           for k, v in extra.items()}] for c, extra in positives[0][1]]
+    if all(o == PromptOptions() for o in options):
+        options = []
+    return SamplingSettings(vae=vae, positives=tuple(positives), negative=negative, options=tuple(options),
+                            **settings)
 
 
 def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict]:
@@ -110,6 +137,7 @@ def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict
     paths.output_prefix(settings.filename_prefix)    # again at write time: a link may have appeared since Queue
     results = []
     for s in samples:
+        used = settings.resolved(s.index, s.step)
         prefix = f"{settings.filename_prefix}_step{s.step:06d}_seed{s.seed}_p{s.index}"
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             prefix, output_dir, s.image.shape[1], s.image.shape[0])
@@ -117,8 +145,8 @@ def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict
         meta = PngInfo()
         meta.add_text("eridiffusion", json.dumps({
             "step": s.step, "seed": s.seed, "prompt": s.label, "sampler": settings.sampler_name,
-            "scheduler": settings.scheduler, "steps": settings.steps, "cfg": settings.cfg,
-            "guidance": settings.guidance}))
+            "scheduler": settings.scheduler, "steps": used["steps"], "cfg": used["cfg"],
+            "guidance": used["guidance"]}))
         file = f"{filename}_{counter:05}_.png"
         pixels = np.clip(s.image.numpy() * 255.0, 0, 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, file), pnginfo=meta, compress_level=4)

@@ -5,6 +5,7 @@ import logging
 import os
 
 import comfy.model_management
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
@@ -90,6 +91,12 @@ class EriTrainingSettings(io.ComfyNode):
                                optional=True),
                 io.Float.Input("huber_scale", default=1.0, min=0.001, max=100.0, step=0.1,
                                tooltip=_tip("huber_scale"), optional=True),
+                # EMA of the adapter's weights
+                io.Boolean.Input("ema", default=False, tooltip=_tip("ema"), optional=True),
+                io.Float.Input("ema_decay", default=0.999, min=0.5, max=0.99999, step=0.0001, round=False,
+                               tooltip=_tip("ema_decay"), optional=True),
+                io.Int.Input("ema_every", default=1, min=1, max=1000000, tooltip=_tip("ema_every"), optional=True),
+                io.Boolean.Input("ema_on_cpu", default=False, tooltip=_tip("ema_on_cpu"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -98,13 +105,13 @@ class EriTrainingSettings(io.ComfyNode):
     def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
-                        schedule_gamma=None, huber_c=None, huber_scale=None):
+                        schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
-            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale))
+            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:
@@ -143,7 +150,8 @@ class EriTrainSteps(io.ComfyNode):
                 Loss.Output(display_name="loss", tooltip="Loss history since the adapter was created."),
                 io.Image.Output(display_name="samples",
                                 tooltip="The images sampled during these steps, in order (an empty batch without "
-                                        "sampling settings)."),
+                                        "sampling settings); a prompt with its own size is resized to the first "
+                                        "prompt's here (its saved file keeps its size)."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
@@ -208,10 +216,21 @@ class EriTrainSteps(io.ComfyNode):
                         None if cancelled else live_view.first_line(stop))
             raise
         live.finish(live_view.FINISHED, saved[-1] if saved else None)
-        batch = torch.stack(images) if images else torch.zeros((0, 64, 64, 3))
+        batch = _one_batch(images)
         # the node shows the captioned previews; the files under output/ are listed for scripts (queue_workflow)
         shown = {"images": live.images, "eri_samples": sample_files} if live.images else None
         return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
+
+
+def _one_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """The samples as one IMAGE batch: an image of another size than the first (a prompt's own --w / --h) is
+    resized to the first's (its saved file keeps its size)."""
+    if not images:
+        return torch.zeros((0, 64, 64, 3))
+    height, width = images[0].shape[:2]
+    return torch.stack([image if image.shape[:2] == (height, width) else
+                        comfy.utils.common_upscale(image.movedim(-1, 0)[None], width, height, "bilinear",
+                                                   "disabled")[0].movedim(0, -1) for image in images])
 
 
 class EriLossGraph(io.ComfyNode):

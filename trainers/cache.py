@@ -1,6 +1,7 @@
 """On-disk caches of VAE latents and text-encoder outputs, keyed by content hashes and safe to delete."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -119,10 +120,14 @@ class TextSet:
     def __repr__(self):
         return f"TextSet({len(self.embeddings)} captions, {self.encoded} encoded, clip {self.clip_id})"
 
+    @functools.cached_property
+    def _by_caption(self) -> dict[str, TextEmbedding]:
+        return dict(self.embeddings)
+
     def get(self, caption: str) -> TextEmbedding:
-        for text, embedding in self.embeddings:
-            if text == caption:
-                return embedding
+        # a lookup per image and step among up to MAX_CAPTION_VARIANTS captions per image
+        if caption in self._by_caption:
+            return self._by_caption[caption]
         raise KeyError(f"caption {quoted(caption)} was not cached: connect the same dataset to Cache captions")
 
 

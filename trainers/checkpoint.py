@@ -87,7 +87,7 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
         "eri.spec": spec_to_json(spec),
         **({"eri.run_id": state.run_id} if state.run_id else {}),
         # kohya / ai-toolkit readers look for these
-        "eri.dora": spec.dora,
+        "eri.dora": spec.dora, "eri.ema": state.ema is not None,
         "ss_network_module": "networks.lora" if spec.kind == "lora" and not spec.dora else "lycoris.kohya",
         "ss_network_args": {"algo": spec.kind, "dora_wd": spec.dora, "factor": spec.lokr_factor,
                             "full_matrix": spec.lokr_full_w2,
@@ -105,15 +105,17 @@ def save_adapter(state: AdapterState, path: str, save_dtype: str = "fp16") -> st
     the state is renamed into place and then the adapter. A process killed between the renames leaves a new
     step's state without its adapter (the save is simply missing) or, re-saving a step, the new state beside
     the old adapter, which load_adapter recognises by the adapter hash the state records."""
-    bad = [k for k, v in state.weights.items() if not torch.isfinite(v).all()]
+    bad = [k for weights in (state.weights, state.ema or {}) for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"the adapter has NaN/inf weights at step {state.step} ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                          f"not saved, so {os.path.basename(path)!r} is not overwritten. Train again from the last "
                          f"good save with a lower learning rate")
     method = adapters.method(state.spec.kind)
-    adapter_data = tensor_bytes(method.to_file_tensors(state.spec, state.weights, DTYPES[save_dtype]),
+    # With EMA the file is the EMA (what users load); the state keeps the raw weights to train on from.
+    adapter_data = tensor_bytes(method.to_file_tensors(state.spec, state.applied_weights, DTYPES[save_dtype]),
                                 adapter_metadata(state))
     tensors = {f"weight.{k}": v for k, v in state.weights.items()}
+    tensors.update({f"ema.{k}": v for k, v in (state.ema or {}).items()})
     history = state.history.thinned(MAX_SAVED_HISTORY)
     meta = {"format": STATE_FORMAT, "spec": spec_to_json(state.spec), "step": state.step,
             "cursor": state.cursor, "optimizer_name": state.optimizer_name or "",
@@ -250,12 +252,16 @@ def _load_state(state_path: str) -> tuple[AdapterState, str | None]:
         method.build_layers(spec, weights, DTYPES[spec.dtype])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise _Damaged(f"its weights do not fit its adapter: {quoted(str(e), 120)}") from None
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    if ema is not None and ({k: v.shape for k, v in ema.items()} != {k: v.shape for k, v in weights.items()}
+                            or not all(v.is_floating_point() for v in ema.values())):
+        raise _Damaged("its EMA weights do not fit its adapter")
     optimizer = _optimizer(meta, tensors, len(weights))
     rng = tensors.get("rng")
     if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.Generator().get_state().shape):
         raise _Damaged("its random generator state is malformed")
     state = AdapterState(spec, weights, step=step, cursor=cursor, optimizer=optimizer, optimizer_name=optimizer_name,
-                         rng=rng, history=history, settings=settings, run_id=run_id)
+                         rng=rng, history=history, settings=settings, run_id=run_id, ema=ema)
     return state, adapter_hash
 
 
@@ -281,6 +287,7 @@ def load_adapter(path: str, patcher=None) -> AdapterState:
                 f"is complete")
         _check_arch(name, state.spec, patcher)
         _check_finite(state_name, state.weights)
+        _check_finite(state_name, state.ema or {})
         return state
     try:
         tensors, meta = load_tensors(path)

@@ -108,10 +108,25 @@ class DatasetConfig:
     trigger_word: str = _help("Put in front of every caption, or where a caption says [trigger].", default="")
     flip: bool = _help("Also train on every image mirrored left-right (doubles the dataset).", default=False)
     caption_ext: str = _help("Extension of caption files.", default=".txt")
+    # Caption variety (kohya's shuffle_caption / keep_tokens / caption_dropout_rate, ai-toolkit's shuffle_tokens)
+    shuffle_captions: bool = _help("Train each image on its caption's comma-separated tags in a shuffled order "
+                                   "(kohya shuffle_caption). Captions are cached as text embeddings, so "
+                                   "caption_variants orders per caption are encoded once and each step draws one.",
+                                   default=False)
+    keep_tokens: int = _help("With shuffle_captions, the first N tags stay in place (1 keeps the trigger word "
+                             "first).", default=0)
+    caption_variants: int = _help("With shuffle_captions, how many orders of each caption are cached and drawn "
+                                  "from (the caption's own order and N-1 shuffles; at most 8, fewer when the "
+                                  "caption has fewer orders). Each is one more text embedding to encode and keep "
+                                  "in memory.", default=4)
+    caption_dropout: float = _help("Probability of training an image of this folder on the empty caption (the "
+                                   "larger of this and Training settings' caption_dropout applies).", default=0.0)
 
     # Not a field. Text encoders read 77 (CLIP) to 512 (T5) tokens, so longer text only costs encoding time
     # (a 10 MB caption kept Cache captions busy for 14 minutes); real captions stay far below this.
     MAX_CAPTION_CHARS = 8192
+    # Not a field: each variant is a cached text embedding (Flux's T5 output alone is ~8 MB in fp32).
+    MAX_CAPTION_VARIANTS = 8
 
     def __post_init__(self):
         check_finite("dataset", max_upscale=self.max_upscale)
@@ -132,6 +147,14 @@ class DatasetConfig:
                 and all(c.isalnum() or c in "_-" for c in ext[1:])):
             raise ConfigError(f"caption_ext must be a dot and 1 to 16 letters, digits, _ or - (like .txt or "
                               f".caption), got {quoted(ext)}")
+        check_finite("dataset", caption_dropout=self.caption_dropout)
+        if not 1 <= self.caption_variants <= self.MAX_CAPTION_VARIANTS:
+            raise ConfigError(f"caption_variants must be between 1 and {self.MAX_CAPTION_VARIANTS}, got "
+                              f"{self.caption_variants}")
+        if not 0 <= self.keep_tokens <= 1000:
+            raise ConfigError(f"keep_tokens must be between 0 and 1000, got {self.keep_tokens}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
         for name in ("default_caption", "trigger_word"):
             if len(getattr(self, name)) > self.MAX_CAPTION_CHARS:
                 raise ConfigError(f"{name} is {len(getattr(self, name)):,} characters, more than the "
@@ -226,7 +249,8 @@ class TrainingSettings:
     recompute_attention: bool = _help("With gradient checkpointing, recompute attention too. Off keeps each "
                                       "block's attention output from the forward pass (Flux ~1.6 GiB, SDXL ~0.3 GiB "
                                       "at 1024²) and saves its recomputation (~5% faster).", default=False)
-    seed: int = _help("Seed for batch order, noise, timesteps and caption dropout.", default=0)
+    seed: int = _help("Seed for batch order, noise, timesteps, caption dropout and the caption variant each step "
+                      "draws.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
                                 default=0.0)
     min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off).", default=0.0)
@@ -282,6 +306,18 @@ class TrainingSettings:
     huber_c: float = _help("huber / smooth_l1: the threshold parameter (kohya's default 0.1; between 0 and 1).",
                            default=0.1)
     huber_scale: float = _help("huber / smooth_l1: scales the exponential and constant thresholds.", default=1.0)
+    # EMA of the adapter's weights (ai-toolkit's ema_config, SimpleTuner's and OneTrainer's EMA)
+    ema: bool = _help("Keep an exponential moving average (EMA) of the adapter's weights: a smoother adapter that "
+                      "often samples better late in training. With it on, Save adapter writes the EMA weights, and "
+                      "sampling and Train steps' MODEL use them; the raw weights train on and are kept in the "
+                      ".eri-state, so a resume continues exactly. A Train steps with ema off drops the EMA.",
+                      default=False)
+    ema_decay: float = _help("Share of the EMA kept at each update: ema = decay·ema + (1-decay)·weights. 0.99 "
+                             "follows the last ~100 updates, 0.999 the last ~1000.", default=0.999)
+    ema_every: int = _help("Update the EMA after every N optimizer steps (counted from the adapter's creation).",
+                           default=1)
+    ema_on_cpu: bool = _help("Keep the EMA in CPU memory (saves GPU memory, costs a copy of the adapter per "
+                             "update).", default=False)
 
     def __post_init__(self):
         check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -330,6 +366,10 @@ class TrainingSettings:
         if not self.schedule_power > 0 or not 0.0 < self.schedule_gamma <= 1.0:
             raise ConfigError(f"schedule_power must be positive and schedule_gamma above 0 and at most 1, got "
                               f"{self.schedule_power} and {self.schedule_gamma}")
+        if self.ema and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (0.999 is common), got {self.ema_decay}")
+        if not 1 <= self.ema_every <= 1_000_000:
+            raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

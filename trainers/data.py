@@ -5,6 +5,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import re
 import stat
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class DatasetItem:
     bucket: Bucket
     crop: tuple[int, int]            # (left, top) offset of the crop in the resized image
     content_hash: str                # sha256 of the file's bytes
+    # With shuffle_captions: the orders of the caption's tags that are cached, one drawn per step (else empty)
+    caption_variants: tuple[str, ...] = ()
+    caption_dropout: float = 0.0     # its folder's probability of the empty caption
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,36 @@ class Dataset:
 
     @property
     def captions(self) -> tuple[str, ...]:
-        return tuple(sorted({i.caption for i in self.items}))
+        """Every caption training may draw (the shuffled variants where there are some)."""
+        return tuple(sorted({c for i in self.items for c in (i.caption_variants or (i.caption,))}))
+
+
+def caption_variants(caption: str, keep_tokens: int, count: int) -> tuple[str, ...]:
+    """Up to `count` distinct orders of the caption's comma-separated tags with the first `keep_tokens` in
+    place: its own order first, then shuffles. They depend only on the caption (a seed from its hash), so the
+    same caption gives the same variants and their cached embeddings are found again."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    orders = math.factorial(len(rest))           # distinct orders: tags may repeat
+    for repeated in _counts(rest):
+        orders //= math.factorial(repeated)
+    count = min(count, orders)
+    rng = random.Random(hashlib.sha256(caption.encode()).digest())
+    seen, variants = {tuple(rest)}, [", ".join(tags)]
+    while len(variants) < count:
+        shuffled = rest[:]
+        rng.shuffle(shuffled)
+        if tuple(shuffled) not in seen:
+            seen.add(tuple(shuffled))
+            variants.append(", ".join(fixed + shuffled))
+    return tuple(variants)
+
+
+def _counts(values: list[str]) -> list[int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return list(counts.values())
 
 
 def make_buckets(resolution: int, min_side: int, max_side: int, step: int = 64) -> tuple[Bucket, ...]:
@@ -259,6 +292,8 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
                               f"{len(caption):,} characters with the trigger word, more than the "
                               f"{2 * MAX_CAPTION_CHARS:,} a caption with its trigger word may have: shorten the "
                               f"caption or trigger_word")
+        variants = caption_variants(caption, config.keep_tokens, config.caption_variants) \
+            if config.shuffle_captions else ()
         bucket = assign_bucket(size, config, buckets)
         _, crop = crop_for(size, bucket)
         if content_hash in seen:   # the same bytes twice would silently double their weight; repeats do that
@@ -266,7 +301,8 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
             continue
         seen[content_hash] = path
         for flip in ((False, True) if config.flip else (False,)):
-            items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash))
+            items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash, variants,
+                                     config.caption_dropout))
     if not items:
         raise ConfigError(f"folder {quoted(config.folder)} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           f"{len(skipped)} other files were skipped. Put training images in {root}")

@@ -16,7 +16,7 @@
     meta: {name: "[name]"}
 
 A file written for ai-toolkit loads as it is. Its keys that EriDiffusion does not implement (hub upload,
-loggers, EMA, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
+loggers, token dropout, ...) are collected into ONE warning (`Job.ignored`) when they are set to anything but "off";
 a key neither knows is a ConfigError naming its path and the closest known key. Defaults of ai-toolkit's
 keys are ai-toolkit's (lr 1e-6, linear_alpha 1.0, dtype fp32, ...), so a job trains what it says there.
 Nothing here imports ComfyUI.
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from . import prompts as prompts_module
 from .config import HUBER_SCHEDULES, ConfigError, DatasetConfig, TrainingSettings, quoted
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux"}
@@ -126,7 +127,7 @@ AITK_IGNORED = {
     "network": {"dropout": _OFF, "network_kwargs": _OFF, "normalize": _OFF, "lorm": _OFF,
                 "transformer_only": _neutral(True), "split_multistage_loras": _neutral(True)},
     "model": {**{k: _OFF for k in (
-        "is_v_pred", "low_vram", "vae_device", "te_device", "quantize_te", "text_encoder_bits", "te_name_or_path",
+        "low_vram", "vae_device", "te_device", "quantize_te", "text_encoder_bits", "te_name_or_path",
         "lora_path", "assistant_lora_path", "inference_lora_path", "attn_masking", "split_model_over_gpus",
         "compile", "model_kwargs", "quantize_kwargs", "ignore_if_contains", "only_if_contains", "use_flux_cfg",
         "experimental_xl", "latent_space_version", "refiner_name_or_path", "unet_path", "extras_name_or_path",
@@ -139,7 +140,7 @@ AITK_IGNORED = {
         "qtype": _neutral("qfloat8"), "qtype_te": _neutral("qfloat8"),
         "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
     "train": {**{k: _OFF for k in (
-        "train_text_encoder", "ema_config", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
+        "train_text_encoder", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
         "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
@@ -166,7 +167,7 @@ AITK_IGNORED = {
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
         "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
-        "shuffle_tokens", "keep_tokens", "extra_values", "debug", "do_audio", "audio_normalize",
+        "extra_values", "debug", "do_audio", "audio_normalize",
         "audio_preserve_pitch", "auto_frame_count", "control_path_1", "control_path_2", "control_path_3")},
         "type": _neutral("image"), "buckets": _neutral(True), "bucket_tolerance": _neutral(64),
         "scale": _neutral(1, 1.0), "network_weight": _neutral(1, 1.0), "loss_multiplier": _neutral(1, 1.0),
@@ -177,6 +178,9 @@ AITK_IGNORED = {
     # save_format diffusers applies to full models only (BaseSDTrainProcess.save): an adapter is one file either way
     "save": {"save_format": _neutral("safetensors", "diffusers"), "push_to_hub": _OFF, "hf_repo_id": _OFF,
              "hf_private": _OFF},
+    "ema_config": {"use_feedback": _OFF, "param_multiplier": _neutral(1, 1.0)},
+    "sample_item": {"network_multiplier": _neutral(1, 1.0), "ctrl_img": _OFF, "ctrl_idx": _OFF,
+                    "num_frames": _neutral(1), "fps": _ANY},
     "sample": {"network_multiplier": _neutral(1, 1.0), "guidance_rescale": _OFF, "format": _OFF + ("jpg", "png"),
                "adapter_conditioning_scale": _neutral(1, 1.0), "refiner_start_at": _OFF + (0.5,),
                "extra_values": _OFF, "num_frames": _neutral(1), "fps": _ANY},
@@ -206,6 +210,7 @@ class ModelJob:
     vae_path: str = ""
     text_encoder_paths: tuple[str, ...] = ()
     quantize: bool = False                  # fp8 (e4m3fn) weights for the diffusion model, bf16 compute
+    v_pred: bool = False                    # is_v_pred: an SDXL v-prediction model (ModelSamplingDiscrete v_prediction)
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ class SampleJob:
     height: int = 512
     sampler_name: str = "euler"
     scheduler: str = "normal"
+    options: tuple = ()                     # trainers.prompts.PromptOptions of each prompt (negative as text)
 
 
 @dataclass(frozen=True)
@@ -662,17 +668,10 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     if not isinstance(datasets_raw, list):
         raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got "
                       f"{quoted(datasets_raw)}")
-    datasets, dropouts = [], [0.0]
-    for i, d in enumerate(datasets_raw):
-        dataset, dropout = _parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source),
-                                          trigger)
-        datasets.append(dataset)
-        dropouts.append(dropout)
-    if len(set(dropouts[1:])) > 1:
-        ignored.append(f"{p.key('datasets')}[*].caption_dropout_rate: one rate applies to all datasets here "
-                       f"(the largest, {max(dropouts)})")
-    settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, max(dropouts),
-                                                                         cpu_offload)
+    datasets = [_parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source), trigger)
+                for i, d in enumerate(datasets_raw)]
+    # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
+    settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, 0.0, cpu_offload)
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
@@ -702,8 +701,13 @@ def _parse_model(m: _Section) -> ModelJob:
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
                       f"({', '.join(filter(None, [arch, *flags]))}); keep one")
     arch = arch or (flags[0] if flags else "")
+    v_pred = m.bool("is_v_pred", False)
+    if v_pred and arch in ("sd3", "flux"):
+        raise m.error(f"{m.key('is_v_pred')}: {arch} is a flow-matching model (no v-prediction); is_v_pred applies "
+                      f"to SDXL: remove it")
     model = ModelJob(name_or_path=m.str("name_or_path", ""), arch=arch, vae_path=m.str("vae_path", ""),
-                     text_encoder_paths=m.str_list("text_encoder_paths"), quantize=m.bool("quantize", False))
+                     text_encoder_paths=m.str_list("text_encoder_paths"), quantize=m.bool("quantize", False),
+                     v_pred=v_pred)
     m.done()
     return model
 
@@ -730,7 +734,7 @@ def _parse_network(n: _Section) -> NetworkJob:
     return spec
 
 
-def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
+def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     folder = d.str("folder_path", "")
     if not folder.strip():
         raise d.error(f"{d.key('folder_path')} is required: the folder of training images with their captions")
@@ -749,6 +753,9 @@ def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
     common = dict(folder=folder, default_caption=d.str("default_caption", ""),
                   trigger_word=d.str("trigger_word", trigger, max_length=MAX_TRIGGER_LENGTH),
                   flip=d.bool("flip_x", False), caption_ext=ext)
+    common.update(shuffle_captions=d.bool("shuffle_tokens", False), keep_tokens=d.int("keep_tokens", 0, lo=0, hi=1000),
+                  caption_variants=d.int("caption_variants", 4, lo=1, hi=DatasetConfig.MAX_CAPTION_VARIANTS),
+                  caption_dropout=dropout)
     repeats = d.int("num_repeats", 1, lo=1, hi=10000)
     d.done()
     try:
@@ -757,7 +764,7 @@ def _parse_dataset(d: _Section, trigger: str) -> tuple[DatasetJob, float]:
     except ConfigError as e:    # DatasetConfig checks its own fields (caption_ext): report the job's key
         field_name = re.search(r"\b(caption_ext|default_caption|trigger_word|resolution)\b", str(e))
         raise d.error(f"{d.key(field_name[1])}: {e}" if field_name else f"{d.path}: {e}") from None
-    return DatasetJob(folder, configs, repeats), dropout
+    return DatasetJob(folder, configs, repeats)
 
 
 def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):
@@ -820,6 +827,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         recompute_attention=t.bool("recompute_attention", False),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
+    settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
+                                           t.source)))
     first_sample = not t.bool("skip_first_sample", False)
     sampling_on = not t.bool("disable_sampling", False)
     timesteps = {"timestep_type": timestep_type, "explicit_shift": t.has("timestep_shift"),
@@ -872,6 +881,16 @@ def _parse_schedule_params(t: _Section) -> dict:
     return values
 
 
+def _parse_ema(e: _Section) -> dict:
+    """ai-toolkit's train.ema_config (use_ema, ema_decay; ema_every and ema_on_cpu are ours) as settings."""
+    values = dict(ema=e.bool("use_ema", False), ema_decay=e.float("ema_decay", 0.999, lo=0.0, hi=1.0),
+                  ema_every=e.int("ema_every", 1, lo=1, hi=1_000_000), ema_on_cpu=e.bool("ema_on_cpu", False))
+    if values["ema"] and not 0.0 < values["ema_decay"] < 1.0:
+        raise e.error(f"{e.key('ema_decay')} must be between 0 and 1 (0.999 is common), got {values['ema_decay']}")
+    e.done()
+    return values
+
+
 def _parse_save(s: _Section) -> SaveJob:
     save = SaveJob(dtype=s.choice("dtype", "float16", DTYPES), save_every=s.int("save_every", 1000, lo=1, hi=STEPS_MAX),
                    max_step_saves_to_keep=s.int("max_step_saves_to_keep", 5, lo=1, hi=100_000))
@@ -880,44 +899,99 @@ def _parse_save(s: _Section) -> SaveJob:
 
 
 def _parse_sample(s: _Section, trigger: str, first_sample: bool, arch: str) -> SampleJob | None:
-    prompts = list(s.str_list("prompts"))
+    entries = [(prompt, {}) for prompt in s.str_list("prompts")]
     samples = s.raw("samples", [])
     if not isinstance(samples, list):
         raise s.error(f"{s.key('samples')} must be a list of {{prompt: ...}}, got {quoted(samples)}")
     for i, item in enumerate(samples):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise s.error(f"{s.key('samples')}[{i}] must be a mapping with a prompt, got {quoted(item)}")
-        prompts.append(item["prompt"])
-    if len(prompts) > MAX_PROMPTS:
-        raise s.error(f"{s.key('prompts')}: {len(prompts):,} prompts (with samples); at most {MAX_PROMPTS:,} are "
+        entries.append((item["prompt"], item))
+    if len(entries) > MAX_PROMPTS:
+        raise s.error(f"{s.key('prompts')}: {len(entries):,} prompts (with samples); at most {MAX_PROMPTS:,} are "
                       f"sampled")
-    for i, prompt in enumerate(prompts):    # measured before [trigger] is replaced: the replacing multiplies
+    for i, (prompt, _) in enumerate(entries):    # measured before [trigger] is replaced: the replacing multiplies
         length = len(prompt) + prompt.count("[trigger]") * (len(trigger) - len("[trigger]"))
         if length > MAX_PROMPT_LENGTH:
             raise s.error(f"{s.key('prompts')}: prompt {i} is {length:,} characters long (with the trigger word); "
                           f"a prompt may be at most {MAX_PROMPT_LENGTH:,}, got {quoted(prompt)}")
-    prompts = [_inject_trigger(" ".join(p.split()), trigger) for p in prompts]
     neg = s.raw("neg", "")
-    if isinstance(neg, str) and len(neg) > MAX_PROMPT_LENGTH:
+    if neg is False:            # ai-toolkit's default
+        neg = ""
+    if not isinstance(neg, str):
+        raise s.error(f"{s.key('neg')} must be text (the negative prompt), got {quoted(neg)}")
+    if len(neg) > MAX_PROMPT_LENGTH:
         raise s.error(f"{s.key('neg')} is {len(neg):,} characters long; it may be at most {MAX_PROMPT_LENGTH:,}")
+    seed, walk_seed = s.int("seed", 0, lo=0, hi=SEED_MAX), s.bool("walk_seed", False)
+    prompts, options = [], []
+    for i, (prompt, item) in enumerate(entries):
+        key = f"{s.key('samples')}[{i - (len(entries) - len(samples))}]" if item else f"{s.key('prompts')}[{i}]"
+        text, option = _prompt_options(s, key, prompt, item, arch)
+        if walk_seed and option.seed is None:   # ai-toolkit: prompt i samples with seed + i, every round
+            option = dataclasses.replace(option, seed=(seed + i) % (SEED_MAX + 1))
+        prompts.append(_inject_trigger(" ".join(text.split()), trigger))
+        options.append(option)
     sampler = s.str("sampler", "flowmatch" if arch in ("sd3", "flux") else "ddpm").strip()
     sampler_name, scheduler = SAMPLERS.get(sampler.lower(), (sampler, "normal"))
     scheduler = s.str("scheduler", scheduler)
     _check_comfy_names(s, sampler_name, scheduler)
     job = SampleJob(
         prompts=tuple(prompts),
-        negative=neg if isinstance(neg, str) else "",
+        negative=neg,
         sample_every=s.int("sample_every", 100, lo=1, hi=STEPS_MAX),
         sample_start_step=s.int("sample_start_step", 0, lo=0, hi=STEPS_MAX),
-        first_sample=first_sample, seed=s.int("seed", 0, lo=0, hi=SEED_MAX),
-        walk_seed=s.bool("walk_seed", False), guidance_scale=s.float("guidance_scale", 7.0, lo=0.0),
-        sample_steps=s.int("sample_steps", 20, lo=1, hi=1000), width=_size(s, "width"), height=_size(s, "height"),
-        sampler_name=sampler_name, scheduler=scheduler)
-    if job.walk_seed:
-        s.ignored.append(f"{s.key('walk_seed')}: true (ai-toolkit gives prompt i the seed + i; here every prompt "
-                         f"of a round uses sample.seed)")
+        first_sample=first_sample, seed=seed, walk_seed=walk_seed,
+        guidance_scale=s.float("guidance_scale", 7.0, lo=0.0, hi=prompts_module.SCALE_MAX),
+        sample_steps=s.int("sample_steps", 20, lo=1, hi=prompts_module.STEPS_MAX), width=_size(s, "width"),
+        height=_size(s, "height"), sampler_name=sampler_name, scheduler=scheduler, options=tuple(options))
     s.done()
     return job if job.prompts else None
+
+
+# sample.samples[] item keys -> (PromptOptions field, kind); guidance_scale is the CFG scale, Flux's guidance
+SAMPLE_ITEM_KEYS = {"width": ("width", int), "height": ("height", int), "seed": ("seed", int),
+                    "neg": ("negative", str), "guidance_scale": ("cfg", float), "sample_steps": ("steps", int),
+                    "steps": ("steps", int)}
+
+
+def _prompt_options(s: _Section, key: str, prompt: str, item: dict, arch: str):
+    """A prompt's text and PromptOptions from its flags (--w 768 ...) and its samples[] item's keys; the flags
+    and item keys of ai-toolkit that have no effect here go to the ignored-keys warning."""
+    try:
+        text, option, skipped = prompts_module.parse_prompt(prompt, prompts_module.AITK_UNSUPPORTED_FLAGS)
+    except ConfigError as e:
+        raise s.error(f"{key}: {e}") from None
+    s.ignored.extend(f"{key}: {flag}" for flag in skipped)
+    item_section = _Section({k: v for k, v in item.items() if k != "prompt"}, key, "sample_item", s.ignored,
+                            s.source)
+    values = {}
+    for name, (field_name, kind) in SAMPLE_ITEM_KEYS.items():
+        if not item_section.has(name):
+            continue
+        if kind is int:
+            values[field_name] = item_section.int(name, 0, lo=0)
+        elif kind is float:
+            values[field_name] = item_section.float(name, 0.0, lo=0.0)
+        else:
+            values[field_name] = item_section.str(name, "", max_length=MAX_PROMPT_LENGTH)
+    item_section.done()
+    if "steps" in item and "sample_steps" in item and item["steps"] != item["sample_steps"]:
+        raise s.error(f"{key}: steps and sample_steps are the same setting; keep one")
+    for name in ("width", "height"):
+        if name in values:
+            values[name] = prompts_module.rounded_size(values[name])
+    if arch == "flux":      # a Flux job's guidance_scale (and --l) is the embedded guidance, sampled at CFG 1
+        scale = values.pop("cfg", option.cfg)
+        values["cfg"] = None
+        if scale is not None and option.guidance is None:
+            values["guidance"] = scale
+    if isinstance(values.get("negative"), str):
+        values["negative"] = " ".join(values["negative"].split())
+    try:
+        option = dataclasses.replace(option, **values)
+    except ConfigError as e:
+        raise s.error(f"{key}: {e}") from None
+    return text, option
 
 
 def _size(s: _Section, name: str) -> int:

@@ -175,6 +175,7 @@ class TrainingRun:
         for param in self.params:
             param.grad = torch.zeros_like(param)
         self.gradients = [param.grad for param in self.params]
+        self.ema_names, self.ema_params, self.ema = self._start_ema(state, settings)
         # Autocast only to compute in another dtype than the model's: for a bf16 model trained in bf16 it would
         # only add casts (and run norms in fp32, unlike ComfyUI's inference). Adapter layers cast their own
         # weights to the activations' dtype.
@@ -191,6 +192,28 @@ class TrainingRun:
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
 
+    def _start_ema(self, state: AdapterState, settings: TrainingSettings):
+        """(names, parameters, fp32 EMA tensors) with EMA on, from the state's EMA or (first run with it) from
+        the weights as they are; ([], [], None) with it off."""
+        if not settings.ema:
+            return [], [], None
+        pairs = [(f"{path}.{suffix}", param) for path, layer in self.layers.items()
+                 for suffix, param in layer.tensors().items()]
+        device = torch.device("cpu") if settings.ema_on_cpu else self.device
+        start = state.ema or {}
+        ema = [(start[name] if name in start else param.detach()).to(device, torch.float32, copy=True)
+               for name, param in pairs]
+        return [n for n, _ in pairs], [p for _, p in pairs], ema
+
+    def _update_ema(self) -> None:
+        """ema = decay·ema + (1-decay)·weights, after every ema_every-th optimizer step (a skipped step is none)."""
+        if self.ema is None or self.step_count % self.settings.ema_every:
+            return
+        device = self.ema[0].device
+        with torch.no_grad():
+            current = [p.detach().to(device, torch.float32) for p in self.ema_params]
+            torch._foreach_lerp_(self.ema, current, 1.0 - self.settings.ema_decay)
+
     # ---------------------------------------------------------------------------------------- one step
     def _micro_batch(self) -> dict[str, torch.Tensor] | None:
         """The next micro-batch's tensors on the device (host work and the run's randomness happen here), or
@@ -202,8 +225,12 @@ class TrainingRun:
         gen, s = self.generator, self.settings
         contexts = []
         for item in items:
-            dropped = s.caption_dropout > 0 and torch.rand((), generator=gen).item() < s.caption_dropout
-            contexts.append(self.text.get("" if dropped else item.caption))
+            rate = max(s.caption_dropout, item.caption_dropout)
+            dropped = rate > 0 and torch.rand((), generator=gen).item() < rate
+            caption, variants = item.caption, item.caption_variants
+            if variants:    # shuffle_captions: one of the cached orders
+                caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
+            contexts.append(self.text.get("" if dropped else caption))
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
@@ -316,6 +343,8 @@ class TrainingRun:
             if not self.skips_on_device:    # (else it stepped above)
                 self._optimizer_step()
         self.step_count += 1
+        if problem is None:
+            self._update_ema()
         self.steps.append(self.step_count)
         self.losses.append(total)
         self.lrs.append(lr)
@@ -349,7 +378,8 @@ class TrainingRun:
             optimizer=cpu_copy(self.optimizer.state_dict()), optimizer_name=self.settings.optimizer,
             rng=rng.clone(),
             history=self.state.history.extended(self.steps, self.losses, self.lrs),
-            settings=self.settings.to_dict(), run_id=run_id)
+            settings=self.settings.to_dict(), run_id=run_id,
+            ema=None if self.ema is None else {n: t.to("cpu", copy=True) for n, t in zip(self.ema_names, self.ema)})
 
 
 @contextlib.contextmanager

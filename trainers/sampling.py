@@ -1,6 +1,7 @@
 """Sampling while training: images from the adapter as it is at a step, with ComfyUI's own samplers.
 
-A round samples every prompt once with the same seed (so prompts compare with each other) on a clone of the
+A round samples every prompt once with the same seed (so prompts compare with each other; a prompt's own
+options, trainers/prompts.py, may change its size, seed, steps, CFG, guidance and negative) on a clone of the
 MODEL with the adapter state applied (`state.patched_model`, what Train steps outputs), then decodes with
 the VAE. It runs under `torch.no_grad()` with the global RNG saved and restored, and draws its noise from
 its own seed: the training run (its generator, its weights, its data order) is untouched by it. Knows
@@ -19,6 +20,7 @@ import comfy.samplers
 import node_helpers
 
 from .config import ConfigError, check_finite, quoted
+from .prompts import PromptOptions
 from .state import AdapterState, patched_model
 
 SEED_MODES = ("fixed", "walk")
@@ -50,6 +52,9 @@ class SamplingSettings:
     filename_prefix: str = _help("Samples are saved under ComfyUI's output folder as "
                                  "<prefix>_step<step>_seed<seed>_p<prompt>_<counter>.png.",
                                  default="eri_samples/sample")
+    options: tuple = _help("PromptOptions of each positive, in order (its own size, seed, steps, CFG, guidance, "
+                           "negative CONDITIONING); empty: every prompt samples with the settings above.",
+                           default=())
 
     def __post_init__(self):
         check_finite("sampling settings", cfg=self.cfg, guidance=self.guidance)
@@ -66,6 +71,10 @@ class SamplingSettings:
             raise ConfigError(f"unknown scheduler {quoted(self.scheduler)}")
         if self.width % 8 or self.height % 8 or min(self.width, self.height) < 64:
             raise ConfigError(f"width and height must be multiples of 8 and at least 64, got {self.width}x{self.height}")
+        if self.options and (len(self.options) != len(self.positives)
+                             or not all(isinstance(o, PromptOptions) for o in self.options)):
+            raise ConfigError(f"options must be one PromptOptions per prompt ({len(self.positives)}), got "
+                              f"{len(self.options)}")
 
     def __repr__(self):
         return (f"SamplingSettings({len(self.positives)} prompts every {self.every_n_steps} steps, "
@@ -75,8 +84,18 @@ class SamplingSettings:
         """The round a sample at `step` belongs to: round k ends at step k×N."""
         return -(-step // self.every_n_steps)
 
-    def seed_at(self, step: int) -> int:
-        return self.seed + (self.round_of(step) if self.seed_mode == "walk" else 0)
+    def seed_at(self, step: int, seed: int | None = None) -> int:
+        """The noise seed at `step` of a prompt whose own seed is `seed` (None: the round's)."""
+        return (self.seed if seed is None else seed) + (self.round_of(step) if self.seed_mode == "walk" else 0)
+
+    def resolved(self, index: int, step: int) -> dict:
+        """What prompt `index` samples with at `step`: its own options where it has them, else the round's."""
+        o = self.options[index] if self.options else PromptOptions()
+        pick = lambda own, default: default if own is None else own  # noqa: E731
+        return {"width": pick(o.width, self.width), "height": pick(o.height, self.height),
+                "seed": self.seed_at(step, o.seed), "steps": pick(o.steps, self.steps),
+                "cfg": pick(o.cfg, self.cfg), "guidance": pick(o.guidance, self.guidance),
+                "negative": pick(o.negative, self.negative)}
 
     def replace(self, **changes) -> "SamplingSettings":
         return dataclasses.replace(self, **changes)
@@ -102,22 +121,21 @@ def _check_interrupt(*_):
 def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> list[Sample]:
     """One image per prompt of `settings` from `patcher` with `state` applied, at step `state.step`."""
     model = patched_model(patcher, state)
-    seed = settings.seed_at(state.step)
     device = comfy.model_management.get_torch_device()
     rng_devices = [device] if device.type == "cuda" else []
-    negative = with_guidance(settings.negative, settings.guidance)
     samples = []
     with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
-        latent = torch.zeros([1, 4, settings.height // 8, settings.width // 8],
-                             device=comfy.model_management.intermediate_device())
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
         for index, (label, positive) in enumerate(settings.positives):
-            noise = comfy.sample.prepare_noise(latent, seed)
-            out = comfy.sample.sample(model, noise, settings.steps, settings.cfg, settings.sampler_name,
-                                      settings.scheduler, with_guidance(positive, settings.guidance), negative,
-                                      latent, callback=_check_interrupt, disable_pbar=True, seed=seed)
+            r = settings.resolved(index, state.step)
+            latent = torch.zeros([1, 4, r["height"] // 8, r["width"] // 8],
+                                 device=comfy.model_management.intermediate_device())
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            noise = comfy.sample.prepare_noise(latent, r["seed"])
+            out = comfy.sample.sample(model, noise, r["steps"], r["cfg"], settings.sampler_name, settings.scheduler,
+                                      with_guidance(positive, r["guidance"]), with_guidance(r["negative"], r["guidance"]),
+                                      latent, callback=_check_interrupt, disable_pbar=True, seed=r["seed"])
             images = settings.vae.decode(out)
             if images.ndim == 5:                    # video VAEs: (B, T, H, W, C)
                 images = images.reshape(-1, *images.shape[-3:])
-            samples.append(Sample(state.step, seed, index, label, images[0].float().clamp(0, 1).cpu()))
+            samples.append(Sample(state.step, r["seed"], index, label, images[0].float().clamp(0, 1).cpu()))
     return samples

@@ -71,10 +71,18 @@ class AdapterState:
     # save series of another run are never overwritten (checkpoint.prefix_for_run). None: not trained or
     # saved yet, or loaded from a file without one.
     run_id: str | None = None
+    # Exponential moving average of `weights` (fp32 CPU tensors, the same keys) while training keeps one
+    # (TrainingSettings.ema); then it is the adapter that is saved, sampled and applied.
+    ema: dict[str, torch.Tensor] | None = None
+
+    @property
+    def applied_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the adapter stands for: its EMA when training keeps one, else its weights."""
+        return self.ema if self.ema is not None else self.weights
 
     def __repr__(self):
         return (f"AdapterState({self.spec.kind} r{self.spec.rank} α{self.spec.alpha:g} on {self.spec.arch}, "
-                f"{len(self.spec.targets)} layers, step {self.step})")
+                f"{len(self.spec.targets)} layers, step {self.step}{', EMA' if self.ema is not None else ''})")
 
     def replace(self, **changes) -> "AdapterState":
         return dataclasses.replace(self, **changes)
@@ -91,18 +99,22 @@ def new_adapter(spec: AdapterSpec, patcher=None) -> AdapterState:
     return AdapterState(spec, method.layer_weights(layers))
 
 
-def build_layers(state: AdapterState, device=None, trainable: bool = False) -> dict:
+def build_layers(state: AdapterState, device=None, trainable: bool = False, weights=None) -> dict:
+    """The adapter's layers with `weights` (default: the state's own weights)."""
     method = adapters.method(state.spec.kind)
-    layers = method.build_layers(state.spec, state.weights, DTYPES[state.spec.dtype], device)
+    layers = method.build_layers(state.spec, state.weights if weights is None else weights,
+                                 DTYPES[state.spec.dtype], device)
     for layer in layers.values():
         layer.requires_grad_(trainable)
     return layers
 
 
 def patched_model(patcher, state: AdapterState):
-    """A clone of `patcher` that applies the adapter while loaded, for ComfyUI's samplers."""
+    """A clone of `patcher` that applies the adapter (its EMA, when it has one) while loaded, for ComfyUI's
+    samplers."""
     with torch.inference_mode(False):
-        layers = {path: DeviceCached(layer) for path, layer in build_layers(state).items()}
+        layers = {path: DeviceCached(layer) for path, layer in
+                  build_layers(state, weights=state.applied_weights).items()}
     clone = patcher.clone()
     install(clone, layers)
     return clone

@@ -93,3 +93,43 @@ def test_folders_stay_inside_the_input_folder_and_the_architecture_must_match(p,
         load(p, job=JOB.replace("type: sd_trainer", "type: sd_trainer\n      model: {arch: flux}"))
     with pytest.raises(ConfigError, match="does not exist in ComfyUI's input folder"):
         load(p, job="missing.yaml")
+
+
+def test_is_v_pred_needs_a_v_prediction_model_on_the_canvas_and_headless_patches_it_as_comfyui_does(
+        comfy_folders, tiny):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from eridiffusion.nodes.job import EriLoadTrainingJob
+    from eridiffusion.trainers.arch.sdxl import predicts_v, v_prediction_model
+    from helpers import train
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    job = JOB.replace("type: sd_trainer", "type: sd_trainer\n      model: {is_xl: true, is_v_pred: true}") \
+        .replace("sampler: flowmatch", "sampler: euler")
+    with pytest.raises(ConfigError, match="is_v_pred is true but the MODEL predicts noise.*ModelSamplingDiscrete"):
+        run(EriLoadTrainingJob, model=p["model"], job=job)
+    # what headless does to the loaded model is what the canvas's ModelSamplingDiscrete v_prediction does
+    ours = v_prediction_model(p["model"])
+    (stock,) = ModelSamplingDiscrete().patch(p["model"], "v_prediction", False)
+    assert predicts_v(ours) and not predicts_v(p["model"]) and v_prediction_model(ours) is ours
+    assert run(EriLoadTrainingJob, model=ours, job=job)[2].learning_rate == 1e-3
+    _, a, _ = train(dict(p, model=ours), 3)
+    _, b, _ = train(dict(p, model=stock), 3)
+    _, eps, _ = train(p, 3)
+    assert a.history.losses == b.history.losses != eps.history.losses
+
+
+def test_headless_loads_an_is_v_pred_job_as_a_v_prediction_model(comfy_folders, tiny, tmp_path, monkeypatch):
+    import comfy.sd
+    from eridiffusion import headless
+    from eridiffusion.trainers.arch.sdxl import predicts_v
+    from eridiffusion.trainers.job import parse_job
+    checkpoint = tmp_path / "sdxl.ckpt"
+    checkpoint.write_bytes(b"")
+    with torch.inference_mode(False):
+        loaded = tiny.tiny_model("sdxl"), tiny.tiny_clip("sdxl"), tiny.tiny_vae("sdxl")
+    # the tiny SDXL is not detected from a file (comfyui-testing.md): the loader hands it over instead
+    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", lambda *a, **k: (*loaded, None))
+    text = (f"config:\n  name: x\n  process:\n    - network: {{type: lora}}\n"
+            f"      model: {{name_or_path: '{checkpoint}', is_xl: true%s}}\n")
+    model, _, _ = headless.load_models(parse_job(text % ", is_v_pred: true"))
+    assert predicts_v(model) and not predicts_v(loaded[0])
+    assert not predicts_v(headless.load_models(parse_job(text % ""))[0])

@@ -94,3 +94,37 @@ def test_sampling_settings_need_a_clip_or_a_conditioning(p):
     positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
     s = sampling(p, clip=None, positive=positive)
     assert len(s.positives) == 1 and all(torch.count_nonzero(t) == 0 for t, _ in s.negative)
+
+
+def test_a_prompts_own_size_seed_steps_cfg_and_negative_are_what_the_stock_ksampler_gives_with_them(p, comfy_folders):
+    s = sampling(p, prompts="a red square --w 64 --h 128 --d 11 --s 3 --l 2.0 --n dark\na blue circle",
+                 every_n_steps=2)
+    assert [label for label, _ in s.positives] == ["a red square", "a blue circle"]
+    model, _, _, images, shown = train(p, 2, s)
+    assert [r["filename"].split("_0000")[0] for r in shown["images"]] == ["t_step000002_seed11_p0",
+                                                                          "t_step000002_seed5_p1"]
+    with torch.inference_mode():
+        positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "dark")[0]
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 128, 1)[0]
+        out = comfy_nodes.common_ksampler(model, 11, 3, 2.0, "euler", "normal", positive, negative, latent)[0]
+        stock = p["vae"].decode(out["samples"])[0]
+    saved = Image.open(comfy_folders["output"] / "eri_samples" / shown["images"][0]["filename"])
+    assert saved.size == (64, 128)
+    assert abs(torch.from_numpy(__import__("numpy").array(saved)).float() / 255 - stock).max() <= 1 / 255
+    assert json.loads(saved.text["eridiffusion"])["steps"] == 3 and json.loads(saved.text["eridiffusion"])["cfg"] == 2.0
+    # the samples output is one IMAGE batch: a prompt of another size is resized to the first prompt's
+    assert images.shape == (2, 128, 64, 3)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("a cat --w 9000", ["line 2", "width", "8192"]),
+    ("a cat --x 1", ["line 2", "unknown prompt flag", "--x"]),
+    ("a cat --d -1", ["line 2", "seed"]),
+    ("a cat --s many", ["line 2", "--s", "whole number"]),
+])
+def test_a_bad_prompt_flag_is_an_error_naming_the_line(p, line, words):
+    from eridiffusion.trainers.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        sampling(p, prompts="a dog\n" + line)
+    assert all(w in str(e.value) for w in words), str(e.value)

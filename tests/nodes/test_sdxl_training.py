@@ -300,3 +300,92 @@ def test_save_prefix_outside_the_loras_folder_is_refused(p):
     from eridiffusion.nodes.adapter import EriSaveAdapter
     with pytest.raises(ValueError, match="filename_prefix .* points outside"):
         run(EriSaveAdapter, adapter=p["adapter"], filename_prefix="../../evil", save_dtype="fp16")
+
+
+# ------------------------------------------------------------------------------------------------------ EMA
+def test_ema_weights_are_decay_times_ema_plus_the_rest_times_the_weights_after_every_nth_step(p):
+    decay, every = 0.8, 2
+    adapter, raw = p["adapter"], [p["adapter"].weights]
+    for _ in range(5):      # one step at a time: chained Train steps equal one run
+        _, adapter, _ = train(p, 1, adapter=adapter, ema=True, ema_decay=decay, ema_every=every)
+        raw.append(adapter.weights)
+    expected = {k: v.double() for k, v in raw[0].items()}
+    for step in range(1, 6):
+        if step % every == 0:
+            expected = {k: decay * expected[k] + (1 - decay) * raw[step][k].double() for k in expected}
+    for k in expected:
+        torch.testing.assert_close(adapter.ema[k].double(), expected[k], rtol=1e-6, atol=1e-9)
+    assert not all(torch.equal(adapter.ema[k], adapter.weights[k]) for k in expected)
+    _, off, _ = train(p, 1, adapter=adapter)
+    assert off.ema is None, "a Train steps with ema off drops the EMA"
+
+
+def test_with_ema_the_saved_adapter_is_the_ema_and_resuming_its_state_continues_bit_exactly(p, comfy_folders):
+    from safetensors.torch import load_file
+    from eridiffusion.nodes.adapter import EriLoadAdapter, EriSaveAdapter
+    from eridiffusion.trainers import adapters
+    from eridiffusion.trainers.state import patched_model
+    ema = dict(ema=True, ema_decay=0.9, caption_dropout=0.3, batch_size=2)
+    straight_model, straight, _ = train(p, 8, **ema)
+    _, first, _ = train(p, 4, **ema)
+    name = run(EriSaveAdapter, adapter=first, filename_prefix="ema", save_dtype="fp32")[0]
+    saved = load_file(str(comfy_folders["loras"] / name))
+    expected = adapters.method("lora").to_file_tensors(first.spec, first.ema, torch.float32)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    resumed = run(EriLoadAdapter, lora_name=name)[0]
+    assert all(torch.equal(resumed.weights[k], first.weights[k]) and torch.equal(resumed.ema[k], first.ema[k])
+               for k in first.weights)
+    _, second, _ = train(p, 4, adapter=resumed, **ema)
+    assert second.history.losses == straight.history.losses
+    assert all(torch.equal(straight.weights[k], second.weights[k]) and torch.equal(straight.ema[k], second.ema[k])
+               for k in straight.weights)
+    # Train steps' MODEL applies the EMA, not the raw weights
+    raw_model = patched_model(p["model"], straight.replace(ema=None))
+    assert not torch.allclose(model_output(straight_model, p), model_output(raw_model, p))
+
+
+# ------------------------------------------------------------------------------------------ caption variants
+@pytest.fixture
+def shuffled(p, comfy_folders):
+    """The four images with four-tag captions, shuffled with the first tag kept, three variants each."""
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriTrainingImages
+    for i in range(4):
+        (comfy_folders["input"] / "set" / f"img{i}.txt").write_text(f"pattern {i}, red, round, small")
+    dataset = run(EriTrainingImages, folder="set", resolution=64, trigger_word="", default_caption="", flip=False,
+                  min_side=64, max_side=128, max_upscale=1.0, shuffle_captions=True, keep_tokens=1,
+                  caption_variants=3)[0]
+    return dict(p, dataset=dataset, captions=run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0],
+                latents=run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0])
+
+
+def drawn_captions(monkeypatch):
+    from eridiffusion.trainers.cache import TextSet
+    seen, get = [], TextSet.get
+    monkeypatch.setattr(TextSet, "get", lambda self, caption: seen.append(caption) or get(self, caption))
+    return seen
+
+
+def test_shuffled_captions_cache_a_bounded_number_of_variants_and_each_step_draws_one_by_the_seed(
+        shuffled, monkeypatch):
+    assert shuffled["captions"].encoded == 4 * 3 + 1 - 1, "3 variants per image and the empty caption, " \
+        "less the empty one cached by the first Cache captions"
+    assert len(shuffled["captions"].embeddings) == 4 * 3 + 1
+    seen = drawn_captions(monkeypatch)
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2)
+    first = list(seen)
+    seen.clear()
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2)
+    assert seen == first, "the same seed draws the same variants"
+    seen.clear()
+    train(shuffled, 12, batch_size=4, caption_dropout=0.2, seed=1)
+    assert seen != first
+    variants = {c for i in shuffled["dataset"].items for c in i.caption_variants}
+    assert variants <= set(first) | set(seen) and "" in first and all(c.startswith("pattern ") for c in variants)
+
+
+def test_training_on_shuffled_captions_chains_and_resumes_bit_exactly(shuffled):
+    _, once, _ = train(shuffled, 8, batch_size=2, caption_dropout=0.2)
+    _, half, _ = train(shuffled, 4, batch_size=2, caption_dropout=0.2)
+    _, twice, _ = train(shuffled, 4, adapter=half, batch_size=2, caption_dropout=0.2)
+    assert twice.history.losses == once.history.losses
+    assert all(torch.equal(once.weights[k], twice.weights[k]) for k in once.weights)

@@ -27,7 +27,7 @@ def sdxl_prompt(server, folder="hostile_images", steps=2):
 @pytest.mark.parametrize("node,name,value", [
     ("6", "max_grad_norm", math.nan), ("6", "weight_decay", math.nan), ("6", "learning_rate", math.inf),
     ("6", "noise_offset", math.nan), ("5", "alpha", math.nan), ("2", "max_upscale", math.nan),
-    ("10", "cfg", math.nan), ("6", "learning_rate", 5.0),
+    ("10", "cfg", math.nan), ("6", "learning_rate", 5.0), ("6", "ema_decay", math.nan), ("2", "caption_dropout", math.nan),
 ])
 def test_a_number_that_is_not_finite_or_out_of_range_is_refused_at_queue_naming_the_input(client, server, node,
                                                                                           name, value):

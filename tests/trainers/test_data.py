@@ -136,3 +136,42 @@ def test_duplicate_images_are_left_out_once_named_and_counted(tmp_path, caplog):
     assert len(ds.items) == 2 and [(a.split("/")[-1], b.split("/")[-1]) for a, b in ds.duplicates] == [
         ("img0.png", "copy_of_img0.png")]
     assert "1 duplicate image(s)" in caplog.text and "'img0.png' is identical to 'copy_of_img0.png'" in caplog.text
+
+
+# -------------------------------------------------------------------------------------------- caption variants
+def test_caption_variants_are_distinct_orders_of_the_tags_that_keep_the_first_n_in_place():
+    caption = "ohwx, red hat, smiling, outdoors, photo"
+    variants = data.caption_variants(caption, keep_tokens=2, count=6)
+    assert len(variants) == 6 and len(set(variants)) == 6
+    assert variants[0] == caption, "the caption's own order is one of them"
+    for v in variants:
+        tags = v.split(", ")
+        assert tags[:2] == ["ohwx", "red hat"] and sorted(tags[2:]) == ["outdoors", "photo", "smiling"]
+    assert data.caption_variants(caption, 2, 6) == variants, "the same caption gives the same variants"
+
+
+def test_the_number_of_caption_variants_is_bounded_by_the_setting_and_by_the_distinct_orders():
+    assert len(data.caption_variants("a, b, c", 0, 8)) == 6          # 3! orders
+    assert len(data.caption_variants("a, b, c", 1, 8)) == 2          # b, c / c, b
+    assert set(data.caption_variants("a, a, b", 0, 8)) == {"a, a, b", "a, b, a", "b, a, a"}   # 3!/2! orders
+    assert data.caption_variants("one tag", 0, 8) == ("one tag",)
+    assert data.caption_variants("a, b, c", 5, 8) == ("a, b, c",)    # every tag kept in place
+    assert len(data.caption_variants(", ".join(map(str, range(30))), 0, 8)) == 8
+    with pytest.raises(ConfigError, match="caption_variants must be between 1 and 8"):
+        DatasetConfig(folder="x", caption_variants=9)
+
+
+def test_shuffle_captions_gives_each_item_its_variants_and_the_dataset_lists_every_one_to_cache(tmp_path):
+    write_images(tmp_path, [(64, 64), (64, 64)])
+    (tmp_path / "img0.txt").write_text("red, round, small")
+    (tmp_path / "img1.txt").write_text("blue")
+    config = DatasetConfig(folder="x", resolution=64, min_side=64, max_side=128, trigger_word="ohwx",
+                           shuffle_captions=True, keep_tokens=1, caption_variants=8, caption_dropout=0.2)
+    dataset = data.scan_dataset(str(tmp_path), config)
+    red, blue = sorted(dataset.items, key=lambda i: i.path)
+    assert len(red.caption_variants) == 6 and all(v.startswith("ohwx, ") for v in red.caption_variants)
+    assert blue.caption_variants == ("ohwx, blue",)
+    assert red.caption_dropout == blue.caption_dropout == 0.2
+    assert set(dataset.captions) == set(red.caption_variants) | {"ohwx, blue"}
+    plain = data.scan_dataset(str(tmp_path), DatasetConfig(folder="x", resolution=64, min_side=64, max_side=128))
+    assert all(not i.caption_variants for i in plain.items)

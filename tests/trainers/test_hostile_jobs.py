@@ -265,13 +265,13 @@ def test_a_long_value_is_quoted_only_in_part(edit, words):
 
 def test_a_long_or_wide_value_of_an_ignored_setting_is_listed_in_part_in_one_entry():
     job = parse_job(edited(lambda p: p["train"].update(
-        ema_config={"use_ema": True, "note": HUGE},
+        ema_config={"use_ema": True, "use_feedback": HUGE},
         optimizer_params={"weight_decay": 0.1, **{f"beta{i}": i for i in range(5000)}})), "job.yaml")
     assert job.settings.weight_decay == 0.1
     assert [entry.split(":")[0] for entry in job.ignored] == ["config.process[0].train.optimizer_params",
-                                                              "config.process[0].train.ema_config"]
+                                                              "config.process[0].train.ema_config.use_feedback"]
     assert all(len(entry) < 300 for entry in job.ignored), job.ignored
-    assert job.ignored[1].startswith("config.process[0].train.ema_config: {'note': 'xxxxx")
+    assert job.ignored[1].startswith("config.process[0].train.ema_config.use_feedback: 'xxxxx")
     assert job.ignored[0].startswith("config.process[0].train.optimizer_params: {'beta0': 0, 'beta1': 1")
     assert len(job.ignored_warning()) < 1000
 

@@ -95,7 +95,8 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
     assert (job.name, job.model.arch, job.model.quantize, job.steps) == ("my_first_flux_lora_v1", "flux", True, 2000)
     assert (s.optimizer, s.learning_rate, s.precision, s.batch_size, s.grad_accumulation) == \
         ("adamw8bit", 1e-4, "bf16", 1, 1)
-    assert s.gradient_checkpointing and s.caption_dropout == 0.05
+    assert s.gradient_checkpointing and s.caption_dropout == 0.0
+    assert {c.caption_dropout for c in job.datasets[0].configs} == {0.05}     # each dataset's own rate
     assert (job.network.kind, job.network.rank, job.network.alpha, job.network.dora) == ("lora", 16, 16.0, False)
     assert [c.resolution for c in job.datasets[0].configs] == [512, 768, 1024]
     assert {c.trigger_word for c in job.datasets[0].configs} == {"p3r5on"}
@@ -106,10 +107,10 @@ def test_ai_toolkits_flux_example_loads_as_it_is_onto_the_engine_settings():
     assert (sample.sampler_name, sample.scheduler, sample.seed, sample.guidance_scale, sample.sample_steps) == \
         ("euler", "simple", 42, 4.0, 20)
     assert job.meta == {"name": "my_first_flux_lora_v1", "version": "1.0"}
-    # One warning lists what has no effect here: EMA (on) and walk_seed; switches that are off are not listed.
-    assert len(job.ignored) == 2
-    assert "train.ema_config" in job.ignored[0] and "walk_seed" in job.ignored[1]
-    assert job.ignored_warning().count("\n") == 0 and "push_to_hub" not in job.ignored_warning()
+    # walk_seed: prompt i samples with seed + i, as in ai-toolkit
+    assert [o.seed for o in sample.options] == [42, 43]
+    # EMA and walk_seed work; switches that are off (push_to_hub) are not worth a warning
+    assert s.ema and s.ema_decay == 0.99 and job.ignored_warning() is None
 
 
 def test_ai_toolkit_defaults_apply_where_a_key_is_left_out():
@@ -475,3 +476,115 @@ def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
     warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
     assert "train.diff_output_preservation: True" in warning
     assert "diff_output_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning
+
+
+# ------------------------------------------------------------------------------ per-prompt sample settings
+def sample_of(**sample):
+    return parse_job(edited(AI_TOOLKIT_FLUX, lambda p: (p["model"].update(is_flux=False, is_xl=True),
+                                                        p["train"].pop("noise_scheduler"),
+                                                        p["sample"].update(sampler="euler", **sample))),
+                     "x.yaml")
+
+
+def test_each_sample_item_keeps_its_own_size_seed_negative_guidance_and_steps():
+    job = sample_of(prompts=[], walk_seed=False, samples=[
+        {"prompt": "[trigger] close up", "width": 768, "height": 1030, "seed": 7, "neg": "blurry",
+         "guidance_scale": 4.5, "sample_steps": 30},
+        {"prompt": "a plain one"}])
+    s = job.sample
+    assert s.prompts == ("p3r5on close up", "a plain one")
+    first, plain = s.options
+    # the height is rounded down to a multiple of 8 as ai-toolkit does; SDXL takes guidance_scale as its CFG
+    assert (first.width, first.height, first.seed, first.negative, first.cfg, first.steps, first.guidance) == \
+        (768, 1024, 7, "blurry", 4.5, 30, None)
+    assert plain == type(plain)() and not job.ignored
+
+
+def test_prompt_flags_as_sd_scripts_and_ai_toolkit_write_them_set_a_prompts_own_options():
+    job = sample_of(walk_seed=False, prompts=["[trigger] at night --w 512 --h 768 --d 3 --l 6 --s 12 --n dark, noisy",
+                                              "a--b stays text"])
+    night, text = job.sample.options
+    assert job.sample.prompts == ("p3r5on at night", "a--b stays text")
+    assert (night.width, night.height, night.seed, night.cfg, night.steps, night.negative) == \
+        (512, 768, 3, 6.0, 12, "dark, noisy")
+    assert text == type(text)()
+
+
+def test_a_flux_jobs_guidance_scale_per_prompt_is_its_embedded_guidance():
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["sample"].update(
+        prompts=["a --l 2.5"], samples=[{"prompt": "b", "guidance_scale": 5}])), "x.yaml")
+    a, b = job.sample.options
+    assert (a.guidance, a.cfg, b.guidance, b.cfg) == (2.5, None, 5.0, None)
+
+
+def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():
+    job = sample_of(walk_seed=True, seed=42, prompts=["a", "b --d 9", "c"])
+    assert [o.seed for o in job.sample.options] == [42, 9, 44]
+    assert not job.ignored
+
+
+def test_sample_options_ai_toolkit_has_but_we_do_not_are_named_in_the_one_warning():
+    job = sample_of(walk_seed=False, prompts=["a --m 0.5"], samples=[{"prompt": "b", "network_multiplier": 0.8,
+                                                                       "ctrl_img": "x.png"}])
+    warning = job.ignored_warning()
+    assert "sample.prompts[0]: --m 0.5" in warning
+    assert "sample.samples[0].network_multiplier: 0.8" in warning and "sample.samples[0].ctrl_img" in warning
+
+
+@pytest.mark.parametrize("sample, words", [
+    (dict(samples=[{"prompt": "a", "widht": 512}]), ["sample.samples[0].widht", "'width'"]),
+    (dict(samples=[{"prompt": "a", "width": 100_000}]), ["sample.samples[0]", "width", "8192"]),
+    (dict(samples=[{"prompt": "a", "sample_steps": 5000}]), ["sample.samples[0]", "steps", "1000"]),
+    (dict(samples=[{"prompt": "a", "seed": 2 ** 40}]), ["sample.samples[0]", "seed"]),
+    (dict(samples=[{"prompt": "a", "steps": 3, "sample_steps": 4}]), ["same setting"]),
+    (dict(prompts=["a --w huge"]), ["sample.prompts[0]", "--w", "whole number"]),
+    (dict(prompts=["a --zz 1"]), ["sample.prompts[0]", "unknown prompt flag", "--zz"]),
+    (dict(prompts=["a --s 0"]), ["sample.prompts[0]", "steps"]),
+    (dict(neg=["x"]), ["sample.neg", "text"]),
+])
+def test_a_bad_per_prompt_setting_is_an_error_naming_the_prompt_and_the_bound(sample, words):
+    with pytest.raises(ConfigError) as e:
+        sample_of(**sample)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_is_v_pred_marks_an_sdxl_job_v_prediction_and_is_refused_for_flow_models():
+    base = "config:\n  name: x\n  process:\n    - network: {type: lora}\n      model: {%s}\n"
+    job = parse_job(base % "is_xl: true, is_v_pred: true")
+    assert job.model.v_pred and not job.ignored
+    assert not parse_job(base % "is_xl: true").model.v_pred
+    assert "is_v_pred" in error_of(base % "is_flux: true, is_v_pred: true")
+
+
+def test_ema_config_maps_onto_the_ema_settings_and_its_unsupported_keys_are_named():
+    s = parse_job(AI_TOOLKIT_FLUX, "flux.yaml").settings
+    assert (s.ema, s.ema_decay, s.ema_every, s.ema_on_cpu) == (True, 0.99, 1, False)
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(ema_config=dict(
+        use_ema=True, ema_decay=0.9, ema_every=4, ema_on_cpu=True, use_feedback=True))), "x.yaml")
+    assert (job.settings.ema_decay, job.settings.ema_every, job.settings.ema_on_cpu) == (0.9, 4, True)
+    assert "train.ema_config.use_feedback: True" in job.ignored_warning()
+    assert not parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=False, ema_decay=0))), "x.yaml").settings.ema
+    assert "ema_config.ema_decay" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=True, ema_decay=1.0))))
+    assert "ema_config.ema_decya" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(
+        ema_config=dict(use_ema=True, ema_decya=0.9))))
+
+
+def test_caption_shuffle_keep_tokens_and_dropout_are_each_datasets_own():
+    job = parse_job("""
+config:
+  name: x
+  process:
+    - network: {type: lora}
+      datasets:
+        - {folder_path: a, shuffle_tokens: true, keep_tokens: 1, caption_variants: 8, caption_dropout_rate: 0.1}
+        - {folder_path: b, caption_dropout_rate: 0.3}
+""")
+    a, b = (d.configs[0] for d in job.datasets)
+    assert (a.shuffle_captions, a.keep_tokens, a.caption_variants, a.caption_dropout) == (True, 1, 8, 0.1)
+    assert (b.shuffle_captions, b.caption_dropout) == (False, 0.3) and not job.ignored
+    assert "caption_variants" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
+        caption_variants=9)))
+    assert "token_dropout_rate: 0.1" in parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
+        token_dropout_rate=0.1))).ignored_warning()

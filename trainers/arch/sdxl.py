@@ -14,6 +14,24 @@ _ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_
 _MLP = re.compile(r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
 
 
+class _VPredictionSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+    """What ComfyUI's ModelSamplingDiscrete node (sampling v_prediction, zsnr off) patches a MODEL with."""
+
+
+def v_prediction_model(patcher):
+    """A clone of an SDXL `patcher` that predicts v (ai-toolkit's model.is_v_pred), as ComfyUI's
+    ModelSamplingDiscrete node makes it; a MODEL that predicts v already is returned as it is."""
+    if predicts_v(patcher):
+        return patcher
+    clone = patcher.clone()
+    clone.add_object_patch("model_sampling", _VPredictionSampling(patcher.model.model_config))
+    return clone
+
+
+def predicts_v(patcher) -> bool:
+    return isinstance(patcher.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+
+
 class SDXL(Architecture):
     name = "sdxl"
 
