@@ -8,6 +8,7 @@ gradient checkpointing on and off, and times the built-in node on the same model
 On the GPU machine (full size, 1024x1024), from the repository root:
 
     python bench/train_bench.py --arch sdxl flux --out "$OUT"    # add --steps N, --no-builtin, --variants gc
+    python bench/train_bench.py --fresh --arch flux --out "$OUT"  # each side in its own process (as quoted)
 
 ComfyUI is found through $COMFYUI_PATH or .comfyui/path. On a CPU, in seconds:
 
@@ -96,6 +97,10 @@ args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 6
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
 args.add_argument("--no-builtin", action="store_true", help="skip ComfyUI's TrainLoraNode")
+args.add_argument("--builtin-only", action="store_true", help="time only ComfyUI's TrainLoraNode")
+args.add_argument("--fresh", action="store_true",
+                  help="each side in a fresh process: this script with --no-builtin, then with --builtin-only "
+                       "(what docs/BENCHMARKS.md quotes since 2026-12-03); the records are merged")
 ARGS = args.parse_args()
 
 for mod in ["av", "av.container", "av.subtitles", "av.subtitles.stream"]:
@@ -251,7 +256,8 @@ def free():
 
 
 def builtin_run(mp, arch, steps):
-    """ComfyUI's TrainLoraNode for `steps` steps (as gpu_baseline.py calls it): (seconds, peak GiB)."""
+    """ComfyUI's TrainLoraNode for `steps` steps (as gpu_baseline.py calls it): (seconds for the whole call, peak
+    GiB, seconds from the call's start to the end of each optimizer step)."""
     import comfy_extras.nodes_train as nt
     _, _, channels, tokens, width, pooled = ARCHS[arch]
     g = torch.Generator().manual_seed(0)
@@ -261,23 +267,43 @@ def builtin_run(mp, arch, steps):
               "crop_w": 0, "crop_h": 0, "target_width": RES, "target_height": RES, "guidance": 1.0}]]
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
+    # The node builds its own torch.optim.AdamW and steps it once per optimizer step (TrainSampler.sample): the
+    # end of each step is stamped after the GPU finished it, as our runs' steps are.
+    step_ends, adamw_step = [], torch.optim.AdamW.step
+
+    def stamped_step(self, *a, **k):
+        out = adamw_step(self, *a, **k)
+        sync()
+        step_ends.append(time.perf_counter() - t)
+        return out
     sync()
     t = time.perf_counter()
-    # 0.3.75's node needs a list of latents (a single tensor leaves multi_res unbound)
-    nt.TrainLoraNode.execute(model=[mp], latents=[{"samples": lat}, {"samples": lat.clone()}], positive=[cond],
-                             batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
-                             rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-                             training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
-                             gradient_checkpointing=[True], existing_lora=["[None]"])
+    torch.optim.AdamW.step = stamped_step
+    try:
+        # 0.3.75's node needs a list of latents (a single tensor leaves multi_res unbound)
+        nt.TrainLoraNode.execute(model=[mp], latents=[{"samples": lat}, {"samples": lat.clone()}], positive=[cond],
+                                 batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
+                                 rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                                 training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
+                                 gradient_checkpointing=[True], existing_lora=["[None]"])
+    finally:
+        torch.optim.AdamW.step = adamw_step
     sync()
-    return time.perf_counter() - t, peak_gib()
+    return time.perf_counter() - t, peak_gib(), step_ends
 
 
-def builtin_bench(mp, arch):
-    small, large = (1, 3) if ARGS.tiny else (3, 13) if arch == "sdxl" else (2, 6)
-    t1, _ = builtin_run(mp, arch, small)
-    t2, peak = builtin_run(mp, arch, large)
-    return (t2 - t1) / (large - small), peak
+def builtin_bench(mp, arch, warmup: int = 3):
+    """The built-in node timed as our engine is: the median optimizer step after `warmup` steps, in one call that
+    trains warmup + ARGS.steps steps (the model fully loaded: the node loads it with force_full_load). Also
+    records what the call costs besides its steps (loading, adapter set-up, unpatching), which the earlier
+    method (the difference of two calls of 2 and 6 steps, divided by 4) counted as steps when it varied between
+    the calls."""
+    total, peak, ends = builtin_run(mp, arch, warmup + ARGS.steps)
+    steps = [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+    median = statistics.median(steps)
+    return {"builtin_s_per_step": median, "builtin_peak_gib": peak, "builtin_step_s": steps,
+            "builtin_first_step_end_s": ends[0], "builtin_call_s": total,
+            "builtin_outside_steps_s": total - ends[0] - sum(b - a for a, b in zip(ends, ends[1:]))}
 
 
 def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
@@ -497,7 +523,7 @@ def bench_arch(arch, card):
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
     # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
     runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
-            for f in (ARGS.fraction if v == "gc" else [1.0])]
+            for f in (ARGS.fraction if v == "gc" else [1.0])] if not ARGS.builtin_only else []
     for adapter, variant, batch, compile, fraction in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
@@ -529,14 +555,20 @@ def bench_arch(arch, card):
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     if not ARGS.no_builtin and WORLD is None:
         try:
-            s, peak = builtin_bench(mp, arch)
-            builtin = {"builtin_s_per_step": s, "builtin_peak_gib": peak}
-            log(f"{arch} builtin TrainLoraNode: {s:.4f} s/step, peak {peak:.2f} GiB")
+            builtin = builtin_bench(mp, arch)
+            log(f"{arch} builtin TrainLoraNode: {builtin['builtin_s_per_step']:.4f} s/step (median of "
+                f"{len(builtin['builtin_step_s'])} after 3 warm-up steps), peak {builtin['builtin_peak_gib']:.2f} "
+                f"GiB; first step done {builtin['builtin_first_step_end_s']:.1f} s into the call, "
+                f"{builtin['builtin_outside_steps_s']:.1f} s after its last; steps "
+                + " ".join(f"{x:.3f}" for x in builtin["builtin_step_s"]))
         except Exception as e:
             builtin["builtin_error"] = f"{type(e).__name__}: {e}"
             log(f"{arch} builtin TrainLoraNode failed:", builtin["builtin_error"])
         mm.unload_all_models()
         free()
+    if ARGS.builtin_only:
+        records.append({**base, "variant": "builtin_only", "batch": 1, "s_per_step": None, "peak_gib": None,
+                        "ratio": None})
     for rec in records:
         rec.update(builtin)
         if rec["builtin_s_per_step"] and rec["s_per_step"] and rec["batch"] == 1:
@@ -553,12 +585,36 @@ def bench_arch(arch, card):
     return records
 
 
+def fresh_sides():
+    """Our engine and the built-in node, each in a process of its own, merged: the built-in's figures go into our
+    records of the same arch (a process that ran one side leaves nothing behind for the other)."""
+    argv = [a for a in sys.argv[1:] if a != "--fresh"]
+    sides = {}
+    for side in ("--no-builtin", "--builtin-only"):
+        out = Path(ARGS.out) / side.strip("-")
+        subprocess.run([sys.executable, __file__, *argv, side, "--out", str(out)], check=True)
+        sides[side] = json.loads((out / "train_bench.json").read_text())
+    records = sides["--no-builtin"]
+    builtins = {r["arch"]: r for r in sides["--builtin-only"]}
+    for rec in records:
+        if "batch" not in rec or rec["arch"] not in builtins:
+            continue
+        rec.update({k: v for k, v in builtins[rec["arch"]].items() if k.startswith("builtin")})
+        rec["builtin_process"] = "fresh"
+        if rec["builtin_s_per_step"] and rec["s_per_step"] and rec["batch"] == 1:
+            rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
+    return records
+
+
 def main():
     card = torch.cuda.get_device_name() if CUDA else "cpu"
     log(f"device {DEV} ({card}), torch {torch.__version__}, dtype {DT}, resolution {RES}, tiny={ARGS.tiny}")
     records = []
-    for arch in ARGS.arch:
-        records += bench_arch(arch, card)
+    if ARGS.fresh:
+        records = fresh_sides()
+    else:
+        for arch in ARGS.arch:
+            records += bench_arch(arch, card)
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
