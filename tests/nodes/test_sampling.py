@@ -45,12 +45,16 @@ def test_sampling_every_2_steps_leaves_training_bit_identical_and_saves_step_and
 
     # steps 2 and 4 (every 2) and 5 (the node's last step), two prompts each
     assert images.shape == (6, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
-    names = [r["filename"] for r in shown["images"]]
+    # the node shows captioned previews (temp); the files it saved under output/ are listed in eri_samples
+    assert [r["type"] for r in shown["images"]] == ["temp"] * 6
+    assert [r["filename"].split("_0000")[0] for r in shown["images"][:2]] == ["eri_preview_step000002_p0",
+                                                                            "eri_preview_step000002_p1"]
+    names = [r["filename"] for r in shown["eri_samples"]]
     found = [re.fullmatch(r"t_step(\d{6})_seed(\d+)_p(\d)_\d{5}_\.png", n).groups() for n in names]
     # walking seed: round k (up to step 2k) uses seed + k; the step-5 sample belongs to round 3
     assert found == [("000002", "6", "0"), ("000002", "6", "1"), ("000004", "7", "0"), ("000004", "7", "1"),
                      ("000005", "8", "0"), ("000005", "8", "1")]
-    for record, image in zip(shown["images"], images):
+    for record, image in zip(shown["eri_samples"], images):
         assert record["type"] == "output" and record["subfolder"] == "eri_samples"
         saved = Image.open(comfy_folders["output"] / "eri_samples" / record["filename"])
         assert abs(torch.from_numpy(__import__("numpy").array(saved)).float() / 255 - image).max() <= 1 / 255
@@ -82,7 +86,7 @@ def test_fixed_seed_samples_every_round_with_the_same_noise_and_chaining_samples
     _, once, _, images, shown = train(p, 4, s)
     _, half, _, first, shown_a = train(p, 2, s)
     _, _, _, second, shown_b = train(p, 2, s, adapter=half)
-    names = [r["filename"] for r in shown["images"]]
+    names = [r["filename"] for r in shown["eri_samples"]]
     assert [n.split("_0000")[0] for n in names] == ["t_step000002_seed5_p0", "t_step000004_seed5_p0"]
     assert torch.equal(torch.cat([first, second]), images)
 
@@ -101,15 +105,15 @@ def test_a_prompts_own_size_seed_steps_cfg_and_negative_are_what_the_stock_ksamp
                  every_n_steps=2)
     assert [label for label, _ in s.positives] == ["a red square", "a blue circle"]
     model, _, _, images, shown = train(p, 2, s)
-    assert [r["filename"].split("_0000")[0] for r in shown["images"]] == ["t_step000002_seed11_p0",
-                                                                          "t_step000002_seed5_p1"]
+    assert [r["filename"].split("_0000")[0] for r in shown["eri_samples"]] == ["t_step000002_seed11_p0",
+                                                                               "t_step000002_seed5_p1"]
     with torch.inference_mode():
         positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
         negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "dark")[0]
         latent = comfy_nodes.EmptyLatentImage().generate(64, 128, 1)[0]
         out = comfy_nodes.common_ksampler(model, 11, 3, 2.0, "euler", "normal", positive, negative, latent)[0]
         stock = p["vae"].decode(out["samples"])[0]
-    saved = Image.open(comfy_folders["output"] / "eri_samples" / shown["images"][0]["filename"])
+    saved = Image.open(comfy_folders["output"] / "eri_samples" / shown["eri_samples"][0]["filename"])
     assert saved.size == (64, 128)
     assert abs(torch.from_numpy(__import__("numpy").array(saved)).float() / 255 - stock).max() <= 1 / 255
     assert json.loads(saved.text["eridiffusion"])["steps"] == 3 and json.loads(saved.text["eridiffusion"])["cfg"] == 2.0
