@@ -16,7 +16,8 @@ import { api } from "../../../scripts/api.js";
 
 // The folder ComfyUI loaded the pack from: it serves this file at /extensions/<module>/js/templates.js and
 // the examples at /api/workflow_templates/<module>/.
-const MODULE = decodeURIComponent(new URL(import.meta.url).pathname.split("/extensions/")[1].split("/")[0]);
+const served = new URL(import.meta.url).pathname.split("/extensions/")[1];
+const MODULE = served ? decodeURIComponent(served.split("/")[0]) : null;
 const INDEX_URL = new URL("../templates.json", import.meta.url);
 
 let described;   // a promise of the pack's category, or of null when the index cannot be read
@@ -33,7 +34,7 @@ function packCategory() {
 
 function patch(method, rewrite) {
   const original = api[method];
-  if (typeof original !== "function") return;
+  if (!MODULE || typeof original !== "function") return;
   api[method] = async function (...args) {
     const answer = await original.apply(this, args);
     const category = await packCategory();
