@@ -62,6 +62,9 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
             raise ValueError(f"conv_layers is on but this {arch.name} MODEL has no UNet convolution layers "
                              f"(ResBlocks, Up/Downsample); turn conv_layers off")
         modules += convs
+    elif conv_rank or conv_alpha:
+        logging.warning("EriDiffusion: conv_rank %s and conv_alpha %s are ignored: they apply with conv_layers "
+                        "on (SDXL only), which is off", conv_rank, conv_alpha)
     spec = AdapterSpec(arch=arch.name, kind=kind, rank=rank, alpha=alpha, preset=preset, seed=seed, dtype=dtype,
                        targets=tuple(target_of(path, module) for path, module in modules), dora=dora,
                        lokr_factor=lokr_factor, lokr_full_w2=lokr_full_w2, conv=conv, conv_rank=conv_rank,

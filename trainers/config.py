@@ -75,12 +75,40 @@ def check_finite(owner: str, **values) -> None:
             raise ConfigError(f"{name} must be a finite number, got {value} ({owner})")
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+# The architectures (trainers/arch names them sdxl, sd3, flux) as tooltips and messages name them.
+ARCH_LABELS = {"sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux"}
+
+
+def _help(text: str, archs: tuple[str, ...] = (), **kwargs):
+    """A field whose help is its node input's tooltip. A setting that only some architectures use (`archs`)
+    names them first, "SD 3.5 / Flux only: ...": the canvas shows every input whatever MODEL is connected, so
+    the tooltip is where one learns that this one does nothing for an SDXL model (and the trainer warns when it
+    is set for an architecture that ignores it: ignored_settings)."""
+    if archs:
+        text = f"{' / '.join(ARCH_LABELS[a] for a in archs)} only: {text}"
+    return field(metadata={"help": text, "archs": archs}, **kwargs)
 
 
 def help_of(cls, name: str) -> str:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
+
+
+def ignored_settings(values, arch: str, unused: dict[str, str] | None = None) -> list[str]:
+    """One line for each field of `values` (a settings dataclass) set to other than its default that `arch`
+    does not use (its `archs` leave it out), or that this model cannot use (`unused`: name -> why, from the
+    architecture). Training is the same as without them; the lines say so rather than let a setting look
+    as if it did something."""
+    lines = []
+    for f in dataclasses.fields(values):
+        value, archs = getattr(values, f.name), f.metadata.get("archs", ())
+        if f.default is dataclasses.MISSING or value == f.default:
+            continue
+        if archs and arch not in archs:
+            lines.append(f"{f.name} {value!r} is ignored: it applies to {' / '.join(ARCH_LABELS[a] for a in archs)} "
+                         f"only, and the MODEL is {ARCH_LABELS[arch]}")
+        elif unused and f.name in unused:
+            lines.append(f"{f.name} {value!r} is ignored: {unused[f.name]}")
+    return lines
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "lion8bit", "adamw_schedulefree", "came")
@@ -186,10 +214,12 @@ class AdapterSpec:
     lokr_full_w2: bool = _help("LoKr: keep the large Kronecker matrix w2 full rank instead of w2_a·w2_b of the "
                                "given rank (alpha is then not applied: the scale is 1, as in LyCORIS). Layers "
                                "whose w2 is smaller than 2·rank are full rank either way.", default=False)
-    conv: bool = _help("Also adapt the UNet's convolution layers (LoCon: ResBlocks, Downsample, Upsample). "
-                       "UNet models (SDXL) only.", default=False)
-    conv_rank: int = _help("Rank for the convolution layers (0 = the same as rank).", default=0)
-    conv_alpha: float = _help("Alpha for the convolution layers (0 = the same as alpha).", default=0.0)
+    conv: bool = _help("Also adapt the UNet's convolution layers (LoCon: ResBlocks, Downsample, Upsample); "
+                       "SD 3.5 and Flux have none.", archs=("sdxl",), default=False)
+    conv_rank: int = _help("With conv_layers, rank for the convolution layers (0 = the same as rank).",
+                           archs=("sdxl",), default=0)
+    conv_alpha: float = _help("With conv_layers, alpha for the convolution layers (0 = the same as alpha).",
+                              archs=("sdxl",), default=0.0)
 
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
@@ -253,7 +283,8 @@ class TrainingSettings:
                       "draws.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
                                 default=0.0)
-    min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off).", default=0.0)
+    min_snr_gamma: float = _help("Min-SNR loss weighting γ (5 is common; 0 = off). SD 3.5 and Flux weigh the "
+                                 "loss by loss_weighting instead.", archs=("sdxl",), default=0.0)
     caption_dropout: float = _help("Probability of training a sample on the empty caption.", default=0.0)
     timestep_sampling: str = _help("How training timesteps are drawn: auto (SDXL uniform, SD3/Flux "
                                    "logit_normal), uniform, logit_normal (mean, std), sigmoid (of a normal "
@@ -265,20 +296,21 @@ class TrainingSettings:
     logit_std: float = _help("Standard deviation of logit_normal timestep sampling.", default=1.0)
     sigmoid_scale: float = _help("Scale of sigmoid timestep sampling (larger spreads timesteps to the ends).",
                                  default=1.0)
-    timestep_shift: float = _help("SD3/Flux timestep shift α (σ = αt / (1 + (α-1)t)). 0 = the model's own: "
-                                  "SD3 3.0; Flux-dev from each bucket's resolution as ComfyUI's ModelSamplingFlux "
+    timestep_shift: float = _help("Timestep shift α (σ = αt / (1 + (α-1)t)). 0 = the model's own: SD3 3.0; "
+                                  "Flux-dev from each bucket's resolution as ComfyUI's ModelSamplingFlux "
                                   "computes it; a model patched by ModelSamplingSD3/Flux keeps its shift. "
-                                  "1 = no shift.", default=0.0)
-    resolution_shift: bool = _help("SD3/Flux: shift each sample by its bucket's resolution as Flux-dev's sampler "
-                                   "does (μ linear in the latent's 2×2 patches, 0.5 at 256² to 1.15 at 1024² "
-                                   "pixels, α = e^μ), whatever the model's own shift (ai-toolkit's shift / "
-                                   "flux_shift on Flux). A timestep_shift other than 0 wins.", default=False)
-    loss_weighting: str = _help("SD3/Flux loss weight per σ: none, sigma_sqrt (1/σ²), cosmap (SD3 paper), "
-                                "weighted (ai-toolkit's timestep_type: weighted: a weight per 1/1000 of σ "
-                                "measured on Flex.1-alpha: 0.91 at σ 1, 1.52 at σ 0.88, 0.45 near 0).",
-                                default="none")
-    flux_guidance: float = _help("Guidance input of Flux-dev while training (1.0 is usual; schnell has none).",
-                                 default=1.0)
+                                  "1 = no shift.", archs=("sd3", "flux"), default=0.0)
+    resolution_shift: bool = _help("Shift each sample by its bucket's resolution as Flux-dev's sampler does (μ "
+                                   "linear in the latent's 2×2 patches, 0.5 at 256² to 1.15 at 1024² pixels, "
+                                   "α = e^μ), whatever the model's own shift (ai-toolkit's shift / flux_shift on "
+                                   "Flux). A timestep_shift other than 0 wins.", archs=("sd3", "flux"),
+                                   default=False)
+    loss_weighting: str = _help("Loss weight per σ: none, sigma_sqrt (1/σ²), cosmap (SD3 paper), weighted "
+                                "(ai-toolkit's timestep_type: weighted: a weight per 1/1000 of σ measured on "
+                                "Flex.1-alpha: 0.91 at σ 1, 1.52 at σ 0.88, 0.45 near 0). SDXL weighs by "
+                                "min_snr_gamma instead.", archs=("sd3", "flux"), default="none")
+    flux_guidance: float = _help("Guidance input of Flux-dev while training (1.0 is usual; schnell has none and "
+                                 "ignores it).", archs=("flux",), default=1.0)
     nan_policy: str = _help("When the loss or the gradients are NaN/inf: stop (an error naming the step; the "
                             "adapter keeps its last good weights) or skip that step (counted; training stops after "
                             "10 in a row).", default="stop")

@@ -28,7 +28,7 @@ from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
 from .comfy_compat import training_mode
-from .config import ConfigError, TrainingSettings
+from .config import ConfigError, TrainingSettings, ignored_settings
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
@@ -130,9 +130,8 @@ class TrainingRun:
         if fused.usable_on(self.device):
             for path, forward in self.arch.fused_forwards(self.base_model.diffusion_model).items():
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
-        if settings.min_snr_gamma > 0 and self.arch.name != "sdxl":
-            logging.warning("EriDiffusion: min_snr_gamma applies to SDXL; %s uses loss_weighting instead",
-                            self.arch.name)
+        for line in ignored_settings(settings, self.arch.name, self.arch.unused_settings(self.base_model)):
+            logging.warning("EriDiffusion: %s", line)
         # The base weights never train; ComfyUI's inference never needs their gradients either.
         self.base_model.diffusion_model.requires_grad_(False)
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)

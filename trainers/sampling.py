@@ -10,7 +10,7 @@ nothing of the server: nodes/ saves the images and shows them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,15 +19,11 @@ import comfy.sample
 import comfy.samplers
 import node_helpers
 
-from .config import ConfigError, check_finite, quoted
+from .config import ConfigError, _help, check_finite, quoted
 from .prompts import PromptOptions
 from .state import AdapterState, patched_model
 
 SEED_MODES = ("fixed", "walk")
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -47,8 +43,8 @@ class SamplingSettings:
     scheduler: str = _help("ComfyUI scheduler.", default="normal")
     steps: int = _help("Sampling steps per image.", default=20)
     cfg: float = _help("Classifier-free guidance scale (Flux-dev: 1.0, its guidance is below).", default=7.0)
-    guidance: float = _help("Flux guidance embedded in the conditioning (Flux-dev only; other models "
-                            "ignore it).", default=3.5)
+    guidance: float = _help("Guidance embedded in Flux-dev's conditioning (schnell and other models ignore "
+                            "it).", archs=("flux",), default=3.5)
     filename_prefix: str = _help("Samples are saved under ComfyUI's output folder as "
                                  "<prefix>_step<step>_seed<seed>_p<prompt>_<counter>.png.",
                                  default="eri_samples/sample")

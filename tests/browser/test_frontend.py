@@ -1,7 +1,8 @@
 """The real ComfyUI frontend (comfyui-frontend-package, served by the live test server) in Debian's headless
 Chromium, driven by Playwright: the example workflows load and queue as a user would, and the Train steps
 node's live loss chart follows the run step by step, on the classic canvas and with Nodes 2.0 (the frontend's
-Vue-rendered nodes), also after a page reload in the middle of a run.
+Vue-rendered nodes), also after a page reload in the middle of a run. The template browser shows each example
+with its title, description and thumbnail, and opens it.
 
 Screenshots go to $ERI_TEST_ARTIFACTS (default test-artifacts/). Chromium comes from scripts/setup (apt-get);
 without it these tests are skipped, never `playwright install`-ed.
@@ -11,30 +12,27 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import write_images
+from frontend_page import APP_READY, CHROMIUM, TUTORIAL_DONE_SETTING, launch, load, open_app
+from live_server import PACK_LINK_NAME
 from workflow_format import api_to_ui, tiny_training_prompt, ui_to_api
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "example_workflows"
-CHROMIUM = os.environ.get("ERI_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
-APP_READY = "window.app?.graph && window.LiteGraph && window.EriDiffusion"
 # The frontend of ComfyUI 0.33 (1.49) also notes a workflow's model files that the server lacks, as "... is
 # missing": the example's model (not in the test server's models/), not a node the pack failed to register.
 MODEL_FILE_NOTICE = re.compile(r"model file|\.safetensors", re.IGNORECASE)
 # "Modern Node Design (Nodes 2.0)" in the settings dialog: nodes drawn as Vue components over the canvas
 # (frontend 1.32 and 1.49 both have it).
 NODES_2_SETTING = "Comfy.VueNodes.Enabled"
-# Set, the frontend opens no Templates dialog on a first visit (1.49's opens late, after open_app's Escape).
-TUTORIAL_DONE_SETTING = "Comfy.TutorialCompleted"
+# What the template browser shows of each example (web/js/templates.js hands it to the frontend).
+TEMPLATES_INDEX = ROOT / "web" / "templates.json"
 
 
 def artifacts() -> Path:
@@ -50,21 +48,9 @@ def browser():
                     "or set ERI_CHROMIUM to a Chromium binary)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = launch(pw)
         yield browser
         browser.close()
-
-
-def open_app(page, url: str) -> None:
-    page.goto(url)
-    page.wait_for_function(APP_READY, timeout=90_000)
-    # A first visit opens the Templates dialog over the canvas.
-    page.wait_for_timeout(500)
-    for _ in range(3):
-        if not page.locator(".p-dialog:visible").count():
-            break
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
 
 
 @pytest.fixture
@@ -77,22 +63,6 @@ def page(browser, server, client):
     open_app(page, server.url)
     yield page
     context.close()
-
-
-def load(page, workflow: dict) -> list:
-    """Load a UI workflow as dropping it on the canvas does; returns the missing-node reports it caused and
-    the types of loaded nodes that no registered node type backs (frontend 1.49 reports missing nodes in a
-    panel of its own, not through showMissingNodesError)."""
-    return page.evaluate("""async (workflow) => {
-        const missing = [];
-        const show = app.showMissingNodesError;
-        app.showMissingNodesError = function (types) { missing.push(types); return show.apply(this, arguments); };
-        try { await app.loadGraphData(workflow); } finally { app.showMissingNodesError = show; }
-        for (const node of app.graph.nodes) {
-            if (!(node.type in LiteGraph.registered_node_types)) missing.push(node.type);
-        }
-        return missing;
-    }""", workflow)
 
 
 @pytest.fixture(params=["classic", "nodes2"])
@@ -200,6 +170,52 @@ def test_every_example_workflow_loads_without_missing_nodes_and_queues_as_its_ap
         }""")
         expected = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in ui_to_api(ui, info).items()}
         assert prompt == expected, f"{path.name}: the Queue button sends the workflow's API form"
+    assert page.errors == []
+
+
+def test_the_template_browser_shows_each_example_once_with_its_title_description_and_thumbnail_and_opens_it(
+        page, client):
+    thumbnails = {}
+    prefix = f"/api/workflow_templates/{PACK_LINK_NAME}/"
+    page.on("response", lambda r: thumbnails.__setitem__(r.url.split(prefix)[1], (r.status, r.headers.get(
+        "content-type"))) if prefix in r.url and r.url.endswith(".jpg") else None)
+    index = json.loads(TEMPLATES_INDEX.read_text())
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.locator("[role=dialog]:visible")   # PrimeVue's in 1.32, reka-ui's in 1.49
+    # The pack's category, under the name its locale gives it rather than the folder's.
+    dialog.get_by_text(index["title"], exact=True).first.click()
+    cards = dialog.locator('[data-testid^="template-workflow-"]')
+    wait_until(page, "(n) => document.querySelectorAll('[data-testid^=\"template-workflow-\"]').length === n",
+               len(index["templates"]), "the pack's category does not show one card per example")
+    shown = sorted(card.get_attribute("data-testid").removeprefix("template-workflow-") for card in cards.all())
+    assert shown == sorted(p.stem for p in EXAMPLES.glob("*.json")), "each example once"
+    for template in index["templates"]:
+        card = dialog.locator(f'[data-testid="template-workflow-{template["name"]}"]')
+        card.scroll_into_view_if_needed()
+        assert card.locator("h3").inner_text() == template["title"]
+        # Under the title 1.32 shows the description; 1.49's cards show no template's description.
+        assert card.locator("p").all_inner_texts() in ([], [template["description"]])
+        wait_until(page, """(name) => [...document.querySelectorAll(`[data-testid="template-workflow-${name}"] img`)]
+                                 .some((img) => img.complete && img.naturalWidth === 512)""", template["name"],
+                   f"{template['name']}: its thumbnail does not show")
+        assert thumbnails[template["name"] + ".jpg"] == (200, "image/jpeg")
+    page.screenshot(path=str(artifacts() / "frontend_template_browser.png"))
+    # Both frontends search the descriptions: each one finds its example (and a search for nothing, none).
+    search = dialog.get_by_placeholder(re.compile("Search"))
+    card_shown = "(name) => !!document.querySelector(`[data-testid=\"template-workflow-${name}\"]`)"
+    for template in index["templates"]:
+        search.fill("qqqq zzzz")
+        wait_until(page, f"(name) => !({card_shown})(name)", template["name"], "a search for nothing finds it")
+        search.fill(template["description"])
+        wait_until(page, card_shown, template["name"], f"its description does not find {template['name']}")
+    search.fill("")
+
+    dialog.locator('[data-testid="template-workflow-sdxl_lora"]').click()
+    example = json.loads((EXAMPLES / "sdxl_lora.json").read_text())
+    wait_until(page, "(id) => (app.rootGraph ?? app.graph)?.id === id", example["id"],
+               "clicking the card did not open the example")
+    types = page.evaluate("app.graph.nodes.map((n) => n.type).sort()")
+    assert types == sorted(n["type"] for n in example["nodes"])
     assert page.errors == []
 
 

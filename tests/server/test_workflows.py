@@ -1,6 +1,8 @@
 """The example workflows, as a user queues them: loadable by the frontend, runnable through /prompt."""
+import io
 import json
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +10,14 @@ import pytest
 from PIL import Image
 
 from conftest import write_images
+from live_server import PACK_LINK_NAME
 from workflow_format import VIRTUAL_NODES, example_ui, tiny_training_prompt, ui_to_api
 
 pytestmark = pytest.mark.server
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "example_workflows"
+# What the template browser shows of each example, in the format of the frontend's own templates index.
+TEMPLATES_INDEX = ROOT / "web" / "templates.json"
 
 
 @pytest.mark.parametrize("name", [p.stem for p in sorted((EXAMPLES / "api").glob("*.json"))])
@@ -22,6 +28,35 @@ def test_example_workflow_uses_registered_nodes_and_its_ui_form_matches_its_api_
     assert {n["type"] for n in ui["nodes"]} - VIRTUAL_NODES <= set(info)
     assert _graph(ui) == _graph(example_ui(name, api, info)), "regenerate with scripts/export_workflows.py"
     assert ui_to_api(ui, info) == api
+
+
+def test_the_server_lists_each_example_with_a_small_thumbnail_and_the_pack_gives_each_a_title_and_a_description(
+        client):
+    """What the template browser reads for a pack: ComfyUI's list of its example workflows by file name and
+    <name>.jpg served beside each; the pack's web/js/templates.js adds each one's title and description from
+    web/templates.json, and locales/en/main.json names the pack's category (by the folder ComfyUI loaded it from:
+    the registry's and the repository's name)."""
+    examples = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    assert sorted(client.get_json("/workflow_templates")[PACK_LINK_NAME]) == examples
+    for name in examples:
+        with urllib.request.urlopen(f"{client.url}/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg") as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg"
+            data = r.read()
+        assert len(data) < 60_000, f"{name}.jpg: {len(data)} bytes; regenerate with scripts/export_thumbnails.py"
+        image = Image.open(io.BytesIO(data))
+        assert (image.format, image.size) == ("JPEG", (512, 512)), "the browser's cards are square"
+
+    index = json.loads(TEMPLATES_INDEX.read_text())
+    assert client.get_json(f"/extensions/{PACK_LINK_NAME}/templates.json") == index
+    assert sorted(t["name"] for t in index["templates"]) == examples, "one entry per example, each once"
+    for template in index["templates"]:
+        title, description = template["title"], template["description"]
+        assert title and title != template["name"]
+        assert description.endswith(".") and ". " not in description, f"{title}: one sentence"
+        # The frontend shows "-" and "_" in a description as spaces.
+        assert "-" not in description and "_" not in description, description
+        assert (template["mediaType"], template["mediaSubtype"]) == ("image", "jpg")
+    assert client.get_json("/i18n")["en"]["templateWorkflows"]["category"][PACK_LINK_NAME] == index["title"]
 
 
 def _graph(ui: dict) -> dict:

@@ -41,6 +41,11 @@ class Architecture:
         """The convolutions LoCon-style adapters may adapt (conv_layers); DiTs have none."""
         return []
 
+    def unused_settings(self, base_model) -> dict[str, str]:
+        """Training settings of this architecture that this model cannot use: name -> why (see
+        config.ignored_settings; what no model of an architecture uses is in the setting's own `archs`)."""
+        return {}
+
     def block_modules(self, diffusion_model: torch.nn.Module) -> list[str]:
         """Paths of the modules recomputed in backward when checkpointing is on (the model's blocks)."""
         raise NotImplementedError

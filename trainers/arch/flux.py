@@ -41,6 +41,11 @@ class Flux(RectifiedFlow):
             return resolution_shift(item.bucket.width, item.bucket.height)     # dev's own
         return super().shift(model_sampling, item, settings)                  # schnell's own is 1.0
 
+    def unused_settings(self, base_model):
+        if base_model.diffusion_model.params.guidance_embed:
+            return {}
+        return {"flux_guidance": "this Flux model has no guidance input (schnell)"}
+
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
         inputs = {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
