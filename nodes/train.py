@@ -148,8 +148,9 @@ class EriTrainSteps(io.ComfyNode):
                               tooltip="Held-out images (their own Training images and Cache latents, not trained "
                                       "on): their loss is evaluated every validation_every steps and after the last "
                                       "step, at fixed timesteps and noise (the same in every run, whatever the seed "
-                                      "or the images' order), without changing training. It is shown on the live "
-                                      "chart, in the Loss graph and in the log. Connect validation_captions too."),
+                                      "or the images' order), without changing training, with the weights being "
+                                      "trained (not their EMA). It is shown on the live chart, in the Loss graph "
+                                      "and in the log. Connect validation_captions too."),
                 Text.Input("validation_captions", optional=True,
                            tooltip="Cache captions of the held-out images (with validation_latents)."),
                 io.Int.Input("validation_every", default=50, min=1, max=1000000, optional=True,
