@@ -95,7 +95,8 @@ class LiveRun:
                 _touch(self._key, {
                     "node": self.node_id, "workflow": workflow, "prompt_id": self.prompt_id,
                     "first_step": first_step, "total": total, "steps": steps, "losses": losses, "lrs": lrs,
-                    "val_steps": val_steps, "val_losses": val_losses, "stride": stride, "state": RUNNING, "running": True, "it_per_s": 0.0, "eta_s": None,
+                    "val_steps": val_steps, "val_losses": val_losses, "stride": stride, "state": RUNNING,
+                    "running": True, "it_per_s": 0.0, "eta_s": None,
                     "elapsed_s": 0.0, "saved": None, "error": None, "images": []})
         self._send(RUN_EVENT, self._run_event(RUNNING))
 

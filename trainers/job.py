@@ -772,7 +772,8 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
         masked = d.choice("masked_loss", masked, {m: m for m in MASKED_LOSS})
     if masked == "mask_folder" and not mask_path.strip():
         raise d.error(f"{d.key('masked_loss')} mask_folder needs {d.key('mask_path')}: the folder of masks")
-    common.update(masked_loss=masked, mask_folder=mask_path, mask_min_value=d.float("mask_min_value", 0.0, lo=0.0, hi=1.0))
+    common.update(masked_loss=masked, mask_folder=mask_path,
+                  mask_min_value=d.float("mask_min_value", 0.0, lo=0.0, hi=1.0))
     validation = d.bool("validation", False)    # EriDiffusion's own: a held-out set
     d.done()
     try:

@@ -12,7 +12,8 @@ const CHART_HEIGHT = 180;
 const SMOOTHING = 0.9;
 
 // workflow id + "/" + node id -> the node's latest run in that workflow:
-// {workflow, node, prompt_id, steps[], losses[], lrs[], val_steps[], val_losses[], total, first_step, it_per_s, eta_s, elapsed_s,
+// {workflow, node, prompt_id, steps[], losses[], lrs[], val_steps[], val_losses[], total, first_step, it_per_s,
+//  eta_s, elapsed_s,
 //  state, running, saved, error, images[], drawn}
 // state: running | finished | cancelled | failed | lost (the server restarted during the run)
 // A run belongs to the workflow it was queued from (the server gets the workflow's id with the prompt), so two
@@ -141,7 +142,8 @@ function runFor(detail) {
   let run = runs.get(key);
   if (!run || run.prompt_id !== detail.prompt_id) {
     run = { workflow: detail.workflow ?? "", node: String(detail.node), prompt_id: detail.prompt_id, steps: [],
-            losses: [], lrs: [], val_steps: [], val_losses: [], images: [], state: "running", running: true, total: detail.total, drawn: 0 };
+            losses: [], lrs: [], val_steps: [], val_losses: [], images: [], state: "running", running: true,
+            total: detail.total, drawn: 0 };
     runs.set(key, run);
     fetchHistory(run.workflow, run.node);   // earlier steps: of this run before the page loaded, of the adapter
   }
