@@ -66,7 +66,12 @@ class EriTrainingImages(io.ComfyNode):
             checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout,
                                    mask_min_value=mask_min_value),
             folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)),
-            masked_loss == "mask_folder" and mask_folder is not None and checks.guarded(
+            # (ComfyUI leaves the inputs named here unchecked: the combo's value too)
+            masked_loss is not None and masked_loss not in MASKED_LOSS
+            and f"masked_loss must be one of {', '.join(MASKED_LOSS)}, got {quoted(masked_loss)}",
+            mask_folder is not None and not isinstance(mask_folder, str)
+            and f"mask_folder must be a folder name, got {quoted(mask_folder)}",
+            masked_loss == "mask_folder" and isinstance(mask_folder, str) and checks.guarded(
                 lambda: paths.existing_input_folder(mask_folder, "mask_folder")))
 
     @classmethod

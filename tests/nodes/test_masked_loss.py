@@ -142,3 +142,7 @@ def test_an_image_without_a_mask_in_the_mask_folder_is_named(comfy_folders, tiny
                                                              mask_folder=folder)
     assert check("masks") is True
     assert "points outside" in check("../elsewhere") and "mask_folder" in check("nothing_here")
+    assert "masked_loss must be one of off, alpha, mask_folder" in EriTrainingImages.validate_inputs(
+        folder="set", masked_loss="depth")
+    assert "mask_folder must be a folder name" in EriTrainingImages.validate_inputs(
+        folder="set", masked_loss="mask_folder", mask_folder=7)
