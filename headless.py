@@ -30,7 +30,7 @@ from .trainers.config import ConfigError, quoted
 from .trainers.arch.sdxl import v_prediction_model
 from .trainers.distributed import World
 from .trainers.files import state_path_for
-from .trainers.job import Job, ModelJob, build_dataset
+from .trainers.job import Job, ModelJob, build_dataset, build_validation_dataset
 from .trainers.sampling import sample_round
 from .trainers.state import AdapterState
 
@@ -143,13 +143,19 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
     job = job.for_arch(arch)
     if main and job.ignored_warning():
         logging.warning("EriDiffusion: %s", job.ignored_warning())
-    dataset = build_dataset(job, lambda folder_path, key: _dataset_root(job, folder_path, key))
+    folder_root = lambda folder_path, key: _dataset_root(job, folder_path, key)   # noqa: E731
+    dataset = build_dataset(job, folder_root)
+    held_out = build_validation_dataset(job, folder_root)
     cache_dir = os.environ.get("ERI_CACHE_DIR") or os.path.join(_path(job, job.training_folder), ".eri-cache")
-    latents = text = None
+    latents = text = validation = None
     for turn in ("main", "others"):      # rank 0 encodes; the other ranks then read its cache files
         if (turn == "main") == main:
             latents = cache.cache_latents(dataset, vae, os.path.join(cache_dir, "latents"))
             text = cache.cache_text(dataset.captions, clip, os.path.join(cache_dir, "text"))
+            if held_out is not None:
+                validation = loop.Validation(cache.cache_latents(held_out, vae, os.path.join(cache_dir, "latents")),
+                                             cache.cache_text(held_out.captions, clip, os.path.join(cache_dir, "text")),
+                                             job.validation_every)
         if world is not None:
             world.barrier()
     state = starting_adapter(job, model, folder)
@@ -187,8 +193,14 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
                 logging.warning("EriDiffusion: stopped; saved the last finished step: %s", save(last_good, job, folder))
 
         every = math.gcd(job.save.save_every, sampling.every_n_steps) if sampling else job.save.save_every
-        trained = loop.train(model, state, latents, text, job.settings, remaining, on_step=bar.update if bar else None,
-                             on_every=on_every, every=every, world=world, on_stopped=on_stopped)
+        def log_validation(report: loop.StepReport):   # without the progress bar
+            if main and report.val_loss is not None:
+                print(f"step {report.step}: validation loss {report.val_loss:.5f}", flush=True)
+
+        trained = loop.train(model, state, latents, text, job.settings, remaining,
+                             on_step=bar.update if bar else log_validation,
+                             on_every=on_every, every=every, world=world, on_stopped=on_stopped,
+                             validation=validation)
     finally:
         folder_paths.set_output_directory(output_dir)
         if bar:
@@ -211,9 +223,16 @@ class _ProgressBar:
     def __init__(self, done: int, total: int):
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+        self.val_loss = None
 
     def update(self, report: loop.StepReport) -> None:
-        self.bar.set_postfix(loss=f"{report.loss:.5f}", lr=f"{report.learning_rate:.3g}", refresh=False)
+        if report.val_loss is not None:    # a line of its own, kept above the bar; the last one stays beside it
+            self.val_loss = f"{report.val_loss:.5f}"
+            self.bar.write(f"step {report.step}: validation loss {self.val_loss}")
+        shown = dict(loss=f"{report.loss:.5f}", lr=f"{report.learning_rate:.3g}")
+        if self.val_loss is not None:
+            shown["val_loss"] = self.val_loss
+        self.bar.set_postfix(**shown, refresh=False)
         self.bar.update(1)
 
     def write(self, text: str) -> None:

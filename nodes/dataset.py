@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from comfy.utils import ProgressBar
 
 from ..trainers import cache, data
-from ..trainers.config import DatasetConfig, help_of, quoted
+from ..trainers.config import MASKED_LOSS, DatasetConfig, help_of, quoted
 from . import checks, paths
 from .types import CATEGORY, Dataset, Latents, Text
 
@@ -49,36 +49,57 @@ class EriTrainingImages(io.ComfyNode):
                              tooltip=_tip("caption_variants"), optional=True),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("caption_dropout"), optional=True),
+                # masked loss
+                io.Combo.Input("masked_loss", options=list(MASKED_LOSS), default="off", tooltip=_tip("masked_loss"),
+                               optional=True),
+                io.String.Input("mask_folder", default="", tooltip=_tip("mask_folder"), optional=True),
+                io.Float.Input("mask_min_value", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip=_tip("mask_min_value"), optional=True),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
-    def validate_inputs(cls, folder=None, max_upscale=None, caption_dropout=None):
+    def validate_inputs(cls, folder=None, max_upscale=None, caption_dropout=None, masked_loss=None, mask_folder=None,
+                        mask_min_value=None):
         return checks.verdict(
-            checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout),
-            folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)))
+            checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout,
+                                   mask_min_value=mask_min_value),
+            folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)),
+            # (ComfyUI leaves the inputs named here unchecked: the combo's value too)
+            masked_loss is not None and masked_loss not in MASKED_LOSS
+            and f"masked_loss must be one of {', '.join(MASKED_LOSS)}, got {quoted(masked_loss)}",
+            mask_folder is not None and not isinstance(mask_folder, str)
+            and f"mask_folder must be a folder name, got {quoted(mask_folder)}",
+            masked_loss == "mask_folder" and isinstance(mask_folder, str) and checks.guarded(
+                lambda: paths.existing_input_folder(mask_folder, "mask_folder")))
 
     @classmethod
-    def fingerprint_inputs(cls, folder, **kwargs):
-        # Re-run when the folder's files change although its name did not.
+    def fingerprint_inputs(cls, folder, masked_loss="off", mask_folder="", **kwargs):
+        # Re-run when the folder's files (or its masks) change although its name did not.
         try:
-            return data.listing_fingerprint(paths.input_folder(folder))
+            fingerprint = data.listing_fingerprint(paths.input_folder(folder))
+            if masked_loss == "mask_folder":
+                fingerprint += data.listing_fingerprint(paths.input_folder(mask_folder, "mask_folder"))
+            return fingerprint
         except Exception as e:
             return str(e)
 
     @classmethod
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
                 max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
-                caption_dropout=0.0) -> io.NodeOutput:
+                caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0) -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
                                keep_tokens=keep_tokens, caption_variants=caption_variants,
-                               caption_dropout=caption_dropout)
+                               caption_dropout=caption_dropout, masked_loss=masked_loss, mask_folder=mask_folder,
+                               mask_min_value=mask_min_value)
         root = paths.input_folder(folder)
+        mask_root = paths.input_folder(mask_folder, "mask_folder") if masked_loss == "mask_folder" else None
         dataset = data.scan_dataset(root, config, confine=not paths.any_path_allowed(),
-                                    on_progress=_progress(ProgressBar(1)))   # the scan reports the total
+                                    on_progress=_progress(ProgressBar(1)),   # the scan reports the total
+                                    mask_root=mask_root)
         if dataset.skipped:
             logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), quoted(folder))
         logging.info("EriDiffusion: %r", dataset)

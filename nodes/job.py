@@ -178,6 +178,8 @@ class EriLoadTrainingJob(io.ComfyNode):
                     digest.update(f.read(MAX_JOB_BYTES + 1))
             for d in parsed.datasets:
                 digest.update(data.listing_fingerprint(input_folder_root(d.folder_path, "folder_path")).encode())
+                if d.mask_path.strip():
+                    digest.update(data.listing_fingerprint(input_folder_root(d.mask_path, "mask_path")).encode())
         except Exception as e:
             digest.update(str(e).encode())
         return digest.hexdigest()
@@ -194,6 +196,10 @@ class EriLoadTrainingJob(io.ComfyNode):
                               f"ComfyUI's ModelSamplingDiscrete node (sampling v_prediction) after the model loader "
                               f"and train that MODEL, or remove is_v_pred")
         dataset = build_dataset(parsed, input_folder_root)
+        if any(d.validation for d in parsed.datasets):
+            logging.warning("EriDiffusion: %s: the validation datasets are evaluated by the headless run; on the "
+                            "canvas, connect their own Training images, Cache latents and Cache captions to Train "
+                            "steps' validation inputs", parsed.source)
         sampling = None
         if clip is not None and vae is not None:
             sampling = sampling_settings(parsed, arch, clip, vae, f"{parsed.save_prefix}_sample")

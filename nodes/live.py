@@ -2,7 +2,8 @@
 the samples as they are made, and the run's history kept here so a reloaded page (or another tab) can draw
 the whole chart and show the samples again.
 
-    eridiffusion.step   {node, workflow, prompt_id, step, total, loss, lr, it_per_s, eta_s, elapsed_s}
+    eridiffusion.step   {node, workflow, prompt_id, step, total, loss, lr, it_per_s, eta_s, elapsed_s[, val_loss]}
+                        val_loss: the held-out set's loss, on the steps it is evaluated
     eridiffusion.run    {node, workflow, prompt_id, state, step, total, elapsed_s, saved, error}
                         state: running | finished | cancelled | failed
     executed            ComfyUI's own message: the node's sample images so far (the canvas shows them)
@@ -84,14 +85,18 @@ class LiveRun:
         self.images: list[dict] = []
         if self.node_id is not None:
             steps, losses, lrs = list(prior.steps), list(prior.losses), list(prior.learning_rates)
+            val_steps, val_losses = list(prior.val_steps), list(prior.val_losses)
             stride = 1
             while len(steps) > MAX_POINTS:
                 steps, losses, lrs, stride = steps[::2], losses[::2], lrs[::2], stride * 2
+            while len(val_steps) > MAX_POINTS:
+                val_steps, val_losses = val_steps[::2], val_losses[::2]
             with _lock:
                 _touch(self._key, {
                     "node": self.node_id, "workflow": workflow, "prompt_id": self.prompt_id,
                     "first_step": first_step, "total": total, "steps": steps, "losses": losses, "lrs": lrs,
-                    "stride": stride, "state": RUNNING, "running": True, "it_per_s": 0.0, "eta_s": None,
+                    "val_steps": val_steps, "val_losses": val_losses, "stride": stride, "state": RUNNING,
+                    "running": True, "it_per_s": 0.0, "eta_s": None,
                     "elapsed_s": 0.0, "saved": None, "error": None, "images": []})
         self._send(RUN_EVENT, self._run_event(RUNNING))
 
@@ -125,6 +130,9 @@ class LiveRun:
                  "step": report.step, "total": report.total, "loss": report.loss, "lr": report.learning_rate,
                  "it_per_s": rate, "eta_s": (report.total - report.step) / rate if rate > 0 else None,
                  "elapsed_s": elapsed}
+        val_loss = getattr(report, "val_loss", None)
+        if val_loss is not None:
+            event["val_loss"] = val_loss
         if self.node_id is not None:
             with _lock:
                 h = self._mine()
@@ -137,6 +145,11 @@ class LiveRun:
                         for key in ("steps", "losses", "lrs"):
                             h[key] = h[key][::2]
                         h["stride"] *= 2
+                    if val_loss is not None:
+                        h["val_steps"].append(report.step)
+                        h["val_losses"].append(val_loss)
+                        if len(h["val_steps"]) > MAX_POINTS:
+                            h["val_steps"], h["val_losses"] = h["val_steps"][::2], h["val_losses"][::2]
                     h.update(total=report.total, it_per_s=rate, eta_s=event["eta_s"], elapsed_s=elapsed)
                     _touch(self._key, h)
         self._send(STEP_EVENT, event)

@@ -12,7 +12,7 @@ from comfy.utils import ProgressBar
 
 from ..trainers import checkpoint, loop
 from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS,
-                                PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, TrainingSettings, help_of)
+                                PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, ConfigError, TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
 from ..trainers.state import patched_model
@@ -143,6 +143,19 @@ class EriTrainSteps(io.ComfyNode):
                              tooltip="Keep only the newest K saves of save_prefix (0 = keep all)."),
                 io.String.Input("save_prefix", default="eri/checkpoints/my_lora", optional=True,
                                 tooltip="File name under models/loras for save_every; the step number is appended."),
+                # validation loss on a held-out set
+                Latents.Input("validation_latents", optional=True,
+                              tooltip="Held-out images (their own Training images and Cache latents, not trained "
+                                      "on): their loss is evaluated every validation_every steps and after the last "
+                                      "step, at fixed timesteps and noise (the same in every run, whatever the seed "
+                                      "or the images' order), without changing training, with the weights being "
+                                      "trained (not their EMA). It is shown on the live chart, in the Loss graph "
+                                      "and in the log. Connect validation_captions too."),
+                Text.Input("validation_captions", optional=True,
+                           tooltip="Cache captions of the held-out images (with validation_latents)."),
+                io.Int.Input("validation_every", default=50, min=1, max=1000000, optional=True,
+                             tooltip="Evaluate the validation loss every N steps (and after the last step). Each "
+                                     "evaluation runs the model on every held-out image at 4 timesteps."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
@@ -157,15 +170,21 @@ class EriTrainSteps(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, save_every=None, save_prefix=None):
+    def validate_inputs(cls, save_every=None, save_prefix=None, validation_every=None):
         return checks.verdict(
-            checks.numbers_problem(cls, save_every=save_every),
+            checks.numbers_problem(cls, save_every=save_every, validation_every=validation_every),
             bool(save_every) and save_prefix is not None and checks.guarded(
                 lambda: paths.lora_prefix(save_prefix, "save_prefix")))
 
     @classmethod
     def execute(cls, model, adapter, latents, captions, settings, steps, sampling=None, save_every=0, keep_last=3,
-                save_prefix="eri/checkpoints/my_lora") -> io.NodeOutput:
+                save_prefix="eri/checkpoints/my_lora", validation_latents=None, validation_captions=None,
+                validation_every=50) -> io.NodeOutput:
+        if (validation_latents is None) != (validation_captions is None):
+            raise ConfigError("validation_latents and validation_captions go together: connect both (the held-out "
+                              "images' Cache latents and Cache captions) or neither")
+        validation = loop.Validation(validation_latents, validation_captions, validation_every) \
+            if validation_latents is not None else None
         bar = ProgressBar(steps)
         if save_every:
             # A bad prefix fails before training, and the run's saves (every N steps and the one when it
@@ -188,8 +207,9 @@ class EriTrainSteps(io.ComfyNode):
         images, sample_files = [], []
 
         def on_step(report: loop.StepReport):
-            logging.info("EriDiffusion: step %d/%d loss %.5f lr %.3g", report.step, report.total, report.loss,
-                         report.learning_rate)
+            logging.info("EriDiffusion: step %d/%d loss %.5f lr %.3g%s", report.step, report.total, report.loss,
+                         report.learning_rate,
+                         "" if report.val_loss is None else f" validation loss {report.val_loss:.5f}")
             live.step(report)
             if save_every and report.step % save_every == 0:
                 save(report.export())
@@ -209,7 +229,7 @@ class EriTrainSteps(io.ComfyNode):
                                  on_every=on_every if sampling else None,
                                  every=sampling.every_n_steps if sampling else 0,
                                  # Cancel or an error: keep the last finished step, if saves were asked for
-                                 on_stopped=save if save_every else None)
+                                 on_stopped=save if save_every else None, validation=validation)
         except BaseException as stop:   # 0.33's InterruptProcessingException is a BaseException
             cancelled = isinstance(stop, comfy.model_management.InterruptProcessingException)
             live.finish(live_view.CANCELLED if cancelled else live_view.FAILED, saved[-1] if saved else None,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import quoted
-from .data import Dataset, DatasetItem, load_image
+from .data import Dataset, DatasetItem, load_image, load_mask
 from .files import atomic_write
 
 
@@ -38,9 +38,13 @@ class LatentSet:
     latents: tuple[torch.Tensor, ...]   # (C, h, w) each, float32, CPU
     vae_id: str
     encoded: int                        # VAE encodes this run performed (0 when everything came from disk)
+    # masked loss: one (h, w) weight map per latent (ones for an item without a mask) when any item has a mask,
+    # else empty
+    masks: tuple[torch.Tensor, ...] = ()
 
     def __repr__(self):
-        return f"LatentSet({len(self.latents)} latents, {self.encoded} encoded, vae {self.vae_id})"
+        masks = f", {len(self.masks)} masks" if self.masks else ""
+        return f"LatentSet({len(self.latents)} latents, {self.encoded} encoded{masks}, vae {self.vae_id})"
 
 
 def latent_key(item: DatasetItem, vae_id: str) -> str:
@@ -95,7 +99,40 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
                              lambda p, t=latent: save_file({"latent": t}, p))
             done += len(chunk)
             report(done)
-    return LatentSet(dataset, tuple(latents[i] for i in range(len(keys))), vae_id, len(missing))
+    ordered = tuple(latents[i] for i in range(len(keys)))
+    return LatentSet(dataset, ordered, vae_id, len(missing), cache_masks(dataset, ordered, cache_dir))
+
+
+def mask_key(item: DatasetItem, size: tuple[int, int]) -> str:
+    """Keyed by the mask's content (the image's own bytes for alpha), the crop and the latent's size."""
+    source = "alpha" if item.mask == "alpha" else "file"
+    text = f"mask|{source}|{item.mask_hash}|{item.original_size}|{item.bucket}|{item.crop}|{item.flip}|" \
+           f"{item.mask_min!r}|{size}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_masks(dataset: Dataset, latents: tuple[torch.Tensor, ...], cache_dir: str) -> tuple[torch.Tensor, ...]:
+    """The masked-loss weights of every item at its latent's size, read from or written to `cache_dir` (beside
+    the latents); () when no item has a mask."""
+    if not any(item.mask for item in dataset.items):
+        return ()
+    masks = []
+    for item, latent in zip(dataset.items, latents):
+        size = tuple(latent.shape[-2:])
+        mask = None
+        if item.mask:
+            path = os.path.join(cache_dir, mask_key(item, size) + ".safetensors")
+            if os.path.isfile(path):
+                try:
+                    mask = load_file(path)["mask"]
+                except Exception:   # a damaged cache file is simply made again
+                    mask = None
+            if mask is None or tuple(mask.shape) != size:
+                mask = load_mask(item, size)
+                if mask is not None:
+                    atomic_write(path, lambda p, t=mask: save_file({"mask": t}, p))
+        masks.append(torch.ones(size) if mask is None else mask)
+    return tuple(masks)
 
 
 def _pixels(item: DatasetItem) -> torch.Tensor:

@@ -123,7 +123,8 @@ def save_adapter(state: AdapterState, path: str, save_dtype: str = "fp16") -> st
     meta = {"format": STATE_FORMAT, "spec": spec_to_json(state.spec), "step": state.step,
             "cursor": state.cursor, "optimizer_name": state.optimizer_name or "",
             "history": {"steps": history.steps, "losses": history.losses,
-                        "learning_rates": history.learning_rates},
+                        "learning_rates": history.learning_rates, "val_steps": history.val_steps,
+                        "val_losses": history.val_losses},
             "settings": state.settings or {},
             "adapter_sha256": hashlib.sha256(adapter_data).hexdigest()}
     if state.run_id:
@@ -184,13 +185,16 @@ def _history(meta: dict) -> LossHistory:
     values = _json_entry(meta, "history", dict, required=False, default={})
     columns = []
     for key, kinds, what in (("steps", (int,), "whole numbers"), ("losses", (int, float), "numbers"),
-                             ("learning_rates", (int, float), "numbers")):
+                             ("learning_rates", (int, float), "numbers"), ("val_steps", (int,), "whole numbers"),
+                             ("val_losses", (int, float), "numbers")):
         column = values.get(key, [])
         if not isinstance(column, list) or not all(type(v) in kinds for v in column):
             raise _Damaged(f"its loss history's {key} are not all {what}")
         columns.append(tuple(column))
-    if len({len(c) for c in columns}) > 1:
+    if len({len(c) for c in columns[:3]}) > 1:
         raise _Damaged("its loss history's steps, losses and learning rates differ in length")
+    if len(columns[3]) != len(columns[4]):
+        raise _Damaged("its loss history's validation steps and losses differ in length")
     return LossHistory(*columns)
 
 

@@ -120,6 +120,7 @@ TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "sigmoid", "lognorm_ble
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "weighted")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_MODES = ("cuda_graphs", "off")
+MASKED_LOSS = ("off", "alpha", "mask_folder")
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,19 @@ class DatasetConfig:
                                   "in memory.", default=4)
     caption_dropout: float = _help("Probability of training an image of this folder on the empty caption (the "
                                    "larger of this and Training settings' caption_dropout applies).", default=0.0)
+    # Masked loss (kohya's masked_loss, ai-toolkit's alpha_mask / mask_path / mask_min_value)
+    masked_loss: str = _help("Weight each image's loss per pixel by a mask, to train on part of an image (kohya "
+                             "masked_loss, ai-toolkit alpha_mask / mask_path). off: the whole image. alpha: the "
+                             "image's transparency (opaque = trained, transparent = ignored; an image without alpha "
+                             "trains whole; the pixels are still flattened onto white for the VAE). mask_folder: a "
+                             "grayscale image of the same name (any image extension) in mask_folder: white = trained, "
+                             "black = ignored, grey in between. The mask is cropped and mirrored with its image and "
+                             "shrunk to the latent's size; the loss is the mean of loss x mask (kohya's).",
+                             default="off")
+    mask_folder: str = _help("With masked_loss mask_folder: the folder of masks under ComfyUI's input folder, laid "
+                             "out as the training folder (same sub-folders, same file names).", default="")
+    mask_min_value: float = _help("The lowest weight a mask gives, 0 to 1 (ai-toolkit's mask_min_value): 0.1 still "
+                                  "trains the masked-out parts at a tenth.", default=0.0)
 
     # Not a field. Text encoders read 77 (CLIP) to 512 (T5) tokens, so longer text only costs encoding time
     # (a 10 MB caption kept Cache captions busy for 14 minutes); real captions stay far below this.
@@ -183,6 +197,14 @@ class DatasetConfig:
             raise ConfigError(f"keep_tokens must be between 0 and 1000, got {self.keep_tokens}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
+        if self.masked_loss not in MASKED_LOSS:
+            raise ConfigError(f"masked_loss must be one of {', '.join(MASKED_LOSS)}, got {quoted(self.masked_loss)}")
+        check_finite("dataset", mask_min_value=self.mask_min_value)
+        if not 0.0 <= self.mask_min_value <= 1.0:
+            raise ConfigError(f"mask_min_value must be between 0 and 1, got {self.mask_min_value}")
+        if self.masked_loss == "mask_folder" and not self.mask_folder.strip():
+            raise ConfigError("masked_loss mask_folder needs a mask_folder: name the folder of masks (under "
+                              "ComfyUI's input folder), or set masked_loss to alpha or off")
         for name in ("default_caption", "trigger_word"):
             if len(getattr(self, name)) > self.MAX_CAPTION_CHARS:
                 raise ConfigError(f"{name} is {len(getattr(self, name)):,} characters, more than the "

@@ -1,6 +1,7 @@
 """Training images: folder scan, captions, kohya repeat folders and multi-resolution aspect buckets."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -11,6 +12,8 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from . import files
@@ -65,6 +68,12 @@ class DatasetItem:
     # With shuffle_captions: the orders of the caption's tags that are cached, one drawn per step (else empty)
     caption_variants: tuple[str, ...] = ()
     caption_dropout: float = 0.0     # its folder's probability of the empty caption
+    # masked loss: "" (none), "alpha" (the image's transparency) or the mask file's path; the sha256 of its
+    # bytes, its size as displayed, and the lowest weight it gives (DatasetConfig.mask_min_value)
+    mask: str = ""
+    mask_hash: str = ""
+    mask_size: tuple[int, int] = (0, 0)
+    mask_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -177,9 +186,51 @@ def load_image(item: DatasetItem) -> Image.Image:
     return img
 
 
+def load_mask(item: DatasetItem, size: tuple[int, int]) -> torch.Tensor | None:
+    """The item's loss weights at latent size (height, width): its mask cropped, resized and mirrored as its image
+    is, in [mask_min, 1], shrunk by area averaging (kohya's); None when the item has no mask (an image without
+    alpha under masked_loss alpha): it trains whole."""
+    if not item.mask:
+        return None
+    alpha = item.mask == "alpha"
+    path = item.path if alpha else item.mask
+    expected = item.original_size if alpha else item.mask_size
+    name = quoted(os.path.basename(path))
+    try:
+        img = Image.open(path, formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ConfigError(f"mask {name} is too large to decode safely ({e}); it changed since the folder was "
+                          f"scanned: run Training images again") from None
+    with img:
+        if sorted(img.size) != sorted(expected):
+            raise ConfigError(f"{'image' if alpha else 'mask'} {name} is now {img.size[0]}x{img.size[1]} pixels, "
+                              f"not the {expected[0]}x{expected[1]} it had when the folder was scanned: run "
+                              f"Training images again")
+        if alpha and not _has_alpha(img):   # (known from the header: nothing decoded)
+            return None
+        img = ImageOps.exif_transpose(img)
+        if alpha:
+            mask = img.convert("RGBA").getchannel("A")
+        else:   # kohya reads a mask image's first channel
+            mask = _to_rgb(img).getchannel("R")
+            if mask.size != item.original_size:
+                mask = mask.resize(item.original_size, Image.Resampling.BILINEAR)
+        resized, (left, top) = crop_for(item.original_size, item.bucket)
+        mask = mask.resize(resized, Image.Resampling.LANCZOS)
+        mask = mask.crop((left, top, left + item.bucket.width, top + item.bucket.height))
+    if item.flip:
+        mask = ImageOps.mirror(mask)
+    weights = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).clamp_(min=item.mask_min)
+    return torch.nn.functional.interpolate(weights[None, None], size=size, mode="area")[0, 0].contiguous()
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     # Palette, CMYK, 16-bit and alpha images are flattened to 8-bit RGB on white.
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
@@ -246,13 +297,14 @@ def most_elongated(buckets: tuple[Bucket, ...]) -> float:
 
 
 def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> Dataset:
+                 on_progress: Callable[[int, int], None] | None = None, mask_root: str | None = None) -> Dataset:
     """Read the folder into a Dataset, or raise ConfigError naming the file and the fix.
 
     confine: every image and caption file must lie inside `root` once links are resolved (a link to a file
     elsewhere is refused). None (the default) confines unless ERI_ALLOW_ANY_PATH=1 is set, the switch that
     also frees the folder itself; callers who already know pass a bool.
-    on_progress(done, total) is called before each file: a caller may raise from it to stop the scan."""
+    on_progress(done, total) is called before each file: a caller may raise from it to stop the scan.
+    mask_root: the directory of config.mask_folder (masked_loss mask_folder), resolved by the caller."""
     if confine is None:
         confine = not any_path_allowed()
     if not os.path.isdir(root):
@@ -263,6 +315,7 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
     buckets = make_buckets(config.resolution, config.min_side, config.max_side)
     elongation_limit = ELONGATION_LIMIT * most_elongated(buckets)
     listing = list_image_files(root)
+    masks = _mask_files(root, config, mask_root, confine)
     items, skipped, duplicates, seen = [], [], [], {}
     for done, (path, repeats) in enumerate(listing):
         if on_progress:
@@ -300,9 +353,10 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
             duplicates.append((path, seen[content_hash]))
             continue
         seen[content_hash] = path
+        mask = _mask_of(path, name, size, content_hash, config, masks, elongation_limit)
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash, variants,
-                                     config.caption_dropout))
+                                     config.caption_dropout, **mask))
     if not items:
         raise ConfigError(f"folder {quoted(config.folder)} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           f"{len(skipped)} other files were skipped. Put training images in {root}")
@@ -313,6 +367,46 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
                                   f"{quoted(os.path.relpath(b, root))}" for a, b in duplicates[:5])
                         + (" ..." if len(duplicates) > 5 else ""))
     return Dataset(config, root, tuple(items), tuple(skipped), tuple(duplicates))
+
+
+def _mask_files(root: str, config: DatasetConfig, mask_root: str | None, confine: bool) -> dict[str, str]:
+    """With masked_loss mask_folder: {image path relative to root without extension: mask file}; else {}."""
+    if config.masked_loss != "mask_folder":
+        return {}
+    if mask_root is None or not os.path.isdir(mask_root):
+        raise ConfigError(f"mask_folder {quoted(config.mask_folder)} does not exist"
+                          + (f" (looked for {mask_root})" if mask_root else "") + ": create it with a mask per image")
+    if os.path.realpath(mask_root) == os.path.realpath(root):
+        raise ConfigError(f"mask_folder {quoted(config.mask_folder)} is the training folder itself: its masks would "
+                          f"be trained on as images. Put the masks in a folder of their own")
+    found = {}
+    for path, _ in list_image_files(mask_root):
+        relative, extension = os.path.splitext(os.path.relpath(path, mask_root))
+        if extension.lower() not in IMAGE_EXTENSIONS or relative in found:
+            continue
+        if confine and not files.inside(mask_root, path):
+            raise ConfigError(_links_outside("mask", relative + extension,
+                                             dataclasses.replace(config, folder=config.mask_folder)))
+        found[relative] = path
+    return found
+
+
+def _mask_of(path: str, name: str, size: tuple[int, int], content_hash: str, config: DatasetConfig,
+             masks: dict[str, str], elongation_limit: float) -> dict:
+    """The DatasetItem fields of an image's mask (none without masked_loss)."""
+    if config.masked_loss == "off":
+        return {}
+    if config.masked_loss == "alpha":
+        return dict(mask="alpha", mask_hash=content_hash, mask_size=size, mask_min=config.mask_min_value)
+    mask_path = masks.get(os.path.splitext(name)[0])
+    if mask_path is None:
+        raise ConfigError(f"image {quoted(name)} has no mask in mask_folder {quoted(config.mask_folder)} (a "
+                          f"{os.path.splitext(name)[0]}.png, or another image extension, there): add it, or set "
+                          f"masked_loss to off")
+    mask_name = os.path.splitext(name)[0] + os.path.splitext(mask_path)[1]
+    mask_size, mask_hash = _measure_image(mask_path, mask_name, dataclasses.replace(config, folder=config.mask_folder),
+                                          math.inf)
+    return dict(mask=mask_path, mask_hash=mask_hash, mask_size=mask_size, mask_min=config.mask_min_value)
 
 
 def _unquoted(text: str, limit: int = 100) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import prompts as prompts_module
-from .config import HUBER_SCHEDULES, ConfigError, DatasetConfig, TrainingSettings, quoted
+from .config import HUBER_SCHEDULES, MASKED_LOSS, ConfigError, DatasetConfig, TrainingSettings, quoted
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
@@ -163,7 +163,7 @@ AITK_IGNORED = {
         "target_noise_multiplier": _neutral(1, 1.0), "pred_scaler": _neutral(1, 1.0)},
     "datasets": {**{k: _OFF for k in (
         "dataset_path", "random_triggers", "random_scale", "random_crop", "is_reg", "token_dropout_rate",
-        "flip_y", "augments", "control_path", "alpha_mask", "mask_path", "mask_min_value", "poi",
+        "flip_y", "augments", "control_path", "poi",
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
         "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
@@ -198,7 +198,7 @@ AITK_SUBKEYS = {
               "layer_offloading_text_encoder_percent": "layer_offloading", "block_compile": "compile",
               "compile_mode": "compile", "compile_fullgraph": "compile", "compile_dynamic": "compile",
               "cache_size_limit": "compile"},
-    "datasets": {"mask_min_value": "mask_path", "random_triggers_max": "random_triggers"},
+    "datasets": {"random_triggers_max": "random_triggers"},
 }
 
 
@@ -238,6 +238,8 @@ class DatasetJob:
     folder_path: str
     configs: tuple[DatasetConfig, ...]      # one per resolution
     num_repeats: int = 1
+    mask_path: str = ""                     # the folder of masks (masked_loss mask_folder)
+    validation: bool = False                # held out: its loss is evaluated, it is not trained on
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,7 @@ class Job:
     timestep_type: str = ""                 # ai-toolkit's train.timestep_type ("" when the job uses our own)
     explicit_shift: bool = False            # train.timestep_shift is given: it wins over timestep_type's shift
     arch_ignored: tuple[tuple[str, str], ...] = ()  # (arch, entry): keys that have an effect on that arch only
+    validation_every: int = 100             # train.validate_every_n_steps (with a validation dataset)
 
     def for_arch(self, arch: str) -> "Job":
         """The job for a MODEL of `arch` (sdxl, sd3, flux): what ai-toolkit does per model family (timesteps,
@@ -671,6 +674,7 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     datasets = [_parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source), trigger)
                 for i, d in enumerate(datasets_raw)]
     # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
+    validation_every = train.int("validate_every_n_steps", 100, lo=1, hi=STEPS_MAX)   # kohya's name
     settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, 0.0, cpu_offload)
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
@@ -682,7 +686,8 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
                       f"linear_alpha: 16}}")
     return Job(name=name.strip(), source=source, training_folder=training_folder, device=device,
                trigger_word=trigger, model=model, network=network, settings=settings, steps=steps,
-               datasets=tuple(datasets), save=save, sample=sample if sampling_on else None, **timesteps)
+               datasets=tuple(datasets), save=save, sample=sample if sampling_on else None,
+               validation_every=validation_every, **timesteps)
 
 
 def _parse_model(m: _Section) -> ModelJob:
@@ -757,6 +762,19 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
                   caption_variants=d.int("caption_variants", 4, lo=1, hi=DatasetConfig.MAX_CAPTION_VARIANTS),
                   caption_dropout=dropout)
     repeats = d.int("num_repeats", 1, lo=1, hi=10000)
+    # masked loss: ai-toolkit's alpha_mask / mask_path / mask_min_value, or masked_loss as the node has it
+    mask_path = d.str("mask_path", "")
+    masked = "mask_folder" if mask_path.strip() else "alpha" if d.bool("alpha_mask", False) else "off"
+    if isinstance(d.raw("masked_loss"), bool):   # kohya's switch: the masks of mask_path, else the alpha channel
+        masked = masked if masked != "off" or not d.raw("masked_loss") else "alpha"
+        masked = masked if d.raw("masked_loss") else "off"
+    else:
+        masked = d.choice("masked_loss", masked, {m: m for m in MASKED_LOSS})
+    if masked == "mask_folder" and not mask_path.strip():
+        raise d.error(f"{d.key('masked_loss')} mask_folder needs {d.key('mask_path')}: the folder of masks")
+    common.update(masked_loss=masked, mask_folder=mask_path,
+                  mask_min_value=d.float("mask_min_value", 0.0, lo=0.0, hi=1.0))
+    validation = d.bool("validation", False)    # EriDiffusion's own: a held-out set
     d.done()
     try:
         configs = tuple(DatasetConfig(resolution=r, min_side=min(256, r), max_side=max(2048, r), **common)
@@ -764,7 +782,7 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     except ConfigError as e:    # DatasetConfig checks its own fields (caption_ext): report the job's key
         field_name = re.search(r"\b(caption_ext|default_caption|trigger_word|resolution)\b", str(e))
         raise d.error(f"{d.key(field_name[1])}: {e}" if field_name else f"{d.path}: {e}") from None
-    return DatasetJob(folder, configs, repeats)
+    return DatasetJob(folder, configs, repeats, mask_path, validation)
 
 
 def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):
@@ -1022,16 +1040,28 @@ def build_dataset(job: Job, folder_root) -> "data.Dataset":
     """All datasets of the job, each at each of its resolutions, as one Dataset (a batch never mixes buckets,
     so resolutions train in batches of their own). `folder_root(folder_path, key)` resolves a folder_path to
     a directory (the node keeps it under ComfyUI's input folder; the command resolves it next to the job)."""
+    if not any(not d.validation for d in job.datasets):
+        raise ConfigError(f"{job.source}: the job has no datasets to train on: add config.process[0].datasets "
+                          f"with a folder_path of training images")
+    return _scanned(job, folder_root, validation=False)
+
+
+def build_validation_dataset(job: Job, folder_root) -> "data.Dataset | None":
+    """The job's held-out datasets (validation: true) as one Dataset, or None when it has none."""
+    return _scanned(job, folder_root, validation=True) if any(d.validation for d in job.datasets) else None
+
+
+def _scanned(job: Job, folder_root, validation: bool) -> "data.Dataset":
     from . import data
-    if not job.datasets:
-        raise ConfigError(f"{job.source}: the job has no datasets: add config.process[0].datasets with a "
-                          f"folder_path of training images")
     items, first = [], None
     for i, d in enumerate(job.datasets):
+        if d.validation != validation:
+            continue
         root = folder_root(d.folder_path, f"datasets[{i}].folder_path")
+        mask_root = folder_root(d.mask_path, f"datasets[{i}].mask_path") if d.mask_path.strip() else None
         for config in d.configs:
             try:
-                scanned = data.scan_dataset(root, config)
+                scanned = data.scan_dataset(root, config, mask_root=mask_root)
             except ConfigError as e:
                 raise ConfigError(f"{job.source}: datasets[{i}]: {e}") from None
             first = first or scanned

@@ -10,7 +10,9 @@ installed as object patches, so the MODEL that came in is never changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
 import logging
 import math
 import time
@@ -67,8 +69,30 @@ class StepReport:
     learning_rate: float
     seconds: float       # wall time of this step
     skipped: bool = False   # NaN/inf loss or gradients: no update (nan_policy skip)
+    val_loss: float | None = None   # the held-out set's loss after this step, on the steps it is evaluated
     # the adapter state as of this step, built on demand (a copy to the CPU): for saves every N steps
     export: Callable[[], AdapterState] | None = field(default=None, repr=False, compare=False)
+
+
+# Validation evaluates each held-out image at these fractions of the noise schedule (percent_to_sigma: 0 = pure
+# noise), each with noise drawn from a generator seeded by the image alone.
+VALIDATION_PERCENTS = (0.125, 0.375, 0.625, 0.875)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A held-out set whose loss is evaluated every `every` steps and after a run's last step."""
+    latents: LatentSet
+    text: TextSet
+    every: int
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.every == 0
+
+
+def _identity(item) -> str:
+    """What tells a held-out image from another: its bytes and how it is cropped (not its place in a folder)."""
+    return hashlib.sha256(f"{item.content_hash}|{item.bucket}|{item.crop}|{item.flip}".encode()).hexdigest()
 
 
 class DataOrder:
@@ -170,6 +194,7 @@ class TrainingRun:
         self.skipped, self.consecutive_skips = 0, 0
         self._step_start = None
         self.losses, self.lrs, self.steps = [], [], []
+        self.val_steps, self.val_losses = [], []
         # Each step's summed gradients, where the optimizer (and clipping, and DDP's all-reduce) read them.
         for param in self.params:
             param.grad = torch.zeros_like(param)
@@ -230,6 +255,7 @@ class TrainingRun:
             if variants:    # shuffle_captions: one of the cached orders
                 caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
             contexts.append(self.text.get("" if dropped else caption))
+        mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
@@ -238,15 +264,29 @@ class TrainingRun:
         if self.world is not None:   # every rank drew the global batch's randomness; it keeps its share
             share = self.world.share(len(items))
             x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
+            mask = mask[share] if mask is not None else None
             if not items:
                 return None
+        return self._inputs(x0, noise, sigma, contexts, items, mask)
+
+    def _inputs(self, x0, noise, sigma, contexts, items, mask) -> dict[str, torch.Tensor]:
         conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), self.settings,
                                               self.device)
-        return {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
-                **{f"cond.{name}": value for name, value in conditioning.items()}}
+        inputs = {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
+                  **{f"cond.{name}": value for name, value in conditioning.items()}}
+        if mask is not None:    # masked loss: (B, 1, h, w) weights
+            inputs["mask"] = mask.to(self.device)
+        return inputs
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Device work only (it is what a CUDA graph replays): no host syncs, no randomness."""
+        weighted = self._weighted_losses(inputs)
+        if self.world is not None:   # this share's part of the global batch's mean
+            return weighted.sum() / self.global_count
+        return weighted.mean()
+
+    def _weighted_losses(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each sample's loss times its timestep's weight."""
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
         x_noisy = self.arch.noisy(ms, x0, noise, sigma)
@@ -260,12 +300,45 @@ class TrainingRun:
         threshold = None
         if self.settings.loss_type in ("huber", "smooth_l1"):
             threshold = huber_threshold(self.settings, *self.arch.noise_levels(ms, sigma.to(wide)))
-        per_sample = elementwise_loss(prediction.to(wide), target.to(wide), self.settings, threshold).mean(
-            dim=tuple(range(1, target.ndim)))
-        weight = self.arch.loss_weight(ms, sigma, self.settings)
-        if self.world is not None:   # this share's part of the global batch's mean
-            return (per_sample * weight).sum() / self.global_count
-        return (per_sample * weight).mean()
+        elementwise = elementwise_loss(prediction.to(wide), target.to(wide), self.settings, threshold)
+        if "mask" in inputs:    # kohya's masked loss: the mean of loss x mask
+            elementwise = elementwise * inputs["mask"].to(wide)
+        per_sample = elementwise.mean(dim=tuple(range(1, target.ndim)))
+        return per_sample * self.arch.loss_weight(ms, sigma, self.settings)
+
+    def validation_loss(self, validation: Validation) -> float:
+        """The mean loss of the held-out images at fixed timesteps and noise, without gradients, the adapter in
+        eval mode. Each image's noise depends only on the image (_identity), and images are summed in the order
+        of their identities: the value is the same whatever the training run's randomness, the order of the
+        images, or what else was evaluated, so runs compare. Training's generator is never drawn from."""
+        latents, ms, count = validation.latents, self.model_sampling, len(VALIDATION_PERCENTS)
+        sigma = torch.tensor([float(ms.percent_to_sigma(p)) for p in VALIDATION_PERCENTS])
+        items = latents.dataset.items
+        total = 0.0
+        for layer in self.layers.values():
+            layer.eval()
+        try:
+            with torch.no_grad(), cast_once(self.layers, self.activation_dtype):
+                for i in sorted(range(len(items)), key=lambda i: _identity(items[i])):
+                    item = items[i]
+                    gen = torch.Generator().manual_seed(int(_identity(item)[:15], 16))
+                    x0 = self.base_model.latent_format.process_in(latents.latents[i][None]).repeat(count, 1, 1, 1)
+                    noise = torch.randn(x0.shape, generator=gen)
+                    try:
+                        contexts = [validation.text.get(item.caption)] * count
+                    except KeyError:
+                        raise ConfigError(f"the validation captions lack the caption of a validation image: connect "
+                                          f"the validation images to the validation Cache captions") from None
+                    mask = latents.masks[i][None, None].repeat(count, 1, 1, 1) if latents.masks else None
+                    inputs = self._inputs(x0, noise, sigma, contexts, [item] * count, mask)
+                    total += self._weighted_losses(inputs).double().sum().item()
+        finally:
+            for layer in self.layers.values():
+                layer.train()
+        loss = total / (len(items) * count)
+        self.val_steps.append(self.step_count)
+        self.val_losses.append(loss)
+        return loss
 
     def _loss_and_gradients(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
@@ -376,7 +449,7 @@ class TrainingRun:
             step=self.step_count, cursor=cursor,
             optimizer=cpu_copy(self.optimizer.state_dict()), optimizer_name=self.settings.optimizer,
             rng=rng.clone(),
-            history=self.state.history.extended(self.steps, self.losses, self.lrs),
+            history=self.state.history.extended(self.steps, self.losses, self.lrs, self.val_steps, self.val_losses),
             settings=self.settings.to_dict(), run_id=run_id,
             ema=None if self.ema is None else {n: t.to("cpu", copy=True) for n, t in zip(self.ema_names, self.ema)})
 
@@ -402,20 +475,24 @@ def long_lived_objects_frozen():
 def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, settings: TrainingSettings,
           steps: int, on_step: Callable[[StepReport], None] | None = None,
           on_every: Callable[["TrainingRun"], None] | None = None, every: int = 0, world=None,
-          on_stopped: Callable[[AdapterState], None] | None = None) -> AdapterState:
+          on_stopped: Callable[[AdapterState], None] | None = None,
+          validation: Validation | None = None) -> AdapterState:
     """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel).
     `on_every(run)` runs after each step whose number is a multiple of `every`, and after the last step, with
     the run as it is then (sampling reads `run.export()`); it may load other models: the run's own is loaded
     again before the next step. `world` (trainers.distributed.World) trains this rank's share of batches
     `world.size` times larger, with gradients summed over the ranks. When training stops early — Cancel
     (ComfyUI's interrupt), NaN, out of memory, any error — `on_stopped` gets the adapter as of the last
-    finished step (to save it) before the exception goes on."""
+    finished step (to save it) before the exception goes on. `validation`: a held-out set whose loss the
+    reports carry (StepReport.val_loss) on the steps it is due."""
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen(), training_mode():
             run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
             for _ in range(steps):
                 report = run.step()
+                if validation is not None and validation.due(run.step_count, run.step_count == run.end_step):
+                    report = dataclasses.replace(report, val_loss=run.validation_loss(validation))
                 if on_step:
                     on_step(report)
                 if on_every and every > 0 and (run.step_count % every == 0 or run.step_count == run.end_step):

@@ -24,36 +24,52 @@ class LossHistory:
     steps: tuple[int, ...] = ()
     losses: tuple[float, ...] = ()
     learning_rates: tuple[float, ...] = ()
+    # the held-out set's loss, on the steps it was evaluated (Train steps' validation inputs)
+    val_steps: tuple[int, ...] = ()
+    val_losses: tuple[float, ...] = ()
 
     def __repr__(self):
         last = f", last loss {self.losses[-1]:.5f} at step {self.steps[-1]}" if self.steps else ""
-        return f"LossHistory({len(self.steps)} steps{last})"
+        val = f", validation loss {self.val_losses[-1]:.5f} at step {self.val_steps[-1]}" if self.val_steps else ""
+        return f"LossHistory({len(self.steps)} steps{last}{val})"
 
-    def extended(self, steps, losses, lrs) -> "LossHistory":
-        return LossHistory(self.steps + tuple(steps), self.losses + tuple(losses), self.learning_rates + tuple(lrs))
+    def extended(self, steps, losses, lrs, val_steps=(), val_losses=()) -> "LossHistory":
+        return LossHistory(self.steps + tuple(steps), self.losses + tuple(losses), self.learning_rates + tuple(lrs),
+                           self.val_steps + tuple(val_steps), self.val_losses + tuple(val_losses))
 
     def thinned(self, limit: int) -> "LossHistory":
-        """At most `limit` points: the newest half exactly, the older steps at the smallest power-of-two stride
-        of step numbers that fits. Thinning a thinned history again (each save of a long run does) keeps the
-        same points: only steps that are multiples of the stride remain, and strides only grow."""
-        count = len(self.steps)
-        if count <= limit:
+        """At most `limit` points (and `limit` validation points): the newest half exactly, the older steps at the
+        smallest power-of-two stride of step numbers that fits. Thinning a thinned history again (each save of a
+        long run does) keeps the same points: only steps that are multiples of the stride remain, and strides
+        only grow."""
+        keep, val_keep = _kept(self.steps, limit), _kept(self.val_steps, limit)
+        if keep is None and val_keep is None:
             return self
-        recent = limit // 2
-        old = count - recent
-        budget = limit - recent
-        span = max(self.steps[:old]) - min(self.steps[:old])
-        stride = 2
-        while span // stride + 1 > budget:     # a bound of the multiples of `stride` among distinct steps
-            stride *= 2
-        while True:                            # (one pass, unless steps repeat)
-            keep = [i for i in range(old) if self.steps[i] % stride == 0]
-            if len(keep) <= budget:
-                break
-            stride *= 2
-        keep += range(old, count)
+        keep = range(len(self.steps)) if keep is None else keep
+        val_keep = range(len(self.val_steps)) if val_keep is None else val_keep
         return LossHistory(tuple(self.steps[i] for i in keep), tuple(self.losses[i] for i in keep),
-                           tuple(self.learning_rates[i] for i in keep))
+                           tuple(self.learning_rates[i] for i in keep), tuple(self.val_steps[i] for i in val_keep),
+                           tuple(self.val_losses[i] for i in val_keep))
+
+
+def _kept(steps: tuple[int, ...], limit: int) -> list[int] | None:
+    """The indices LossHistory.thinned keeps of `steps`; None: all of them."""
+    count = len(steps)
+    if count <= limit:
+        return None
+    recent = limit // 2
+    old = count - recent
+    budget = limit - recent
+    span = max(steps[:old]) - min(steps[:old])
+    stride = 2
+    while span // stride + 1 > budget:     # a bound of the multiples of `stride` among distinct steps
+        stride *= 2
+    while True:                            # (one pass, unless steps repeat)
+        keep = [i for i in range(old) if steps[i] % stride == 0]
+        if len(keep) <= budget:
+            break
+        stride *= 2
+    return keep + list(range(old, count))
 
 
 @dataclass(frozen=True)

@@ -354,3 +354,44 @@ def test_an_error_while_running_is_shown_under_the_nodes_display_name(page, clie
     page.screenshot(path=str(artifacts() / "frontend_execution_error.png"))
     text = dialog.first.inner_text()
     assert "Training images (EriTrainingImages)" in text and "photo.png" in text, text
+
+
+def test_the_validation_loss_is_drawn_as_dots_on_the_live_chart_and_comes_back_after_a_reload(page, client, server):
+    write_images(server.base / "input" / "browser_train", [(64, 64)] * 2)
+    write_images(server.base / "input" / "browser_held_out", [(64, 64)] * 2, seed=9, prefix="val")
+    info = client.get_json("/object_info")
+    api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())
+    prompt = tiny_training_prompt(api, "browser_train", steps=8, prefix="ci/browser_validation")
+    del prompt["7"]["inputs"]["sampling"]
+    prompt["20"] = {"class_type": "EriTrainingImages",
+                    "inputs": dict(prompt["2"]["inputs"], folder="browser_held_out")}
+    prompt["21"] = {"class_type": "EriCacheLatents", "inputs": dict(prompt["3"]["inputs"], dataset=["20", 0])}
+    prompt["22"] = {"class_type": "EriCacheCaptions", "inputs": dict(prompt["4"]["inputs"], dataset=["20", 0])}
+    prompt["7"]["inputs"].update(validation_latents=["21", 0], validation_captions=["22", 0], validation_every=3)
+    ui = api_to_ui(prompt, info)
+    assert load(page, ui) == []
+    show_node(page, 7)
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    finished = "() => { const r = window.EriDiffusion.runOf('7'); return r?.state === 'finished' && " \
+               "r.drawnValidation === 3; }"
+    wait_until(page, finished, None, "the run never finished with its 3 validation points drawn", timeout_ms=180_000)
+    run = page.evaluate("(() => { const r = window.EriDiffusion.runOf('7'); return [r.val_steps, r.val_losses]; })()")
+    assert run[0] == [3, 6, 8] and all(v > 0 for v in run[1])
+    assert run == [last_run(client, 7, page.evaluate("window.EriDiffusion.workflowId()"))[k]
+                   for k in ("val_steps", "val_losses")]
+
+    def validation_pixels(name: str) -> int:
+        import numpy as np
+        from PIL import Image
+        path = artifacts() / name
+        page.screenshot(path=str(path), clip=chart_clip(page, 7))
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(pixels - np.array([0xff, 0xcc, 0x44])).sum(-1) < 40).sum())   # COLORS.validation
+    assert validation_pixels("frontend_validation_chart.png") > 30, "the dots and their legend entry are drawn"
+    page.reload()
+    page.wait_for_function(APP_READY, timeout=90_000)
+    show_node(page, 7)
+    wait_until(page, "() => window.EriDiffusion.runOf('7')?.drawnValidation === 3", None,
+               "after a reload the validation points came back from the server's history")
+    assert validation_pixels("frontend_validation_chart_reloaded.png") > 30
+    assert page.errors == []

@@ -151,3 +151,23 @@ def test_torchrun_two_processes_train_as_one_process_with_twice_the_batch(setup)
     assert weights
     for k in weights:   # the same updates, up to the order of float sums (Adam's first steps are ±lr)
         assert (a[k] - b[k]).abs().max() <= 1e-3 * a[k].abs().max() + 1e-7, k
+
+
+@pytest.mark.slow
+def test_a_validation_dataset_is_held_out_and_its_loss_reported_every_n_steps(setup):
+    write_images(setup / "held_out", [(64, 64)] * 2, seed=4, prefix="val")
+    job = write_job(setup, "validated", setup / "validated", validate_every_n_steps=3, steps=4)
+    data = yaml.safe_load(job.read_text())
+    process = data["config"]["process"][0]
+    del process["sample"]
+    process["datasets"].append({"folder_path": "held_out", "resolution": [64], "validation": True})
+    job.write_text(yaml.safe_dump(data))
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = [line for line in result.stdout.splitlines() if "validation loss" in line]
+    assert [line.split(":")[0] for line in reported] == ["step 3", "step 4"], result.stdout
+    with safe_open(str(setup / "validated" / "my_sd35_lora" / "my_sd35_lora_000004.eri-state"), "pt") as f:
+        saved = json.loads(f.metadata()["history"])
+    assert saved["val_steps"] == [3, 4] and [f"{v:.5f}" for v in saved["val_losses"]] == \
+        [line.split()[-1] for line in reported]
+    assert len(saved["losses"]) == 4

@@ -21,11 +21,13 @@ def settings(**overrides):
     return run(EriTrainingSettings, **values)[0]
 
 
-def prepared(folders, tiny, arch="sdxl", sizes=((64, 64),) * 4, **dataset_kw):
-    """Images in ComfyUI's input folder -> dataset, latents, captions, a tiny MODEL and a fresh adapter."""
+def prepared(folders, tiny, arch="sdxl", sizes=((64, 64),) * 4, write=True, **dataset_kw):
+    """Images in ComfyUI's input folder (write False: those already in input/set) -> dataset, latents, captions,
+    a tiny MODEL and a fresh adapter."""
     from eridiffusion.nodes.adapter import EriCreateAdapter
     from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriTrainingImages
-    write_images(folders["input"] / "set", sizes)
+    if write:
+        write_images(folders["input"] / "set", sizes)
     kw = dict(folder="set", resolution=64, trigger_word="", default_caption="", flip=False, min_side=64,
               max_side=128, max_upscale=1.0)
     kw.update(dataset_kw)

@@ -282,6 +282,9 @@ DAMAGE = {
                         r"its optimizer state is malformed"),
     "history": (set_meta("history", '{"steps": [1, 2], "losses": [0.5], "learning_rates": [1, 1]}'),
                 r"its loss history's steps, losses and learning rates differ in length"),
+    "validation history": (set_meta("history", '{"steps": [1], "losses": [0.5], "learning_rates": [1], '
+                                               '"val_steps": [1, 2], "val_losses": [0.5]}'),
+                           r"its loss history's validation steps and losses differ in length"),
     "generator": (lambda t, m: t.__setitem__("rng", torch.ones(3)), r"its random generator state is malformed"),
     "huge value": (set_meta("format", "x" * 100_000), r"its format is 'x{50,70}…' \(100,000 characters\)"),
 }
@@ -366,6 +369,15 @@ def test_the_state_of_a_very_long_run_saves_with_its_recent_losses_exact_and_old
     again = longer.history.thinned(checkpoint.MAX_SAVED_HISTORY)
     old = set(again.steps[: -recent])
     assert old <= set(history.steps)
+
+
+def test_a_long_validation_history_is_thinned_as_the_loss_history_is():
+    steps = tuple(range(1, 100_001))
+    history = LossHistory(steps[:10], (0.5,) * 10, (1e-4,) * 10, steps, tuple(1.0 / s for s in steps))
+    thinned = history.thinned(1000)
+    assert thinned.steps == history.steps and len(thinned.val_steps) <= 1000
+    assert thinned.val_steps[-500:] == steps[-500:]
+    assert all(thinned.val_losses[i] == 1.0 / s for i, s in enumerate(thinned.val_steps))
 
 
 def test_a_history_within_the_limit_is_saved_exactly(comfy_folders):

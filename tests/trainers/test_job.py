@@ -472,10 +472,47 @@ def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
 def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
     def switch_on(p):
         p["train"].update(diff_output_preservation=True)
-        p["datasets"][0].update(mask_path="masks")
     warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
     assert "train.diff_output_preservation: True" in warning
-    assert "diff_output_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning
+    assert "diff_output_preservation_multiplier: 1.0" in warning
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({}, ("off", "", 0.1)),
+    ({"alpha_mask": True}, ("alpha", "", 0.1)),
+    ({"mask_path": "masks", "mask_min_value": 0.25}, ("mask_folder", "masks", 0.25)),
+    ({"masked_loss": True}, ("alpha", "", 0.1)),                        # kohya's switch: alpha without mask_path
+    ({"masked_loss": True, "mask_path": "masks"}, ("mask_folder", "masks", 0.1)),
+    ({"masked_loss": "alpha"}, ("alpha", "", 0.1)),
+])
+def test_masked_loss_keys_set_the_datasets_masks(keys, expected):
+    job = parse_job(edited(ui_job("sdxl"), lambda p: p["datasets"][0].update(keys)), "ui.yaml")
+    config = job.datasets[0].configs[0]
+    assert (config.masked_loss, config.mask_folder, config.mask_min_value) == expected
+    assert job.datasets[0].mask_path == expected[1]
+    assert "mask" not in (job.ignored_warning() or "")
+
+
+def test_masked_loss_mask_folder_without_mask_path_is_an_error():
+    message = error_of(edited(ui_job("sdxl"), lambda p: p["datasets"][0].update(masked_loss="mask_folder")))
+    assert "datasets[0].masked_loss mask_folder needs config.process[0].datasets[0].mask_path" in message
+
+
+def test_a_validation_dataset_is_held_out_and_evaluated_every_n_steps():
+    def add(p):
+        p["datasets"].append({"folder_path": "held_out", "validation": True})
+        p["train"].update(validate_every_n_steps=25)
+    job = parse_job(edited(ui_job("sdxl"), add), "ui.yaml")
+    assert [d.validation for d in job.datasets] == [False, True] and job.validation_every == 25
+    only_held_out = edited(ui_job("sdxl"), lambda p: p["datasets"][0].update(validation=True))
+    assert "no datasets to train on" in error_of_build(only_held_out)
+
+
+def error_of_build(text: str) -> str:
+    from eridiffusion.trainers.job import build_dataset
+    with pytest.raises(ConfigError) as e:
+        build_dataset(parse_job(text, "job.yaml"), lambda folder, key: folder)
+    return str(e.value)
 
 
 # ------------------------------------------------------------------------------ per-prompt sample settings

@@ -1,5 +1,5 @@
-// EriDiffusion: a live loss chart inside the Train steps node (raw loss, smoothed loss, learning rate against
-// the step) with step / total, it/s and ETA above it.
+// EriDiffusion: a live loss chart inside the Train steps node (raw loss, smoothed loss, learning rate and, with
+// a held-out set, the validation loss as dots, against the step) with step / total, it/s and ETA above it.
 // Fed by the "eridiffusion.step" websocket event the node sends after every optimizer step. The server keeps
 // each node's history (GET /eridiffusion/history[/<node id>]), so a reloaded page draws the whole run again.
 import { app } from "../../../scripts/app.js";
@@ -12,7 +12,8 @@ const CHART_HEIGHT = 180;
 const SMOOTHING = 0.9;
 
 // workflow id + "/" + node id -> the node's latest run in that workflow:
-// {workflow, node, prompt_id, steps[], losses[], lrs[], total, first_step, it_per_s, eta_s, elapsed_s,
+// {workflow, node, prompt_id, steps[], losses[], lrs[], val_steps[], val_losses[], total, first_step, it_per_s,
+//  eta_s, elapsed_s,
 //  state, running, saved, error, images[], drawn}
 // state: running | finished | cancelled | failed | lost (the server restarted during the run)
 // A run belongs to the workflow it was queued from (the server gets the workflow's id with the prompt), so two
@@ -64,7 +65,8 @@ function progressLines(run) {
 
 function fromHistory(h) {
   return { workflow: h.workflow ?? "", node: String(h.node), prompt_id: h.prompt_id, steps: [...h.steps],
-           losses: [...h.losses], lrs: [...h.lrs], total: h.total, first_step: h.first_step,
+           losses: [...h.losses], lrs: [...h.lrs], val_steps: [...(h.val_steps ?? [])],
+           val_losses: [...(h.val_losses ?? [])], total: h.total, first_step: h.first_step,
            it_per_s: h.it_per_s, eta_s: h.eta_s, elapsed_s: h.elapsed_s, state: h.state ?? (h.running ? "running" : "finished"),
            running: h.running, saved: h.saved, error: h.error, stopped_step: h.stopped_step,
            images: [...(h.images ?? [])], drawn: 0 };
@@ -79,6 +81,10 @@ function mergeHistory(h) {
     const last = theirs.steps.length ? theirs.steps[theirs.steps.length - 1] : -Infinity;
     mine.steps.forEach((s, i) => {
       if (s > last) { theirs.steps.push(s); theirs.losses.push(mine.losses[i]); theirs.lrs.push(mine.lrs[i]); }
+    });
+    const lastVal = theirs.val_steps.length ? theirs.val_steps[theirs.val_steps.length - 1] : -Infinity;
+    mine.val_steps.forEach((s, i) => {
+      if (s > lastVal) { theirs.val_steps.push(s); theirs.val_losses.push(mine.val_losses[i]); }
     });
     if (mine.steps.length && mine.steps[mine.steps.length - 1] > last) {
       Object.assign(theirs, { total: mine.total, it_per_s: mine.it_per_s, eta_s: mine.eta_s,
@@ -136,7 +142,8 @@ function runFor(detail) {
   let run = runs.get(key);
   if (!run || run.prompt_id !== detail.prompt_id) {
     run = { workflow: detail.workflow ?? "", node: String(detail.node), prompt_id: detail.prompt_id, steps: [],
-            losses: [], lrs: [], images: [], state: "running", running: true, total: detail.total, drawn: 0 };
+            losses: [], lrs: [], val_steps: [], val_losses: [], images: [], state: "running", running: true,
+            total: detail.total, drawn: 0 };
     runs.set(key, run);
     fetchHistory(run.workflow, run.node);   // earlier steps: of this run before the page loaded, of the adapter
   }
@@ -149,6 +156,10 @@ function onStep({ detail }) {
   const last = run.steps.length ? run.steps[run.steps.length - 1] : -Infinity;
   if (detail.step > last) {
     run.steps.push(detail.step); run.losses.push(detail.loss); run.lrs.push(detail.lr);
+  }
+  const lastVal = run.val_steps.length ? run.val_steps[run.val_steps.length - 1] : -Infinity;
+  if (detail.val_loss != null && detail.step > lastVal) {   // sent on the steps the held-out set is evaluated
+    run.val_steps.push(detail.step); run.val_losses.push(detail.val_loss);
   }
   Object.assign(run, { total: detail.total, it_per_s: detail.it_per_s, eta_s: detail.eta_s,
                        elapsed_s: detail.elapsed_s });
@@ -215,9 +226,9 @@ function quantile(sorted, q) {
 
 // The loss axis: the smoothed curve whole, the raw losses from their 2nd to 98th percentile (a few outliers
 // would squeeze the curve people read into a line); raw points beyond it are clipped at the plot's edge.
-function lossRange(losses, smooth) {
+function lossRange(losses, smooth, validation = []) {
   const raw = losses.filter((v) => isFinite(v)).sort((a, b) => a - b);
-  const curve = smooth.filter((v) => v != null && isFinite(v));
+  const curve = smooth.concat(validation).filter((v) => v != null && isFinite(v));
   let lo = Math.min(quantile(raw, 0.02), ...curve), hi = Math.max(quantile(raw, 0.98), ...curve);
   if (hi === lo) { hi += Math.abs(hi) * 0.1 || 1; lo -= Math.abs(lo) * 0.1 || 1; }
   const pad = (hi - lo) * 0.05;
@@ -247,16 +258,31 @@ function fitted(ctx, text, width) {
 }
 
 const COLORS = { raw: "rgba(120, 170, 255, 0.35)", smooth: "#6af", lr: "#e96", text: "#cdd", dim: "#999",
-                 stage: "#8c8" };
+                 stage: "#8c8", validation: "#fc4" };
+const DOT_RADIUS = 2.5;
 
-function drawLegend(ctx, x, y, right) {
+function drawDots(ctx, xs, ys, x0, y0, w, h, xmin, xmax, ymin, ymax) {
+  const sx = (v) => x0 + (xmax > xmin ? (v - xmin) / (xmax - xmin) : 0.5) * w;
+  const sy = (v) => y0 + h - (ymax > ymin ? (v - ymin) / (ymax - ymin) : 0.5) * h;
+  xs.forEach((x, i) => {
+    if (ys[i] == null || !isFinite(ys[i])) return;
+    ctx.beginPath(); ctx.arc(sx(x), sy(ys[i]), DOT_RADIUS, 0, 2 * Math.PI); ctx.fill();
+  });
+}
+
+function drawLegend(ctx, x, y, right, validation) {
   const items = [["loss", COLORS.raw, 1, []], ["smoothed", COLORS.smooth, 2, []], ["lr", COLORS.lr, 1, [4, 3]]];
+  if (validation) items.push(["validation", COLORS.validation, 0, null]);
   ctx.font = "10px sans-serif"; ctx.textAlign = "left";
   for (const [label, color, width, dash] of items) {
     const needed = 16 + ctx.measureText(label).width + 10;
     if (x + needed > right) break;
-    ctx.strokeStyle = color; ctx.lineWidth = width; ctx.setLineDash(dash);
-    ctx.beginPath(); ctx.moveTo(x, y - 3); ctx.lineTo(x + 12, y - 3); ctx.stroke();
+    if (dash === null) {   // a dot, as the series is drawn
+      ctx.fillStyle = color; ctx.beginPath(); ctx.arc(x + 6, y - 3, DOT_RADIUS, 0, 2 * Math.PI); ctx.fill();
+    } else {
+      ctx.strokeStyle = color; ctx.lineWidth = width; ctx.setLineDash(dash);
+      ctx.beginPath(); ctx.moveTo(x, y - 3); ctx.lineTo(x + 12, y - 3); ctx.stroke();
+    }
     ctx.setLineDash([]);
     ctx.fillStyle = COLORS.dim; ctx.fillText(label, x + 16, y);
     x += needed;
@@ -281,8 +307,9 @@ function drawChart(ctx, node, width, y, height) {
   });
   if (run && run.steps.length) {
     const { steps, losses, lrs } = run;
+    const valSteps = run.val_steps ?? [], valLosses = run.val_losses ?? [];
     const smooth = smoothed(losses);
-    const [lo, hi] = lossRange(losses, smooth);
+    const [lo, hi] = lossRange(losses, smooth, valLosses);
     ctx.font = "10px sans-serif";
     const ticks = [formatNumber(hi), formatNumber(lo)];
     const x0 = left + Math.max(...ticks.map((t) => ctx.measureText(t).width)) + 4, x1 = right;
@@ -314,6 +341,10 @@ function drawChart(ctx, node, width, y, height) {
       ctx.fillStyle = COLORS.lr; ctx.textAlign = "right";
       ctx.fillText(`lr ≤ ${formatNumber(lrMax)}`, x1 - 3, top + 11);
     }
+    if (valSteps.length) {
+      ctx.fillStyle = COLORS.validation;
+      drawDots(ctx, valSteps, valLosses, x0, top, w, h, xmin, xmax, lo, hi);
+    }
     ctx.restore();
     ctx.font = "10px sans-serif";
     ctx.fillStyle = COLORS.dim; ctx.textAlign = "right";
@@ -325,8 +356,9 @@ function drawChart(ctx, node, width, y, height) {
     ctx.fillText("step", (x0 + x1) / 2, bottom + 11);
     ctx.textAlign = "right";
     ctx.fillText(String(steps[steps.length - 1]), x1, bottom + 11);
-    drawLegend(ctx, x0, bottom + 24, x1);
+    drawLegend(ctx, x0, bottom + 24, x1, valSteps.length > 0);
     run.drawn = steps.length;
+    run.drawnValidation = valSteps.length;
   }
   ctx.restore();
 }
