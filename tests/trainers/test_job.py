@@ -471,11 +471,14 @@ def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
 
 def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
     def switch_on(p):
-        p["train"].update(diff_output_preservation=True)
+        p["train"].update(blank_prompt_preservation=True, blank_prompt_preservation_multiplier=1.0)
         p["datasets"][0].update(mask_path="masks")
+    quiet = parse_job(edited(ui_job("sdxl"), lambda p: p["train"].update(blank_prompt_preservation_multiplier=1.0)),
+                      "ui.yaml").ignored_warning()
+    assert "blank_prompt_preservation_multiplier" not in quiet
     warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
-    assert "train.diff_output_preservation: True" in warning
-    assert "diff_output_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning
+    assert "train.blank_prompt_preservation: True" in warning
+    assert "blank_prompt_preservation_multiplier: 1.0" in warning and "datasets[0].mask_min_value: 0.1" in warning
 
 
 # ------------------------------------------------------------------------------ per-prompt sample settings
