@@ -5,25 +5,13 @@ import torch
 
 import comfy.model_management
 from conftest import write_images
-from helpers import prepared, run, settings, train
+from helpers import prepared, run, settings, train, with_reg
 
 
 @pytest.fixture
 def p(comfy_folders, tiny):
     # captions "ohwx, a photo of pattern i"; their class captions "person, a photo of pattern i"
     return prepared(comfy_folders, tiny, trigger_word="ohwx", preservation_class="person")
-
-
-def with_reg(p, folders, count=2):
-    """p's training images combined with `count` regularisation images, cached again."""
-    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriCombineImages, EriTrainingImages
-    write_images(folders["input"] / "reg", ((64, 64),) * count, seed=1, prefix="reg")
-    reg = run(EriTrainingImages, folder="reg", resolution=64, trigger_word="", default_caption="", flip=False,
-              min_side=64, max_side=128, max_upscale=1.0, is_reg=True)[0]
-    dataset = run(EriCombineImages, dataset_1=p["dataset"], dataset_2=reg)[0]
-    latents = run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0]
-    captions = run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0]
-    return {**p, "dataset": dataset, "latents": latents, "captions": captions}
 
 
 def same(a, b) -> bool:

@@ -1,5 +1,6 @@
 """YAML jobs in ai-toolkit's dialect: ai-toolkit's files load as they are, map onto the engine's settings, and
 mistakes are errors that name the key and what to write instead."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -591,3 +592,54 @@ config:
         caption_variants=9)))
     assert "token_dropout_rate: 0.1" in parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
         token_dropout_rate=0.1))).ignored_warning()
+
+
+# ----------------------------------------------------------- regularisation images, differential output preservation
+def preserving(p, **train):
+    p.update(trigger_word="ohwx")
+    p["train"].update({**dict(diff_output_preservation=True, diff_output_preservation_multiplier=0.5,
+                              diff_output_preservation_class="person", reg_weight=0.25), **train})
+    p["datasets"].append({"folder_path": "reg", "is_reg": True})
+
+
+def test_regularisation_and_preservation_keys_are_read_with_ai_toolkits_names():
+    from eridiffusion.trainers.job import AITK_IGNORED, AITK_SUBKEYS
+    job = parse_job(edited(ui_job("sdxl"), preserving), "ui.yaml")
+    s = job.settings
+    assert (s.reg_weight, s.diff_output_preservation, s.diff_output_preservation_multiplier) == (0.25, True, 0.5)
+    train_set, reg_set = (d.configs[0] for d in job.datasets)
+    assert (train_set.is_reg, train_set.trigger_word, train_set.preservation_class) == (False, "ohwx", "person")
+    assert (reg_set.is_reg, reg_set.preservation_class) == (True, "")
+    warning = job.ignored_warning() or ""
+    assert not any(key in warning for key in ("is_reg", "reg_weight", "diff_output_preservation"))
+    assert not {"reg_weight", "diff_output_preservation", "diff_output_preservation_multiplier",
+                "diff_output_preservation_class"} & (set(AITK_IGNORED["train"]) | set(AITK_SUBKEYS["train"]))
+    assert "is_reg" not in AITK_IGNORED["datasets"]
+    # left out, they are ai-toolkit's defaults: no regularisation weight change, no preservation
+    plain = parse_job(ui_job("sdxl"), "ui.yaml").settings
+    assert (plain.reg_weight, plain.diff_output_preservation) == (1.0, False)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: preserving(p, diff_output_preservation_class=""),
+     ["train.diff_output_preservation needs", "diff_output_preservation_class", "class word"]),
+    (lambda p: (preserving(p), p.update(trigger_word=None)),
+     ["replaces the trigger word", "datasets[0] has none", "trigger_word"]),
+    (lambda p: preserving(p, reg_weight=-1), ["train.reg_weight must be between 0.0 and 1000.0"]),
+    (lambda p: p["datasets"][0].update(is_reg="yes"), ["is_reg must be true or false"]),
+])
+def test_preservation_without_its_class_or_trigger_word_and_bad_values_are_errors(edit, words):
+    message = error_of(edited(ui_job("sdxl"), edit))
+    assert all(w in message for w in words), message
+
+
+def test_a_jobs_regularisation_dataset_gives_regularisation_items(tmp_path):
+    write_images(tmp_path / "train", [(64, 64)] * 2)
+    write_images(tmp_path / "reg", [(64, 64)] * 3, seed=1, prefix="reg")
+    job = parse_job(edited(ui_job("sdxl"), lambda p: (
+        preserving(p), p["datasets"][0].update(folder_path="train", resolution=64))), "ui.yaml")
+    job = dataclasses.replace(job, datasets=(job.datasets[0], dataclasses.replace(
+        job.datasets[1], configs=tuple(dataclasses.replace(c, resolution=64, min_side=64) for c in job.datasets[1].configs))))
+    dataset = build_dataset(job, lambda folder, key: str(tmp_path / folder))
+    assert [i.is_reg for i in dataset.items] == [False] * 2 + [True] * 3
+    assert "person, a photo of pattern 0" in dataset.captions and "ohwx, a photo of pattern 0" in dataset.captions
