@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import comfy.model_management
+import comfy.model_sampling
 from conftest import write_images
 from helpers import prepared, run, settings, train, with_reg
 
@@ -78,11 +79,12 @@ def _gap_on_class_captions(trained_model, p) -> float:
     def predict(patcher, text):
         base = patcher.model
         x = torch.randn(2, base.latent_format.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5))
-        cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
+        flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
+        cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1), guidance=torch.tensor([1.0]),
                     y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64))
         with torch.inference_mode():
             comfy.model_management.load_models_gpu([patcher])
-            return base.apply_model(x, torch.tensor([1.5, 7.0]), **cond).clone()
+            return base.apply_model(x, torch.tensor([0.3, 0.8] if flow else [1.5, 7.0]), **cond).clone()
     classes = [c for c in p["dataset"].captions if c.startswith("person, ")]
     assert len(classes) == 4
     gaps = [(predict(trained_model, p["captions"].get(c)) - predict(p["model"], p["captions"].get(c))).square().mean()
@@ -90,7 +92,10 @@ def _gap_on_class_captions(trained_model, p) -> float:
     return float(sum(gaps) / len(gaps))
 
 
-def test_preservation_pulls_the_adapters_prediction_on_the_class_caption_toward_the_base_models(p):
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_preservation_pulls_the_adapters_prediction_on_the_class_caption_toward_the_base_models(comfy_folders, tiny,
+                                                                                             arch):
+    p = prepared(comfy_folders, tiny, arch=arch, trigger_word="ohwx", preservation_class="person")
     plain_model, plain, plain_loss = train(p, 8, learning_rate=1e-2)
     kept_model, kept, kept_loss = train(p, 8, learning_rate=1e-2, diff_output_preservation=True,
                                         diff_output_preservation_multiplier=1.0)
@@ -115,13 +120,14 @@ def test_a_class_word_without_a_trigger_word_is_refused_at_queue():
 
 
 # ------------------------------------------------------------------------------------------------------ resume
-@pytest.mark.parametrize("feature", ["reg", "preservation"])
-def test_a_run_with_them_resumes_bit_exactly_from_its_saved_state(p, comfy_folders, feature):
+@pytest.mark.parametrize("features", [{"reg"}, {"preservation"}, {"reg", "preservation"}])
+def test_a_run_with_them_resumes_bit_exactly_from_its_saved_state(p, comfy_folders, features):
     from eridiffusion.nodes.adapter import EriLoadAdapter
     from eridiffusion.nodes.train import EriTrainSteps
-    data = with_reg(p, comfy_folders) if feature == "reg" else p
-    options = dict(reg_weight=0.5) if feature == "reg" else dict(diff_output_preservation=True,
-                                                                 diff_output_preservation_multiplier=2.0)
+    data = with_reg(p, comfy_folders) if "reg" in features else p
+    options = dict(reg_weight=0.5) if "reg" in features else {}
+    if "preservation" in features:
+        options.update(diff_output_preservation=True, diff_output_preservation_multiplier=2.0)
 
     def steps(n, adapter, **node_inputs):
         return run(EriTrainSteps, model=data["model"], adapter=adapter, latents=data["latents"],
