@@ -3,6 +3,11 @@
     data order -> micro-batch -> noise, timesteps -> noisy latents -> predict -> native target -> weighted
     loss (MSE, L1, Huber) -> backward (accumulated) -> clip -> learning rate -> optimizer step
 
+With regularisation images (DatasetItem.is_reg), a micro-batch of them follows each micro-batch of training images,
+its loss times reg_weight; with differential output preservation, each training micro-batch adds the distance
+between the adapter's prediction and the model's own (adapter off) on the caption with the trigger word replaced
+by its class word.
+
 Everything architecture-specific is asked of `trainers.arch`; everything method-specific of
 `trainers.adapters`. Training runs on a clone of the MODEL with the adapter (and gradient checkpointing)
 installed as object patches, so the MODEL that came in is never changed.
