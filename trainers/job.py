@@ -827,7 +827,7 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         recompute_attention=t.bool("recompute_attention", False),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False),
-        reg_weight=t.float("reg_weight", 1.0, lo=0.0, hi=1000.0),
+        reg_weight=_reg_weight(t),
         diff_output_preservation=t.bool("diff_output_preservation", False),
         diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0))
     dop_class = t.str("diff_output_preservation_class", "", max_length=MAX_TRIGGER_LENGTH).strip()
@@ -844,6 +844,13 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     except ConfigError as e:
         raise t.error(f"{t.path}: {e}") from None
     return settings, steps, first_sample, sampling_on, timesteps, dop_class
+
+
+def _reg_weight(t: _Section) -> float:
+    """ai-toolkit's train.reg_weight, or kohya's name for it, prior_loss_weight."""
+    if t.has("reg_weight") and t.has("prior_loss_weight") and t.raw("reg_weight") != t.raw("prior_loss_weight"):
+        raise t.error(f"{t.key('reg_weight')} and {t.key('prior_loss_weight')} are the same setting; keep one")
+    return t.float("reg_weight", t.float("prior_loss_weight", 1.0, lo=0.0, hi=1000.0), lo=0.0, hi=1000.0)
 
 
 def _with_preservation_class(t: _Section, datasets: list[DatasetJob], dop_class: str) -> list[DatasetJob]:

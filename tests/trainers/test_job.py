@@ -614,6 +614,8 @@ def test_regularisation_and_preservation_keys_are_read_with_ai_toolkits_names():
     assert not {"reg_weight", "diff_output_preservation", "diff_output_preservation_multiplier",
                 "diff_output_preservation_class"} & (set(AITK_IGNORED["train"]) | set(AITK_SUBKEYS["train"]))
     assert "is_reg" not in AITK_IGNORED["datasets"]
+    kohya = parse_job(edited(ui_job("sdxl"), lambda p: p["train"].update(prior_loss_weight=0.75)), "ui.yaml")
+    assert kohya.settings.reg_weight == 0.75
     # left out, they are ai-toolkit's defaults: no regularisation weight change, no preservation
     plain = parse_job(ui_job("sdxl"), "ui.yaml").settings
     assert (plain.reg_weight, plain.diff_output_preservation) == (1.0, False)
@@ -626,6 +628,7 @@ def test_regularisation_and_preservation_keys_are_read_with_ai_toolkits_names():
      ["replaces the trigger word", "datasets[0] has none", "trigger_word"]),
     (lambda p: preserving(p, reg_weight=-1), ["train.reg_weight must be between 0.0 and 1000.0"]),
     (lambda p: p["datasets"][0].update(is_reg="yes"), ["is_reg must be true or false"]),
+    (lambda p: preserving(p, prior_loss_weight=0.5), ["reg_weight and", "prior_loss_weight are the same setting"]),
 ])
 def test_preservation_without_its_class_or_trigger_word_and_bad_values_are_errors(edit, words):
     message = error_of(edited(ui_job("sdxl"), edit))
