@@ -55,16 +55,21 @@ class EriTrainingImages(io.ComfyNode):
                 io.String.Input("mask_folder", default="", tooltip=_tip("mask_folder"), optional=True),
                 io.Float.Input("mask_min_value", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("mask_min_value"), optional=True),
+                # regularisation images, differential output preservation
+                io.Boolean.Input("is_reg", default=False, tooltip=_tip("is_reg"), optional=True),
+                io.String.Input("preservation_class", default="", tooltip=_tip("preservation_class"), optional=True),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
     def validate_inputs(cls, folder=None, max_upscale=None, caption_dropout=None, masked_loss=None, mask_folder=None,
-                        mask_min_value=None):
+                        mask_min_value=None, trigger_word=None, preservation_class=None):
         return checks.verdict(
             checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout,
                                    mask_min_value=mask_min_value),
+            isinstance(trigger_word, str) and isinstance(preservation_class, str) and checks.guarded(
+                lambda: DatasetConfig(folder="", trigger_word=trigger_word, preservation_class=preservation_class)),
             folder is not None and checks.guarded(lambda: paths.input_folder_with_images(folder)),
             # (ComfyUI leaves the inputs named here unchecked: the combo's value too)
             masked_loss is not None and masked_loss not in MASKED_LOSS
@@ -88,13 +93,14 @@ class EriTrainingImages(io.ComfyNode):
     @classmethod
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
                 max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
-                caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0) -> io.NodeOutput:
+                caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0, is_reg=False,
+                preservation_class="") -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
                                keep_tokens=keep_tokens, caption_variants=caption_variants,
                                caption_dropout=caption_dropout, masked_loss=masked_loss, mask_folder=mask_folder,
-                               mask_min_value=mask_min_value)
+                               mask_min_value=mask_min_value, is_reg=is_reg, preservation_class=preservation_class)
         root = paths.input_folder(folder)
         mask_root = paths.input_folder(mask_folder, "mask_folder") if masked_loss == "mask_folder" else None
         dataset = data.scan_dataset(root, config, confine=not paths.any_path_allowed(),
@@ -104,6 +110,30 @@ class EriTrainingImages(io.ComfyNode):
             logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), quoted(folder))
         logging.info("EriDiffusion: %r", dataset)
         return io.NodeOutput(dataset)
+
+
+class EriCombineImages(io.ComfyNode):
+    MAX_DATASETS = 4
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EriCombineImages", display_name="Combine training images", category=f"{CATEGORY}/data",
+            description="Several Training images as one dataset: more folders of training images, or "
+                        "regularisation images (is_reg) beside the training images. Each keeps its own "
+                        "captions, trigger word, buckets and settings.",
+            inputs=[Dataset.Input("dataset_1", tooltip="Training images."),
+                    Dataset.Input("dataset_2", tooltip="More training images, or regularisation images (is_reg).")]
+            + [Dataset.Input(f"dataset_{n}", optional=True, tooltip="More training or regularisation images.")
+               for n in range(3, cls.MAX_DATASETS + 1)],
+            outputs=[Dataset.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, dataset_1, dataset_2, **more) -> io.NodeOutput:
+        combined = data.combine([dataset_1, dataset_2, *(more[k] for k in sorted(more) if more[k] is not None)])
+        logging.info("EriDiffusion: %r", combined)
+        return io.NodeOutput(combined)
 
 
 class EriCacheLatents(io.ComfyNode):
@@ -153,4 +183,4 @@ class EriCacheCaptions(io.ComfyNode):
         return io.NodeOutput(text)
 
 
-NODES = [EriTrainingImages, EriCacheLatents, EriCacheCaptions]
+NODES = [EriTrainingImages, EriCombineImages, EriCacheLatents, EriCacheCaptions]

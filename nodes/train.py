@@ -97,6 +97,13 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("ema_decay"), optional=True),
                 io.Int.Input("ema_every", default=1, min=1, max=1000000, tooltip=_tip("ema_every"), optional=True),
                 io.Boolean.Input("ema_on_cpu", default=False, tooltip=_tip("ema_on_cpu"), optional=True),
+                # regularisation images, differential output preservation
+                io.Float.Input("reg_weight", default=1.0, min=0.0, max=1000.0, step=0.05, tooltip=_tip("reg_weight"),
+                               optional=True),
+                io.Boolean.Input("diff_output_preservation", default=False, tooltip=_tip("diff_output_preservation"),
+                                 optional=True),
+                io.Float.Input("diff_output_preservation_multiplier", default=1.0, min=0.0, max=1000.0, step=0.05,
+                               tooltip=_tip("diff_output_preservation_multiplier"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -105,13 +112,15 @@ class EriTrainingSettings(io.ComfyNode):
     def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
-                        schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None):
+                        schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None, reg_weight=None,
+                        diff_output_preservation_multiplier=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
-            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay))
+            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay,
+            reg_weight=reg_weight, diff_output_preservation_multiplier=diff_output_preservation_multiplier))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

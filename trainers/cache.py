@@ -161,6 +161,9 @@ class TextSet:
     def _by_caption(self) -> dict[str, TextEmbedding]:
         return dict(self.embeddings)
 
+    def __contains__(self, caption: str) -> bool:
+        return caption in self._by_caption
+
     def get(self, caption: str) -> TextEmbedding:
         # a lookup per image and step among up to MAX_CAPTION_VARIANTS captions per image
         if caption in self._by_caption:

@@ -163,6 +163,16 @@ class DatasetConfig:
                              "out as the training folder (same sub-folders, same file names).", default="")
     mask_min_value: float = _help("The lowest weight a mask gives, 0 to 1 (ai-toolkit's mask_min_value): 0.1 still "
                                   "trains the masked-out parts at a tenth.", default=0.0)
+    # Regularisation images and differential output preservation
+    is_reg: bool = _help("Regularisation images (kohya is_reg, ai-toolkit datasets[].is_reg): images of the class "
+                         "(other people, other dogs) that keep the adapter from changing everything of that class. "
+                         "Combine them with the training images (Combine training images): each step then trains "
+                         "one batch of these alongside each batch of training images, its loss times Training "
+                         "settings' reg_weight (a step costs about twice as much).", default=False)
+    preservation_class: str = _help("Differential output preservation: the class word the trigger word stands for "
+                                    "(person, dog, style). Each caption is also cached with the trigger word replaced "
+                                    "by it (one more text embedding per caption); Training settings' "
+                                    "diff_output_preservation trains on them. Empty: none cached.", default="")
 
     # Not a field. Text encoders read 77 (CLIP) to 512 (T5) tokens, so longer text only costs encoding time
     # (a 10 MB caption kept Cache captions busy for 14 minutes); real captions stay far below this.
@@ -205,7 +215,11 @@ class DatasetConfig:
         if self.masked_loss == "mask_folder" and not self.mask_folder.strip():
             raise ConfigError("masked_loss mask_folder needs a mask_folder: name the folder of masks (under "
                               "ComfyUI's input folder), or set masked_loss to alpha or off")
-        for name in ("default_caption", "trigger_word"):
+        if self.preservation_class.strip() and not self.trigger_word.strip():
+            raise ConfigError(f"preservation_class {quoted(self.preservation_class)} replaces the trigger word in "
+                              f"each caption, and trigger_word is empty: set trigger_word, or clear "
+                              f"preservation_class")
+        for name in ("default_caption", "trigger_word", "preservation_class"):
             if len(getattr(self, name)) > self.MAX_CAPTION_CHARS:
                 raise ConfigError(f"{name} is {len(getattr(self, name)):,} characters, more than the "
                                   f"{self.MAX_CAPTION_CHARS:,} a caption may have (text encoders read at most 77 "
@@ -372,6 +386,23 @@ class TrainingSettings:
                            default=1)
     ema_on_cpu: bool = _help("Keep the EMA in CPU memory (saves GPU memory, costs a copy of the adapter per "
                              "update).", default=False)
+    # Regularisation images (kohya's prior_loss_weight, ai-toolkit's train.reg_weight) and ai-toolkit's
+    # differential output preservation
+    reg_weight: float = _help("Weight of the regularisation images' loss (kohya prior_loss_weight, ai-toolkit "
+                              "reg_weight): a batch of them trains alongside each batch of training images, its "
+                              "loss times this. 0 = they change nothing (training equals training without them, "
+                              "at twice the cost). Needs a dataset with is_reg combined with the training images.",
+                              default=1.0)
+    diff_output_preservation: bool = _help(
+        "Differential output preservation (ai-toolkit): at every step, besides the normal loss, the caption with "
+        "the trigger word replaced by the class word (Training images' preservation_class) is run through the "
+        "model without the adapter and with it, and the adapter's prediction is pulled toward the model's own, "
+        "so that the class (a person, a dog) keeps looking as it did while the trigger word learns. Costs two "
+        "more forward passes (one without gradients) and a backward per step. CUDA graphs capture the whole "
+        "step, the preservation passes included.", default=False)
+    diff_output_preservation_multiplier: float = _help(
+        "Weight of the preservation loss (mean squared difference between the adapter's and the base model's "
+        "predictions on the class caption), added to the normal loss.", default=1.0)
 
     def __post_init__(self):
         check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -422,6 +453,11 @@ class TrainingSettings:
                               f"{self.schedule_power} and {self.schedule_gamma}")
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be between 0 and 1 (0.999 is common), got {self.ema_decay}")
+        if not 0.0 <= self.reg_weight <= 1000.0:
+            raise ConfigError(f"reg_weight must be between 0 and 1000, got {self.reg_weight}")
+        if not 0.0 <= self.diff_output_preservation_multiplier <= 1000.0:
+            raise ConfigError(f"diff_output_preservation_multiplier must be between 0 and 1000, got "
+                              f"{self.diff_output_preservation_multiplier}")
         if not 1 <= self.ema_every <= 1_000_000:
             raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 

@@ -74,6 +74,17 @@ class DatasetItem:
     mask_hash: str = ""
     mask_size: tuple[int, int] = (0, 0)
     mask_min: float = 0.0
+    is_reg: bool = False             # a regularisation image (DatasetConfig.is_reg)
+    trigger_word: str = ""           # its folder's trigger word, and the class word that replaces it in the
+    preservation_class: str = ""     # captions of differential output preservation (both or neither)
+
+    def preserved(self, caption: str) -> str:
+        """The caption of differential output preservation: `caption` (this item's caption, a variant of it, or
+        the empty one) with the trigger word replaced by the class word, as ai-toolkit builds it; the caption
+        itself where the item has no class word."""
+        if not self.preservation_class:
+            return caption
+        return caption.replace(self.trigger_word, self.preservation_class)
 
 
 @dataclass(frozen=True)
@@ -86,13 +97,25 @@ class Dataset:
 
     def __repr__(self):
         buckets = sorted({str(i.bucket) for i in self.items})
-        return (f"Dataset({self.root!r}, {len(self.items)} samples, buckets {buckets}, "
+        reg = sum(i.is_reg for i in self.items)
+        return (f"Dataset({self.root!r}, {len(self.items)} samples"
+                + (f" ({reg} regularisation)" if reg else "") + f", buckets {buckets}, "
                 f"{len(self.skipped)} non-image files skipped, {len(self.duplicates)} duplicates left out)")
 
     @property
     def captions(self) -> tuple[str, ...]:
         """Every caption training may draw (the shuffled variants where there are some)."""
-        return tuple(sorted({c for i in self.items for c in (i.caption_variants or (i.caption,))}))
+        own = {(i, c) for i in self.items for c in (i.caption_variants or (i.caption,))}
+        # differential output preservation's captions: each with its trigger word replaced by the class word
+        return tuple(sorted({c for _, c in own} | {i.preserved(c) for i, c in own}))
+
+
+def combine(datasets: list[Dataset]) -> Dataset:
+    """The items of several datasets as one (each keeps its own captions, buckets and is_reg): what a YAML job
+    with several datasets trains on, and what Combine training images gives. A batch never mixes buckets."""
+    items = tuple(item for d in datasets for item in d.items)
+    return dataclasses.replace(datasets[0], items=items, skipped=tuple(s for d in datasets for s in d.skipped),
+                               duplicates=tuple(p for d in datasets for p in d.duplicates))
 
 
 def caption_variants(caption: str, keep_tokens: int, count: int) -> tuple[str, ...]:
@@ -356,7 +379,10 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
         mask = _mask_of(path, name, size, content_hash, config, masks, elongation_limit)
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash, variants,
-                                     config.caption_dropout, **mask))
+                                     config.caption_dropout, **mask, is_reg=config.is_reg,
+                                     **({"trigger_word": config.trigger_word,
+                                         "preservation_class": config.preservation_class}
+                                        if config.preservation_class.strip() else {})))
     if not items:
         raise ConfigError(f"folder {quoted(config.folder)} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           f"{len(skipped)} other files were skipped. Put training images in {root}")

@@ -147,8 +147,7 @@ AITK_IGNORED = {
         "do_paramiter_swapping", "target_norm_std", "standardize_images",
         "standardize_latents", "dynamic_noise_offset", "do_cfg", "do_random_cfg", "correct_pred_norm",
         "prompt_dropout_prob", "match_noise_norm", "short_and_long_captions", "single_item_batching",
-        "inverted_mask_prior", "diff_output_preservation", "diff_output_preservation_multiplier",
-        "diff_output_preservation_class", "adaptive_scaling_factor", "force_consistent_noise",
+        "inverted_mask_prior", "adaptive_scaling_factor", "force_consistent_noise",
         "blended_blur_noise", "do_guidance_loss", "negative_prompt", "do_prior_divergence",
         "latent_feature_extractor_path", "diffusion_feature_extractor_path", "random_noise_shift",
         "random_noise_multiplier", "snr_gamma", "blank_prompt_preservation", "blank_prompt_preservation_multiplier",
@@ -157,12 +156,12 @@ AITK_IGNORED = {
         "audio_loss_multiplier": _neutral(1, 1.0),
         "max_denoising_steps": _neutral(999, 1000), "content_or_style": _neutral("balanced"),
         "train_refiner": _neutral(True), "noise_multiplier": _neutral(1, 1.0), "img_multiplier": _neutral(1, 1.0),
-        "loss_target": _neutral("noise"), "reg_weight": _neutral(1, 1.0),
+        "loss_target": _neutral("noise"),
         "num_train_timesteps": _neutral(1000), "optimal_noise_pairing_samples": _neutral(1),
         "switch_boundary_every": _neutral(1), "max_negative_prompts": _neutral(1),
         "target_noise_multiplier": _neutral(1, 1.0), "pred_scaler": _neutral(1, 1.0)},
     "datasets": {**{k: _OFF for k in (
-        "dataset_path", "random_triggers", "random_scale", "random_crop", "is_reg", "token_dropout_rate",
+        "dataset_path", "random_triggers", "random_scale", "random_crop", "token_dropout_rate",
         "flip_y", "augments", "control_path", "poi",
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
@@ -189,9 +188,7 @@ AITK_IGNORED = {
 # Ignored keys that only tune another (its switch, or the path it needs): not worth a warning while that one is
 # off. ai-toolkit's web UI writes them all, with their features off.
 AITK_SUBKEYS = {
-    "train": {"diff_output_preservation_multiplier": "diff_output_preservation",
-              "diff_output_preservation_class": "diff_output_preservation",
-              "blank_prompt_preservation_multiplier": "blank_prompt_preservation",
+    "train": {"blank_prompt_preservation_multiplier": "blank_prompt_preservation",
               "differential_guidance_scale": "do_differential_guidance", "guidance_loss_target": "do_guidance_loss"},
     "model": {"qtype": "quantize", "qtype_te": "quantize_te", "quantize_kwargs": "quantize",
               "layer_offloading_transformer_percent": "layer_offloading",
@@ -675,7 +672,10 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
                 for i, d in enumerate(datasets_raw)]
     # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
     validation_every = train.int("validate_every_n_steps", 100, lo=1, hi=STEPS_MAX)   # kohya's name
-    settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, 0.0, cpu_offload)
+    settings, steps, first_sample, sampling_on, timesteps, dop_class = _parse_train(train, model.arch, 0.0,
+                                                                                     cpu_offload)
+    if settings.diff_output_preservation:
+        datasets = _with_preservation_class(train, datasets, dop_class)
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
@@ -760,7 +760,7 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
                   flip=d.bool("flip_x", False), caption_ext=ext)
     common.update(shuffle_captions=d.bool("shuffle_tokens", False), keep_tokens=d.int("keep_tokens", 0, lo=0, hi=1000),
                   caption_variants=d.int("caption_variants", 4, lo=1, hi=DatasetConfig.MAX_CAPTION_VARIANTS),
-                  caption_dropout=dropout)
+                  caption_dropout=dropout, is_reg=d.bool("is_reg", False))
     repeats = d.int("num_repeats", 1, lo=1, hi=10000)
     # masked loss: ai-toolkit's alpha_mask / mask_path / mask_min_value, or masked_loss as the node has it
     mask_path = d.str("mask_path", "")
@@ -844,7 +844,11 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         compile=t.choice("compile", "cuda_graphs", {"cuda_graphs": "cuda_graphs", "off": "off"}),
         recompute_attention=t.bool("recompute_attention", False),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
-        optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
+        optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False),
+        reg_weight=_reg_weight(t),
+        diff_output_preservation=t.bool("diff_output_preservation", False),
+        diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0))
+    dop_class = t.str("diff_output_preservation_class", "", max_length=MAX_TRIGGER_LENGTH).strip()
     settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
                                            t.source)))
     first_sample = not t.bool("skip_first_sample", False)
@@ -857,7 +861,35 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         settings = TrainingSettings(**settings_kw)
     except ConfigError as e:
         raise t.error(f"{t.path}: {e}") from None
-    return settings, steps, first_sample, sampling_on, timesteps
+    return settings, steps, first_sample, sampling_on, timesteps, dop_class
+
+
+def _reg_weight(t: _Section) -> float:
+    """ai-toolkit's train.reg_weight, or kohya's name for it, prior_loss_weight."""
+    if t.has("reg_weight") and t.has("prior_loss_weight") and t.raw("reg_weight") != t.raw("prior_loss_weight"):
+        raise t.error(f"{t.key('reg_weight')} and {t.key('prior_loss_weight')} are the same setting; keep one")
+    return t.float("reg_weight", t.float("prior_loss_weight", 1.0, lo=0.0, hi=1000.0), lo=0.0, hi=1000.0)
+
+
+def _with_preservation_class(t: _Section, datasets: list[DatasetJob], dop_class: str) -> list[DatasetJob]:
+    """The datasets of training images (not is_reg) with train.diff_output_preservation_class as the class word
+    that replaces their trigger word (DatasetConfig.preservation_class): their class captions are cached too."""
+    if not dop_class:
+        raise t.error(f"{t.key('diff_output_preservation')} needs {t.key('diff_output_preservation_class')}: the "
+                      f"class word the trigger word stands for (person, dog, ...), which replaces it in the "
+                      f"captions the adapter is kept from changing")
+    out = []
+    for i, d in enumerate(datasets):
+        if d.configs[0].is_reg:
+            out.append(d)
+            continue
+        if not d.configs[0].trigger_word.strip():
+            raise t.error(f"{t.key('diff_output_preservation')} replaces the trigger word in the captions, and "
+                          f"datasets[{i}] has none: set config.process[0].trigger_word (or the dataset's "
+                          f"trigger_word), or turn diff_output_preservation off")
+        out.append(dataclasses.replace(d, configs=tuple(dataclasses.replace(c, preservation_class=dop_class)
+                                                        for c in d.configs)))
+    return out
 
 
 def _parse_timestep_type(t: _Section) -> tuple[str, str, str]:

@@ -3,6 +3,11 @@
     data order -> micro-batch -> noise, timesteps -> noisy latents -> predict -> native target -> weighted
     loss (MSE, L1, Huber) -> backward (accumulated) -> clip -> learning rate -> optimizer step
 
+With regularisation images (DatasetItem.is_reg), a micro-batch of them follows each micro-batch of training images,
+its loss times reg_weight; with differential output preservation, each training micro-batch adds the distance
+between the adapter's prediction and the model's own (adapter off) on the caption with the trigger word replaced
+by its class word.
+
 Everything architecture-specific is asked of `trainers.arch`; everything method-specific of
 `trainers.adapters`. Training runs on a clone of the MODEL with the adapter (and gradient checkpointing)
 installed as object patches, so the MODEL that came in is never changed.
@@ -25,12 +30,12 @@ import comfy.model_management
 
 from . import arch as arches
 from . import fused
-from .adapters.base import cast_once, install
+from .adapters.base import adapters_off, cast_once, install
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
 from .comfy_compat import training_mode
-from .config import ConfigError, TrainingSettings, ignored_settings
+from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
@@ -74,6 +79,10 @@ class StepReport:
     export: Callable[[], AdapterState] | None = field(default=None, repr=False, compare=False)
 
 
+# Mixed into the seeds of the regularisation images' order and randomness, so they are streams of their own.
+REG_STREAM = 1 << 62
+
+
 # Validation evaluates each held-out image at these fractions of the noise schedule (percent_to_sigma: 0 = pure
 # noise), each with noise drawn from a generator seeded by the image alone.
 VALIDATION_PERCENTS = (0.125, 0.375, 0.625, 0.875)
@@ -96,14 +105,17 @@ def _identity(item) -> str:
 
 
 class DataOrder:
-    """Same-bucket batches in an order that depends only on (seed, epoch): a position in it is one int."""
+    """Same-bucket batches in an order that depends only on (seed, epoch): a position in it is one int. The
+    training images' order, or (reg) the regularisation images' (DatasetItem.is_reg), a stream of its own."""
 
-    def __init__(self, latents: LatentSet, batch_size: int, seed: int):
+    def __init__(self, latents: LatentSet, batch_size: int, seed: int, reg: bool = False):
         self.seed = seed
+        self.stream = REG_STREAM if reg else 0
         self.batch_size = batch_size
         by_bucket: dict = {}
         for index, item in enumerate(latents.dataset.items):
-            by_bucket.setdefault(item.bucket, []).extend([index] * item.repeats)
+            if item.is_reg == reg:
+                by_bucket.setdefault(item.bucket, []).extend([index] * item.repeats)
         self.groups = [by_bucket[b] for b in sorted(by_bucket, key=lambda b: (b.width, b.height))]
         self.batches_per_epoch = sum(-(-len(g) // batch_size) for g in self.groups)
         self._epoch, self._batches = None, None
@@ -115,7 +127,7 @@ class DataOrder:
         return self._batches[position]
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) ^ self.stream)
         batches = []
         for group in self.groups:
             shuffled = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
@@ -189,6 +201,7 @@ class TrainingRun:
         # With a torch.distributed World (trainers/distributed.py) batches are global: each rank trains its share.
         self.world = world
         self.order = DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed)
+        self.reg_order = self._reg_order(latents, text, settings, world)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step_count, self.cursor = state.step, state.cursor
         self.skipped, self.consecutive_skips = 0, 0
@@ -216,6 +229,27 @@ class TrainingRun:
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
 
+    def _reg_order(self, latents: LatentSet, text: TextSet, settings: TrainingSettings, world) -> DataOrder | None:
+        """The regularisation images' order (None without any), after checking that the dataset has training
+        images, and the class captions differential output preservation needs."""
+        items = latents.dataset.items
+        if not self.order.groups:
+            raise ConfigError("the dataset has only regularisation images (is_reg): combine them with training "
+                              "images (Combine training images), or turn is_reg off")
+        if settings.diff_output_preservation:
+            if not any(item.preservation_class for item in items if not item.is_reg):
+                raise ConfigError("diff_output_preservation needs the class word the trigger word stands for: set "
+                                  "preservation_class (and trigger_word) on Training images, or turn "
+                                  "diff_output_preservation off")
+            missing = [c for c in latents.dataset.captions if c not in text]
+            if missing:
+                raise ConfigError(f"{len(missing)} caption(s) of the dataset were not cached (e.g. "
+                                  f"{quoted(missing[0])}): connect the same dataset, with its preservation_class, "
+                                  f"to Cache captions")
+        if not any(item.is_reg for item in items):
+            return None
+        return DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed, reg=True)
+
     def _start_ema(self, state: AdapterState, settings: TrainingSettings):
         """(names, parameters, fp32 EMA tensors) with EMA on, from the state's EMA or (first run with it) from
         the weights as they are; ([], [], None) with it off."""
@@ -239,22 +273,34 @@ class TrainingRun:
             torch._foreach_lerp_(self.ema, current, 1.0 - self.settings.ema_decay)
 
     # ---------------------------------------------------------------------------------------- one step
-    def _micro_batch(self) -> dict[str, torch.Tensor] | None:
+    def _micro_batch(self, reg: bool = False) -> dict[str, torch.Tensor] | None:
         """The next micro-batch's tensors on the device (host work and the run's randomness happen here), or
-        None when this rank's share of a short global batch is empty."""
-        indices = self.order.batch(self.cursor)
-        self.cursor += 1
+        None when this rank's share of a short global batch is empty. `reg`: the regularisation batch that goes
+        with the training batch just drawn, from the same position of their own order, with randomness of its
+        own (seeded by that position), so the training batches are drawn as they would be without them."""
+        s = self.settings
+        if reg:
+            position = self.cursor - 1
+            indices = self.reg_order.batch(position)
+            gen = torch.Generator().manual_seed((s.seed * 1_000_003 + position) ^ REG_STREAM)
+        else:
+            indices = self.order.batch(self.cursor)
+            self.cursor += 1
+            gen = self.generator
         items = [self.latents.dataset.items[i] for i in indices]
         x0 = self.base_model.latent_format.process_in(torch.stack([self.latents.latents[i] for i in indices]))
-        gen, s = self.generator, self.settings
-        contexts = []
+        preserve = s.diff_output_preservation and not reg
+        contexts, preserved = [], []
         for item in items:
             rate = max(s.caption_dropout, item.caption_dropout)
             dropped = rate > 0 and torch.rand((), generator=gen).item() < rate
             caption, variants = item.caption, item.caption_variants
             if variants:    # shuffle_captions: one of the cached orders
                 caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
-            contexts.append(self.text.get("" if dropped else caption))
+            caption = "" if dropped else caption
+            contexts.append(self.text.get(caption))
+            if preserve:    # the caption drawn, its trigger word replaced by the class word
+                preserved.append(self.text.get(item.preserved(caption)))
         mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
@@ -264,18 +310,24 @@ class TrainingRun:
         if self.world is not None:   # every rank drew the global batch's randomness; it keeps its share
             share = self.world.share(len(items))
             x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
+            preserved = preserved[share]
             mask = mask[share] if mask is not None else None
             if not items:
                 return None
-        return self._inputs(x0, noise, sigma, contexts, items, mask)
+        return self._inputs(x0, noise, sigma, contexts, items, mask, reg, preserved if preserve else None)
 
-    def _inputs(self, x0, noise, sigma, contexts, items, mask) -> dict[str, torch.Tensor]:
-        conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), self.settings,
-                                              self.device)
+    def _inputs(self, x0, noise, sigma, contexts, items, mask, reg=False, preserved=None) -> dict[str, torch.Tensor]:
+        s = self.settings
+        conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), s, self.device)
         inputs = {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
                   **{f"cond.{name}": value for name, value in conditioning.items()}}
         if mask is not None:    # masked loss: (B, 1, h, w) weights
             inputs["mask"] = mask.to(self.device)
+        if reg:    # (a key of its own: a graph captured for a training batch is never replayed for these)
+            inputs["reg_weight"] = torch.full((len(items),), s.reg_weight).to(self.device)
+        if preserved is not None:
+            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, preserved, items), s, self.device)
+            inputs.update({f"dop.{name}": value for name, value in conditioning.items()})
         return inputs
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -286,7 +338,8 @@ class TrainingRun:
         return weighted.mean()
 
     def _weighted_losses(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each sample's loss times its timestep's weight."""
+        """Each sample's loss times its timestep's weight (and a regularisation batch's reg_weight), plus its
+        differential output preservation term."""
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
         x_noisy = self.arch.noisy(ms, x0, noise, sigma)
@@ -304,7 +357,14 @@ class TrainingRun:
         if "mask" in inputs:    # kohya's masked loss: the mean of loss x mask
             elementwise = elementwise * inputs["mask"].to(wide)
         per_sample = elementwise.mean(dim=tuple(range(1, target.ndim)))
-        return per_sample * self.arch.loss_weight(ms, sigma, self.settings)
+        per_sample = per_sample * self.arch.loss_weight(ms, sigma, self.settings)
+        if "reg_weight" in inputs:
+            per_sample = per_sample * inputs["reg_weight"]
+        preservation = {name[4:]: value for name, value in inputs.items() if name.startswith("dop.")}
+        if preservation:
+            per_sample = per_sample + self.settings.diff_output_preservation_multiplier * self._preservation_loss(
+                x_noisy, sigma, preservation, wide)
+        return per_sample
 
     def validation_loss(self, validation: Validation) -> float:
         """The mean loss of the held-out images at fixed timesteps and noise, without gradients, the adapter in
@@ -340,6 +400,19 @@ class TrainingRun:
         self.val_losses.append(loss)
         return loss
 
+    def _preservation_loss(self, x_noisy: torch.Tensor, sigma: torch.Tensor, conditioning: dict,
+                           wide: torch.dtype) -> torch.Tensor:
+        """Differential output preservation (ai-toolkit's diff_output_preservation), per sample: the mean squared
+        difference between the prediction with the adapter and the model's own (the adapter off, no gradients),
+        both on the class caption. Device work only: a CUDA graph captures the adapter switched off and on."""
+        ms = self.model_sampling
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
+                            cache_enabled=False):
+            with torch.no_grad(), adapters_off(self.layers):
+                base = self.arch.predict_from(self.base_model, ms, x_noisy, sigma, conditioning)
+            prediction = self.arch.predict_from(self.base_model, ms, x_noisy, sigma, conditioning)
+        return (prediction.to(wide) - base.to(wide)).square().mean(dim=tuple(range(1, prediction.ndim)))
+
     def _loss_and_gradients(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
@@ -364,14 +437,17 @@ class TrainingRun:
     def _step(self, started: float) -> StepReport:
         accumulation = self.settings.grad_accumulation
         loss_sum = None
+        # with regularisation images, a batch of them alongside each batch of training images
+        kinds = (False, True) if self.reg_order is not None else (False,)
         for _ in range(accumulation):
-            inputs = self._micro_batch()
-            if inputs is None:
-                continue
-            loss, gradients = self.micro_batches(inputs, (self.global_count,))
-            # used up before the next micro-batch: a graph's replay overwrites its outputs
-            (torch._foreach_copy_ if loss_sum is None else torch._foreach_add_)(self.gradients, list(gradients))
-            loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
+            for reg in kinds:
+                inputs = self._micro_batch(reg)
+                if inputs is None:
+                    continue
+                loss, gradients = self.micro_batches(inputs, (self.global_count,))
+                # used up before the next micro-batch: a graph's replay overwrites its outputs
+                (torch._foreach_copy_ if loss_sum is None else torch._foreach_add_)(self.gradients, list(gradients))
+                loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
         if loss_sum is None:     # this rank's shares were all empty: it adds nothing to the sum over ranks
             torch._foreach_zero_(self.gradients)
             loss_sum = torch.zeros((), device=self.device)

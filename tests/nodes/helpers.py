@@ -42,6 +42,18 @@ def prepared(folders, tiny, arch="sdxl", sizes=((64, 64),) * 4, write=True, **da
                 adapter=adapter)
 
 
+def with_reg(p, folders, count=2, sizes=None):
+    """p's training images combined with regularisation images (`count` of 64x64, or of `sizes`), cached again."""
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriCombineImages, EriTrainingImages
+    write_images(folders["input"] / "reg", sizes or ((64, 64),) * count, seed=1, prefix="reg")
+    reg = run(EriTrainingImages, folder="reg", resolution=64, trigger_word="", default_caption="", flip=False,
+              min_side=64, max_side=128, max_upscale=1.0, is_reg=True)[0]
+    dataset = run(EriCombineImages, dataset_1=p["dataset"], dataset_2=reg)[0]
+    latents = run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0]
+    return {**p, "dataset": dataset, "latents": latents, "captions": captions}
+
+
 def train(p, steps, adapter=None, **setting_overrides):
     """Train steps' model, adapter and loss outputs (without sampling)."""
     from eridiffusion.nodes.train import EriTrainSteps

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from helpers import prepared, settings
+from helpers import prepared, settings, with_reg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
@@ -65,6 +65,21 @@ def test_graphed_training_equals_eager_training(comfy_folders, tiny, captures, a
     graphed = train_node(p, 12, compile="cuda_graphs")
     assert captures and all(captures), captures        # every bucket and batch shape was captured
     assert_same_training(graphed, eager)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_graphed_training_with_regularisation_images_and_output_preservation_equals_eager(comfy_folders, tiny,
+                                                                                       captures, arch):
+    # each micro-batch: the training batch with the class caption's passes (the adapter off, then on) and a
+    # regularisation batch with its weight; the adapter switch is captured as it was during capture
+    p = with_reg(prepared(comfy_folders, tiny, arch=arch, sizes=SIZES, trigger_word="ohwx",
+                          preservation_class="person"), comfy_folders, sizes=SIZES[1:])
+    options = dict(reg_weight=0.5, diff_output_preservation=True, diff_output_preservation_multiplier=2.0)
+    eager = train_node(p, 12, compile="off", **options)
+    graphed = train_node(p, 12, compile="cuda_graphs", **options)
+    assert captures and all(captures), captures
+    assert_same_training(graphed, eager)
+    assert eager.history.losses != train_node(p, 12, compile="off").history.losses   # (they did train)
 
 
 def test_a_forward_that_syncs_with_the_host_trains_eagerly_with_a_warning(comfy_folders, tiny, captures,

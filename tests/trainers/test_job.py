@@ -471,10 +471,13 @@ def test_ui_jobs_and_sd_trainer_jobs_train_the_same():
 
 def test_a_setting_of_a_feature_is_warned_once_the_feature_is_on():
     def switch_on(p):
-        p["train"].update(diff_output_preservation=True)
+        p["train"].update(blank_prompt_preservation=True, blank_prompt_preservation_multiplier=1.0)
+    quiet = parse_job(edited(ui_job("sdxl"), lambda p: p["train"].update(blank_prompt_preservation_multiplier=1.0)),
+                      "ui.yaml").ignored_warning()
+    assert "blank_prompt_preservation_multiplier" not in quiet
     warning = parse_job(edited(ui_job("sdxl"), switch_on), "ui.yaml").ignored_warning()
-    assert "train.diff_output_preservation: True" in warning
-    assert "diff_output_preservation_multiplier: 1.0" in warning
+    assert "train.blank_prompt_preservation: True" in warning
+    assert "blank_prompt_preservation_multiplier: 1.0" in warning
 
 
 @pytest.mark.parametrize("keys, expected", [
@@ -625,3 +628,56 @@ config:
         caption_variants=9)))
     assert "token_dropout_rate: 0.1" in parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
         token_dropout_rate=0.1))).ignored_warning()
+
+
+# ----------------------------------------------------------- regularisation images, differential output preservation
+def preserving(p, **train):
+    p.update(trigger_word="ohwx")
+    p["train"].update({**dict(diff_output_preservation=True, diff_output_preservation_multiplier=0.5,
+                              diff_output_preservation_class="person", reg_weight=0.25), **train})
+    p["datasets"].append({"folder_path": "reg", "is_reg": True})
+
+
+def test_regularisation_and_preservation_keys_are_read_with_ai_toolkits_names():
+    from eridiffusion.trainers.job import AITK_IGNORED, AITK_SUBKEYS
+    job = parse_job(edited(ui_job("sdxl"), preserving), "ui.yaml")
+    s = job.settings
+    assert (s.reg_weight, s.diff_output_preservation, s.diff_output_preservation_multiplier) == (0.25, True, 0.5)
+    train_set, reg_set = (d.configs[0] for d in job.datasets)
+    assert (train_set.is_reg, train_set.trigger_word, train_set.preservation_class) == (False, "ohwx", "person")
+    assert (reg_set.is_reg, reg_set.preservation_class) == (True, "")
+    warning = job.ignored_warning() or ""
+    assert not any(key in warning for key in ("is_reg", "reg_weight", "diff_output_preservation"))
+    assert not {"reg_weight", "diff_output_preservation", "diff_output_preservation_multiplier",
+                "diff_output_preservation_class"} & (set(AITK_IGNORED["train"]) | set(AITK_SUBKEYS["train"]))
+    assert "is_reg" not in AITK_IGNORED["datasets"]
+    kohya = parse_job(edited(ui_job("sdxl"), lambda p: p["train"].update(prior_loss_weight=0.75)), "ui.yaml")
+    assert kohya.settings.reg_weight == 0.75
+    # left out, they are ai-toolkit's defaults: no regularisation weight change, no preservation
+    plain = parse_job(ui_job("sdxl"), "ui.yaml").settings
+    assert (plain.reg_weight, plain.diff_output_preservation) == (1.0, False)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: preserving(p, diff_output_preservation_class=""),
+     ["train.diff_output_preservation needs", "diff_output_preservation_class", "class word"]),
+    (lambda p: (preserving(p), p.update(trigger_word=None)),
+     ["replaces the trigger word", "datasets[0] has none", "trigger_word"]),
+    (lambda p: preserving(p, reg_weight=-1), ["train.reg_weight must be between 0.0 and 1000.0"]),
+    (lambda p: p["datasets"][0].update(is_reg="yes"), ["is_reg must be true or false"]),
+    (lambda p: preserving(p, prior_loss_weight=0.5), ["reg_weight and", "prior_loss_weight are the same setting"]),
+])
+def test_preservation_without_its_class_or_trigger_word_and_bad_values_are_errors(edit, words):
+    message = error_of(edited(ui_job("sdxl"), edit))
+    assert all(w in message for w in words), message
+
+
+def test_a_jobs_regularisation_dataset_gives_regularisation_items(tmp_path):
+    write_images(tmp_path / "train", [(64, 64)] * 2)
+    write_images(tmp_path / "reg", [(64, 64)] * 3, seed=1, prefix="reg")
+    job = parse_job(edited(ui_job("sdxl"), lambda p: (
+        preserving(p), p["datasets"][0].update(folder_path="train", resolution=64),
+        p["datasets"][1].update(resolution=64))), "ui.yaml")
+    dataset = build_dataset(job, lambda folder, key: str(tmp_path / folder))
+    assert [i.is_reg for i in dataset.items] == [False] * 2 + [True] * 3
+    assert "person, a photo of pattern 0" in dataset.captions and "ohwx, a photo of pattern 0" in dataset.captions

@@ -74,6 +74,7 @@ class AdapterLayer(torch.nn.Module):
     the base weight; they may override `delta(x, layer)` with something cheaper than materialising ΔW."""
 
     SUFFIXES: dict[str, str] = {}
+    active = True   # False (adapters_off): the layer runs as the model's own
     # parameters the forward only uses cast to the activations' dtype (see `cast_once`)
     CAST_ONCE: tuple[str, ...] = ()
 
@@ -184,6 +185,20 @@ def cast_once(layers: dict[str, AdapterLayer], dtype: torch.dtype | None):
             layer.step_casts = {}
 
 
+@contextlib.contextmanager
+def adapters_off(layers: dict[str, AdapterLayer]):
+    """The model's own output while inside: every adapter layer runs its base layer only (differential output
+    preservation's base prediction). A Python switch read at each call, so a CUDA graph captures the layers
+    switched off where they were off during the capture."""
+    for layer in layers.values():
+        layer.active = False
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.active = True
+
+
 class PatchedForward:
     """Replaces a layer's `forward` while its clone is loaded: the adapter's `apply` around the layer's own
     forward (for most methods base output plus delta)."""
@@ -200,13 +215,19 @@ class PatchedForward:
         layer = self.layer
         if self.dequantize:
             from ..comfy_compat import dequantized_linear
-            return self.adapter.apply(layer, x, lambda inp: dequantized_linear(layer, inp))
-        return self.adapter.apply(layer, x, lambda inp: type(layer).forward(layer, inp, *args, **kwargs))
+            base = lambda inp: dequantized_linear(layer, inp)  # noqa: E731
+        else:
+            base = lambda inp: type(layer).forward(layer, inp, *args, **kwargs)  # noqa: E731
+        if not self.adapter.active:
+            return base(x)
+        return self.adapter.apply(layer, x, base)
 
 
 class DeviceCached(torch.nn.Module):
     """Inference copy of an adapter layer for a sampled MODEL: weights moved to the input's device and
     dtype once and kept there, so sampling pays no per-call copies."""
+
+    active = True
 
     def __init__(self, adapter: AdapterLayer):
         super().__init__()
