@@ -422,7 +422,10 @@ function showSaved(node, lines) {
 
 // ComfyUI's error dialog titles an execution error with the node's class name ("EriTrainingImages"); the
 // canvas calls it "Training images". The socket's messages all pass through api.dispatchCustomEvent: an error
-// of one of our nodes gets its display name there (the class name after it, for searching).
+// of one of our nodes gets its display name there (the class name after it, for searching). Frontend 1.49's
+// Errors panel shows a generic "Node threw an error" and the traceback, not the exception's message, which is
+// what says which input to change: the message goes first in the traceback, where the panel shows it
+// without scrolling.
 const DISPLAY_NAMES = new Map();
 
 function withDisplayNames() {
@@ -430,7 +433,11 @@ function withDisplayNames() {
   if (typeof dispatch !== "function" || dispatch.eriDisplayNames) return;
   const named = function (type, detail) {
     const display = type === "execution_error" ? DISPLAY_NAMES.get(detail?.node_type) : undefined;
-    if (display) detail = { ...detail, node_type: `${display} (${detail.node_type})` };
+    if (display) {
+      const message = `${detail.exception_type ?? "Error"}: ${detail.exception_message ?? ""}\n\n`;
+      const traceback = Array.isArray(detail.traceback) ? [message, ...detail.traceback] : detail.traceback;
+      detail = { ...detail, node_type: `${display} (${detail.node_type})`, traceback };
+    }
     return dispatch.call(this, type, detail);
   };
   named.eriDisplayNames = true;
