@@ -15,7 +15,7 @@ from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_
                                 PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
-from ..trainers.state import patched_model
+from ..trainers.state import patched_clip, patched_model
 from . import checks, paths
 from . import live as live_view
 from .sample import captioned_previews, save_samples
@@ -97,6 +97,8 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("ema_decay"), optional=True),
                 io.Int.Input("ema_every", default=1, min=1, max=1000000, tooltip=_tip("ema_every"), optional=True),
                 io.Boolean.Input("ema_on_cpu", default=False, tooltip=_tip("ema_on_cpu"), optional=True),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False,
+                               tooltip=_tip("text_encoder_lr"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -105,13 +107,14 @@ class EriTrainingSettings(io.ComfyNode):
     def validate_inputs(cls, learning_rate=None, weight_decay=None, max_grad_norm=None, noise_offset=None,
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
-                        schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None):
+                        schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None, text_encoder_lr=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
-            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay))
+            schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay,
+            text_encoder_lr=text_encoder_lr))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:
@@ -143,6 +146,11 @@ class EriTrainSteps(io.ComfyNode):
                              tooltip="Keep only the newest K saves of save_prefix (0 = keep all)."),
                 io.String.Input("save_prefix", default="eri/checkpoints/my_lora", optional=True,
                                 tooltip="File name under models/loras for save_every; the step number is appended."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP the adapter was created with, when it trains the text encoder "
+                                      "(Create adapter's text_encoder): captions are then encoded by it every "
+                                      "step (on a copy; this one is untouched). Without a text-encoder adapter "
+                                      "it is passed through to the clip output."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
@@ -152,6 +160,10 @@ class EriTrainSteps(io.ComfyNode):
                                 tooltip="The images sampled during these steps, in order (an empty batch without "
                                         "sampling settings); a prompt with its own size is resized to the first "
                                         "prompt's here (its saved file keeps its size)."),
+                # last: outputs are addressed by index in saved workflows
+                io.Clip.Output(display_name="clip",
+                               tooltip="The CLIP with the trained text-encoder adapter applied (for CLIP Text "
+                                       "Encode); the clip input as it is when the adapter has none."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
@@ -165,7 +177,7 @@ class EriTrainSteps(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, latents, captions, settings, steps, sampling=None, save_every=0, keep_last=3,
-                save_prefix="eri/checkpoints/my_lora") -> io.NodeOutput:
+                save_prefix="eri/checkpoints/my_lora", clip=None) -> io.NodeOutput:
         bar = ProgressBar(steps)
         if save_every:
             # A bad prefix fails before training, and the run's saves (every N steps and the one when it
@@ -209,7 +221,7 @@ class EriTrainSteps(io.ComfyNode):
                                  on_every=on_every if sampling else None,
                                  every=sampling.every_n_steps if sampling else 0,
                                  # Cancel or an error: keep the last finished step, if saves were asked for
-                                 on_stopped=save if save_every else None)
+                                 on_stopped=save if save_every else None, clip=clip)
         except BaseException as stop:   # 0.33's InterruptProcessingException is a BaseException
             cancelled = isinstance(stop, comfy.model_management.InterruptProcessingException)
             live.finish(live_view.CANCELLED if cancelled else live_view.FAILED, saved[-1] if saved else None,
@@ -219,7 +231,8 @@ class EriTrainSteps(io.ComfyNode):
         batch = _one_batch(images)
         # the node shows the captioned previews; the files under output/ are listed for scripts (queue_workflow)
         shown = {"images": live.images, "eri_samples": sample_files} if live.images else None
-        return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
+        return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch,
+                             None if clip is None else patched_clip(clip, trained), ui=shown)
 
 
 def _one_batch(images: list[torch.Tensor]) -> torch.Tensor:

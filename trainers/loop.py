@@ -34,6 +34,7 @@ from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
                     state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
+from .text_encoder import TextEncoderRun, split_layers
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,7 +105,7 @@ class TrainingRun:
     the new AdapterState. Nothing passed in is modified."""
 
     def __init__(self, patcher, state: AdapterState, latents: LatentSet, text: TextSet,
-                 settings: TrainingSettings, end_step: int, world=None):
+                 settings: TrainingSettings, end_step: int, world=None, clip=None):
         self.arch = arches.detect(patcher)
         if state.spec.arch != self.arch.name:
             raise ConfigError(f"the adapter was made for {state.spec.arch} but the MODEL is {self.arch.name}: "
@@ -119,6 +120,15 @@ class TrainingRun:
         self.device = self.patcher.load_device
         self.layers = build_layers(state, self.device, trainable=True)
         install(self.patcher, self.layers)
+        # Text-encoder layers (trainers/text_encoder.py) go on a clone of the CLIP, which encodes every step
+        te_layers = split_layers(self.layers)[1]
+        self.text_encoder = None
+        if te_layers:
+            if clip is None:
+                raise ConfigError("the adapter trains the text encoder (Create adapter's text_encoder): connect the "
+                                  "CLIP it was created with to Train steps' clip input")
+            self.text_encoder = TextEncoderRun(clip, te_layers)
+            clip.cond_stage_model.requires_grad_(False)
         if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model
             paths = self.arch.block_modules(root)
@@ -135,18 +145,23 @@ class TrainingRun:
                             self.arch.name)
         # The base weights never train; ComfyUI's inference never needs their gradients either.
         self.base_model.diffusion_model.requires_grad_(False)
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.load()
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
+        # Two parameter groups when the text encoder trains (its own learning rate): its layers come last
+        te_count = sum(1 for layer in te_layers.values() for _ in layer.parameters())
+        split = len(self.params) - te_count
+        groups = (lambda params: [{"params": params[:split]}, {"params": params[split:]}]) if te_count else list
+        self.te_lr_scale = (settings.text_encoder_lr / settings.learning_rate) if settings.text_encoder_lr else 1.0
         self.precision = resolve_precision(settings, compute_dtype(self.base_model))
         if settings.optimizer_offload:
             if self.precision == "fp16":
                 raise ConfigError("optimizer_offload works with precision bf16 or fp32 (fp16 loss scaling needs "
                                   "the optimizer on the GPU): change one of them")
             self.optimizer = OffloadedOptimizer(
-                self.params, lambda params: make_optimizer(params, settings, torch.device("cpu")))
+                self.params, lambda params: make_optimizer(groups(params), settings, torch.device("cpu")))
         else:
-            self.optimizer = make_optimizer(self.params, settings, self.device)
+            self.optimizer = make_optimizer(groups(self.params), settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
             if state_fits(settings.optimizer, state.optimizer):
                 load_optimizer_state(self.optimizer, cpu_copy(state.optimizer))
@@ -187,10 +202,16 @@ class TrainingRun:
         if settings.gradient_checkpointing:
             prime_attention(self.device, compute_dtype(self.base_model) if self.autocast is None else self.autocast)
         # (fp16's loss scale is a tensor on the device that the scaler updates in place: graphs read it anew)
-        if settings.compile == "cuda_graphs" and self.device.type == "cuda":
+        # (the text encoder's host work, tokens to embeddings, happens inside the micro-batch: no graphs then)
+        if settings.compile == "cuda_graphs" and self.device.type == "cuda" and self.text_encoder is None:
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
+
+    def load(self) -> None:
+        """The training clones on their device: the MODEL's, and the CLIP's when the text encoder trains."""
+        patchers = [self.patcher] + ([self.text_encoder.patcher] if self.text_encoder is not None else [])
+        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
 
     def _start_ema(self, state: AdapterState, settings: TrainingSettings):
         """(names, parameters, fp32 EMA tensors) with EMA on, from the state's EMA or (first run with it) from
@@ -230,7 +251,8 @@ class TrainingRun:
             caption, variants = item.caption, item.caption_variants
             if variants:    # shuffle_captions: one of the cached orders
                 caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
-            contexts.append(self.text.get("" if dropped else caption))
+            caption = "" if dropped else caption
+            contexts.append(caption if self.text_encoder is not None else self.text.get(caption))
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
@@ -241,6 +263,9 @@ class TrainingRun:
             x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
             if not items:
                 return None
+        if self.text_encoder is not None:   # encoded in _loss, where gradients reach the text encoder
+            return {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
+                    "captions": contexts, "items": items}
         conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), self.settings,
                                               self.device)
         return {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
@@ -250,6 +275,9 @@ class TrainingRun:
         """Device work only (it is what a CUDA graph replays): no host syncs, no randomness."""
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
+        if "captions" in inputs:    # the text encoder trains: this micro-batch's captions encoded by it
+            batch = arches.Batch(x0, self.text_encoder.encode(inputs["captions"]), inputs["items"])
+            conditioning = self.arch.conditioning(self.base_model, batch, self.settings, self.device)
         x_noisy = self.arch.noisy(ms, x0, noise, sigma)
         # No autocast weight cache: a captured graph must not keep casts made during capture.
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
@@ -307,8 +335,8 @@ class TrainingRun:
             loss_sum = self.world.sum(loss_sum)
             self.world.sum_gradients(self.params)
         lr = learning_rate(self.settings, self.step_count, self.schedule_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for index, group in enumerate(self.optimizer.param_groups):   # group 1: the text encoder's
+            group["lr"] = lr * self.te_lr_scale if index == 1 else lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
@@ -403,25 +431,27 @@ def long_lived_objects_frozen():
 def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, settings: TrainingSettings,
           steps: int, on_step: Callable[[StepReport], None] | None = None,
           on_every: Callable[["TrainingRun"], None] | None = None, every: int = 0, world=None,
-          on_stopped: Callable[[AdapterState], None] | None = None) -> AdapterState:
+          on_stopped: Callable[[AdapterState], None] | None = None, clip=None) -> AdapterState:
     """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel).
     `on_every(run)` runs after each step whose number is a multiple of `every`, and after the last step, with
     the run as it is then (sampling reads `run.export()`); it may load other models: the run's own is loaded
     again before the next step. `world` (trainers.distributed.World) trains this rank's share of batches
     `world.size` times larger, with gradients summed over the ranks. When training stops early — Cancel
     (ComfyUI's interrupt), NaN, out of memory, any error — `on_stopped` gets the adapter as of the last
-    finished step (to save it) before the exception goes on."""
+    finished step (to save it) before the exception goes on. `clip` (comfy.sd.CLIP) is needed when the adapter
+    trains the text encoder; it is not changed either."""
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen(), training_mode():
-            run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
+            run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world,
+                              clip=clip)
             for _ in range(steps):
                 report = run.step()
                 if on_step:
                     on_step(report)
                 if on_every and every > 0 and (run.step_count % every == 0 or run.step_count == run.end_step):
                     on_every(run)
-                    comfy.model_management.load_models_gpu([run.patcher], force_full_load=True)
+                    run.load()
                     run.micro_batches.reset()    # the weights may have moved while other models were loaded
             return run.export()
     except BaseException as stop:
