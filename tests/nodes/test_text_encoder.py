@@ -130,3 +130,73 @@ def test_only_the_chosen_encoders_get_adapters(comfy_folders, tiny):
     assert len(paths) == 18
     flux = _prepared(comfy_folders, tiny, "flux", option="clip_l+clip_g")   # Flux has no CLIP-G: CLIP-L alone
     assert {t[0].split(".")[1] for t in flux["adapter"].spec.targets if t[0].startswith("text_encoders.")} == {"clip_l"}
+
+
+def _gradient_run(comfy_folders, tiny, case, dtype):
+    """A TrainingRun in `dtype` (MODEL and CLIP) with a random, non-zero text-encoder and UNet LoRA, one micro-batch."""
+    from eridiffusion.trainers.config import TrainingSettings
+    from eridiffusion.trainers.loop import TrainingRun
+    p = _prepared(comfy_folders, tiny, case, rank=2, alpha=2.0)
+    with torch.inference_mode(False):
+        model = tiny.tiny_model(case.split("_")[0], dtype=dtype)
+        p["clip"].cond_stage_model.to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    adapter = p["adapter"].replace(weights={k: v if "lora_down" in k else 0.05 * torch.randn(v.shape, generator=gen)
+                                            for k, v in p["adapter"].weights.items()})
+    settings_ = TrainingSettings(precision="fp32", gradient_checkpointing=False, batch_size=2,
+                                 timestep_sampling="uniform")
+    with torch.inference_mode(False):
+        training = TrainingRun(model, adapter, p["latents"], p["captions"], settings_, end_step=1, clip=p["clip"])
+        for layer in training.layers.values():
+            layer.to(dtype)
+        micro_batch = training._micro_batch()
+    te = [i for i, (path, layer) in enumerate((path, layer) for path, layer in training.layers.items()
+                                              for _ in layer.parameters()) if path.startswith("text_encoders.")]
+    return training, micro_batch, te
+
+
+@pytest.fixture
+def text_encoders_in_their_own_dtype(monkeypatch):
+    """ComfyUI's CLIP and T5 ask their token embeddings for float32 whatever the weights' dtype, and CLIP rounds
+    its output with .float(), so an fp64 text encoder computes in fp32, whose rounding is far above the 1e-6
+    asked of the fp64 check: here an embedding of fp64 weights answers in fp64 (the layers after it compute in
+    their input's dtype) and .float() leaves fp64 tensors as they are. Nothing trainable changes."""
+    import comfy.ops
+    to_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda self, *a, **k: self if self.dtype == torch.float64 else to_float(self, *a, **k))
+    for ops in {comfy.ops.disable_weight_init, comfy.ops.manual_cast}:
+        forward = ops.Embedding.forward
+
+        def own_dtype(self, *args, _forward=forward, **kwargs):
+            if self.weight.dtype == torch.float64:
+                kwargs.pop("out_dtype", None)
+                args = args[:1]
+            return _forward(self, *args, **kwargs)
+        monkeypatch.setattr(ops.Embedding, "forward", own_dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_text_encoder_gradients_match_float64_finite_differences(comfy_folders, tiny, case,
+                                                                 text_encoders_in_their_own_dtype, monkeypatch):
+    """(L(θ + εv) - L(θ - εv)) / 2ε ≈ ∇L·v along random directions v of the text-encoder layers alone."""
+    from eridiffusion.trainers.comfy_compat import training_mode
+    from test_gradients import _dot, _loss_at, _norm, rotary_table_in_fp64
+    rotary_table_in_fp64(monkeypatch)
+    training, micro_batch, te = _gradient_run(comfy_folders, tiny, case, torch.float64)
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        gradient = [g.detach().double() for g in torch.autograd.grad(
+            training._loss(micro_batch), training.params, allow_unused=True, materialize_grads=True)]
+    te_gradient = [gradient[i] for i in te]
+    assert _norm(te_gradient) > 1e-6, "the loss must depend on the text encoder's adapter"
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-4
+    for _ in range(3):
+        direction = [torch.randn(g.shape, generator=gen, dtype=torch.float64) if i in te else torch.zeros_like(g)
+                     for i, g in enumerate(gradient)]
+        norm = _norm(direction)
+        direction = [v / norm for v in direction]
+        finite = (_loss_at(training, micro_batch, direction, eps) - _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
+        analytic = _dot(gradient, direction)
+        assert abs(analytic - finite) <= 1e-6 * _norm(te_gradient), (case, analytic, finite)
