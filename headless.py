@@ -114,9 +114,9 @@ def save(state: AdapterState, job: Job, folder: str) -> str:
     return series(state.step)
 
 
-def starting_adapter(job: Job, model, folder: str) -> AdapterState:
+def starting_adapter(job: Job, model, folder: str, clip=None) -> AdapterState:
     """The newest adapter saved in the job's folder (resumed exactly), or a new one."""
-    fresh = job_node.make_adapter(job, model)
+    fresh = job_node.make_adapter(job, model, clip)
     saved = saved_adapters(folder, job.name)
     if not saved:
         return fresh
@@ -152,7 +152,7 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
             text = cache.cache_text(dataset.captions, clip, os.path.join(cache_dir, "text"))
         if world is not None:
             world.barrier()
-    state = starting_adapter(job, model, folder)
+    state = starting_adapter(job, model, folder, clip)
     remaining = job.steps - state.step
     if remaining <= 0:
         if main:
@@ -188,7 +188,7 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
 
         every = math.gcd(job.save.save_every, sampling.every_n_steps) if sampling else job.save.save_every
         trained = loop.train(model, state, latents, text, job.settings, remaining, on_step=bar.update if bar else None,
-                             on_every=on_every, every=every, world=world, on_stopped=on_stopped)
+                             on_every=on_every, every=every, world=world, on_stopped=on_stopped, clip=clip)
     finally:
         folder_paths.set_output_directory(output_dir)
         if bar:

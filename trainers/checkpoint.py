@@ -99,7 +99,8 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
         "eri.spec": spec_to_json(spec),
         **({"eri.run_id": state.run_id} if state.run_id else {}),
         # kohya / ai-toolkit readers look for these
-        "eri.dora": spec.dora, "eri.ema": state.ema is not None,
+        "eri.dora": spec.dora, "eri.ema": state.ema is not None, "eri.text_encoder": spec.text_encoder,
+        "ss_network_train_unet_only": spec.text_encoder == "none",
         "ss_network_module": "networks.lora" if spec.kind == "lora" and not spec.dora else "lycoris.kohya",
         "ss_network_args": {"algo": spec.kind, "dora_wd": spec.dora, "factor": spec.lokr_factor,
                             "full_matrix": spec.lokr_full_w2,

@@ -140,7 +140,7 @@ AITK_IGNORED = {
         "qtype": _neutral("qfloat8"), "qtype_te": _neutral("qfloat8"),
         "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
     "train": {**{k: _OFF for k in (
-        "train_text_encoder", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
+        "refiner_lr", "embedding_lr", "adapter_lr",
         "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
@@ -228,6 +228,7 @@ class NetworkJob:
     conv: bool = False
     conv_rank: int = 0
     conv_alpha: float = 0.0
+    text_encoder: str = "none"              # train.train_text_encoder: clip_l+clip_g (CLIP-L alone on Flux)
 
     def make_spec_kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -672,6 +673,8 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
                 for i, d in enumerate(datasets_raw)]
     # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
     settings, steps, first_sample, sampling_on, timesteps = _parse_train(train, model.arch, 0.0, cpu_offload)
+    if timesteps.pop("train_text_encoder"):
+        network = dataclasses.replace(network, text_encoder="clip_l+clip_g")
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
@@ -826,14 +829,17 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         compile=t.choice("compile", "cuda_graphs", {"cuda_graphs": "cuda_graphs", "off": "off"}),
         recompute_attention=t.bool("recompute_attention", False),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
-        optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False))
+        optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False),
+        # ai-toolkit's text_encoder_lr defaults to lr, as 0 does here
+        text_encoder_lr=t.float("text_encoder_lr", 0.0, lo=0.0, hi=1.0))
     settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
                                            t.source)))
     first_sample = not t.bool("skip_first_sample", False)
     sampling_on = not t.bool("disable_sampling", False)
     timesteps = {"timestep_type": timestep_type, "explicit_shift": t.has("timestep_shift"),
                  "arch_ignored": (("flux", f"{t.key('bypass_guidance_embedding')}: True"),)
-                 if t.bool("bypass_guidance_embedding", False) else ()}   # ai-toolkit bypasses it on Flux only
+                 if t.bool("bypass_guidance_embedding", False) else (),   # ai-toolkit bypasses it on Flux only
+                 "train_text_encoder": t.bool("train_text_encoder", False)}
     t.done()
     try:
         settings = TrainingSettings(**settings_kw)

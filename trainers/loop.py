@@ -272,7 +272,8 @@ class TrainingRun:
                 **{f"cond.{name}": value for name, value in conditioning.items()}}
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Device work only (it is what a CUDA graph replays): no host syncs, no randomness."""
+        """Device work only (it is what a CUDA graph replays): no host syncs, no randomness. (Except while the text
+        encoder trains: then its encoding of the captions happens here, and no graph is captured.)"""
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
         if "captions" in inputs:    # the text encoder trains: this micro-batch's captions encoded by it

@@ -200,3 +200,46 @@ def test_text_encoder_gradients_match_float64_finite_differences(comfy_folders, 
         finite = (_loss_at(training, micro_batch, direction, eps) - _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
         analytic = _dot(gradient, direction)
         assert abs(analytic - finite) <= 1e-6 * _norm(te_gradient), (case, analytic, finite)
+
+
+@pytest.mark.parametrize("arch, encoders", [("sdxl", ("clip_l", "clip_g")), ("sd3", ("clip_l", "clip_g", "t5xxl")),
+                                            ("flux", ("clip_l", "t5xxl"))])
+def test_every_text_encoder_key_is_one_comfyuis_loader_maps_to_that_layer(arch, encoders):
+    """Full-size layer names of each architecture's text encoders (no weights needed: comfy.lora reads the names),
+    CLIP-G's 32 layers and T5-XXL's 24 blocks included."""
+    import comfy.lora
+    from eridiffusion.trainers import text_encoder
+    layers = {"clip_l": (12, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                              "mlp.fc1", "mlp.fc2")),
+              "clip_g": (32, ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")),
+              "t5xxl": (24, ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
+                             "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo"))}
+    stem = {"clip_l": "clip_l.transformer.text_model.encoder.layers", "clip_g": "clip_g.transformer.text_model.encoder.layers",
+            "t5xxl": "t5xxl.transformer.encoder.block"}
+    names = [f"{stem[e]}.{i}.{layer}" for e in encoders for i in range(layers[e][0]) for layer in layers[e][1]]
+
+    class Names(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return {f"{n}.weight": None for n in names}
+    key_map = comfy.lora.model_lora_keys_clip(Names(), {})
+    for name in names:
+        assert text_encoder._CLIP_LAYER.match(name) or text_encoder._T5_LAYER.match(name)
+        key = text_encoder.file_key(text_encoder.PREFIX + name, arch)
+        assert key.startswith("lora_te") and key_map.get(key) == f"{name}.weight", (arch, name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [dict(adapter_type="lora", dora=True), dict(adapter_type="lokr", rank=2),
+                                  dict(adapter_type="loha", rank=2)], ids=["dora", "lokr", "loha"])
+def test_dora_lokr_and_loha_text_encoder_adapters_load_in_the_stock_lora_loader_as_trained(comfy_folders, tiny, kind):
+    from nodes import LoraLoader
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    p = _prepared(comfy_folders, tiny, "sdxl", option="clip_l", **kind)
+    before = _conditioning(p["clip"])
+    _, adapter, _, _, clip = _train(p, 3)
+    trained = _conditioning(clip)
+    assert not torch.allclose(trained[0], before[0])
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix=f"te/{kind['adapter_type']}", save_dtype="fp32")[0]
+    _, loaded = LoraLoader().load_lora(p["model"], p["clip"], name, 1.0, 1.0)
+    for a, b in zip(_conditioning(loaded), trained):
+        assert (a - b).norm() <= 1e-4 * b.norm()

@@ -588,3 +588,15 @@ config:
         caption_variants=9)))
     assert "token_dropout_rate: 0.1" in parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["datasets"][0].update(
         token_dropout_rate=0.1))).ignored_warning()
+
+
+def test_train_text_encoder_and_text_encoder_lr_map_onto_the_adapter_and_the_settings_without_a_warning():
+    def on(p):
+        p["train"].update(train_text_encoder=True, text_encoder_lr=5e-5)
+    job = parse_job(edited(AI_TOOLKIT_FLUX, on), "job.yaml")
+    # (Create adapter's clip_l+clip_g is CLIP-L alone on Flux, which has no CLIP-G)
+    assert job.network.text_encoder == "clip_l+clip_g" and job.settings.text_encoder_lr == 5e-5
+    assert not any("text_encoder" in entry for entry in job.ignored)
+    plain = parse_job(AI_TOOLKIT_FLUX, "job.yaml")
+    assert plain.network.text_encoder == "none" and plain.settings.text_encoder_lr == 0.0
+    assert "text_encoder_lr" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(text_encoder_lr=-1)))
