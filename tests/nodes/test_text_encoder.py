@@ -245,3 +245,27 @@ def test_dora_lokr_and_loha_text_encoder_adapters_load_in_the_stock_lora_loader_
     _, loaded = LoraLoader().load_lora(p["model"], p["clip"], name, 1.0, 1.0)
     for a, b in zip(_conditioning(loaded), trained):
         assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+@pytest.mark.parametrize("overrides", [dict(precision="bf16", batch_size=2, grad_accumulation=2),
+                                       dict(precision="fp16", ema=True, ema_decay=0.9),
+                                       dict(optimizer_offload=True, precision="bf16")],
+                         ids=["bf16_batch2_accumulated", "fp16_ema", "offloaded"])
+def test_text_encoder_training_runs_with_other_settings(comfy_folders, tiny, overrides):
+    p = _prepared(comfy_folders, tiny, "sdxl")
+    _, adapter, history, _, clip = _train(p, 3, **overrides)
+    assert all(torch.isfinite(torch.tensor(history.losses)))
+    te = [k for k in adapter.weights if k.startswith("text_encoders.") and "lora_up" in k]
+    assert te and any(adapter.weights[k].abs().max() > 0 for k in te)
+    assert (adapter.ema is not None) == bool(overrides.get("ema"))
+
+
+def test_without_a_text_encoder_adapter_the_clip_passes_through_and_nothing_else_changes(comfy_folders, tiny):
+    from eridiffusion.nodes.train import EriTrainSteps
+    p = _prepared(comfy_folders, tiny, "sdxl", option="none")
+    assert not any(t[0].startswith("text_encoders.") for t in p["adapter"].spec.targets)
+    plain = run(EriTrainSteps, model=p["model"], adapter=p["adapter"], latents=p["latents"], captions=p["captions"],
+                settings=settings(), steps=2)
+    with_clip = _train(p, 2, learning_rate=1e-3, text_encoder_lr=0.0)
+    assert with_clip[4] is p["clip"] and plain[4] is None
+    assert with_clip[1].history.losses == plain[1].history.losses
