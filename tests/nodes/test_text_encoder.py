@@ -269,3 +269,33 @@ def test_without_a_text_encoder_adapter_the_clip_passes_through_and_nothing_else
     with_clip = _train(p, 2, learning_rate=1e-3, text_encoder_lr=0.0)
     assert with_clip[4] is p["clip"] and plain[4] is None
     assert with_clip[1].history.losses == plain[1].history.losses
+
+
+def test_samples_while_training_the_text_encoder_encode_the_prompts_with_it(comfy_folders, tiny):
+    """Sampling settings' prompts (and negatives) are encoded again by the adapter's text encoder each round, as
+    the Train steps' clip output encodes them; training stays bit-identical with or without samples."""
+    from eridiffusion.nodes.sample import EriSamplingSettings
+    from eridiffusion.trainers.sampling import with_text_encoder
+    p = _prepared(comfy_folders, tiny, "sdxl")
+    sampling = run(EriSamplingSettings, vae=p["vae"], prompts="a red square\na blue circle --n dark",
+                   negative_prompt="blurry", every_n_steps=2, seed=5, seed_mode="fixed", width=64, height=64,
+                   sampler_name="euler", scheduler="normal", steps=2, cfg=3.0, guidance=3.5,
+                   filename_prefix="eri_samples/te", clip=p["clip"])[0]
+    _, plain, _, _, _ = _train(p, 3)
+    from eridiffusion.nodes.train import EriTrainSteps
+    _, sampled, _, images, clip = run(
+        EriTrainSteps, model=p["model"], adapter=p["adapter"], latents=p["latents"], captions=p["captions"],
+        settings=settings(learning_rate=1e-2, text_encoder_lr=5e-3), steps=3, clip=p["clip"], sampling=sampling)
+    assert images.shape[0] == 4     # two prompts after steps 2 and 3
+    assert sampled.history.losses == plain.history.losses
+    assert all(torch.equal(plain.weights[k], sampled.weights[k]) for k in plain.weights)
+    encoded = with_text_encoder(sampling, sampled)
+    with torch.inference_mode():
+        for (label, cond), text in zip(encoded.positives, ("a red square", "a blue circle")):
+            expected = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            assert label == text and torch.allclose(cond[0][0], expected[0][0], atol=1e-6)
+        assert torch.allclose(encoded.negative[0][0], clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))[0][0],
+                              atol=1e-6)
+        dark = clip.encode_from_tokens_scheduled(clip.tokenize("dark"))[0][0]
+        assert torch.allclose(encoded.options[1].negative[0][0], dark, atol=1e-6)
+    assert not torch.allclose(encoded.positives[0][1][0][0], sampling.positives[0][1][0][0])
