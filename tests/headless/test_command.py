@@ -151,3 +151,14 @@ def test_torchrun_two_processes_train_as_one_process_with_twice_the_batch(setup)
     assert weights
     for k in weights:   # the same updates, up to the order of float sums (Adam's first steps are ±lr)
         assert (a[k] - b[k]).abs().max() <= 1e-3 * a[k].abs().max() + 1e-7, k
+
+
+@pytest.mark.slow
+def test_a_job_with_train_text_encoder_trains_and_saves_the_text_encoder_under_kohyas_keys(setup):
+    job = write_job(setup, "te_job", setup / "te_out", train_text_encoder=True, text_encoder_lr=5e-4)
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = load_file(str(setup / "te_out" / "my_sd35_lora" / "my_sd35_lora_000004.safetensors"))
+    assert {k[:9] for k in keys if k.startswith("lora_te")} == {"lora_te1_", "lora_te2_"}
+    assert any(k.startswith("lora_te1_") and "lora_up" in k and keys[k].abs().max() > 0 for k in keys)
+    assert "train_text_encoder" not in result.stderr, "not among the keys that have no effect"
