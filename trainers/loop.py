@@ -121,7 +121,7 @@ class TrainingRun:
         self.layers = build_layers(state, self.device, trainable=True)
         install(self.patcher, self.layers)
         # Text-encoder layers (trainers/text_encoder.py) go on a clone of the CLIP, which encodes every step
-        te_layers = split_layers(self.layers)[1]
+        self.model_layers, te_layers = split_layers(self.layers)
         self.text_encoder = None
         if te_layers:
             if clip is None:
@@ -301,7 +301,8 @@ class TrainingRun:
         """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
         accumulation kernel per parameter, and a captured graph owns its outputs."""
-        with cast_once(self.layers, self.activation_dtype), training_attention():
+        # (the text encoder computes in its own dtype: its layers cast at each use)
+        with cast_once(self.model_layers, self.activation_dtype), training_attention():
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,
