@@ -82,7 +82,8 @@ class AdapterState:
 
     def __repr__(self):
         return (f"AdapterState({self.spec.kind} r{self.spec.rank} α{self.spec.alpha:g} on {self.spec.arch}, "
-                f"{len(self.spec.targets)} layers, step {self.step}{', EMA' if self.ema is not None else ''})")
+                f"{len(self.spec.targets)} layers, step {self.step}{', EMA' if self.ema is not None else ''}"
+                f"{'' if self.spec.text_encoder == 'none' else ', text encoder ' + self.spec.text_encoder})")
 
     def replace(self, **changes) -> "AdapterState":
         return dataclasses.replace(self, **changes)
