@@ -206,7 +206,8 @@ class AdapterSpec:
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
         if self.text_encoder not in TEXT_ENCODERS:
-            raise ConfigError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {quoted(self.text_encoder)}")
+            raise ConfigError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, "
+                              f"got {quoted(self.text_encoder)}")
         if self.alpha < 0 or self.conv_alpha < 0:
             raise ConfigError(f"alpha and conv_alpha must not be negative, got {self.alpha}, {self.conv_alpha}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
@@ -388,7 +389,8 @@ class TrainingSettings:
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be between 0 and 1 (0.999 is common), got {self.ema_decay}")
         if not 0.0 <= self.text_encoder_lr <= 1.0:
-            raise ConfigError(f"text_encoder_lr must be between 0 (the learning rate) and 1, got {self.text_encoder_lr}")
+            raise ConfigError(f"text_encoder_lr must be between 0 (the learning rate) and 1, "
+                              f"got {self.text_encoder_lr}")
         if not 1 <= self.ema_every <= 1_000_000:
             raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 

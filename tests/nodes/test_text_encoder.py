@@ -199,7 +199,8 @@ def test_text_encoder_gradients_match_float64_finite_differences(comfy_folders, 
                      for i, g in enumerate(gradient)]
         norm = _norm(direction)
         direction = [v / norm for v in direction]
-        finite = (_loss_at(training, micro_batch, direction, eps) - _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
+        finite = (_loss_at(training, micro_batch, direction, eps)
+                  - _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
         analytic = _dot(gradient, direction)
         assert abs(analytic - finite) <= 1e-6 * _norm(te_gradient), (case, analytic, finite)
 
@@ -216,8 +217,8 @@ def test_every_text_encoder_key_is_one_comfyuis_loader_maps_to_that_layer(arch, 
               "clip_g": (32, ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")),
               "t5xxl": (24, ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0",
                              "layer.1.DenseReluDense.wi_1", "layer.1.DenseReluDense.wo"))}
-    stem = {"clip_l": "clip_l.transformer.text_model.encoder.layers", "clip_g": "clip_g.transformer.text_model.encoder.layers",
-            "t5xxl": "t5xxl.transformer.encoder.block"}
+    stem = {"clip_l": "clip_l.transformer.text_model.encoder.layers",
+            "clip_g": "clip_g.transformer.text_model.encoder.layers", "t5xxl": "t5xxl.transformer.encoder.block"}
     names = [f"{stem[e]}.{i}.{layer}" for e in encoders for i in range(layers[e][0]) for layer in layers[e][1]]
 
     class Names(torch.nn.Module):
