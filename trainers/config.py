@@ -198,10 +198,12 @@ class AdapterSpec:
         "encoders' attention and MLP layers with this rank and alpha, are saved under kohya's lora_te1_ "
         "(CLIP-L) / lora_te2_ (CLIP-G) keys (T5: lora_te3_ on SD 3.5, lora_te2_ on Flux) and apply through "
         "the stock LoRA loader's CLIP input. While training, the CLIP is loaded on the GPU beside the model "
-        "(T5-XXL's weights too, ~9.5 GB in bf16, unless ComfyUI offloads part of it), the trained encoders "
+        "(T5-XXL's weights too: ~9.5 GB in bf16, ~4.8 GB in fp8), the trained encoders "
         "encode each step's captions, and the frozen ones' outputs (T5 unless 'all') are computed once per "
-        "caption and kept. T5-XXL is off unless 'all': training it also keeps the activations of its 24 "
-        "blocks for backward, an estimated 2-3 GB more at 512 tokens in bf16. ", default="none")
+        "caption and kept. T5-XXL is off unless 'all': without gradient_checkpointing, training it keeps the "
+        "activations of its 24 blocks for backward (estimated, not measured: ~5 GB at 512 tokens, as ComfyUI "
+        "runs text encoders in fp32); with it, the trained encoders' blocks are recomputed in backward like "
+        "the model's.", default="none")
 
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)

@@ -127,7 +127,7 @@ class TrainingRun:
             if clip is None:
                 raise ConfigError("the adapter trains the text encoder (Create adapter's text_encoder): connect the "
                                   "CLIP it was created with to Train steps' clip input")
-            self.text_encoder = TextEncoderRun(clip, te_layers)
+            self.text_encoder = TextEncoderRun(clip, te_layers, checkpoint=settings.gradient_checkpointing)
             clip.cond_stage_model.requires_grad_(False)
         if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model

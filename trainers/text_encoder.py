@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from .blocks import OutOfPlaceAugmentedAssignment
+from .blocks import OutOfPlaceAugmentedAssignment, TrainingBlockForward
 from .cache import TextEmbedding
 
 PREFIX = "text_encoders."
@@ -31,6 +31,9 @@ ENCODERS = {"none": (), "clip_l": ("clip_l",), "clip_l+clip_g": ("clip_l", "clip
             "all": ("clip_l", "clip_g", "t5xxl")}
 _CLIP_LAYER = re.compile(r"^(clip_l|clip_g)\.transformer\.text_model\.encoder\.layers\.(\d+)\."
                          r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+# the blocks of each encoder: recomputed in backward with gradient checkpointing
+_BLOCKS = {"clip_l": "clip_l.transformer.text_model.encoder.layers",
+           "clip_g": "clip_g.transformer.text_model.encoder.layers", "t5xxl": "t5xxl.transformer.encoder.block"}
 _T5_LAYER = re.compile(r"^t5xxl\.transformer\.encoder\.block\.\d+\.layer\.\d+\."
                        r"(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wi|wo))$")
 
@@ -121,13 +124,20 @@ class FrozenOutputs:
 class TextEncoderRun:
     """The CLIP of a training run: a clone with the text-encoder layers installed, whose frozen encoders answer
     from their kept outputs. `encode(captions)` gives each caption's TextEmbedding, with gradients into the
-    layers."""
+    layers. With `checkpoint`, the trained encoders' blocks are recomputed in backward (T5-XXL's 24 blocks keep
+    GBs of activations otherwise)."""
 
-    def __init__(self, clip, layers: dict):
+    def __init__(self, clip, layers: dict, checkpoint: bool = False):
         self.clip = clip.clone()
         install(self.clip.patcher, layers)
         model = clip.cond_stage_model
         trained = trained_encoders(layers)
+        for name in trained:
+            blocks = model.get_submodule(_BLOCKS[name])
+            for index, block in enumerate(blocks):
+                # (out of place: the blocks add to their residual stream in place, see encode)
+                self.clip.patcher.add_object_patch(f"{_BLOCKS[name]}.{index}.forward", TrainingBlockForward(
+                    block, checkpoint=checkpoint, out_of_place=True))
         for name in ("clip_l", "clip_g", "t5xxl"):
             encoder = getattr(model, name, None)
             if encoder is not None and name not in trained and hasattr(encoder, "encode_token_weights"):

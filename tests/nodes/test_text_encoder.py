@@ -134,7 +134,7 @@ def test_only_the_chosen_encoders_get_adapters(comfy_folders, tiny):
     assert {t[0].split(".")[1] for t in flux["adapter"].spec.targets if t[0].startswith("text_encoders.")} == {"clip_l"}
 
 
-def _gradient_run(comfy_folders, tiny, case, dtype):
+def _gradient_run(comfy_folders, tiny, case, dtype, checkpointing=False):
     """A TrainingRun in `dtype` (MODEL and CLIP) with a random, non-zero text-encoder and UNet LoRA, one micro-batch."""
     from eridiffusion.trainers.config import TrainingSettings
     from eridiffusion.trainers.loop import TrainingRun
@@ -145,7 +145,7 @@ def _gradient_run(comfy_folders, tiny, case, dtype):
     gen = torch.Generator().manual_seed(0)
     adapter = p["adapter"].replace(weights={k: v if "lora_down" in k else 0.05 * torch.randn(v.shape, generator=gen)
                                             for k, v in p["adapter"].weights.items()})
-    settings_ = TrainingSettings(precision="fp32", gradient_checkpointing=False, batch_size=2,
+    settings_ = TrainingSettings(precision="fp32", gradient_checkpointing=checkpointing, batch_size=2,
                                  timestep_sampling="uniform")
     with torch.inference_mode(False):
         training = TrainingRun(model, adapter, p["latents"], p["captions"], settings_, end_step=1, clip=p["clip"])
@@ -178,18 +178,27 @@ def text_encoders_in_their_own_dtype(monkeypatch):
         monkeypatch.setattr(ops.Embedding, "forward", own_dtype)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_text_encoder_gradients_match_float64_finite_differences(comfy_folders, tiny, case,
-                                                                 text_encoders_in_their_own_dtype, monkeypatch):
-    """(L(θ + εv) - L(θ - εv)) / 2ε ≈ ∇L·v along random directions v of the text-encoder layers alone."""
+def _gradient(training, micro_batch):
     from eridiffusion.trainers.comfy_compat import training_mode
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        return [g.detach().double() for g in torch.autograd.grad(
+            training._loss(micro_batch), training.params, allow_unused=True, materialize_grads=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_text_encoder_gradients_match_float64_finite_differences(comfy_folders, tiny, case, checkpointing,
+                                                                 text_encoders_in_their_own_dtype, monkeypatch):
+    """(L(θ + εv) - L(θ - εv)) / 2ε ≈ ∇L·v along random directions v of the text-encoder layers alone, with the
+    text encoder's blocks recomputed in backward (gradient_checkpointing) or not."""
     from test_gradients import _dot, _loss_at, _norm, rotary_table_in_fp64
     rotary_table_in_fp64(monkeypatch)
-    training, micro_batch, te = _gradient_run(comfy_folders, tiny, case, torch.float64)
-    with torch.inference_mode(False), torch.enable_grad(), training_mode():
-        gradient = [g.detach().double() for g in torch.autograd.grad(
-            training._loss(micro_batch), training.params, allow_unused=True, materialize_grads=True)]
+    training, micro_batch, te = _gradient_run(comfy_folders, tiny, case, torch.float64, checkpointing)
+    checkpointed = [key for key, patch in training.text_encoder.patcher.object_patches.items()
+                    if getattr(patch, "checkpoint", False)]
+    assert bool(checkpointed) == checkpointing
+    gradient = _gradient(training, micro_batch)
     te_gradient = [gradient[i] for i in te]
     assert _norm(te_gradient) > 1e-6, "the loss must depend on the text encoder's adapter"
     gen = torch.Generator().manual_seed(1)
