@@ -114,9 +114,9 @@ def save(state: AdapterState, job: Job, folder: str) -> str:
     return series(state.step)
 
 
-def starting_adapter(job: Job, model, folder: str) -> AdapterState:
+def starting_adapter(job: Job, model, folder: str, clip=None) -> AdapterState:
     """The newest adapter saved in the job's folder (resumed exactly), or a new one."""
-    fresh = job_node.make_adapter(job, model)
+    fresh = job_node.make_adapter(job, model, clip)
     saved = saved_adapters(folder, job.name)
     if not saved:
         return fresh
@@ -158,7 +158,7 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
                                              job.validation_every)
         if world is not None:
             world.barrier()
-    state = starting_adapter(job, model, folder)
+    state = starting_adapter(job, model, folder, clip)
     remaining = job.steps - state.step
     if remaining <= 0:
         if main:
@@ -200,7 +200,7 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
         trained = loop.train(model, state, latents, text, job.settings, remaining,
                              on_step=bar.update if bar else log_validation,
                              on_every=on_every, every=every, world=world, on_stopped=on_stopped,
-                             validation=validation)
+                             validation=validation, clip=clip)
     finally:
         folder_paths.set_output_directory(output_dir)
         if bar:

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..trainers import adapters, checkpoint
 from ..trainers.arch import ARCHITECTURES
-from ..trainers.config import AdapterSpec, help_of
+from ..trainers.config import TEXT_ENCODERS, AdapterSpec, help_of
 from ..trainers.state import new_adapter
 from . import checks, paths
 from .types import CATEGORY, Adapter
@@ -43,6 +43,11 @@ class EriCreateAdapter(io.ComfyNode):
                 io.Int.Input("conv_rank", default=0, min=0, max=1024, optional=True, tooltip=_tip("conv_rank")),
                 io.Float.Input("conv_alpha", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
                                tooltip=_tip("conv_alpha")),
+                io.Combo.Input("text_encoder", options=list(TEXT_ENCODERS), default="none", optional=True,
+                               tooltip=_tip("text_encoder")),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP the model was loaded with: needed when text_encoder is not none "
+                                      "(its layers are matched; connect the same CLIP to Train steps)."),
             ],
             outputs=[Adapter.Output(display_name="adapter")],
         )
@@ -53,11 +58,12 @@ class EriCreateAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_type, rank, alpha, target, seed, dtype, dora=False, lokr_factor=-1,
-                lokr_full_w2=False, conv_layers=False, conv_rank=0, conv_alpha=0.0) -> io.NodeOutput:
+                lokr_full_w2=False, conv_layers=False, conv_rank=0, conv_alpha=0.0, text_encoder="none",
+                clip=None) -> io.NodeOutput:
         spec = checkpoint.make_spec(model, adapter_type, rank, alpha, target, seed, dtype, dora=dora,
                                     lokr_factor=lokr_factor, lokr_full_w2=lokr_full_w2, conv=conv_layers,
-                                    conv_rank=conv_rank, conv_alpha=conv_alpha)
-        return io.NodeOutput(new_adapter(spec, model))
+                                    conv_rank=conv_rank, conv_alpha=conv_alpha, text_encoder=text_encoder, clip=clip)
+        return io.NodeOutput(new_adapter(spec, model, clip))
 
 
 def _size(n: int) -> str:

@@ -87,13 +87,16 @@ def input_folder_root(folder_path: str, key: str) -> str:
     return paths.input_folder(folder_path, key)
 
 
-def make_adapter(job: Job, model):
+def make_adapter(job: Job, model, clip=None):
+    if job.network.text_encoder != "none" and clip is None:
+        raise ConfigError(f"{job.source}: train.train_text_encoder is true: connect the CLIP to Load training job's "
+                          f"clip input (and to Train steps'), or set train_text_encoder to false")
     try:
-        spec = checkpoint.make_spec(model, **job.network.make_spec_kwargs())
+        spec = checkpoint.make_spec(model, **job.network.make_spec_kwargs(), clip=clip)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"{job.source}: network: {e}") from None
     with torch.inference_mode(False):
-        return new_adapter(spec, model)
+        return new_adapter(spec, model, clip)
 
 
 def check_arch(job: Job, model) -> str:
@@ -142,7 +145,9 @@ class EriLoadTrainingJob(io.ComfyNode):
                                         "input folder (e.g. jobs/my_lora.yaml). datasets[].folder_path is a "
                                         "folder in ComfyUI's input folder."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Encodes the sample prompts; with a VAE, gives the sampling output."),
+                              tooltip="Encodes the sample prompts; with a VAE, gives the sampling output. Needed "
+                                      "when the job has train.train_text_encoder: true (its CLIP-L / CLIP-G get "
+                                      "adapters; connect the same CLIP to Train steps)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the samples; with a CLIP, gives the sampling "
                                                            "output."),
             ],
@@ -203,7 +208,7 @@ class EriLoadTrainingJob(io.ComfyNode):
         sampling = None
         if clip is not None and vae is not None:
             sampling = sampling_settings(parsed, arch, clip, vae, f"{parsed.save_prefix}_sample")
-        return io.NodeOutput(dataset, make_adapter(parsed, model), parsed.settings, parsed.steps,
+        return io.NodeOutput(dataset, make_adapter(parsed, model, clip), parsed.settings, parsed.steps,
                              parsed.save_prefix, sampling)
 
 

@@ -16,25 +16,14 @@ import folder_paths
 
 from ..trainers.config import ConfigError, help_of
 from ..trainers.prompts import PromptOptions, parse_prompt
-from ..trainers.sampling import SEED_MODES, Sample, SamplingSettings
+from ..trainers.sampling import (SEED_MODES, PromptTexts, Sample, SamplingSettings, encode_prompt,
+                                 plain_conditioning)
 from . import checks, paths
 from .types import CATEGORY, Sampling
 
 
 def _tip(name: str) -> str:
     return help_of(SamplingSettings, name)
-
-
-def _plain(conditioning):
-    """A copy of a CONDITIONING whose tensors are ordinary (not inference-mode) tensors: sampling runs inside
-    the training loop, outside inference mode."""
-    with torch.inference_mode(False):
-        return [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}]
-                for c, extra in conditioning]
-
-
-def _encode(clip, text: str):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 class EriSamplingSettings(io.ComfyNode):
@@ -110,24 +99,30 @@ def make_sampling(vae, clip, entries: list[tuple[str, PromptOptions]], negative_
     """SamplingSettings of (prompt, options) entries encoded with `clip` (after a `positive` CONDITIONING, if
     any); a prompt's own negative text is encoded too."""
     paths.output_prefix(settings["filename_prefix"])     # a linked prefix was not known at Queue
-    positives = [("conditioning", _plain(positive))] if positive is not None else []
+    positives = [("conditioning", plain_conditioning(positive))] if positive is not None else []
     options = [PromptOptions()] if positive is not None else []
+    texts = [None] * len(positives)          # (PromptTexts: what an adapter's text encoder encodes again)
+    negatives = [None] * len(positives)
     for text, option in entries:
-        positives.append((text, _plain(_encode(clip, text))))
+        positives.append((text, encode_prompt(clip, text)))
+        texts.append(text)
+        negatives.append(option.negative if isinstance(option.negative, str) else None)
         if isinstance(option.negative, str):
-            option = dataclasses.replace(option, negative=_plain(_encode(clip, option.negative)))
+            option = dataclasses.replace(option, negative=encode_prompt(clip, option.negative))
         options.append(option)
+    negative_text = None
     if negative is not None:
-        negative = _plain(negative)
+        negative = plain_conditioning(negative)
     elif clip is not None:
-        negative = _plain(_encode(clip, negative_prompt))
+        negative, negative_text = encode_prompt(clip, negative_prompt), negative_prompt
     elif positives:     # no text encoder: the zeroed prompt, as ConditioningZeroOut makes it
         negative = [[torch.zeros_like(c), {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
                                            for k, v in extra.items()}] for c, extra in positives[0][1]]
     if all(o == PromptOptions() for o in options):
-        options = []
+        options, negatives = [], []
+    prompt_texts = PromptTexts(clip, tuple(texts), tuple(negatives), negative_text) if clip is not None else None
     return SamplingSettings(vae=vae, positives=tuple(positives), negative=negative, options=tuple(options),
-                            **settings)
+                            texts=prompt_texts, **settings)
 
 
 def save_samples(samples: list[Sample], settings: SamplingSettings) -> list[dict]:

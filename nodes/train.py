@@ -15,7 +15,7 @@ from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_
                                 PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, ConfigError, TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
-from ..trainers.state import patched_model
+from ..trainers.state import patched_clip, patched_model
 from . import checks, paths
 from . import live as live_view
 from .sample import captioned_previews, save_samples
@@ -104,6 +104,8 @@ class EriTrainingSettings(io.ComfyNode):
                                  optional=True),
                 io.Float.Input("diff_output_preservation_multiplier", default=1.0, min=0.0, max=1000.0, step=0.05,
                                tooltip=_tip("diff_output_preservation_multiplier"), optional=True),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False,
+                               tooltip=_tip("text_encoder_lr"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -113,14 +115,15 @@ class EriTrainingSettings(io.ComfyNode):
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
                         schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None, reg_weight=None,
-                        diff_output_preservation_multiplier=None):
+                        diff_output_preservation_multiplier=None, text_encoder_lr=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
             logit_mean=logit_mean, logit_std=logit_std, sigmoid_scale=sigmoid_scale, timestep_shift=timestep_shift,
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
             schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay,
-            reg_weight=reg_weight, diff_output_preservation_multiplier=diff_output_preservation_multiplier))
+            reg_weight=reg_weight, diff_output_preservation_multiplier=diff_output_preservation_multiplier,
+            text_encoder_lr=text_encoder_lr))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:
@@ -165,6 +168,11 @@ class EriTrainSteps(io.ComfyNode):
                 io.Int.Input("validation_every", default=50, min=1, max=1000000, optional=True,
                              tooltip="Evaluate the validation loss every N steps (and after the last step). Each "
                                      "evaluation runs the model on every held-out image at 4 timesteps."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP the adapter was created with, when it trains the text encoder "
+                                      "(Create adapter's text_encoder): captions are then encoded by it every "
+                                      "step (on a copy; this one is untouched). Without a text-encoder adapter "
+                                      "it is passed through to the clip output."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
@@ -174,6 +182,10 @@ class EriTrainSteps(io.ComfyNode):
                                 tooltip="The images sampled during these steps, in order (an empty batch without "
                                         "sampling settings); a prompt with its own size is resized to the first "
                                         "prompt's here (its saved file keeps its size)."),
+                # last: outputs are addressed by index in saved workflows
+                io.Clip.Output(display_name="clip",
+                               tooltip="The CLIP with the trained text-encoder adapter applied (for CLIP Text "
+                                       "Encode); the clip input as it is when the adapter has none."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
@@ -188,7 +200,7 @@ class EriTrainSteps(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, latents, captions, settings, steps, sampling=None, save_every=0, keep_last=3,
                 save_prefix="eri/checkpoints/my_lora", validation_latents=None, validation_captions=None,
-                validation_every=50) -> io.NodeOutput:
+                validation_every=50, clip=None) -> io.NodeOutput:
         if (validation_latents is None) != (validation_captions is None):
             raise ConfigError("validation_latents and validation_captions go together: connect both (the held-out "
                               "images' Cache latents and Cache captions) or neither")
@@ -238,7 +250,7 @@ class EriTrainSteps(io.ComfyNode):
                                  on_every=on_every if sampling else None,
                                  every=sampling.every_n_steps if sampling else 0,
                                  # Cancel or an error: keep the last finished step, if saves were asked for
-                                 on_stopped=save if save_every else None, validation=validation)
+                                 on_stopped=save if save_every else None, validation=validation, clip=clip)
         except BaseException as stop:   # 0.33's InterruptProcessingException is a BaseException
             cancelled = isinstance(stop, comfy.model_management.InterruptProcessingException)
             live.finish(live_view.CANCELLED if cancelled else live_view.FAILED, saved[-1] if saved else None,
@@ -248,7 +260,8 @@ class EriTrainSteps(io.ComfyNode):
         batch = _one_batch(images)
         # the node shows the captioned previews; the files under output/ are listed for scripts (queue_workflow)
         shown = {"images": live.images, "eri_samples": sample_files} if live.images else None
-        return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch, ui=shown)
+        return io.NodeOutput(patched_model(model, trained), trained, trained.history, batch,
+                             None if clip is None else patched_clip(clip, trained), ui=shown)
 
 
 def _one_batch(images: list[torch.Tensor]) -> torch.Tensor:

@@ -48,7 +48,7 @@ def target_of(path: str, module: torch.nn.Module) -> tuple:
 
 def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: int, dtype: str, dora: bool = False,
               lokr_factor: int = -1, lokr_full_w2: bool = False, conv: bool = False, conv_rank: int = 0,
-              conv_alpha: float = 0.0) -> AdapterSpec:
+              conv_alpha: float = 0.0, text_encoder: str = "none", clip=None) -> AdapterSpec:
     from .arch import detect
     arch = detect(patcher)
     adapters.method(kind)
@@ -65,10 +65,22 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
     elif conv_rank or conv_alpha:
         logging.warning("EriDiffusion: conv_rank %s and conv_alpha %s are ignored: they apply with conv_layers "
                         "on (SDXL only), which is off", conv_rank, conv_alpha)
+    if text_encoder != "none":
+        from . import text_encoder as te
+        if text_encoder not in te.ENCODERS:
+            raise ValueError(f"text_encoder must be one of {', '.join(te.ENCODERS)}, got {quoted(text_encoder)}")
+        if clip is None:
+            raise ValueError(f"text_encoder is {text_encoder}: connect the CLIP (from the checkpoint loader) to "
+                             f"Create adapter's clip input, or set text_encoder to none")
+        te_modules = te.target_modules(clip, text_encoder)
+        if not te_modules:
+            raise ValueError(f"text_encoder {text_encoder} matches no layer of this CLIP (it has no "
+                             f"{' / '.join(te.ENCODERS[text_encoder])}): choose another text_encoder option")
+        modules += te_modules
     spec = AdapterSpec(arch=arch.name, kind=kind, rank=rank, alpha=alpha, preset=preset, seed=seed, dtype=dtype,
                        targets=tuple(target_of(path, module) for path, module in modules), dora=dora,
                        lokr_factor=lokr_factor, lokr_full_w2=lokr_full_w2, conv=conv, conv_rank=conv_rank,
-                       conv_alpha=conv_alpha)
+                       conv_alpha=conv_alpha, text_encoder=text_encoder)
     if kind != "lokr":   # LoKr's rank only shapes w2, which falls back to full rank where it is too large
         for target in spec.targets:
             out_features, fan_in = target[2], target[1] * (target[3] * target[4] if len(target) == 5 else 1)
@@ -90,7 +102,8 @@ def adapter_metadata(state: AdapterState) -> dict[str, str]:
         "eri.spec": spec_to_json(spec),
         **({"eri.run_id": state.run_id} if state.run_id else {}),
         # kohya / ai-toolkit readers look for these
-        "eri.dora": spec.dora, "eri.ema": state.ema is not None,
+        "eri.dora": spec.dora, "eri.ema": state.ema is not None, "eri.text_encoder": spec.text_encoder,
+        "ss_network_train_unet_only": spec.text_encoder == "none",
         "ss_network_module": "networks.lora" if spec.kind == "lora" and not spec.dora else "lycoris.kohya",
         "ss_network_args": {"algo": spec.kind, "dora_wd": spec.dora, "factor": spec.lokr_factor,
                             "full_matrix": spec.lokr_full_w2,

@@ -121,6 +121,8 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "weighted")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_MODES = ("cuda_graphs", "off")
 MASKED_LOSS = ("off", "alpha", "mask_folder")
+# Create adapter's text_encoder options: which of the CLIP's encoders get adapters (trainers/text_encoder.py)
+TEXT_ENCODERS = ("none", "clip_l", "clip_l+clip_g", "all")
 
 
 @dataclass(frozen=True)
@@ -256,9 +258,24 @@ class AdapterSpec:
                            archs=("sdxl",), default=0)
     conv_alpha: float = _help("With conv_layers, alpha for the convolution layers (0 = the same as alpha).",
                               archs=("sdxl",), default=0.0)
+    text_encoder: str = _help(
+        "Also train the text encoder (connect the CLIP): none; clip_l; clip_l+clip_g (SDXL, SD 3.5; on Flux "
+        "the same as clip_l); all (CLIP-L, CLIP-G and T5-XXL where the CLIP has them). Adapters go on the "
+        "encoders' attention and MLP layers with this rank and alpha, are saved under kohya's lora_te1_ "
+        "(CLIP-L) / lora_te2_ (CLIP-G) keys (T5: lora_te3_ on SD 3.5, lora_te2_ on Flux) and apply through "
+        "the stock LoRA loader's CLIP input. While training, the CLIP is loaded on the GPU beside the model "
+        "(T5-XXL's weights too: ~9.5 GB in bf16, ~4.8 GB in fp8), the trained encoders "
+        "encode each step's captions, and the frozen ones' outputs (T5 unless 'all') are computed once per "
+        "caption and kept. T5-XXL is off unless 'all': without gradient_checkpointing, training it keeps the "
+        "activations of its 24 blocks for backward (estimated, not measured: ~5 GB at 512 tokens, as ComfyUI "
+        "runs text encoders in fp32); with it, the trained encoders' blocks are recomputed in backward like "
+        "the model's.", default="none")
 
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ConfigError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, "
+                              f"got {quoted(self.text_encoder)}")
         if self.alpha < 0 or self.conv_alpha < 0:
             raise ConfigError(f"alpha and conv_alpha must not be negative, got {self.alpha}, {self.conv_alpha}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
@@ -403,6 +420,11 @@ class TrainingSettings:
     diff_output_preservation_multiplier: float = _help(
         "Weight of the preservation loss (mean squared difference between the adapter's and the base model's "
         "predictions on the class caption), added to the normal loss.", default=1.0)
+    # Text-encoder training (AdapterSpec.text_encoder): kohya's and ai-toolkit's text_encoder_lr
+    text_encoder_lr: float = _help("Learning rate of the text-encoder adapter, when the adapter has one (Create "
+                                   "adapter's text_encoder); it follows the same warm-up and schedule. 0 = the "
+                                   "same as learning_rate. Text encoders are usually trained 2-10x slower than "
+                                   "the diffusion model (e.g. 5e-5 with a learning_rate of 1e-4).", default=0.0)
 
     def __post_init__(self):
         check_finite("training settings", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -458,6 +480,9 @@ class TrainingSettings:
         if not 0.0 <= self.diff_output_preservation_multiplier <= 1000.0:
             raise ConfigError(f"diff_output_preservation_multiplier must be between 0 and 1000, got "
                               f"{self.diff_output_preservation_multiplier}")
+        if not 0.0 <= self.text_encoder_lr <= 1.0:
+            raise ConfigError(f"text_encoder_lr must be between 0 (the learning rate) and 1, "
+                              f"got {self.text_encoder_lr}")
         if not 1 <= self.ema_every <= 1_000_000:
             raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 

@@ -123,8 +123,9 @@ def import_adapter(path: str, tensors: dict[str, torch.Tensor], patcher) -> tupl
         groups.setdefault(stem, {})[suffix] = tensor
     skipped = [s for s in groups if s.startswith(TEXT_ENCODER_PREFIXES)]
     if skipped:
-        logging.warning("EriDiffusion: %s: %d text-encoder layers skipped (only the diffusion model is "
-                        "trained); they are not in the files saved from this adapter", name, len(skipped))
+        logging.warning("EriDiffusion: %s: %d text-encoder layers skipped (of another trainer's file, Load adapter "
+                        "continues the diffusion model's layers only); they are not in the files saved from this "
+                        "adapter", name, len(skipped))
     stems = [s for s in groups if s not in skipped]
     if not stems:
         raise ValueError(f"{name} has no diffusion-model layers (text encoder only?); choose a LoRA for the MODEL")

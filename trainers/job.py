@@ -140,7 +140,7 @@ AITK_IGNORED = {
         "qtype": _neutral("qfloat8"), "qtype_te": _neutral("qfloat8"),
         "use_text_encoder_1": _neutral(True), "use_text_encoder_2": _neutral(True)},
     "train": {**{k: _OFF for k in (
-        "train_text_encoder", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr",
+        "refiner_lr", "embedding_lr", "adapter_lr",
         "min_denoising_steps", "xformers", "sdp", "train_turbo",
         "learnable_snr_gos", "force_first_sample", "weight_jitter", "merge_network_on_save", "start_step",
         "free_u", "linear_timesteps", "linear_timesteps2", "unload_text_encoder", "cache_text_embeddings",
@@ -225,6 +225,7 @@ class NetworkJob:
     conv: bool = False
     conv_rank: int = 0
     conv_alpha: float = 0.0
+    text_encoder: str = "none"              # train.train_text_encoder: clip_l+clip_g (CLIP-L alone on Flux)
 
     def make_spec_kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -676,6 +677,8 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
                                                                                      cpu_offload)
     if settings.diff_output_preservation:
         datasets = _with_preservation_class(train, datasets, dop_class)
+    if timesteps.pop("train_text_encoder"):
+        network = dataclasses.replace(network, text_encoder="clip_l+clip_g")
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
     sample = _parse_sample(sample_section, trigger, first_sample, model.arch)
@@ -847,7 +850,9 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False),
         reg_weight=_reg_weight(t),
         diff_output_preservation=t.bool("diff_output_preservation", False),
-        diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0))
+        diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0),
+        # ai-toolkit's text_encoder_lr defaults to lr, as 0 does here
+        text_encoder_lr=t.float("text_encoder_lr", 0.0, lo=0.0, hi=1.0))
     dop_class = t.str("diff_output_preservation_class", "", max_length=MAX_TRIGGER_LENGTH).strip()
     settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
                                            t.source)))
@@ -855,7 +860,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     sampling_on = not t.bool("disable_sampling", False)
     timesteps = {"timestep_type": timestep_type, "explicit_shift": t.has("timestep_shift"),
                  "arch_ignored": (("flux", f"{t.key('bypass_guidance_embedding')}: True"),)
-                 if t.bool("bypass_guidance_embedding", False) else ()}   # ai-toolkit bypasses it on Flux only
+                 if t.bool("bypass_guidance_embedding", False) else (),   # ai-toolkit bypasses it on Flux only
+                 "train_text_encoder": t.bool("train_text_encoder", False)}
     t.done()
     try:
         settings = TrainingSettings(**settings_kw)

@@ -41,6 +41,7 @@ from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
                     state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
+from .text_encoder import TextEncoderRun, split_layers
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +141,7 @@ class TrainingRun:
     the new AdapterState. Nothing passed in is modified."""
 
     def __init__(self, patcher, state: AdapterState, latents: LatentSet, text: TextSet,
-                 settings: TrainingSettings, end_step: int, world=None):
+                 settings: TrainingSettings, end_step: int, world=None, clip=None):
         self.arch = arches.detect(patcher)
         if state.spec.arch != self.arch.name:
             raise ConfigError(f"the adapter was made for {state.spec.arch} but the MODEL is {self.arch.name}: "
@@ -155,6 +156,15 @@ class TrainingRun:
         self.device = self.patcher.load_device
         self.layers = build_layers(state, self.device, trainable=True)
         install(self.patcher, self.layers)
+        # Text-encoder layers (trainers/text_encoder.py) go on a clone of the CLIP, which encodes every step
+        self.model_layers, te_layers = split_layers(self.layers)
+        self.text_encoder = None
+        if te_layers:
+            if clip is None:
+                raise ConfigError("the adapter trains the text encoder (Create adapter's text_encoder): connect the "
+                                  "CLIP it was created with to Train steps' clip input")
+            self.text_encoder = TextEncoderRun(clip, te_layers, checkpoint=settings.gradient_checkpointing)
+            clip.cond_stage_model.requires_grad_(False)
         if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model
             paths = self.arch.block_modules(root)
@@ -170,18 +180,23 @@ class TrainingRun:
             logging.warning("EriDiffusion: %s", line)
         # The base weights never train; ComfyUI's inference never needs their gradients either.
         self.base_model.diffusion_model.requires_grad_(False)
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.load()
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
+        # Two parameter groups when the text encoder trains (its own learning rate): its layers come last
+        te_count = sum(1 for layer in te_layers.values() for _ in layer.parameters())
+        split = len(self.params) - te_count
+        groups = (lambda params: [{"params": params[:split]}, {"params": params[split:]}]) if te_count else list
+        self.te_lr_scale = (settings.text_encoder_lr / settings.learning_rate) if settings.text_encoder_lr else 1.0
         self.precision = resolve_precision(settings, compute_dtype(self.base_model))
         if settings.optimizer_offload:
             if self.precision == "fp16":
                 raise ConfigError("optimizer_offload works with precision bf16 or fp32 (fp16 loss scaling needs "
                                   "the optimizer on the GPU): change one of them")
             self.optimizer = OffloadedOptimizer(
-                self.params, lambda params: make_optimizer(params, settings, torch.device("cpu")))
+                self.params, lambda params: make_optimizer(groups(params), settings, torch.device("cpu")))
         else:
-            self.optimizer = make_optimizer(self.params, settings, self.device)
+            self.optimizer = make_optimizer(groups(self.params), settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
             if state_fits(settings.optimizer, state.optimizer):
                 load_optimizer_state(self.optimizer, cpu_copy(state.optimizer))
@@ -224,7 +239,8 @@ class TrainingRun:
         if settings.gradient_checkpointing:
             prime_attention(self.device, compute_dtype(self.base_model) if self.autocast is None else self.autocast)
         # (fp16's loss scale is a tensor on the device that the scaler updates in place: graphs read it anew)
-        if settings.compile == "cuda_graphs" and self.device.type == "cuda":
+        # (the text encoder's host work, tokens to embeddings, happens inside the micro-batch: no graphs then)
+        if settings.compile == "cuda_graphs" and self.device.type == "cuda" and self.text_encoder is None:
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
@@ -237,6 +253,9 @@ class TrainingRun:
             raise ConfigError("the dataset has only regularisation images (is_reg): combine them with training "
                               "images (Combine training images), or turn is_reg off")
         if settings.diff_output_preservation:
+            if self.text_encoder is not None:
+                raise ConfigError("diff_output_preservation and a text-encoder adapter (Create adapter's "
+                                  "text_encoder) cannot train together yet: turn one of them off")
             if not any(item.preservation_class for item in items if not item.is_reg):
                 raise ConfigError("diff_output_preservation needs the class word the trigger word stands for: set "
                                   "preservation_class (and trigger_word) on Training images, or turn "
@@ -249,6 +268,11 @@ class TrainingRun:
         if not any(item.is_reg for item in items):
             return None
         return DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed, reg=True)
+
+    def load(self) -> None:
+        """The training clones on their device: the MODEL's, and the CLIP's when the text encoder trains."""
+        patchers = [self.patcher] + ([self.text_encoder.patcher] if self.text_encoder is not None else [])
+        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
 
     def _start_ema(self, state: AdapterState, settings: TrainingSettings):
         """(names, parameters, fp32 EMA tensors) with EMA on, from the state's EMA or (first run with it) from
@@ -298,7 +322,7 @@ class TrainingRun:
             if variants:    # shuffle_captions: one of the cached orders
                 caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
             caption = "" if dropped else caption
-            contexts.append(self.text.get(caption))
+            contexts.append(caption if self.text_encoder is not None else self.text.get(caption))
             if preserve:    # the caption drawn, its trigger word replaced by the class word
                 preserved.append(self.text.get(item.preserved(caption)))
         mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
@@ -318,9 +342,12 @@ class TrainingRun:
 
     def _inputs(self, x0, noise, sigma, contexts, items, mask, reg=False, preserved=None) -> dict[str, torch.Tensor]:
         s = self.settings
-        conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), s, self.device)
-        inputs = {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device),
-                  **{f"cond.{name}": value for name, value in conditioning.items()}}
+        inputs = {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device)}
+        if self.text_encoder is not None:   # encoded in _weighted_losses, where gradients reach the text encoder
+            inputs.update(captions=contexts, items=items)
+        else:
+            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), s, self.device)
+            inputs.update({f"cond.{name}": value for name, value in conditioning.items()})
         if mask is not None:    # masked loss: (B, 1, h, w) weights
             inputs["mask"] = mask.to(self.device)
         if reg:    # (a key of its own: a graph captured for a training batch is never replayed for these)
@@ -331,7 +358,8 @@ class TrainingRun:
         return inputs
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Device work only (it is what a CUDA graph replays): no host syncs, no randomness."""
+        """Device work only (it is what a CUDA graph replays): no host syncs, no randomness. (Except while the text
+        encoder trains: then its encoding of the captions happens here, and no graph is captured.)"""
         weighted = self._weighted_losses(inputs)
         if self.world is not None:   # this share's part of the global batch's mean
             return weighted.sum() / self.global_count
@@ -342,6 +370,9 @@ class TrainingRun:
         differential output preservation term."""
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
+        if "captions" in inputs:    # the text encoder trains: this micro-batch's captions encoded by it
+            batch = arches.Batch(x0, self.text_encoder.encode(inputs["captions"]), inputs["items"])
+            conditioning = self.arch.conditioning(self.base_model, batch, self.settings, self.device)
         x_noisy = self.arch.noisy(ms, x0, noise, sigma)
         # No autocast weight cache: a captured graph must not keep casts made during capture.
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
@@ -378,14 +409,16 @@ class TrainingRun:
         for layer in self.layers.values():
             layer.eval()
         try:
-            with torch.no_grad(), cast_once(self.layers, self.activation_dtype):
+            with torch.no_grad(), cast_once(self.model_layers, self.activation_dtype):
                 for i in sorted(range(len(items)), key=lambda i: _identity(items[i])):
                     item = items[i]
                     gen = torch.Generator().manual_seed(int(_identity(item)[:15], 16))
                     x0 = self.base_model.latent_format.process_in(latents.latents[i][None]).repeat(count, 1, 1, 1)
                     noise = torch.randn(x0.shape, generator=gen)
                     try:
-                        contexts = [validation.text.get(item.caption)] * count
+                        # (the trained text encoder, when there is one, encodes the caption in _weighted_losses)
+                        contexts = [item.caption if self.text_encoder is not None
+                                    else validation.text.get(item.caption)] * count
                     except KeyError:
                         raise ConfigError(f"the validation captions lack the caption of a validation image: connect "
                                           f"the validation images to the validation Cache captions") from None
@@ -417,7 +450,8 @@ class TrainingRun:
         """The micro-batch's loss and its gradients of the adapter's parameters, as new tensors: autograd
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
         accumulation kernel per parameter, and a captured graph owns its outputs."""
-        with cast_once(self.layers, self.activation_dtype), training_attention():
+        # (the text encoder computes in its own dtype: its layers cast at each use)
+        with cast_once(self.model_layers, self.activation_dtype), training_attention():
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,
@@ -455,8 +489,8 @@ class TrainingRun:
             loss_sum = self.world.sum(loss_sum)
             self.world.sum_gradients(self.params)
         lr = learning_rate(self.settings, self.step_count, self.schedule_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for index, group in enumerate(self.optimizer.param_groups):   # group 1: the text encoder's
+            group["lr"] = lr * self.te_lr_scale if index == 1 else lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
@@ -552,7 +586,7 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
           steps: int, on_step: Callable[[StepReport], None] | None = None,
           on_every: Callable[["TrainingRun"], None] | None = None, every: int = 0, world=None,
           on_stopped: Callable[[AdapterState], None] | None = None,
-          validation: Validation | None = None) -> AdapterState:
+          validation: Validation | None = None, clip=None) -> AdapterState:
     """Train `steps` optimizer steps and return the new state. `on_step` may raise to stop (Cancel).
     `on_every(run)` runs after each step whose number is a multiple of `every`, and after the last step, with
     the run as it is then (sampling reads `run.export()`); it may load other models: the run's own is loaded
@@ -560,11 +594,13 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
     `world.size` times larger, with gradients summed over the ranks. When training stops early — Cancel
     (ComfyUI's interrupt), NaN, out of memory, any error — `on_stopped` gets the adapter as of the last
     finished step (to save it) before the exception goes on. `validation`: a held-out set whose loss the
-    reports carry (StepReport.val_loss) on the steps it is due."""
+    reports carry (StepReport.val_loss) on the steps it is due. `clip` (comfy.sd.CLIP) is needed when the adapter
+    trains the text encoder; it is not changed either."""
     run = None
     try:
         with torch.inference_mode(False), torch.enable_grad(), long_lived_objects_frozen(), training_mode():
-            run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world)
+            run = TrainingRun(patcher, state, latents, text, settings, end_step=state.step + steps, world=world,
+                              clip=clip)
             for _ in range(steps):
                 report = run.step()
                 if validation is not None and validation.due(run.step_count, run.step_count == run.end_step):
@@ -573,7 +609,7 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
                     on_step(report)
                 if on_every and every > 0 and (run.step_count % every == 0 or run.step_count == run.end_step):
                     on_every(run)
-                    comfy.model_management.load_models_gpu([run.patcher], force_full_load=True)
+                    run.load()
                     run.micro_batches.reset()    # the weights may have moved while other models were loaded
             return run.export()
     except BaseException as stop:

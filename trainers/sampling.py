@@ -21,9 +21,31 @@ import node_helpers
 
 from .config import ConfigError, _help, check_finite, quoted
 from .prompts import PromptOptions
-from .state import AdapterState, patched_model
+from .state import AdapterState, has_text_encoder, patched_clip, patched_model
 
 SEED_MODES = ("fixed", "walk")
+
+
+@dataclass(frozen=True)
+class PromptTexts:
+    """What Sampling settings encoded, as text, and the CLIP it encoded them with: the samples of an adapter that
+    trains the text encoder encode them again with the adapter's text encoder."""
+    clip: object
+    positives: tuple          # the text of each positive; None for a CONDITIONING input
+    negatives: tuple = ()     # each prompt's own negative text (None: the round's), where options has entries
+    negative: str | None = None   # the round's negative text; None: a CONDITIONING input (or none)
+
+
+def plain_conditioning(conditioning):
+    """A copy of a CONDITIONING whose tensors are ordinary (not inference-mode) tensors: sampling runs inside
+    the training loop, outside inference mode."""
+    with torch.inference_mode(False):
+        return [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}]
+                for c, extra in conditioning]
+
+
+def encode_prompt(clip, text: str):
+    return plain_conditioning(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,9 @@ class SamplingSettings:
     options: tuple = _help("PromptOptions of each positive, in order (its own size, seed, steps, CFG, guidance, "
                            "negative CONDITIONING); empty: every prompt samples with the settings above.",
                            default=())
+    texts: PromptTexts | None = _help("The prompts as text and their CLIP, to encode them again with an adapter's "
+                                      "text encoder (None: the CONDITIONING above serves every adapter).",
+                                      default=None)
 
     def __post_init__(self):
         check_finite("sampling settings", cfg=self.cfg, guidance=self.guidance)
@@ -114,8 +139,25 @@ def _check_interrupt(*_):
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def with_text_encoder(settings: SamplingSettings, state: AdapterState) -> SamplingSettings:
+    """`settings` with its prompts encoded by the adapter's text encoder, when the adapter has one and the prompts
+    were given as text; otherwise `settings` as they are."""
+    texts = settings.texts
+    if texts is None or not has_text_encoder(state):
+        return settings
+    clip = patched_clip(texts.clip, state)
+    positives = tuple((label, cond if text is None else encode_prompt(clip, text))
+                      for (label, cond), text in zip(settings.positives, texts.positives))
+    options = tuple(option if text is None else dataclasses.replace(option, negative=encode_prompt(clip, text))
+                    for option, text in zip(settings.options, texts.negatives))
+    negative = settings.negative if texts.negative is None else encode_prompt(clip, texts.negative)
+    return settings.replace(positives=positives, options=options, negative=negative)
+
+
 def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> list[Sample]:
-    """One image per prompt of `settings` from `patcher` with `state` applied, at step `state.step`."""
+    """One image per prompt of `settings` from `patcher` with `state` applied (its text encoder too, for prompts
+    given as text), at step `state.step`."""
+    settings = with_text_encoder(settings, state)
     model = patched_model(patcher, state)
     device = comfy.model_management.get_torch_device()
     rng_devices = [device] if device.type == "cuda" else []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters
+from . import adapters, text_encoder
 from .adapters.base import DeviceCached, base_weight, install
 from .config import AdapterSpec
 
@@ -98,19 +98,23 @@ class AdapterState:
 
     def __repr__(self):
         return (f"AdapterState({self.spec.kind} r{self.spec.rank} α{self.spec.alpha:g} on {self.spec.arch}, "
-                f"{len(self.spec.targets)} layers, step {self.step}{', EMA' if self.ema is not None else ''})")
+                f"{len(self.spec.targets)} layers, step {self.step}{', EMA' if self.ema is not None else ''}"
+                f"{'' if self.spec.text_encoder == 'none' else ', text encoder ' + self.spec.text_encoder})")
 
     def replace(self, **changes) -> "AdapterState":
         return dataclasses.replace(self, **changes)
 
 
-def new_adapter(spec: AdapterSpec, patcher=None) -> AdapterState:
-    """A new adapter for `spec`; DoRA magnitudes start from the weights of `patcher`'s model."""
+def new_adapter(spec: AdapterSpec, patcher=None, clip=None) -> AdapterState:
+    """A new adapter for `spec`; DoRA magnitudes start from the weights of `patcher`'s model (and of `clip`'s
+    text encoders, for text-encoder targets)."""
     method = adapters.method(spec.kind)
     base_weights = None
     if patcher is not None:
         root = patcher.model.diffusion_model
-        base_weights = lambda path: base_weight(root.get_submodule(path), "cpu")
+        clip_weights = text_encoder.base_weights(clip) if clip is not None else None
+        base_weights = lambda path: (clip_weights(path) if text_encoder.is_text_encoder(path)  # noqa: E731
+                                     else base_weight(root.get_submodule(path), "cpu"))
     layers = method.build_layers(spec, None, DTYPES[spec.dtype], base_weights=base_weights)
     return AdapterState(spec, method.layer_weights(layers))
 
@@ -130,10 +134,25 @@ def patched_model(patcher, state: AdapterState):
     samplers."""
     with torch.inference_mode(False):
         layers = {path: DeviceCached(layer) for path, layer in
-                  build_layers(state, weights=state.applied_weights).items()}
+                  build_layers(state, weights=state.applied_weights).items() if not text_encoder.is_text_encoder(path)}
     clone = patcher.clone()
     install(clone, layers)
     return clone
+
+
+def has_text_encoder(state: AdapterState) -> bool:
+    return any(text_encoder.is_text_encoder(target[0]) for target in state.spec.targets)
+
+
+def patched_clip(clip, state: AdapterState):
+    """A clone of `clip` that applies the adapter's text-encoder layers (its EMA, when it has one) while loaded;
+    `clip` itself when the adapter has none."""
+    if not has_text_encoder(state):
+        return clip
+    with torch.inference_mode(False):
+        layers = {path: DeviceCached(layer) for path, layer in
+                  build_layers(state, weights=state.applied_weights).items() if text_encoder.is_text_encoder(path)}
+    return text_encoder.patched_clip(clip, layers)
 
 
 # -------------------------------------------------------------------------------- optimizer state <-> tensors

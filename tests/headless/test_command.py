@@ -171,3 +171,14 @@ def test_a_validation_dataset_is_held_out_and_its_loss_reported_every_n_steps(se
     assert saved["val_steps"] == [3, 4] and [f"{v:.5f}" for v in saved["val_losses"]] == \
         [line.split()[-1] for line in reported]
     assert len(saved["losses"]) == 4
+
+
+@pytest.mark.slow
+def test_a_job_with_train_text_encoder_trains_and_saves_the_text_encoder_under_kohyas_keys(setup):
+    job = write_job(setup, "te_job", setup / "te_out", train_text_encoder=True, text_encoder_lr=5e-4)
+    result = command(setup, "train", str(job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = load_file(str(setup / "te_out" / "my_sd35_lora" / "my_sd35_lora_000004.safetensors"))
+    assert {k[:9] for k in keys if k.startswith("lora_te")} == {"lora_te1_", "lora_te2_"}
+    assert any(k.startswith("lora_te1_") and "lora_up" in k and keys[k].abs().max() > 0 for k in keys)
+    assert "train_text_encoder" not in result.stderr, "not among the keys that have no effect"

@@ -18,6 +18,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def flux_rotary_table_in_the_models_dtype(monkeypatch):
+    rotary_table_in_fp64(monkeypatch)
+
+
+def rotary_table_in_fp64(monkeypatch):
     """ComfyUI builds Flux's rotary table in fp32 and rotates q and k in fp32 even in an fp64 model; that
     rounding is far above the 1e-6 asked of the fp64 check, so the reference runs the (constant) table in
     the model's dtype. Nothing trainable is changed."""

@@ -61,7 +61,7 @@ def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
 
     latents = run(EriCacheLatents, dataset=dataset, vae=p["vae"], batch_size=4)[0]
     captions = run(EriCacheCaptions, dataset=dataset, clip=p["clip"])[0]
-    _, from_job, _, samples = run(EriTrainSteps, model=p["model"], adapter=adapter, latents=latents,
+    _, from_job, _, samples, _ = run(EriTrainSteps, model=p["model"], adapter=adapter, latents=latents,
                                   captions=captions, settings=job_settings, steps=steps, sampling=sampling)
     assert samples.shape[0] == 2                       # after step 2 and after the last step
 
@@ -70,7 +70,7 @@ def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
                        timestep_sampling="sigmoid", timestep_shift=1.0)
     adapter_by_hand = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=2.0,
                           target="attention_mlp", seed=0, dtype="fp32")[0]
-    _, wired, _, _ = run(EriTrainSteps, model=p["model"], adapter=adapter_by_hand, latents=latents,
+    _, wired, _, _, _ = run(EriTrainSteps, model=p["model"], adapter=adapter_by_hand, latents=latents,
                          captions=captions, settings=by_hand, steps=3)
     assert from_job.history.losses == wired.history.losses
     assert all(torch.equal(from_job.weights[k], wired.weights[k]) for k in wired.weights)

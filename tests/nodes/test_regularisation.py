@@ -137,3 +137,15 @@ def test_a_run_with_them_resumes_bit_exactly_from_its_saved_state(p, comfy_folde
     steps(2, data["adapter"], save_every=2, keep_last=0, save_prefix="ckpt/half")
     resumed = steps(2, run(EriLoadAdapter, lora_name="ckpt/half_000002.safetensors")[0])
     assert resumed.step == 4 and same(resumed, straight)
+
+
+def test_preservation_and_a_text_encoder_adapter_together_are_an_error_naming_both(comfy_folders, tiny):
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.nodes.train import EriTrainSteps
+    from eridiffusion.trainers.config import ConfigError
+    p = prepared(comfy_folders, tiny, trigger_word="ohwx", preservation_class="person")
+    adapter = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                  seed=0, dtype="fp32", text_encoder="clip_l", clip=p["clip"])[0]
+    with pytest.raises(ConfigError, match="diff_output_preservation and a text-encoder adapter"):
+        run(EriTrainSteps, model=p["model"], adapter=adapter, latents=p["latents"], captions=p["captions"],
+            settings=settings(diff_output_preservation=True), steps=1, clip=p["clip"])

@@ -31,7 +31,7 @@ def train(p, steps, sampling_settings=None, adapter=None, **setting_overrides):
         out = EriTrainSteps.execute(model=p["model"], adapter=adapter or p["adapter"], latents=p["latents"],
                                     captions=p["captions"], settings=settings(**setting_overrides), steps=steps,
                                     sampling=sampling_settings)
-    return (*out.result, out.ui)
+    return (*out.result[:4], out.ui)
 
 
 def test_sampling_every_2_steps_leaves_training_bit_identical_and_saves_step_and_seed_in_names(p, comfy_folders):

@@ -681,3 +681,15 @@ def test_a_jobs_regularisation_dataset_gives_regularisation_items(tmp_path):
     dataset = build_dataset(job, lambda folder, key: str(tmp_path / folder))
     assert [i.is_reg for i in dataset.items] == [False] * 2 + [True] * 3
     assert "person, a photo of pattern 0" in dataset.captions and "ohwx, a photo of pattern 0" in dataset.captions
+
+
+def test_train_text_encoder_and_text_encoder_lr_map_onto_the_adapter_and_the_settings_without_a_warning():
+    def on(p):
+        p["train"].update(train_text_encoder=True, text_encoder_lr=5e-5)
+    job = parse_job(edited(AI_TOOLKIT_FLUX, on), "job.yaml")
+    # (Create adapter's clip_l+clip_g is CLIP-L alone on Flux, which has no CLIP-G)
+    assert job.network.text_encoder == "clip_l+clip_g" and job.settings.text_encoder_lr == 5e-5
+    assert not any("text_encoder" in entry for entry in job.ignored)
+    plain = parse_job(AI_TOOLKIT_FLUX, "job.yaml")
+    assert plain.network.text_encoder == "none" and plain.settings.text_encoder_lr == 0.0
+    assert "text_encoder_lr" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(text_encoder_lr=-1)))

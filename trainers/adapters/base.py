@@ -43,7 +43,12 @@ def target_shape(target: tuple) -> tuple[int, ...]:
     return (int(out_features), int(in_features), *(int(k) for k in kernel))
 
 
-def file_key(path: str) -> str:
+def file_key(path: str, arch: str = "") -> str:
+    """kohya's key of a target: `lora_unet_<path>` for the diffusion model's layers, `lora_te<n>_...` for a text
+    encoder's (trainers/text_encoder.py)."""
+    from .. import text_encoder
+    if text_encoder.is_text_encoder(path):
+        return text_encoder.file_key(path, arch)
     return FILE_PREFIX + path.replace(".", "_")
 
 
@@ -254,9 +259,11 @@ def object_patch_key(path: str) -> str:
 
 
 def install(patcher, layers: dict[str, AdapterLayer]) -> None:
-    """Attach `layers` (module path -> adapter layer) to a ModelPatcher clone as object patches."""
+    """Attach `layers` (module path -> adapter layer) to a ModelPatcher clone of a MODEL as object patches; text-
+    encoder layers go on a CLIP's patcher instead (trainers/text_encoder.py)."""
+    from ..text_encoder import split_layers
     root = patcher.model.diffusion_model
-    for path, adapter in layers.items():
+    for path, adapter in split_layers(layers)[0].items():
         patcher.add_object_patch(object_patch_key(path), PatchedForward(root.get_submodule(path), adapter))
 
 
@@ -306,7 +313,7 @@ def to_file_tensors(cls, spec: AdapterSpec, weights: dict[str, torch.Tensor], dt
     suffixes = (*cls.SUFFIXES.values(), DORA_SUFFIX)
     out = {}
     for target in spec.targets:
-        path, key = target[0], file_key(target[0])
+        path, key = target[0], file_key(target[0], spec.arch)
         for suffix in suffixes:
             if f"{path}.{suffix}" in weights:
                 out[f"{key}.{suffix}"] = weights[f"{path}.{suffix}"].to(dtype)
@@ -319,7 +326,7 @@ def from_file_tensors(cls, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) 
     layer is rebuilt from them, so a tensor of the wrong shape is an error naming the layer."""
     weights = {}
     for target in spec.targets:
-        path, key = target[0], file_key(target[0])
+        path, key = target[0], file_key(target[0], spec.arch)
         own = {s: tensors[f"{key}.{s}"].float() for s in cls.SUFFIXES.values() if f"{key}.{s}" in tensors}
         if not own:
             raise ValueError(f"the adapter file has no {spec.kind} weights for layer {quoted(path)}")
