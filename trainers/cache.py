@@ -144,7 +144,7 @@ def _pixels(item: DatasetItem) -> torch.Tensor:
 @dataclass(frozen=True)
 class TextEmbedding:
     context: torch.Tensor     # (tokens, dim)
-    pooled: torch.Tensor      # (dim,)
+    pooled: torch.Tensor      # (dim,), or (0,) where the text encoder has none (Chroma)
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,9 @@ def cache_text(captions, clip, cache_dir: str,
                 tensors = None
         if tensors is None:
             context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            tensors = {"context": context[0].detach().float().cpu().contiguous(),
-                       "pooled": pooled[0].detach().float().cpu().contiguous()}
+            # a T5-only encoder (Chroma's) has no pooled output: an empty one
+            pooled = torch.zeros(0) if pooled is None else pooled[0].detach().float().cpu().contiguous()
+            tensors = {"context": context[0].detach().float().cpu().contiguous(), "pooled": pooled}
             atomic_write(path, lambda p, t=tensors: save_file(t, p))
             encoded += 1
         out.append((caption, TextEmbedding(tensors["context"].clone(), tensors["pooled"].clone())))

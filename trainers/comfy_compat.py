@@ -17,6 +17,8 @@ import comfy.model_management
 # (model_detection.py gives a Flux.1 checkpoint these): `txt_ids_dims` (0.33) lists the text position axes
 # that count up; Flux.1 has none.
 _FLUX_1_FIELDS = {"txt_ids_dims": []}
+# Chroma's: 0.33's ChromaParams also requires `vec_in_dim` (Chroma has no pooled vector input).
+_CHROMA_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None}
 
 
 def flux_config(config: dict) -> dict:
@@ -24,6 +26,13 @@ def flux_config(config: dict) -> dict:
     import comfy.ldm.flux.model   # here, not at the top: the training loop imports this module too
     accepted = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     return {**{k: v for k, v in _FLUX_1_FIELDS.items() if k in accepted}, **config}
+
+
+def chroma_config(config: dict) -> dict:
+    """A Chroma unet config (as model_detection finds it in 0.3.75) completed for this ComfyUI's ChromaParams."""
+    import comfy.ldm.chroma.model
+    accepted = {f.name for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
+    return {**{k: v for k, v in _CHROMA_FIELDS.items() if k in accepted}, **config}
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Tiny SDXL, SD3 and Flux models, a tiny SDXL text encoder and a TAESD VAE, built with ComfyUI's own classes.
+"""Tiny SDXL, SD3, Flux and Chroma models, a tiny SDXL text encoder and a TAESD VAE, built with ComfyUI's own classes.
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
@@ -20,6 +20,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import comfy.taesd.taesd
 import comfy.text_encoders.flux
+import comfy.text_encoders.pixart_t5
 import comfy.text_encoders.sd3_clip
 
 
@@ -33,7 +34,7 @@ def _comfy_compat():
     return module
 
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -56,6 +57,15 @@ FLUX = _comfy_compat().flux_config({
     "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
 })
 FLUX_SCHNELL = {**FLUX, "guidance_embed": False}
+# Chroma: Flux's blocks without their own modulation; the approximator (distilled_guidance_layer) maps
+# (timestep 16 + guidance 16 + block index 32 = in_dim 64) to every block's shift / scale / gate (out_dim =
+# hidden_size). in/out_channels count the 2x2 patch, as model_detection gives them (64 for 16 latent channels).
+CHROMA = _comfy_compat().chroma_config({
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 64,
+    "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32,
+    "n_layers": 2,
+})
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
@@ -92,7 +102,7 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
                compute_dtype: torch.dtype | None = None):
     """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux or
-    flux_schnell. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
+    flux_schnell or chroma. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
     loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
@@ -105,6 +115,9 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "flux_schnell":
         config = comfy.supported_models.FluxSchnell(dict(FLUX_SCHNELL))
+        state = {}
+    elif arch == "chroma":
+        config = comfy.supported_models.Chroma(dict(CHROMA))
         state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -193,9 +206,17 @@ class _TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
         super().__init__(dtype_t5=torch.float32, device=device, dtype=dtype, model_options=model_options)
 
 
+class _TinyChromaClipModel(comfy.text_encoders.pixart_t5.PixArtT5XXL):
+    """ComfyUI's Chroma (PixArt) text encoder: tiny T5 only, unpadded, no pooled output."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(device=device, dtype=torch.float32,
+                         model_options={**model_options, "t5xxl_model_config": dict(TINY_T5)})
+
+
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
-    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32)."""
+    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none."""
     if arch in ("sdxl", "sdxl_v"):
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
     elif arch == "sd3":
@@ -204,6 +225,9 @@ def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     elif arch in ("flux", "flux_schnell"):
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
                                                         _TinyFluxClipModel)
+    elif arch == "chroma":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                                                        _TinyChromaClipModel)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})

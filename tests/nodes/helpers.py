@@ -76,7 +76,7 @@ def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
     text = p["captions"].embeddings[1][1]
     cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
                 y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
-                guidance=torch.tensor([1.0]))
+                guidance=torch.tensor([1.0, 1.0]))   # per sample (Chroma needs one each)
     with torch.inference_mode() if inference_mode else torch.no_grad():
         if load is None:
             comfy.model_management.load_models_gpu([model_patcher])

@@ -1,4 +1,4 @@
-"""SD 3.5 and Flux LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
+"""SD 3.5, Flux and Chroma LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
 objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
 resumes bit-exactly, and fp8 base weights train."""
 import logging
@@ -8,7 +8,7 @@ import torch
 
 from helpers import fixed_loss, model_output, prepared, run, train
 
-ARCHS = ["sd3", "flux", "flux_schnell"]
+ARCHS = ["sd3", "flux", "flux_schnell", "chroma"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -20,7 +20,7 @@ def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
     before = fixed_loss(p["model"], p)
     model, adapter, history = train(p, 50, learning_rate=1e-2)
     after = fixed_loss(model, p)
-    assert adapter.spec.arch == ("sd3" if p["model"].model.__class__.__name__ == "SD3" else "flux")
+    assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma"}[type(p["model"].model).__name__]
     assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
     assert after < 0.9 * before, (before, after)
 
@@ -35,6 +35,24 @@ def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloa
     assert "lora key not loaded" not in caplog.text
     expected, got, base = model_output(trained_model, p), model_output(loaded, p), model_output(p["model"], p)
     assert not torch.allclose(expected, base)
+    assert (got - expected).norm() / expected.norm() <= 1e-3
+
+
+def test_chromas_all_linear_adapter_with_its_approximator_loads_in_the_stock_lora_loader(comfy_folders, tiny, caplog):
+    """all_linear on Chroma adapts the approximator (distilled_guidance_layer), its only modulation."""
+    from nodes import LoraLoaderModelOnly
+    from eridiffusion.nodes.adapter import EriCreateAdapter, EriSaveAdapter
+    p = prepared(comfy_folders, tiny, arch="chroma")
+    adapter = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0, target="all_linear",
+                  seed=0, dtype="fp32")[0]
+    assert any("distilled_guidance_layer.out_proj" in k for k in adapter.weights)
+    trained_model, trained, _ = train({**p, "adapter": adapter}, 5, learning_rate=1e-2)
+    name = run(EriSaveAdapter, adapter=trained, filename_prefix="eri/chroma", save_dtype="fp32")[0]
+    with caplog.at_level(logging.WARNING):
+        (loaded,) = LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    expected, got = model_output(trained_model, p), model_output(loaded, p)
+    assert not torch.allclose(expected, model_output(p["model"], p))
     assert (got - expected).norm() / expected.norm() <= 1e-3
 
 

@@ -18,7 +18,7 @@ def _batch(n, channels=4, width=64, height=64):
     return Batch(torch.zeros(n, channels, height // 8, width // 8), [], _items(n, width, height))
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell"])
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma"])
 def test_a_model_that_outputs_the_training_target_denoises_exactly(tiny, arch):
     # ComfyUI samples with calculate_denoised(sigma, model_output, x_noisy): if the model outputs our
     # training target (eps, v, or ε - x0 for rectified flow), that must give back the clean latent.
@@ -107,6 +107,39 @@ def test_flux_schnell_uses_its_own_unshifted_schedule_and_no_guidance(tiny):
                                         TrainingSettings(timestep_sampling="uniform"))
     torch.testing.assert_close(sigma, torch.rand(4, generator=torch.Generator().manual_seed(3)))
     assert not model.model.diffusion_model.params.guidance_embed
+
+
+def test_chroma_shifts_by_comfyuis_own_constant_shift_at_every_resolution(tiny):
+    """Chroma sets no shift: ComfyUI samples it with ModelSamplingFlux's default μ 1.15 (α = e^1.15) whatever
+    the size, not with Flux-dev's resolution-dependent shift."""
+    model = tiny.tiny_model("chroma")
+    ms = model.model.model_sampling
+    settings = TrainingSettings(timestep_sampling="uniform")
+    for width, height in ((1024, 1024), (256, 256)):
+        sigma = detect(model).sample_sigmas(ms, _batch(500, 16, width, height), torch.Generator().manual_seed(4),
+                                            settings)
+        t = torch.rand(500, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(sigma, ms.sigma(t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma, math.exp(1.15) * t / (1 + (math.exp(1.15) - 1) * t))
+
+
+def test_chroma_predicts_what_comfyuis_sampling_computes_from_its_conditioning(tiny):
+    """The T5 context and extra_conds' guidance 0, as a sampler without a FluxGuidance node gives them."""
+    from eridiffusion.trainers.cache import TextEmbedding
+    model = tiny.tiny_model("chroma")
+    base, ms = model.model, model.model.model_sampling
+    gen = torch.Generator().manual_seed(5)
+    context, x = torch.randn(7, 64, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
+    sigma = torch.tensor([0.3, 0.8])
+    # CLIPTextEncode's conditioning from a T5-only encoder: pooled_output None
+    conds = base.extra_conds(cross_attn=context.unsqueeze(0), pooled_output=None, noise=x)
+    assert set(conds) == {"c_crossattn", "guidance"}
+    conds = {k: v.process_cond(batch_size=2, area=None, device="cpu").cond for k, v in conds.items()}
+    batch = Batch(x, [TextEmbedding(context, torch.zeros(0))] * 2, _items(2))
+    with torch.no_grad():
+        ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings())
+        comfy_denoised = base.apply_model(x, sigma, **conds)
+    torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x), comfy_denoised)
 
 
 def test_an_explicit_timestep_shift_overrides_the_models(tiny):

@@ -1,10 +1,11 @@
 """Architectures by name, and detection from a ComfyUI MODEL."""
 from .base import Architecture, Batch
+from .chroma import Chroma
 from .flux import Flux
 from .sd3 import SD3
 from .sdxl import SDXL
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma())}
 
 
 def detect(patcher) -> Architecture:
