@@ -19,6 +19,7 @@ import comfy.sample
 import comfy.samplers
 import node_helpers
 
+from .arch import detect
 from .config import ConfigError, _help, check_finite, quoted
 from .prompts import PromptOptions
 from .state import AdapterState, has_text_encoder, patched_clip, patched_model
@@ -159,6 +160,7 @@ def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> li
     given as text), at step `state.step`."""
     settings = with_text_encoder(settings, state)
     model = patched_model(patcher, state)
+    guided = detect(patcher).embedded_guidance
     device = comfy.model_management.get_torch_device()
     rng_devices = [device] if device.type == "cuda" else []
     samples = []
@@ -169,9 +171,12 @@ def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> li
                                  device=comfy.model_management.intermediate_device())
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             noise = comfy.sample.prepare_noise(latent, r["seed"])
+            negative = r["negative"]
+            if guided:
+                positive, negative = with_guidance(positive, r["guidance"]), with_guidance(negative, r["guidance"])
             out = comfy.sample.sample(model, noise, r["steps"], r["cfg"], settings.sampler_name, settings.scheduler,
-                                      with_guidance(positive, r["guidance"]), with_guidance(r["negative"], r["guidance"]),
-                                      latent, callback=_check_interrupt, disable_pbar=True, seed=r["seed"])
+                                      positive, negative, latent, callback=_check_interrupt, disable_pbar=True,
+                                      seed=r["seed"])
             images = settings.vae.decode(out)
             if images.ndim == 5:                    # video VAEs: (B, T, H, W, C)
                 images = images.reshape(-1, *images.shape[-3:])

@@ -12,15 +12,15 @@ from helpers import prepared, run, train
 # not here: SDXL draws its 1000 discrete timesteps by it too.
 ONLY = {
     ("EriTrainingSettings", "min_snr_gamma"): "SDXL only: ",
-    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux only: ",
-    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux only: ",
+    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma only: ",
+    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma only: ",
     ("EriTrainingSettings", "flux_guidance"): "Flux only: ",
     ("EriCreateAdapter", "conv_layers"): "SDXL only: ",
     ("EriCreateAdapter", "conv_rank"): "SDXL only: ",
     ("EriCreateAdapter", "conv_alpha"): "SDXL only: ",
     ("EriSamplingSettings", "guidance"): "Flux only: ",
 }
-ARCH_NAMES = ("SDXL", "SD 3.5", "Flux")
+ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma")
 
 
 def test_each_input_that_only_some_architectures_use_names_them_first_in_its_tooltip_and_no_other_does():
@@ -31,7 +31,8 @@ def test_each_input_that_only_some_architectures_use_names_them_first_in_its_too
         assert tooltips[key].startswith(words), f"{key}: {tooltips[key]}"
         assert len(tooltips[key]) > len(words) + 20, "and then says what it does"
     claims = {key for key, tip in tooltips.items() if tip and tip.split(" only: ")[0] in
-              {" / ".join(names) for names in (("SDXL",), ("SD 3.5",), ("Flux",), ("SD 3.5", "Flux"))}}
+              {" / ".join(names) for names in (("SDXL",), ("SD 3.5",), ("Flux",), ("SD 3.5", "Flux"),
+                                                  ("SD 3.5", "Flux", "Chroma"))}}
     assert claims == set(ONLY)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import node_helpers
 import nodes as comfy_nodes
 from helpers import prepared, run, settings
 
@@ -79,6 +80,25 @@ def test_a_sample_is_what_the_stock_ksampler_gives_on_the_trained_model_at_that_
         untrained = p["vae"].decode(untrained["samples"])
     assert torch.allclose(images[0], stock[0], atol=1e-5)
     assert not torch.allclose(images[0], untrained[0], atol=1e-3), "the sample shows the trained adapter"
+
+
+def test_a_chroma_sample_is_the_stock_ksamplers_without_a_guidance_input(comfy_folders, tiny):
+    """Chroma takes ComfyUI's default guidance 0, as it trains: the Flux-dev guidance setting is not applied."""
+    p = prepared(comfy_folders, tiny, arch="chroma")
+    positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
+    settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11,
+                         guidance=3.5)
+    model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2)
+    with torch.inference_mode():
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        stock = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", positive, negative,
+                                                            latent)[0]["samples"])
+        guided = [node_helpers.conditioning_set_values(c, {"guidance": 3.5}) for c in (positive, negative)]
+        with_guidance = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", *guided,
+                                                                    latent)[0]["samples"])
+    assert torch.allclose(images[0], stock[0], atol=1e-5)
+    assert not torch.allclose(images[0], with_guidance[0], atol=1e-3)
 
 
 def test_fixed_seed_samples_every_round_with_the_same_noise_and_chaining_samples_at_the_same_steps(p):

@@ -211,6 +211,8 @@ def test_architecture_from_arch_or_ai_toolkits_flags():
     assert parse_job(base % "is_v3: true").model.arch == "sd3"
     assert parse_job(base % "is_xl: true").model.arch == "sdxl"
     assert parse_job(base % "arch: 'flux:dev'").model.arch == "flux"
+    assert parse_job(base % "arch: chroma").model.arch == "chroma"
+    assert "chroma" in error_of(base % "arch: hidream")
     assert parse_job(base % "name_or_path: m.safetensors").model.arch == ""   # taken from the MODEL
 
 
@@ -557,6 +559,28 @@ def test_a_flux_jobs_guidance_scale_per_prompt_is_its_embedded_guidance():
     assert (a.guidance, a.cfg, b.guidance, b.cfg) == (2.5, None, 5.0, None)
 
 
+def chroma_job(**train) -> str:
+    """ai-toolkit's Chroma example (config/examples/train_lora_chroma_24gb.yaml): Flux's keys with
+    model.arch chroma instead of is_flux."""
+    def edit(p):
+        p["model"].pop("is_flux")
+        p["model"].update(name_or_path="lodestones/Chroma", arch="chroma")
+        p["train"].update(train)
+        p["sample"].update(samples=[{"prompt": "b", "guidance_scale": 5}])
+    return edited(AI_TOOLKIT_FLUX, edit)
+
+
+def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidance_scale_as_cfg():
+    job = parse_job(chroma_job(), "chroma.yaml")
+    assert (job.model.arch, job.sample.sampler_name, job.sample.guidance_scale) == ("chroma", "euler", 4.0)
+    # ai-toolkit's Chroma samples with real CFG (a negative prompt), not Flux's embedded guidance
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (5.0, None)
+    # its default timestep_type (sigmoid) is unshifted; shift is its flux_config-like dynamic shifting
+    assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
+    shifted = parse_job(chroma_job(timestep_type="shift"), "chroma.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+
+
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():
     job = sample_of(walk_seed=True, seed=42, prompts=["a", "b --d 9", "c"])
     assert [o.seed for o in job.sample.options] == [42, 9, 44]
@@ -594,6 +618,7 @@ def test_is_v_pred_marks_an_sdxl_job_v_prediction_and_is_refused_for_flow_models
     assert job.model.v_pred and not job.ignored
     assert not parse_job(base % "is_xl: true").model.v_pred
     assert "is_v_pred" in error_of(base % "is_flux: true, is_v_pred: true")
+    assert "is_v_pred" in error_of(base % "arch: chroma, is_v_pred: true")
 
 
 def test_ema_config_maps_onto_the_ema_settings_and_its_unsupported_keys_are_named():

@@ -24,6 +24,7 @@ _MODULATION = re.compile(r"(double_blocks\.\d+\.(img|txt)_mod|single_blocks\.\d+
 class Flux(RectifiedFlow):
     name = "flux"
     out_of_place_blocks = True
+    embedded_guidance = True
 
     def matches(self, base_model) -> bool:
         return type(base_model) is comfy.model_base.Flux
