@@ -68,7 +68,8 @@ def file_key(path: str, arch: str) -> str:
     name = module_path(path)
     encoder, rest = name.split(".", 1)
     rest = rest[len("transformer."):] if rest.startswith("transformer.") else rest
-    index = {"clip_l": 1, "clip_g": 2}.get(encoder) or (3 if arch == "sd3" else 2)
+    # T5 comes after the CLIPs the text encoder has, as comfy.lora numbers it: SD 3.5 3, Flux 2, Chroma (T5 alone) 1
+    index = {"clip_l": 1, "clip_g": 2}.get(encoder) or {"sd3": 3, "chroma": 1}.get(arch, 2)
     return f"lora_te{index}_" + rest.replace(".", "_")
 
 
@@ -155,7 +156,8 @@ class TextEncoderRun:
             # it: made out of place while gradients are on, as for Flux's blocks (trainers/blocks.py)
             with OutOfPlaceAugmentedAssignment():
                 context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            out.append(TextEmbedding(context[0], pooled[0]))
+            # a T5-only encoder (Chroma's) has no pooled output: an empty one, as cache_text keeps it
+            out.append(TextEmbedding(context[0], pooled[0] if pooled is not None else context.new_zeros(0)))
         return out
 
 
