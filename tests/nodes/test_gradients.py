@@ -3,8 +3,8 @@ gradient checkpointing, checked against float64 central finite differences (whic
 
     (L(θ + εv) - L(θ - εv)) / 2ε  ≈  ∇L(θ)·v   for random directions v.
 
-ComfyUI's Flux blocks (Chroma's too) update tensors in place, which plain autograd cannot differentiate and checkpointing
-recomputes wrongly; these tests are what shows trainers/blocks.py makes them right.
+ComfyUI's Flux blocks (Chroma's too) update tensors in place, which plain autograd cannot differentiate and
+checkpointing recomputes wrongly; these tests are what shows trainers/blocks.py makes them right.
 """
 import pytest
 import torch
