@@ -78,6 +78,9 @@ args.add_argument("--recompute-attention", action="store_true",
 args.add_argument("--queue", action="store_true",
                   help="also time from loading the model file (ComfyUI's UNETLoader, after saving the random model) "
                        "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
+args.add_argument("--dynamic-vram", action="store_true",
+                  help="ComfyUI 0.33: start comfy-aimdo as its main.py does on NVIDIA, so that --queue loads the file "
+                       "as a ModelPatcherDynamic MODEL (training runs on its non-dynamic delegate)")
 args.add_argument("--profile", action="store_true",
                   help="after timing, profile one eager step and print the GPU kernels taking the most time")
 args.add_argument("--channels-last", action="store_true",
@@ -115,7 +118,16 @@ if "LOCAL_RANK" in os.environ and torch.cuda.is_available():   # under torchrun:
 import comfy.cli_args  # noqa: E402
 if ARGS.tiny or not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True     # must precede the first import of comfy.model_management
+if ARGS.dynamic_vram:
+    import comfy_aimdo.control
+    comfy_aimdo.control.init()     # as ComfyUI 0.33's main.py, before comfy.model_management
 import comfy.model_management as mm  # noqa: E402
+if ARGS.dynamic_vram:
+    import comfy.memory_management, comfy.model_patcher  # noqa: E401
+    if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
+        raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
 import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
 import_pack()
 from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
@@ -463,6 +475,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     model = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype} if dtype else {})
     loaded = time.perf_counter() - start
     loaded_dtype = str(model.model.get_dtype()).removeprefix("torch.")
+    patcher_class = type(model).__name__
     state = new_adapter(make_spec(model, "lora", 16, 16.0, "attention_mlp", 0, "fp32"), model)
     marks, times, captured_at = [], [], None
     with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
@@ -486,11 +499,11 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     mm.unload_all_models()
     del run, model
     free()
-    rec = {"model_dtype": loaded_dtype, "precision": run_precision, "load_s": loaded, "first_step_s": marks[0],
+    rec = {"model_dtype": loaded_dtype, "precision": run_precision, "patcher": patcher_class, "load_s": loaded, "first_step_s": marks[0],
            "buckets": 3, "graphs_captured": captures, "all_buckets_captured_s": captured_at,
            "steady_s_per_step": statistics.median(times[-8:]), "peak_gib": peak, "steps": steps,
            "step_s": times, "step_bucket": shapes}
-    log(f"{arch} queue ({loaded_dtype} as loaded, precision {run_precision}): model file loaded in {loaded:.1f} s, "
+    log(f"{arch} queue ({loaded_dtype} as loaded by a {patcher_class}, precision {run_precision}): model file loaded in {loaded:.1f} s, "
         f"first step at {marks[0]:.1f} s, {captures} graphs for 3 buckets, {statistics.median(times[-8:]):.4f} s/step after, peak {peak:.2f} GiB")
     return rec
 

@@ -28,8 +28,27 @@ def import_comfyui_in_process() -> Path:
     import comfy.cli_args
     # must precede the first import of comfy.model_management
     comfy.cli_args.args.cpu = os.environ.get("ERI_TEST_DEVICE", "cpu") == "cpu"
+    dynamic_vram = os.environ.get("ERI_TEST_DYNAMIC_VRAM") == "1" and not comfy.cli_args.args.cpu
+    if dynamic_vram:
+        import comfy_aimdo.control
+        comfy_aimdo.control.init()     # as ComfyUI 0.33's main.py: before comfy.model_management touches CUDA
     import comfy.model_management  # noqa: F401
+    if dynamic_vram:
+        enable_dynamic_vram()
     return comfy_dir
+
+
+def enable_dynamic_vram() -> None:
+    """What ComfyUI 0.33's main.py does on an NVIDIA GPU unless --disable-dynamic-vram: comfy-aimdo on every
+    device and ModelPatcherDynamic as the loaders' patcher (tests/nodes/test_dynamic_vram_gpu.py runs with it)."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+    if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
+        raise RuntimeError("ERI_TEST_DYNAMIC_VRAM=1 but comfy-aimdo did not start on this GPU")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
 
 
 def import_pack():

@@ -107,3 +107,16 @@ def dequantized_linear(layer, x: torch.Tensor) -> torch.Tensor:
     out = torch.nn.functional.linear(x, dequantized(layer, weight).to(x.dtype), bias)
     comfy.ops.uncast_bias_weight(layer, weight, bias, offload_stream)
     return out
+
+
+def trainable_patcher(patcher):
+    """The ModelPatcher training runs on. ComfyUI 0.33's dynamic VRAM patcher (`ModelPatcherDynamic`, its default
+    on NVIDIA) keeps weights in host memory and streams each layer's through comfy-aimdo at every call, so a
+    trained layer's weight has no fixed address (CUDA graphs, fused kernels) and autograd would hold every streamed
+    copy: training takes ComfyUI's own answer for what dynamic loading cannot do, the model's non-dynamic delegate
+    (the same file loaded once more by the legacy ModelPatcher, with this patcher's patches; its samplers do the
+    same for hooks), cached on the patcher for the next run. Every other patcher is returned as it is."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    if is_dynamic is None or not is_dynamic():
+        return patcher
+    return patcher.get_non_dynamic_delegate()

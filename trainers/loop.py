@@ -34,7 +34,7 @@ from .adapters.base import adapters_off, cast_once, install
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
-from .comfy_compat import training_mode
+from .comfy_compat import trainable_patcher, training_mode
 from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
@@ -149,6 +149,7 @@ class TrainingRun:
         self.state, self.latents, self.text, self.settings = state, latents, text, settings
         self.end_step = end_step   # the step this run is asked to reach (reported with every step)
         self.schedule_steps = settings.total_steps or end_step
+        patcher = trainable_patcher(patcher)
         self.base_model = patcher.model
         self.patcher = patcher.clone()
         # What the MODEL samples with, a ModelSamplingSD3 / Flux node's patch included.

@@ -65,10 +65,16 @@ def base_weight(layer: torch.nn.Module, device) -> torch.Tensor:
     if hasattr(layer, "weight_function"):
         import comfy.ops
         from ..comfy_compat import dequantized
-        weight = dequantized(layer, comfy.ops.cast_bias_weight(layer, device=device, dtype=torch.float32)[0])
-    else:
-        weight = layer.weight
-    return weight.to(device=device, dtype=torch.float32)
+        # offloadable: under ComfyUI 0.33's dynamic VRAM the cast pins the layer's weight in VRAM until
+        # uncast_bias_weight releases it (the legacy call never does), so what is returned must not alias it
+        cast, bias, offload_stream = comfy.ops.cast_bias_weight(layer, device=device, dtype=torch.float32,
+                                                                offloadable=True)
+        weight = dequantized(layer, cast).to(device=device, dtype=torch.float32)
+        if type(cast) is torch.Tensor and weight.data_ptr() == cast.data_ptr():
+            weight = weight.clone()
+        comfy.ops.uncast_bias_weight(layer, cast, bias, offload_stream)
+        return weight
+    return layer.weight.to(device=device, dtype=torch.float32)
 
 
 class AdapterLayer(torch.nn.Module):

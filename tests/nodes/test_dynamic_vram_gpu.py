@@ -1,0 +1,113 @@
+"""Training on ComfyUI 0.33's dynamic VRAM, what its main.py gives every model on an NVIDIA GPU unless started
+with --disable-dynamic-vram: the loaders make `ModelPatcherDynamic` patchers (comfy-aimdo), which keep weights in
+host memory and stream each layer's to the GPU at every call. Training runs on the model's non-dynamic delegate
+(trainers/comfy_compat.py: trainable_patcher), so it trains what the same file fully loaded trains, with CUDA
+graphs and the fused kernels, and the MODEL it returns samples under dynamic VRAM as the fully loaded one does.
+
+The models are the tiny ones made wider, so that their layers' weights are over the 16 KiB below which dynamic
+loading keeps a weight resident instead of streaming it. These need a GPU and comfy-aimdo, started as main.py
+starts it: `ERI_TEST_DEVICE=cuda ERI_TEST_DYNAMIC_VRAM=1 python -m pytest -m gpu tests/nodes/test_dynamic_vram_gpu.py`
+(tests/comfy_env.py); otherwise they are skipped."""
+import os
+
+import pytest
+import torch
+
+from helpers import prepared, settings
+
+
+def _dynamic_vram_on() -> bool:
+    try:
+        import comfy.memory_management
+    except ImportError:
+        return False
+    return bool(getattr(comfy.memory_management, "aimdo_enabled", False))
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("ERI_TEST_DYNAMIC_VRAM") != "1" or not _dynamic_vram_on(),
+    reason="needs a GPU and ComfyUI 0.33's dynamic VRAM (ERI_TEST_DEVICE=cuda ERI_TEST_DYNAMIC_VRAM=1)")]
+
+SIDE = {"sdxl": 512, "flux": 512}
+
+
+def wide_model_file(tiny, arch: str, folder) -> str:
+    """The tiny model with 128 (SDXL) / 256 (Flux) channels, written as a diffusion-model file."""
+    import comfy.supported_models
+    from safetensors.torch import save_file
+    if arch == "sdxl":
+        config = comfy.supported_models.SDXL({**tiny.SDXL_UNET, "model_channels": 128, "num_head_channels": 32})
+    else:
+        config = comfy.supported_models.Flux({**tiny.FLUX, "hidden_size": 256, "num_heads": 4,
+                                              "axes_dim": [16, 24, 24]})
+    config.set_inference_dtype(torch.bfloat16, None)
+    model = config.get_model({}, "")
+    tiny.init_parameters(model.diffusion_model, 0)
+    path = os.path.join(folder, f"wide_{arch}.safetensors")
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.diffusion_model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(params=["sdxl", "flux"])
+def loaded(request, comfy_folders, tiny, tmp_path):
+    """(dynamic MODEL, fully loaded MODEL of the same file, data) for one architecture."""
+    import comfy.model_management
+    import comfy.sd
+    arch = request.param
+    path = wide_model_file(tiny, arch, str(tmp_path))
+    p = prepared(comfy_folders, tiny, arch=arch, sizes=((SIDE[arch], SIDE[arch]),) * 2, resolution=SIDE[arch],
+                 min_side=64, max_side=SIDE[arch])
+    dynamic = comfy.sd.load_diffusion_model(path)
+    legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
+    assert dynamic.is_dynamic() and not legacy.is_dynamic()
+    yield dynamic, legacy, p
+    comfy.model_management.unload_all_models()
+
+
+def run_steps(model, p, steps=3, kind="lora"):
+    """TrainingRun as train() runs it: (the run, its losses)."""
+    from eridiffusion.trainers.checkpoint import make_spec
+    from eridiffusion.trainers.comfy_compat import training_mode
+    from eridiffusion.trainers.loop import TrainingRun
+    from eridiffusion.trainers.state import new_adapter
+    run_settings = settings(precision="bf16", learning_rate=1e-3, gradient_checkpointing=True,
+                            compile="cuda_graphs")
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        state = new_adapter(make_spec(model, "lora", 8, 8.0, "attention_mlp", 0, "fp32", dora=kind == "dora"),
+                            model)
+        run = TrainingRun(model, state, p["latents"], p["captions"], run_settings, end_step=steps)
+        for _ in range(steps):
+            run.step()
+        return run, list(run.losses)
+
+
+def test_training_on_dynamic_vram_equals_training_the_fully_loaded_model_with_graphs_and_fused_kernels(loaded):
+    from eridiffusion.trainers.graphs import GraphedMicroBatches
+    dynamic, legacy, p = loaded
+    on_dynamic, dynamic_losses = run_steps(dynamic, p)
+    assert not on_dynamic.patcher.is_dynamic()
+    assert isinstance(on_dynamic.micro_batches, GraphedMicroBatches) and on_dynamic.micro_batches.captures > 0
+    weights = dict(on_dynamic.export().weights)
+    del on_dynamic
+    on_legacy, legacy_losses = run_steps(legacy, p)
+    assert dynamic_losses == pytest.approx(legacy_losses, rel=1e-4)
+    other = on_legacy.export().weights
+    assert all(torch.allclose(weights[k], other[k], rtol=1e-3, atol=1e-6) for k in other)
+    # a second run reuses the delegate the first one loaded (cached on the dynamic patcher)
+    assert dynamic.non_dynamic_delegate_model is not None
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_the_trained_model_samples_on_dynamic_vram_as_the_fully_loaded_one(loaded, kind):
+    from helpers import model_output
+    from eridiffusion.trainers.state import patched_model
+    dynamic, legacy, p = loaded
+    run, _ = run_steps(dynamic, p, steps=2, kind=kind)
+    state = run.export()
+    del run
+    # sampling's view of both MODELs: ComfyUI's apply_model under inference mode, loaded as samplers load it
+    streamed = model_output(patched_model(dynamic, state), p)
+    resident = model_output(patched_model(legacy, state), p)
+    untrained = model_output(legacy, p)
+    assert torch.allclose(streamed.float(), resident.float(), rtol=2e-2, atol=2e-2)
+    assert (streamed.float() - untrained.float()).abs().max() > (streamed.float() - resident.float()).abs().max()
