@@ -122,12 +122,8 @@ if ARGS.dynamic_vram:
     import comfy_aimdo.control
     comfy_aimdo.control.init()     # as ComfyUI 0.33's main.py, before comfy.model_management
 import comfy.model_management as mm  # noqa: E402
-if ARGS.dynamic_vram:
-    import comfy.memory_management, comfy.model_patcher  # noqa: E401
-    if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
-        raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    comfy.memory_management.aimdo_enabled = True
+if ARGS.dynamic_vram and not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
+    raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
 import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
 import_pack()
 from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
@@ -471,6 +467,12 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     sync()
+    if ARGS.dynamic_vram:
+        # the rest of main.py's dynamic VRAM start, only now: with it ComfyUI's layers are created without weights,
+        # to be assigned from a file, so build() must run before it
+        import comfy.memory_management
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
     start = time.perf_counter()
     model = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype} if dtype else {})
     loaded = time.perf_counter() - start

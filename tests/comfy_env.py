@@ -1,6 +1,7 @@
 """Locating the real ComfyUI that scripts/setup provisioned, and importing this pack under a stable name."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -34,21 +35,27 @@ def import_comfyui_in_process() -> Path:
         comfy_aimdo.control.init()     # as ComfyUI 0.33's main.py: before comfy.model_management touches CUDA
     import comfy.model_management  # noqa: F401
     if dynamic_vram:
-        enable_dynamic_vram()
+        import comfy_aimdo.control
+        if not comfy_aimdo.control.init_devices(d.index for d in comfy.model_management.get_all_torch_devices()):
+            raise RuntimeError("ERI_TEST_DYNAMIC_VRAM=1 but comfy-aimdo did not start on this GPU")
     return comfy_dir
 
 
-def enable_dynamic_vram() -> None:
-    """What ComfyUI 0.33's main.py does on an NVIDIA GPU unless --disable-dynamic-vram: comfy-aimdo on every
-    device and ModelPatcherDynamic as the loaders' patcher (tests/nodes/test_dynamic_vram_gpu.py runs with it)."""
+@contextlib.contextmanager
+def dynamic_vram():
+    """The rest of what ComfyUI 0.33's main.py does on an NVIDIA GPU unless --disable-dynamic-vram (after
+    comfy-aimdo started, above): loaders make ModelPatcherDynamic MODELs. Only inside the block, because with it
+    ComfyUI's layers are created without weights, to be assigned from a file: models built by the tests' own code
+    (tiny_models) must be built outside it."""
     import comfy.memory_management
-    import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy_aimdo.control
-    if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
-        raise RuntimeError("ERI_TEST_DYNAMIC_VRAM=1 but comfy-aimdo did not start on this GPU")
+    saved = comfy.model_patcher.CoreModelPatcher, comfy.memory_management.aimdo_enabled
     comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
+    try:
+        yield
+    finally:
+        comfy.model_patcher.CoreModelPatcher, comfy.memory_management.aimdo_enabled = saved
 
 
 def import_pack():

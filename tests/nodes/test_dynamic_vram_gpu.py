@@ -16,16 +16,13 @@ import torch
 from helpers import prepared, settings
 
 
-def _dynamic_vram_on() -> bool:
-    try:
-        import comfy.memory_management
-    except ImportError:
-        return False
-    return bool(getattr(comfy.memory_management, "aimdo_enabled", False))
+def _comfyui_has_dynamic_vram() -> bool:
+    import comfy.model_patcher
+    return hasattr(comfy.model_patcher, "ModelPatcherDynamic")
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("ERI_TEST_DYNAMIC_VRAM") != "1" or not _dynamic_vram_on(),
+    not torch.cuda.is_available() or os.environ.get("ERI_TEST_DYNAMIC_VRAM") != "1" or not _comfyui_has_dynamic_vram(),
     reason="needs a GPU and ComfyUI 0.33's dynamic VRAM (ERI_TEST_DEVICE=cuda ERI_TEST_DYNAMIC_VRAM=1)")]
 
 SIDE = {"sdxl": 512, "flux": 512}
@@ -57,11 +54,13 @@ def loaded(request, comfy_folders, tiny, tmp_path):
     path = wide_model_file(tiny, arch, str(tmp_path))
     p = prepared(comfy_folders, tiny, arch=arch, sizes=((SIDE[arch], SIDE[arch]),) * 2, resolution=SIDE[arch],
                  min_side=64, max_side=SIDE[arch])
-    dynamic = comfy.sd.load_diffusion_model(path)
-    legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
-    assert dynamic.is_dynamic() and not legacy.is_dynamic()
-    yield dynamic, legacy, p
-    comfy.model_management.unload_all_models()
+    from comfy_env import dynamic_vram
+    with dynamic_vram():   # as in a ComfyUI started by main.py on an NVIDIA GPU, for the whole test
+        dynamic = comfy.sd.load_diffusion_model(path)
+        legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
+        assert dynamic.is_dynamic() and not legacy.is_dynamic()
+        yield dynamic, legacy, p
+        comfy.model_management.unload_all_models()
 
 
 def run_steps(model, p, steps=3, kind="lora"):
