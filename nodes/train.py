@@ -11,8 +11,9 @@ from comfy_api.latest import io, ui
 from comfy.utils import ProgressBar
 
 from ..trainers import checkpoint, loop
-from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_WEIGHTINGS, NAN_POLICIES, OPTIMIZERS,
-                                PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, ConfigError, TrainingSettings, help_of)
+from ..trainers.config import (COMPILE_MODES, HUBER_SCHEDULES, LOSS_TYPES, LOSS_WEIGHTINGS, MEMORY_BUDGET_MAX_GB,
+                                NAN_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULES, TIMESTEP_SAMPLINGS, ConfigError,
+                                TrainingSettings, help_of)
 from ..trainers.plot import render_loss
 from ..trainers.sampling import sample_round
 from ..trainers.state import patched_clip, patched_model
@@ -106,6 +107,8 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("diff_output_preservation_multiplier"), optional=True),
                 io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False,
                                tooltip=_tip("text_encoder_lr"), optional=True),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=MEMORY_BUDGET_MAX_GB, step=0.5,
+                               round=False, tooltip=_tip("memory_budget_gb"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -115,7 +118,7 @@ class EriTrainingSettings(io.ComfyNode):
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
                         schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None, reg_weight=None,
-                        diff_output_preservation_multiplier=None, text_encoder_lr=None):
+                        diff_output_preservation_multiplier=None, text_encoder_lr=None, memory_budget_gb=None):
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
@@ -123,7 +126,7 @@ class EriTrainingSettings(io.ComfyNode):
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
             schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay,
             reg_weight=reg_weight, diff_output_preservation_multiplier=diff_output_preservation_multiplier,
-            text_encoder_lr=text_encoder_lr))
+            text_encoder_lr=text_encoder_lr, memory_budget_gb=memory_budget_gb))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

@@ -111,6 +111,7 @@ def ignored_settings(values, arch: str, unused: dict[str, str] | None = None) ->
     return lines
 
 
+MEMORY_BUDGET_MAX_GB = 4096.0
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "lion8bit", "adamw_schedulefree", "came")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "step")
 LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
@@ -423,6 +424,16 @@ class TrainingSettings:
         "Weight of the preservation loss (mean squared difference between the adapter's and the base model's "
         "predictions on the class caption), added to the normal loss.", default=1.0)
     # Text-encoder training (AdapterSpec.text_encoder): kohya's and ai-toolkit's text_encoder_lr
+    # Streaming the frozen base weights between CPU and GPU memory (trainers/offload.py)
+    memory_budget_gb: float = _help(
+        "GPU memory the training may use, in GiB (0 = no limit: the whole model is loaded, as usual). The training's "
+        "own needs (the adapter, its gradients and optimizer state, the activations) are estimated and the model's "
+        "frozen weights get the rest: ComfyUI keeps as many of its layers on the GPU as fit and copies the others "
+        "from CPU memory as each runs, in the forward pass and again when gradient checkpointing recomputes a block, "
+        "so one block's weights at a time are on the GPU. For Flux or SD 3.5 Large on 8-16 GB cards: set it a "
+        "little below the card's memory (e.g. 10 on a 12 GB card). Slower the more layers stream; same results. "
+        "Needs gradient_checkpointing for the savings; turns CUDA graphs off (the host copies the weights).",
+        default=0.0)
     text_encoder_lr: float = _help("Learning rate of the text-encoder adapter, when the adapter has one (Create "
                                    "adapter's text_encoder); it follows the same warm-up and schedule. 0 = the "
                                    "same as learning_rate. Text encoders are usually trained 2-10x slower than "
@@ -485,6 +496,9 @@ class TrainingSettings:
         if not 0.0 <= self.text_encoder_lr <= 1.0:
             raise ConfigError(f"text_encoder_lr must be between 0 (the learning rate) and 1, "
                               f"got {self.text_encoder_lr}")
+        if not 0.0 <= self.memory_budget_gb <= MEMORY_BUDGET_MAX_GB:
+            raise ConfigError(f"memory_budget_gb must be between 0 (no limit) and {MEMORY_BUDGET_MAX_GB} GiB, "
+                              f"got {self.memory_budget_gb}")
         if not 1 <= self.ema_every <= 1_000_000:
             raise ConfigError(f"ema_every must be between 1 and 1000000 steps, got {self.ema_every}")
 

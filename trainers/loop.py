@@ -30,6 +30,7 @@ import comfy.model_management
 
 from . import arch as arches
 from . import fused
+from . import offload
 from .adapters.base import adapters_off, cast_once, install
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
@@ -136,6 +137,19 @@ class DataOrder:
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def uses_graphs(settings: TrainingSettings, device: torch.device, text_encoder: bool, streams: bool) -> bool:
+    """Whether micro-batches run as CUDA graphs: compile cuda_graphs on a CUDA device, unless the text encoder
+    trains (its host work happens inside the micro-batch) or weights stream (memory_budget_gb: the host copies each
+    streamed layer's weights as it runs; a replay would reuse the copies made while capturing)."""
+    if settings.compile != "cuda_graphs" or torch.device(device).type != "cuda" or text_encoder:
+        return False
+    if streams:
+        logging.info("EriDiffusion: CUDA graphs are off while memory_budget_gb streams weights (the host copies "
+                     "each streamed layer's weights as it runs)")
+        return False
+    return True
+
+
 class TrainingRun:
     """Continues training `state` on `patcher`'s model. `step()` does one optimizer step; `export()` gives
     the new AdapterState. Nothing passed in is modified."""
@@ -181,7 +195,21 @@ class TrainingRun:
             logging.warning("EriDiffusion: %s", line)
         # The base weights never train; ComfyUI's inference never needs their gradients either.
         self.base_model.diffusion_model.requires_grad_(False)
+        # memory_budget_gb: the bytes of base weights kept on the device (None: all of them); trainers/offload.py
+        self.resident = None
+        if settings.memory_budget_gb:
+            needs = offload.training_needs([p for layer in self.layers.values() for p in layer.parameters()],
+                                           settings.optimizer_offload, self.base_model, self._latent_shapes())
+            self.resident = offload.resident_budget(settings.memory_budget_gb, needs)
         self.load()
+        self.streams = False    # whether ComfyUI streams some of the weights in per layer
+        if self.resident is not None:
+            self.streams = offload.log_streaming(self.base_model.diffusion_model, self.resident, needs,
+                                                 settings.memory_budget_gb) > 0
+            if self.streams and (not settings.gradient_checkpointing or settings.checkpoint_fraction < 1):
+                logging.warning("EriDiffusion: memory_budget_gb streams weights, but blocks without gradient "
+                                "checkpointing keep their streamed weights on the GPU until backward: turn "
+                                "gradient_checkpointing on with checkpoint_fraction 1 for the budget to hold")
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
         # Two parameter groups when the text encoder trains (its own learning rate): its layers come last
@@ -241,7 +269,7 @@ class TrainingRun:
             prime_attention(self.device, compute_dtype(self.base_model) if self.autocast is None else self.autocast)
         # (fp16's loss scale is a tensor on the device that the scaler updates in place: graphs read it anew)
         # (the text encoder's host work, tokens to embeddings, happens inside the micro-batch: no graphs then)
-        if settings.compile == "cuda_graphs" and self.device.type == "cuda" and self.text_encoder is None:
+        if uses_graphs(settings, self.device, self.text_encoder is not None, self.streams):
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
@@ -271,9 +299,15 @@ class TrainingRun:
         return DataOrder(latents, settings.batch_size * (world.size if world else 1), settings.seed, reg=True)
 
     def load(self) -> None:
-        """The training clones on their device: the MODEL's, and the CLIP's when the text encoder trains."""
+        """The training clones on their device: the MODEL's, and the CLIP's when the text encoder trains; with
+        memory_budget_gb, the MODEL's weights past the budget stay in CPU memory (trainers/offload.py)."""
         patchers = [self.patcher] + ([self.text_encoder.patcher] if self.text_encoder is not None else [])
-        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
+        offload.load(patchers, self.resident)
+
+    def _latent_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of a batch of each bucket's latents (what memory_budget_gb's estimate of activations reads)."""
+        shapes = {tuple(latent.shape) for latent in self.latents.latents}
+        return [(self.settings.batch_size, *shape) for shape in shapes]
 
     def _start_ema(self, state: AdapterState, settings: TrainingSettings):
         """(names, parameters, fp32 EMA tensors) with EMA on, from the state's EMA or (first run with it) from
@@ -622,6 +656,9 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
         if not isinstance(stop, torch.OutOfMemoryError):
             raise
         step = run.step_count + 1 if run is not None else state.step + 1
+        attempted, total = offload.device_memory(patcher.load_device, stop)
+        resident = patcher.loaded_size()    # (the model's, shared by its clones: the training clone's weights)
+        advice = offload.budget_advice(settings.memory_budget_gb, attempted, total, resident)
         del run
         # Give the memory back so ComfyUI keeps working: the training clone and anything else loaded.
         comfy.model_management.unload_all_models()
@@ -631,5 +668,5 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
             f"{latents.dataset.config.resolution}, gradient_checkpointing "
             f"{'on' if settings.gradient_checkpointing else 'off'}): lower batch_size or the dataset resolution, "
             f"turn gradient_checkpointing on, load the model with weight_dtype fp8_e4m3fn, or turn "
-            f"optimizer_offload on. The models were unloaded; nothing trained before this step is lost",
-            last_good) from stop
+            f"optimizer_offload on" + (f"; {advice}" if advice else "") + ". The models were unloaded; nothing "
+            f"trained before this step is lost", last_good) from stop

@@ -1,0 +1,82 @@
+"""memory_budget_gb: the frozen base weights past the budget stay in CPU memory and ComfyUI streams them in per
+layer (comfy_cast_weights), in the forward pass and in the checkpointed blocks' recomputation; training computes
+what it computes with the whole model loaded. Tiny models on the CPU, where ComfyUI's load and offload devices
+are both the CPU: what streams is seen by the layers ComfyUI marks, and the forward takes the cast path."""
+import pytest
+import torch
+
+from helpers import prepared, settings
+
+OPTIONS = dict(batch_size=2, gradient_checkpointing=True, learning_rate=1e-2)
+STEPS = 3
+
+
+def trained(p, on_step=None, **overrides):
+    from eridiffusion.trainers.loop import train
+    with torch.inference_mode(False):
+        return train(p["model"], p["adapter"], p["latents"], p["captions"], settings(**{**OPTIONS, **overrides}),
+                     STEPS, on_step=on_step)
+
+
+def castable(model) -> list[str]:
+    """The layers ComfyUI can stream: comfy.ops' layers (a LayerNorm without weights among them)."""
+    return [name for name, m in model.named_modules() if hasattr(m, "comfy_cast_weights")]
+
+
+def watched(p):
+    """An on_step callback recording, at each step, which layers stream, and the list it fills."""
+    from eridiffusion.trainers.offload import streamed_layers
+    seen = []
+    return (lambda report: seen.append(set(streamed_layers(p["model"].model.diffusion_model)))), seen
+
+
+def assert_same_training(budgeted, full):
+    assert budgeted.history.losses == pytest.approx(full.history.losses, rel=1e-5, abs=1e-7)
+    assert budgeted.weights.keys() == full.weights.keys()
+    for key in full.weights:
+        torch.testing.assert_close(budgeted.weights[key], full.weights[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_a_budget_below_the_models_size_streams_its_layers_and_trains_the_same(comfy_folders, tiny, arch):
+    p = prepared(comfy_folders, tiny, arch=arch)
+    watch, unconstrained = watched(p)
+    full = trained(p, watch)
+    assert unconstrained == [set()] * STEPS     # budget 0: everything loaded, nothing streams (today's path)
+    watch, streaming = watched(p)
+    budgeted = trained(p, watch, memory_budget_gb=1e-4)     # 100 KiB: below the training's own needs
+    everything = set(castable(p["model"].model.diffusion_model))
+    assert len(everything) > 20
+    assert streaming == [everything] * STEPS    # every layer ComfyUI can stream does, through every step
+    assert_same_training(budgeted, full)
+    watch, again = watched(p)
+    trained(p, watch)
+    assert again == [set()] * STEPS             # a run without a budget afterwards loads the whole model again
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_a_budget_for_part_of_the_weights_keeps_the_rest_on_the_device(comfy_folders, tiny, monkeypatch, arch):
+    from eridiffusion.trainers import offload
+    p = prepared(comfy_folders, tiny, arch=arch)
+    full = trained(p)
+    monkeypatch.setattr(offload, "training_needs", lambda *args: 0)   # the whole budget for weights
+    size = p["model"].model_size()
+    watch, streaming = watched(p)
+    budgeted = trained(p, watch, memory_budget_gb=size * 0.4 / offload.GIB)
+    everything = set(castable(p["model"].model.diffusion_model))
+    assert 0 < len(streaming[0]) < len(everything)
+    assert streaming == [streaming[0]] * STEPS
+    assert p["model"].loaded_size() <= size * 0.4
+    assert_same_training(budgeted, full)
+
+
+def test_streamed_weights_turn_cuda_graphs_off_and_say_why(caplog):
+    from eridiffusion.trainers.loop import uses_graphs
+    cuda, graphs = torch.device("cuda"), settings(compile="cuda_graphs")
+    with caplog.at_level("INFO"):
+        assert uses_graphs(graphs, cuda, text_encoder=False, streams=False)
+        assert "CUDA graphs are off" not in caplog.text
+        assert not uses_graphs(graphs, cuda, text_encoder=False, streams=True)
+    assert "CUDA graphs are off while memory_budget_gb streams weights" in caplog.text
+    assert not uses_graphs(graphs, torch.device("cpu"), text_encoder=False, streams=False)
+    assert not uses_graphs(settings(compile="off"), cuda, text_encoder=False, streams=False)

@@ -1,0 +1,127 @@
+"""Training within a GPU memory budget (TrainingSettings.memory_budget_gb): the frozen base weights that do not
+fit stay in CPU memory and ComfyUI streams them to the GPU layer by layer.
+
+ComfyUI's own lowvram machinery does it, not a second one. The training clone is loaded through
+`load_models_gpu` as always (other models are unloaded to make room, the clone is registered as loaded, Cancel
+and the next prompt unload it), then `ModelPatcher.partially_unload` — what ComfyUI itself calls when it needs
+memory back — moves weights to the offload device until what stays resident fits the budget left after the
+training's own needs. Each moved layer gets `comfy_cast_weights`: its forward copies its weight to the GPU
+through `comfy.ops.cast_bias_weight` (from pinned memory, on ComfyUI's offload streams where async offload is
+on: by default on NVIDIA in 0.3.75 and 0.33) and drops the copy afterwards. Gradient checkpointing
+(trainers/blocks.py) saves nothing of a block's forward; the block's recomputation in backward copies its weights
+again, so of the streamed weights only those of the block being computed are on the GPU at a time.
+
+What the rest of the step does with streamed layers: adapters wrap the layer's own forward (ComfyUI's cast) and
+read its weight through `comfy.ops.cast_bias_weight` (DoRA's norm), so they see the base weight as inference does;
+LoRA's fused LoraLinear and the fused GroupNorm check `comfy_cast_weights` per call and fall back to the layer's
+forward; CUDA graphs are off (a replay would reuse the copies made while capturing, and the copies need the host).
+
+Prefetching the next block's weights ahead of its compute: ComfyUI copies a layer when its forward starts; with
+async offload the copy runs on a side stream and overlaps the GPU work the host queued before it (the host usually
+runs ahead of the GPU). ComfyUI 0.33's block prefetch (comfy/model_prefetch.py) serves its dynamic VRAM
+(comfy-aimdo) only. A prefetch of whole blocks of our own is left until it can be measured on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+
+import comfy.model_management
+
+GIB = 1 << 30
+# The optimizer's state per adapter parameter, in fp32 copies (AdamW's two moments; the estimate assumes it)
+OPTIMIZER_STATE_COPIES = 2
+# Adapter parameters are held ~3 times over during a step: the weights, autograd's gradients and their sum
+ADAPTER_COPIES = 3
+
+
+def training_needs(params, optimizer_offload: bool, model, latent_shapes) -> int:
+    """Bytes of GPU memory the training needs besides the model's weights (an estimate): the adapter's parameters
+    and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch
+    as ComfyUI estimates them for inference (`BaseModel.memory_required`; with gradient checkpointing a training
+    step holds one block's activations and each block's input)."""
+    adapter = sum(p.numel() * p.element_size() for p in params)
+    state = 0 if optimizer_offload else sum(p.numel() * 4 for p in params) * OPTIMIZER_STATE_COPIES
+    activations = max((model.memory_required(shape) for shape in latent_shapes), default=0)
+    return int(adapter * ADAPTER_COPIES + state + activations)
+
+
+def resident_budget(budget_gb: float, needs: int) -> int | None:
+    """Bytes of the model's weights that stay on the GPU under a budget of `budget_gb` GiB (None: no budget)."""
+    if not budget_gb:
+        return None
+    return max(0, int(budget_gb * GIB) - needs)
+
+
+def streamed_layers(model: torch.nn.Module) -> list[str]:
+    """The layers whose weights ComfyUI copies to the device at each use (`comfy_cast_weights`)."""
+    return [name for name, m in model.named_modules() if getattr(m, "comfy_cast_weights", False)]
+
+
+def load(patchers: list, resident: int | None) -> None:
+    """The training clones on their device: all of their weights (resident None), or the first one (the diffusion
+    model) with at most `resident` bytes of its weights on the device and the rest streamed from CPU memory."""
+    if resident is None:
+        comfy.model_management.load_models_gpu(patchers, force_full_load=True)
+        return
+    comfy.model_management.load_models_gpu(patchers, force_full_load=False)
+    model = patchers[0]
+    excess = model.loaded_size() - resident
+    if excess > 0:
+        model.partially_unload(model.offload_device, excess)
+
+
+# ---------------------------------------------------------------------------------------------- out of memory
+_TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) ?(GiB|MiB|KiB|B)\b")
+_UNITS = {"GiB": GIB, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}
+
+
+def tried_to_allocate(error: BaseException) -> int:
+    """The size of the allocation that failed, from torch's message ("Tried to allocate 2.00 GiB"); 0 if absent."""
+    found = _TRIED.search(str(error))
+    return int(float(found[1]) * _UNITS[found[2]]) if found else 0
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def budget_advice(budget_gb: float, attempted: int, total: int, resident: int) -> str:
+    """What to set memory_budget_gb to after an out-of-memory error: `attempted` bytes were needed at least (the
+    peak so far plus the allocation that failed), the device has `total`, and `resident` bytes of the model's
+    weights were on it. "" when the budget cannot help (no weights left to stream, or nothing known)."""
+    if total <= 0 or attempted <= 0:
+        return ""
+    over = max(0, attempted - total)
+    if resident <= over:
+        return (f"memory_budget_gb cannot help: the step needed {_gib(attempted)} of the GPU's {_gib(total)} with "
+                f"only {_gib(resident)} of the model's weights on it")
+    start = budget_gb if budget_gb else total / GIB
+    # below what failed by the overshoot, and a margin for what the estimate misses; in steps of 0.5 GiB
+    suggested = math.floor((start - over / GIB - 0.5) * 2) / 2
+    if suggested <= 0:
+        return ""
+    now = f"memory_budget_gb is {budget_gb:g}; lower it" if budget_gb else "set memory_budget_gb"
+    return (f"the step needed at least {_gib(attempted)} and the GPU has {_gib(total)}: {now} to {suggested:g} "
+            f"(Training settings) to keep part of the model's weights ({_gib(resident)} on the GPU) in CPU memory "
+            f"and stream them")
+
+
+def device_memory(device: torch.device, error: BaseException) -> tuple[int, int]:
+    """(bytes the step needed at least, the device's total) after an out-of-memory error; (0, 0) off CUDA."""
+    if torch.device(device).type != "cuda":
+        return 0, 0
+    peak = torch.cuda.max_memory_allocated(device)
+    attempted = max(peak, torch.cuda.memory_allocated(device) + tried_to_allocate(error))
+    return attempted, torch.cuda.get_device_properties(device).total_memory
+
+
+def log_streaming(model: torch.nn.Module, resident: int, needs: int, budget_gb: float) -> int:
+    """One line saying how many layers stream; returns that count."""
+    streamed = len(streamed_layers(model))
+    logging.info("EriDiffusion: memory_budget_gb %g: training needs ~%s besides the weights, %s of weights stay "
+                 "on the GPU, %d layers stream from CPU memory", budget_gb, _gib(needs), _gib(resident), streamed)
+    return streamed
