@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import prompts as prompts_module
-from .config import HUBER_SCHEDULES, MASKED_LOSS, ConfigError, DatasetConfig, TrainingSettings, quoted
+from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigError, DatasetConfig, TrainingSettings,
+                     quoted)
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
           "chroma": "chroma"}
@@ -88,6 +89,9 @@ SAMPLERS = {"flowmatch": ("euler", "simple"), "ddpm": ("ddpm", "normal"), "euler
             "dpmsolver": ("dpmpp_2m", "karras"), "dpmsolver++": ("dpmpp_2m", "karras")}
 
 _OFF = (None, False, 0, "", [], {})
+# The budget ai-toolkit's layer_offloading and kohya's blocks_to_swap map to: below any model's training needs, so
+# every layer ComfyUI can stream does (trainers/offload.py)
+STREAM_ALL_BUDGET_GB = 0.1
 
 # Bounds of what a job may be. ai-toolkit's jobs are a few kB with a few hundred values, nested 6 deep.
 MAX_JOB_BYTES = 1 << 20            # text (characters) or file (bytes)
@@ -132,9 +136,9 @@ AITK_IGNORED = {
         "lora_path", "assistant_lora_path", "inference_lora_path", "attn_masking", "split_model_over_gpus",
         "compile", "model_kwargs", "quantize_kwargs", "ignore_if_contains", "only_if_contains", "use_flux_cfg",
         "experimental_xl", "latent_space_version", "refiner_name_or_path", "unet_path", "extras_name_or_path",
-        "layer_offloading", "accuracy_recovery_adapter", "unconditional_lora_path", "block_compile",
+        "accuracy_recovery_adapter", "unconditional_lora_path", "block_compile",
         "compile_mode", "compile_fullgraph", "compile_dynamic", "cache_size_limit",
-        "layer_offloading_transformer_percent", "layer_offloading_text_encoder_percent")},
+        "layer_offloading_text_encoder_percent")},
         "dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
         "vae_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
         "te_dtype": _neutral("bf16", "bfloat16", "fp16", "float16", "float32", "fp32"),
@@ -192,7 +196,6 @@ AITK_SUBKEYS = {
     "train": {"blank_prompt_preservation_multiplier": "blank_prompt_preservation",
               "differential_guidance_scale": "do_differential_guidance", "guidance_loss_target": "do_guidance_loss"},
     "model": {"qtype": "quantize", "qtype_te": "quantize_te", "quantize_kwargs": "quantize",
-              "layer_offloading_transformer_percent": "layer_offloading",
               "layer_offloading_text_encoder_percent": "layer_offloading", "block_compile": "compile",
               "compile_mode": "compile", "compile_fullgraph": "compile", "compile_dynamic": "compile",
               "cache_size_limit": "compile"},
@@ -209,6 +212,7 @@ class ModelJob:
     text_encoder_paths: tuple[str, ...] = ()
     quantize: bool = False                  # fp8 (e4m3fn) weights for the diffusion model, bf16 compute
     v_pred: bool = False                    # is_v_pred: an SDXL v-prediction model (ModelSamplingDiscrete v_prediction)
+    layer_offloading: bool = False          # ai-toolkit's layer_offloading: stream the weights (STREAM_ALL_BUDGET_GB)
 
 
 @dataclass(frozen=True)
@@ -676,7 +680,8 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
     validation_every = train.int("validate_every_n_steps", 100, lo=1, hi=STEPS_MAX)   # kohya's name
     settings, steps, first_sample, sampling_on, timesteps, dop_class = _parse_train(train, model.arch, 0.0,
-                                                                                     cpu_offload)
+                                                                                     cpu_offload,
+                                                                                     model.layer_offloading)
     if settings.diff_output_preservation:
         datasets = _with_preservation_class(train, datasets, dop_class)
     if timesteps.pop("train_text_encoder"):
@@ -718,9 +723,21 @@ def _parse_model(m: _Section) -> ModelJob:
                       f"to SDXL: remove it")
     model = ModelJob(name_or_path=m.str("name_or_path", ""), arch=arch, vae_path=m.str("vae_path", ""),
                      text_encoder_paths=m.str_list("text_encoder_paths"), quantize=m.bool("quantize", False),
-                     v_pred=v_pred)
+                     v_pred=v_pred, layer_offloading=_layer_offloading(m))
     m.done()
     return model
+
+
+def _layer_offloading(m: _Section) -> bool:
+    """ai-toolkit's model.layer_offloading with layer_offloading_transformer_percent (its share of the transformer's
+    layers kept in CPU memory, 1.0 by default): EriDiffusion streams by a GPU memory budget instead, and maps the
+    switch to the smallest one (every layer streams); another share is listed among the ignored keys."""
+    on = m.bool("layer_offloading", False)
+    share = m.float("layer_offloading_transformer_percent", 1.0, lo=0.0, hi=1.0)
+    if on and 0.0 < share < 1.0:
+        m.ignored.append(f"{m.key('layer_offloading_transformer_percent')}: {share:g} (every layer streams; "
+                         f"set train.memory_budget_gb in GiB to keep some on the GPU)")
+    return on and share > 0.0
 
 
 def _parse_network(n: _Section) -> NetworkJob:
@@ -791,7 +808,7 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     return DatasetJob(folder, configs, repeats, mask_path, validation)
 
 
-def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool):
+def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool, layer_offloading: bool = False):
     steps = t.int("steps", 1000, lo=1, hi=STEPS_MAX)
     if not t.bool("train_unet", True):
         raise t.error(f"{t.key('train_unet')}: false would train nothing (EriDiffusion trains an adapter on the "
@@ -855,7 +872,8 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         diff_output_preservation=t.bool("diff_output_preservation", False),
         diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0),
         # ai-toolkit's text_encoder_lr defaults to lr, as 0 does here
-        text_encoder_lr=t.float("text_encoder_lr", 0.0, lo=0.0, hi=1.0))
+        text_encoder_lr=t.float("text_encoder_lr", 0.0, lo=0.0, hi=1.0),
+        memory_budget_gb=_memory_budget(t, layer_offloading))
     dop_class = t.str("diff_output_preservation_class", "", max_length=MAX_TRIGGER_LENGTH).strip()
     settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
                                            t.source)))
@@ -871,6 +889,14 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
     except ConfigError as e:
         raise t.error(f"{t.path}: {e}") from None
     return settings, steps, first_sample, sampling_on, timesteps, dop_class
+
+
+def _memory_budget(t: _Section, layer_offloading: bool) -> float:
+    """train.memory_budget_gb (ours, GiB); else ai-toolkit's model.layer_offloading or kohya's blocks_to_swap (a
+    count of blocks swapped, any above 0), which both map to the smallest budget: every layer streams."""
+    swapped = t.int("blocks_to_swap", 0, lo=0, hi=10_000)
+    default = STREAM_ALL_BUDGET_GB if layer_offloading or swapped else 0.0
+    return t.float("memory_budget_gb", default, lo=0.0, hi=MEMORY_BUDGET_MAX_GB)
 
 
 def _reg_weight(t: _Section) -> float:

@@ -89,19 +89,26 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+# What a budget leaves of the device's memory for what the allocator does not count (CUDA context, fragmentation)
+HEADROOM = 0.1
+
+
 def budget_advice(budget_gb: float, attempted: int, total: int, resident: int) -> str:
     """What to set memory_budget_gb to after an out-of-memory error: `attempted` bytes were needed at least (the
     peak so far plus the allocation that failed), the device has `total`, and `resident` bytes of the model's
-    weights were on it. "" when the budget cannot help (no weights left to stream, or nothing known)."""
+    weights were on it. Without a budget: the device's memory less HEADROOM; with one (its estimate of the
+    training's own needs fell short): that budget lowered by the shortfall and half a GiB. In steps of 0.5 GiB.
+    "" when nothing is known (not CUDA); a line saying the budget cannot help when streaming every weight on the
+    device would still not free enough."""
     if total <= 0 or attempted <= 0:
         return ""
     over = max(0, attempted - total)
     if resident <= over:
         return (f"memory_budget_gb cannot help: the step needed {_gib(attempted)} of the GPU's {_gib(total)} with "
                 f"only {_gib(resident)} of the model's weights on it")
-    start = budget_gb if budget_gb else total / GIB
-    # below what failed by the overshoot, and a margin for what the estimate misses; in steps of 0.5 GiB
-    suggested = math.floor((start - over / GIB - 0.5) * 2) / 2
+    card = total * (1 - HEADROOM) / GIB
+    suggested = min(budget_gb, card) - over / GIB - 0.5 if budget_gb else card
+    suggested = math.floor(suggested * 2) / 2
     if suggested <= 0:
         return ""
     now = f"memory_budget_gb is {budget_gb:g}; lower it" if budget_gb else "set memory_budget_gb"

@@ -80,3 +80,39 @@ def test_streamed_weights_turn_cuda_graphs_off_and_say_why(caplog):
     assert "CUDA graphs are off while memory_budget_gb streams weights" in caplog.text
     assert not uses_graphs(graphs, torch.device("cpu"), text_encoder=False, streams=False)
     assert not uses_graphs(settings(compile="off"), cuda, text_encoder=False, streams=False)
+
+
+def test_the_out_of_memory_advice_names_a_budget_that_fits_the_card():
+    from eridiffusion.trainers.offload import GIB, budget_advice, tried_to_allocate
+    assert tried_to_allocate(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")) == 20 * GIB
+    assert tried_to_allocate(RuntimeError("Tried to allocate 512.00 MiB. GPU 0 has")) == 512 << 20
+    assert tried_to_allocate(RuntimeError("out of memory")) == 0
+    # Flux-dev fp8 (16.16 GiB measured) on a 12 GB card (~11.6 GiB) with no budget: the card's memory less 10%
+    advice = budget_advice(0.0, int(16.16 * GIB), int(11.6 * GIB), int(11.1 * GIB))
+    assert advice == ("the step needed at least 16.2 GiB and the GPU has 11.6 GiB: set memory_budget_gb to 10 "
+                      "(Training settings) to keep part of the model's weights (11.1 GiB on the GPU) in CPU memory "
+                      "and stream them")
+    # a budget whose estimate fell 1.3 GiB short: lowered by that and half a GiB
+    advice = budget_advice(10.0, int(12.9 * GIB), int(11.6 * GIB), int(5 * GIB))
+    assert "memory_budget_gb is 10; lower it to 8 (Training settings)" in advice
+    # streaming every resident weight would not make up the shortfall
+    assert budget_advice(4.0, int(20 * GIB), int(11.6 * GIB), int(2 * GIB)).startswith("memory_budget_gb cannot help")
+    assert budget_advice(0.0, 0, 0, 0) == ""     # not CUDA: nothing measured
+
+
+def test_out_of_memory_on_the_gpu_suggests_the_budget_in_the_error(comfy_folders, tiny, monkeypatch):
+    from eridiffusion.trainers import offload
+    from eridiffusion.trainers.loop import TrainingError, TrainingRun
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(TrainingRun, "_loss", out_of_memory)
+    # what torch.cuda reports on a 12 GB card (the CPU run has no CUDA memory to read)
+    monkeypatch.setattr(offload, "device_memory", lambda device, error: (int(13.5 * offload.GIB),
+                                                                         int(11.6 * offload.GIB)))
+    monkeypatch.setattr(p["model"], "loaded_size", lambda: int(11.1 * offload.GIB))   # Flux-dev fp8's weights
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 1 .* or turn optimizer_offload on; the step "
+                                            r"needed at least 13.5 GiB and the GPU has 11.6 GiB: set "
+                                            r"memory_budget_gb to 10 \(Training settings\)"):
+        trained(p)

@@ -718,3 +718,31 @@ def test_train_text_encoder_and_text_encoder_lr_map_onto_the_adapter_and_the_set
     plain = parse_job(AI_TOOLKIT_FLUX, "job.yaml")
     assert plain.network.text_encoder == "none" and plain.settings.text_encoder_lr == 0.0
     assert "text_encoder_lr" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(text_encoder_lr=-1)))
+
+
+@pytest.mark.parametrize("model, train, budget", [
+    ({}, {}, 0.0),                                                          # off: the whole model loaded
+    ({}, {"memory_budget_gb": 10}, 10.0),                                   # ours, in GiB
+    ({"layer_offloading": True}, {}, 0.1),                                  # ai-toolkit's: every layer streams
+    ({"layer_offloading": True, "layer_offloading_transformer_percent": 0.0}, {}, 0.0),   # a share of none
+    ({"layer_offloading": False, "layer_offloading_transformer_percent": 0.5}, {}, 0.0),
+    ({"layer_offloading": True}, {"memory_budget_gb": 12}, 12.0),           # a budget given wins
+    ({}, {"blocks_to_swap": 18}, 0.1),                                      # kohya's block swap
+    ({}, {"blocks_to_swap": 0}, 0.0),
+])
+def test_layer_offloading_and_block_swap_map_onto_the_memory_budget(model, train, budget):
+    def edit(p):
+        p["model"].update(model)
+        p["train"].update(train)
+    job = parse_job(edited(AI_TOOLKIT_FLUX, edit), "x.yaml")
+    assert job.settings.memory_budget_gb == budget
+    assert "layer_offloading" not in (job.ignored_warning() or "")
+
+
+def test_a_share_of_layers_offloaded_is_named_in_the_warning_as_every_layer_streams():
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["model"].update(
+        layer_offloading=True, layer_offloading_transformer_percent=0.6)), "x.yaml")
+    assert job.settings.memory_budget_gb == 0.1
+    assert ("model.layer_offloading_transformer_percent: 0.6 (every layer streams; set train.memory_budget_gb in "
+            "GiB to keep some on the GPU)") in job.ignored_warning()
+    assert "memory_budget_gb" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(memory_budget_gb=-1)))
