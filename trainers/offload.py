@@ -57,8 +57,10 @@ def resident_budget(budget_gb: float, needs: int) -> int | None:
 
 
 def streamed_layers(model: torch.nn.Module) -> list[str]:
-    """The layers whose weights ComfyUI copies to the device at each use (`comfy_cast_weights`)."""
-    return [name for name, m in model.named_modules() if getattr(m, "comfy_cast_weights", False)]
+    """The layers ComfyUI left in CPU memory (lowvram) and copies to the device at each use: `comfy_cast_weights`
+    set, and `prev_comfy_cast_weights` keeping what it was before (fp8 layers cast per use when loaded, too)."""
+    return [name for name, m in model.named_modules()
+            if getattr(m, "comfy_cast_weights", False) and hasattr(m, "prev_comfy_cast_weights")]
 
 
 def load(patchers: list, resident: int | None) -> None:

@@ -116,3 +116,55 @@ def test_out_of_memory_on_the_gpu_suggests_the_budget_in_the_error(comfy_folders
                                             r"needed at least 13.5 GiB and the GPU has 11.6 GiB: set "
                                             r"memory_budget_gb to 10 \(Training settings\)"):
         trained(p)
+
+
+@pytest.mark.parametrize("arch, type_id", [("flux", "dora"), ("flux", "lokr"), ("sdxl", "loha_conv"),
+                                           ("sdxl", "dora_conv")])
+def test_every_adapter_type_sees_the_streamed_base_weight(comfy_folders, tiny, arch, type_id):
+    """DoRA reads the base weight itself (its norm): through ComfyUI's cast, as the layer's forward does."""
+    from test_adapter_types import create
+    p = prepared(comfy_folders, tiny, arch=arch)
+    p["adapter"] = create(p, type_id)
+    full = trained(p)
+    watch, streaming = watched(p)
+    budgeted = trained(p, watch, memory_budget_gb=1e-4)
+    assert streaming[0] == set(castable(p["model"].model.diffusion_model))
+    assert_same_training(budgeted, full)
+
+
+def test_fp8_weights_stream_and_are_cast_per_layer_as_without_a_budget(comfy_folders, tiny):
+    """ComfyUI's weight_dtype fp8_e4m3fn: the streamed fp8 weights are copied as they are stored and cast to bf16."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from helpers import run
+    p = prepared(comfy_folders, tiny, arch="flux")
+    with torch.inference_mode(False):
+        p["model"] = tiny.tiny_model("flux", dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    p["adapter"] = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0,
+                       target="attention_mlp", seed=0, dtype="bf16")[0]
+    watch, unconstrained = watched(p)
+    full = trained(p, watch, precision="bf16")
+    watch, streaming = watched(p)
+    budgeted = trained(p, watch, precision="bf16", memory_budget_gb=1e-4)
+    assert unconstrained[0] == set()
+    assert streaming[0] == set(castable(p["model"].model.diffusion_model))
+    assert budgeted.history.losses == pytest.approx(full.history.losses, rel=1e-2)
+    for key in full.weights:
+        torch.testing.assert_close(budgeted.weights[key], full.weights[key], rtol=2e-2, atol=1e-3)
+
+
+def test_training_with_a_budget_resumes_bit_exactly(comfy_folders, tiny):
+    from eridiffusion.nodes.adapter import EriLoadAdapter
+    from eridiffusion.nodes.train import EriTrainSteps
+    from helpers import run
+    p = prepared(comfy_folders, tiny, arch="flux")
+
+    def train_node(steps, adapter, **node_inputs):
+        return run(EriTrainSteps, model=p["model"], adapter=adapter, latents=p["latents"], captions=p["captions"],
+                   settings=settings(**OPTIONS, memory_budget_gb=1e-4), steps=steps, **node_inputs)[1]
+    straight = train_node(4, p["adapter"])
+    train_node(2, p["adapter"], save_every=2, save_prefix="budget/run")
+    resumed = run(EriLoadAdapter, lora_name="budget/run_000002.safetensors")[0]
+    assert resumed.settings["memory_budget_gb"] == 1e-4
+    continued = train_node(2, resumed)
+    assert continued.history.losses == straight.history.losses
+    assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
