@@ -486,7 +486,8 @@ class TrainingRun:
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
         accumulation kernel per parameter, and a captured graph owns its outputs."""
         # (the text encoder computes in its own dtype: its layers cast at each use)
-        with cast_once(self.model_layers, self.activation_dtype), training_attention():
+        with cast_once(self.model_layers, self.activation_dtype), training_attention(), \
+                offload.synchronous_copies(self.streams):
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,

@@ -6,8 +6,7 @@ ComfyUI's own lowvram machinery does it, not a second one. The training clone is
 and the next prompt unload it), then `ModelPatcher.partially_unload` — what ComfyUI itself calls when it needs
 memory back — moves weights to the offload device until what stays resident fits the budget left after the
 training's own needs. Each moved layer gets `comfy_cast_weights`: its forward copies its weight to the GPU
-through `comfy.ops.cast_bias_weight` (from pinned memory, on ComfyUI's offload streams where async offload is
-on: by default on NVIDIA in 0.3.75 and 0.33) and drops the copy afterwards. Gradient checkpointing
+through `comfy.ops.cast_bias_weight` (from pinned memory) and drops the copy afterwards. Gradient checkpointing
 (trainers/blocks.py) saves nothing of a block's forward; the block's recomputation in backward copies its weights
 again, so of the streamed weights only those of the block being computed are on the GPU at a time.
 
@@ -16,13 +15,23 @@ read its weight through `comfy.ops.cast_bias_weight` (DoRA's norm), so they see 
 LoRA's fused LoraLinear and the fused GroupNorm check `comfy_cast_weights` per call and fall back to the layer's
 forward; CUDA graphs are off (a replay would reuse the copies made while capturing, and the copies need the host).
 
-Prefetching the next block's weights ahead of its compute: ComfyUI copies a layer when its forward starts; with
-async offload the copy runs on a side stream and overlaps the GPU work the host queued before it (the host usually
-runs ahead of the GPU). ComfyUI 0.33's block prefetch (comfy/model_prefetch.py) serves its dynamic VRAM
-(comfy-aimdo) only. A prefetch of whole blocks of our own is left until it can be measured on a GPU.
+The copies are made on the compute stream while a micro-batch trains (`synchronous_copies`: ComfyUI's async
+offload off, as its --disable-async-offload does). ComfyUI's side-stream copies are made for inference, where a
+copied weight is used once and dropped right after its op: the side stream then waits for that op before its
+memory can be reused. In training, autograd keeps the copied weight of a recomputed block until that block's
+backward (the input gradient needs it); freed after kernels the side stream never waited for, its memory could
+be reused by the next copy while the backward still reads it, and in 0.33 without cudaMallocAsync the copy is a
+view of a per-stream cast buffer that the layer after next overwrites. On the compute stream a copy is ordered
+with everything that reads it. The cost: copies no longer overlap compute.
+
+Prefetching the next block's weights ahead of its compute (overlap again, safely: a side stream of our own whose
+copies the compute stream waits for and that waits for the compute stream before reusing memory), and measuring
+the budget against the peak allocated, need a GPU: left for then. ComfyUI 0.33's block prefetch
+(comfy/model_prefetch.py) serves its dynamic VRAM (comfy-aimdo) only.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -74,6 +83,21 @@ def load(patchers: list, resident: int | None) -> None:
     excess = model.loaded_size() - resident
     if excess > 0:
         model.partially_unload(model.offload_device, excess)
+
+
+@contextlib.contextmanager
+def synchronous_copies(active: bool):
+    """While inside (and `active`): ComfyUI copies streamed weights on the compute stream, not on its async-offload
+    side streams (comfy.model_management.NUM_STREAMS 0, read at each cast); restored on the way out."""
+    before = getattr(comfy.model_management, "NUM_STREAMS", 0)
+    if not active or not before:
+        yield
+        return
+    comfy.model_management.NUM_STREAMS = 0
+    try:
+        yield
+    finally:
+        comfy.model_management.NUM_STREAMS = before
 
 
 # ---------------------------------------------------------------------------------------------- out of memory

@@ -168,3 +168,24 @@ def test_training_with_a_budget_resumes_bit_exactly(comfy_folders, tiny):
     continued = train_node(2, resumed)
     assert continued.history.losses == straight.history.losses
     assert all(torch.equal(straight.weights[k], continued.weights[k]) for k in straight.weights)
+
+
+def test_streamed_weights_are_copied_on_the_compute_stream_while_a_micro_batch_trains(comfy_folders, tiny,
+                                                                                       monkeypatch):
+    """ComfyUI's async-offload side streams (NUM_STREAMS, 2 on NVIDIA) are for inference: autograd keeps copies of
+    a recomputed block until its backward, which those streams never wait for (trainers/offload.py)."""
+    import comfy.model_management
+    from eridiffusion.trainers.loop import TrainingRun
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    monkeypatch.setattr(comfy.model_management, "NUM_STREAMS", 2)
+    seen = []
+    original = TrainingRun._loss
+
+    def watch(self, inputs):
+        seen.append(comfy.model_management.NUM_STREAMS)
+        return original(self, inputs)
+    monkeypatch.setattr(TrainingRun, "_loss", watch)
+    trained(p)
+    trained(p, memory_budget_gb=1e-4)
+    assert seen == [2] * STEPS + [0] * STEPS
+    assert comfy.model_management.NUM_STREAMS == 2
