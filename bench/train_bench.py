@@ -96,6 +96,8 @@ args.add_argument("--no-fused-group-norm", action="store_true",
                   help="experiment: SDXL's GroupNorm by PyTorch's kernel instead of the Triton kernels (trainers.fused)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
+args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
+                  help="memory_budget_gb values to time (0: the whole model loaded; issue 21: 8 12 16 24)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -315,14 +317,14 @@ def builtin_bench(mp, arch, warmup: int = 3):
 
 
 def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
-                 compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3):
+                 compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3, budget: float = 0.0):
     """Median seconds per optimizer step, peak GiB of our TrainingRun, the GPU memory allocated before the
     run and after it (the run unloaded, then the model loaded again: equal when a run leaks nothing), and
     the seconds from starting the run to the end of its first step and of its warm-up (with CUDA graphs the
     last warm-up step is the one that captures)."""
     settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, batch_size=batch, precision=PRECISION,
                                 gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
-                                recompute_attention=ARGS.recompute_attention)
+                                recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     free()
@@ -537,22 +539,24 @@ def bench_arch(arch, card):
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
     # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
-    runs = [(a, v, b, c, f) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
-            for f in (ARGS.fraction if v == "gc" else [1.0])] if not ARGS.builtin_only else []
-    for adapter, variant, batch, compile, fraction in runs:
+    runs = [(a, v, b, c, f, m) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
+            for f in (ARGS.fraction if v == "gc" else [1.0]) for m in ARGS.memory_budget_gb] \
+        if not ARGS.builtin_only else []
+    for adapter, variant, batch, compile, fraction, budget in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
-                 + ("_graphs" if compile == "cuda_graphs" else ""))
+                 + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
-               "recompute_attention": ARGS.recompute_attention, "batch": batch, "s_per_step": None, "peak_gib": None,
-               "ratio": None}
+               "recompute_attention": ARGS.recompute_attention, "memory_budget_gb": budget, "batch": batch,
+               "s_per_step": None, "peak_gib": None, "ratio": None}
         try:
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
              rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
-                                                                    ARGS.steps, adapter, compile, fraction)
+                                                                    ARGS.steps, adapter, compile, fraction,
+                                                                    budget=budget)
             rec["step_s"], pauses, rec["full_collections"] = STEP_TIMES[-1]
             rec["python_gc"] = {f"gen{g}": {"collections": sum(1 for q, _ in pauses if q == g),
                                             "ms": sum(ms for q, ms in pauses if q == g)} for g in (0, 1, 2)}

@@ -189,3 +189,13 @@ def test_streamed_weights_are_copied_on_the_compute_stream_while_a_micro_batch_t
     trained(p, memory_budget_gb=1e-4)
     assert seen == [2] * STEPS + [0] * STEPS
     assert comfy.model_management.NUM_STREAMS == 2
+
+
+def test_a_text_encoder_adapter_trains_the_same_while_the_diffusion_models_weights_stream(comfy_folders, tiny):
+    from test_text_encoder import _prepared, _train
+    p = _prepared(comfy_folders, tiny, "sdxl")
+    _, full, _, _, _ = _train(p, STEPS, gradient_checkpointing=True)
+    _, budgeted, _, _, _ = _train(p, STEPS, gradient_checkpointing=True, memory_budget_gb=1e-4)
+    assert p["model"].model.model_lowvram          # (ComfyUI's own flag: the model is loaded in part)
+    assert any(k.startswith("text_encoders.") for k in full.weights)
+    assert_same_training(budgeted, full)
