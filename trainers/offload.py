@@ -75,7 +75,11 @@ def streamed_layers(model: torch.nn.Module) -> list[str]:
 def load(patchers: list, resident: int | None) -> None:
     """The training clones on their device: all of their weights (resident None), or the first one (the diffusion
     model) with at most `resident` bytes of its weights on the device and the rest streamed from CPU memory."""
-    if resident is None:
+    dynamic = getattr(patchers[0], "is_dynamic", lambda: False)()
+    if resident is not None and dynamic:
+        logging.info("EriDiffusion: memory_budget_gb is not applied: ComfyUI's dynamic VRAM manages this model's "
+                     "weights (it loads them as layers run, within the GPU's memory)")
+    if resident is None or dynamic:
         comfy.model_management.load_models_gpu(patchers, force_full_load=True)
         return
     comfy.model_management.load_models_gpu(patchers, force_full_load=False)
@@ -155,6 +159,10 @@ def device_memory(device: torch.device, error: BaseException) -> tuple[int, int]
 def log_streaming(model: torch.nn.Module, resident: int, needs: int, budget_gb: float) -> int:
     """One line saying how many layers stream; returns that count."""
     streamed = len(streamed_layers(model))
+    if resident == 0:
+        logging.warning("EriDiffusion: memory_budget_gb %g is below what the training itself is estimated to need "
+                        "(~%s): every layer streams, and the step may still use more than the budget",
+                        budget_gb, _gib(needs))
     logging.info("EriDiffusion: memory_budget_gb %g: training needs ~%s besides the weights, %s of weights stay "
                  "on the GPU, %d layers stream from CPU memory", budget_gb, _gib(needs), _gib(resident), streamed)
     return streamed

@@ -199,3 +199,22 @@ def test_a_text_encoder_adapter_trains_the_same_while_the_diffusion_models_weigh
     assert p["model"].model.model_lowvram          # (ComfyUI's own flag: the model is loaded in part)
     assert any(k.startswith("text_encoders.") for k in full.weights)
     assert_same_training(budgeted, full)
+
+
+def test_a_model_under_comfyuis_dynamic_vram_is_loaded_as_before_and_the_log_says_why(comfy_folders, tiny,
+                                                                                      monkeypatch, caplog):
+    """ComfyUI 0.33's dynamic VRAM (comfy-aimdo, GPUs only) loads weights as layers run: the budget is left to it."""
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    watch, streaming = watched(p)
+    monkeypatch.setattr(type(p["model"]), "is_dynamic", lambda self: True, raising=False)
+    with caplog.at_level("INFO"):
+        trained(p, watch, memory_budget_gb=1e-4)
+    assert streaming == [set()] * STEPS
+    assert "memory_budget_gb is not applied: ComfyUI's dynamic VRAM manages this model's weights" in caplog.text
+
+
+def test_a_budget_below_the_trainings_own_needs_streams_everything_and_warns(comfy_folders, tiny, caplog):
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    with caplog.at_level("INFO"):
+        trained(p, memory_budget_gb=1e-4)
+    assert "memory_budget_gb 0.0001 is below what the training itself is estimated to need" in caplog.text
