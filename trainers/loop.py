@@ -658,7 +658,8 @@ def train(patcher, state: AdapterState, latents: LatentSet, text: TextSet, setti
             raise
         step = run.step_count + 1 if run is not None else state.step + 1
         attempted, total = offload.device_memory(patcher.load_device, stop)
-        resident = patcher.loaded_size()    # (the model's, shared by its clones: the training clone's weights)
+        # the training clone's weights on the device (a dynamic MODEL trains on its delegate: trainable_patcher)
+        resident = (run.patcher if run is not None else patcher).loaded_size()
         advice = offload.budget_advice(settings.memory_budget_gb, attempted, total, resident)
         del run
         # Give the memory back so ComfyUI keeps working: the training clone and anything else loaded.

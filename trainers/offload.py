@@ -27,7 +27,8 @@ with everything that reads it. The cost: copies no longer overlap compute.
 Prefetching the next block's weights ahead of its compute (overlap again, safely: a side stream of our own whose
 copies the compute stream waits for and that waits for the compute stream before reusing memory), and measuring
 the budget against the peak allocated, need a GPU: left for then. ComfyUI 0.33's block prefetch
-(comfy/model_prefetch.py) serves its dynamic VRAM (comfy-aimdo) only.
+(comfy/model_prefetch.py) serves its dynamic VRAM (comfy-aimdo) only, and training runs on a dynamic model's
+non-dynamic delegate (comfy_compat.trainable_patcher), which the budget then applies to.
 """
 from __future__ import annotations
 
@@ -75,11 +76,7 @@ def streamed_layers(model: torch.nn.Module) -> list[str]:
 def load(patchers: list, resident: int | None) -> None:
     """The training clones on their device: all of their weights (resident None), or the first one (the diffusion
     model) with at most `resident` bytes of its weights on the device and the rest streamed from CPU memory."""
-    dynamic = getattr(patchers[0], "is_dynamic", lambda: False)()
-    if resident is not None and dynamic:
-        logging.info("EriDiffusion: memory_budget_gb is not applied: ComfyUI's dynamic VRAM manages this model's "
-                     "weights (it loads them as layers run, within the GPU's memory)")
-    if resident is None or dynamic:
+    if resident is None:
         comfy.model_management.load_models_gpu(patchers, force_full_load=True)
         return
     comfy.model_management.load_models_gpu(patchers, force_full_load=False)

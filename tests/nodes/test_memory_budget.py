@@ -106,12 +106,12 @@ def test_out_of_memory_on_the_gpu_suggests_the_budget_in_the_error(comfy_folders
     p = prepared(comfy_folders, tiny, arch="sdxl")
 
     def out_of_memory(self, *args):
+        monkeypatch.setattr(self.patcher, "loaded_size", lambda: int(11.1 * offload.GIB))   # Flux-dev fp8's weights
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(TrainingRun, "_loss", out_of_memory)
     # what torch.cuda reports on a 12 GB card (the CPU run has no CUDA memory to read)
     monkeypatch.setattr(offload, "device_memory", lambda device, error: (int(13.5 * offload.GIB),
                                                                          int(11.6 * offload.GIB)))
-    monkeypatch.setattr(p["model"], "loaded_size", lambda: int(11.1 * offload.GIB))   # Flux-dev fp8's weights
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 1 .* or turn optimizer_offload on; the step "
                                             r"needed at least 13.5 GiB and the GPU has 11.6 GiB: set "
                                             r"memory_budget_gb to 10 \(Training settings\)"):
@@ -199,18 +199,6 @@ def test_a_text_encoder_adapter_trains_the_same_while_the_diffusion_models_weigh
     assert p["model"].model.model_lowvram          # (ComfyUI's own flag: the model is loaded in part)
     assert any(k.startswith("text_encoders.") for k in full.weights)
     assert_same_training(budgeted, full)
-
-
-def test_a_model_under_comfyuis_dynamic_vram_is_loaded_as_before_and_the_log_says_why(comfy_folders, tiny,
-                                                                                      monkeypatch, caplog):
-    """ComfyUI 0.33's dynamic VRAM (comfy-aimdo, GPUs only) loads weights as layers run: the budget is left to it."""
-    p = prepared(comfy_folders, tiny, arch="sdxl")
-    watch, streaming = watched(p)
-    monkeypatch.setattr(type(p["model"]), "is_dynamic", lambda self: True, raising=False)
-    with caplog.at_level("INFO"):
-        trained(p, watch, memory_budget_gb=1e-4)
-    assert streaming == [set()] * STEPS
-    assert "memory_budget_gb is not applied: ComfyUI's dynamic VRAM manages this model's weights" in caplog.text
 
 
 def test_a_budget_below_the_trainings_own_needs_streams_everything_and_warns(comfy_folders, tiny, caplog):
