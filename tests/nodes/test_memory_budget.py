@@ -206,3 +206,18 @@ def test_a_budget_below_the_trainings_own_needs_streams_everything_and_warns(com
     with caplog.at_level("INFO"):
         trained(p, memory_budget_gb=1e-4)
     assert "memory_budget_gb 0.0001 is below what the training itself is estimated to need" in caplog.text
+
+
+def test_the_budget_holds_again_after_sampling_loaded_other_models_between_steps(comfy_folders, tiny):
+    """Sampling every N steps (on_every) may unload the training clone; it is loaded again within the budget."""
+    import comfy.model_management
+    from eridiffusion.trainers.loop import train
+    p = prepared(comfy_folders, tiny, arch="flux")
+    full = trained(p)
+    watch, streaming = watched(p)
+    with torch.inference_mode(False):
+        budgeted = train(p["model"], p["adapter"], p["latents"], p["captions"],
+                         settings(**OPTIONS, memory_budget_gb=1e-4), STEPS, on_step=watch,
+                         on_every=lambda run: comfy.model_management.unload_all_models(), every=1)
+    assert streaming == [set(castable(p["model"].model.diffusion_model))] * STEPS
+    assert_same_training(budgeted, full)
