@@ -46,16 +46,22 @@ GIB = 1 << 30
 OPTIMIZER_STATE_COPIES = 2
 # Adapter parameters are held ~3 times over during a step: the weights, autograd's gradients and their sum
 ADAPTER_COPIES = 3
+# ComfyUI's estimate of a forward pass's activations (BaseModel.memory_required, for inference) times this is the
+# estimate of a checkpointed training step's. Measured on an H200 at 1024², batch 1, LoRA r16 (peak less weights,
+# issue 21): SDXL ~1.9 GiB (ComfyUI's estimate 0.26 GiB: x7), SD 3.5 Large ~3.1 GiB (0.38: x8), Flux-dev ~3.1 GiB
+# (1.0: x3). The largest, so that the budget holds for each; Flux streams more than it would need to until the
+# estimate is calibrated on a GPU.
+ACTIVATION_FACTOR = 8
 
 
 def training_needs(params, optimizer_offload: bool, model, latent_shapes) -> int:
     """Bytes of GPU memory the training needs besides the model's weights (an estimate): the adapter's parameters
-    and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch
-    as ComfyUI estimates them for inference (`BaseModel.memory_required`; with gradient checkpointing a training
-    step holds one block's activations and each block's input)."""
+    and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch:
+    ComfyUI's estimate for inference (`BaseModel.memory_required`) times ACTIVATION_FACTOR (with gradient
+    checkpointing a step holds each block's input, the attention outputs kept, and one block's activations)."""
     adapter = sum(p.numel() * p.element_size() for p in params)
     state = 0 if optimizer_offload else sum(p.numel() * 4 for p in params) * OPTIMIZER_STATE_COPIES
-    activations = max((model.memory_required(shape) for shape in latent_shapes), default=0)
+    activations = ACTIVATION_FACTOR * max((model.memory_required(shape) for shape in latent_shapes), default=0)
     return int(adapter * ADAPTER_COPIES + state + activations)
 
 
