@@ -35,7 +35,7 @@ def model_fingerprint(module: torch.nn.Module, patches: dict | None = None, extr
 class LatentSet:
     """VAE latents of every dataset item (raw VAE output; the architecture's latent format scales them)."""
     dataset: Dataset
-    latents: tuple[torch.Tensor, ...]   # (C, h, w) each, float32, CPU
+    latents: tuple[torch.Tensor, ...]   # (C, h, w) each, float32, CPU; a video VAE's (C, 1, h, w)
     vae_id: str
     encoded: int                        # VAE encodes this run performed (0 when everything came from disk)
     # masked loss: one (h, w) weight map per latent (ones for an item without a mask) when any item has a mask,
@@ -91,7 +91,12 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
                 images.append(_pixels(dataset.items[i]))
                 report(done)
             pixels = torch.stack(images)
-            encoded = vae.encode(pixels).detach().float().cpu()
+            if getattr(vae, "latent_dim", 2) == 3:
+                # a video VAE (Qwen-Image's Wan 2.1) reads a batch of images as the frames of one video: each
+                # image alone, as VAEEncode encodes one, (1, C, 1, h, w)
+                encoded = torch.cat([vae.encode(pixels[j:j + 1]) for j in range(len(chunk))]).detach().float().cpu()
+            else:
+                encoded = vae.encode(pixels).detach().float().cpu()
             for i, latent in zip(chunk, encoded):
                 latent = latent.clone().contiguous()
                 latents[i] = latent

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import adapters
-from .config import AdapterSpec, quoted
+from .config import ARCH_LABELS, AdapterSpec, quoted
 from .files import (commit, file_sha256, json_meta, load_tensors, remove_leftovers, stage_bytes, state_path_for,
                     tensor_bytes)
 from .state import (DTYPES, AdapterState, LossHistory, optimizer_from_tensors, optimizer_to_tensors,
@@ -69,6 +69,9 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
         from . import text_encoder as te
         if text_encoder not in te.ENCODERS:
             raise ValueError(f"text_encoder must be one of {', '.join(te.ENCODERS)}, got {quoted(text_encoder)}")
+        if not arch.text_encoder_training:
+            raise ValueError(f"text_encoder {text_encoder}: training the text encoder of a {ARCH_LABELS[arch.name]} "
+                             f"MODEL is not supported; set text_encoder to none")
         if clip is None:
             raise ValueError(f"text_encoder is {text_encoder}: connect the CLIP (from the checkpoint loader) to "
                              f"Create adapter's clip input, or set text_encoder to none")

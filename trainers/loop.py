@@ -347,7 +347,7 @@ class TrainingRun:
             self.cursor += 1
             gen = self.generator
         items = [self.latents.dataset.items[i] for i in indices]
-        x0 = self.base_model.latent_format.process_in(torch.stack([self.latents.latents[i] for i in indices]))
+        x0 = arches.latents_in(self.base_model, torch.stack([self.latents.latents[i] for i in indices]))
         preserve = s.diff_output_preservation and not reg
         contexts, preserved = [], []
         for item in items:
@@ -448,7 +448,7 @@ class TrainingRun:
                 for i in sorted(range(len(items)), key=lambda i: _identity(items[i])):
                     item = items[i]
                     gen = torch.Generator().manual_seed(int(_identity(item)[:15], 16))
-                    x0 = self.base_model.latent_format.process_in(latents.latents[i][None]).repeat(count, 1, 1, 1)
+                    x0 = arches.latents_in(self.base_model, latents.latents[i][None]).repeat(count, 1, 1, 1)
                     noise = torch.randn(x0.shape, generator=gen)
                     try:
                         # (the trained text encoder, when there is one, encodes the caption in _weighted_losses)

@@ -1,4 +1,5 @@
-"""Tiny SDXL, SD3, Flux and Chroma models, a tiny SDXL text encoder and a TAESD VAE, built with ComfyUI's own classes.
+"""Tiny SDXL, SD3, Flux, Chroma and Qwen-Image models, their text encoders and a TAESD VAE (Qwen-Image: a Wan 2.1
+VAE), built with ComfyUI's own classes.
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
@@ -21,6 +22,7 @@ import comfy.supported_models_base
 import comfy.taesd.taesd
 import comfy.text_encoders.flux
 import comfy.text_encoders.pixart_t5
+import comfy.text_encoders.qwen_image
 import comfy.text_encoders.sd3_clip
 
 
@@ -34,7 +36,7 @@ def _comfy_compat():
     return module
 
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -66,11 +68,24 @@ CHROMA = _comfy_compat().chroma_config({
     "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32,
     "n_layers": 2,
 })
+# Qwen-Image: its MMDiT blocks (image and text streams, joint attention), 16-channel Wan 2.1 latents with a
+# time axis (B, 16, T, h, w), patched 2x2 (in_channels 64); the context is Qwen2.5-VL's hidden states (the tiny
+# encoder's 64). axes_dims_rope sums to attention_head_dim.
+QWEN_IMAGE = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+    "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
+}
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
              "projection_dim": 32}
 TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+# Qwen2.5-VL's language model (head_dim is fixed at 128 in ComfyUI's config; its 3D RoPE splits 64 = 16+24+24)
+TINY_QWEN25 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1}
+# Qwen2.5-VL's vision tower, which ComfyUI builds at 1280 wide x 32 layers (~630M parameters); text prompts never
+# run it, so the tiny encoder builds it this small.
+TINY_QWEN25_VISION = {"hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "num_layers": 1}
 
 
 @torch.no_grad()
@@ -118,6 +133,9 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "chroma":
         config = comfy.supported_models.Chroma(dict(CHROMA))
+        state = {}
+    elif arch == "qwen_image":
+        config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE))
         state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -214,9 +232,28 @@ class _TinyChromaClipModel(comfy.text_encoders.pixart_t5.PixArtT5XXL):
                          model_options={**model_options, "t5xxl_model_config": dict(TINY_T5)})
 
 
+class _TinyQwenImageClipModel(comfy.text_encoders.qwen_image.QwenImageTEModel):
+    """ComfyUI's Qwen-Image text encoder (Qwen2.5-VL, its chat template cut off the hidden states): tiny widths,
+    its unused vision tower built small."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        import comfy.text_encoders.llama as llama
+        vision = llama.qwen_vl.Qwen2VLVisionTransformer
+
+        def small_vision(**kwargs):
+            return vision(**{**kwargs, **TINY_QWEN25_VISION})
+        llama.qwen_vl.Qwen2VLVisionTransformer = small_vision
+        try:
+            super().__init__(device=device, dtype=torch.float32,
+                             model_options={**model_options, "qwen25_7b_model_config": dict(TINY_QWEN25)})
+        finally:
+            llama.qwen_vl.Qwen2VLVisionTransformer = vision
+
+
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
-    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none."""
+    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none; Qwen-Image
+    (B,tokens,64) and none."""
     if arch in ("sdxl", "sdxl_v"):
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
     elif arch == "sd3":
@@ -228,6 +265,9 @@ def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     elif arch == "chroma":
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer,
                                                         _TinyChromaClipModel)
+    elif arch == "qwen_image":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer,
+                                                        _TinyQwenImageClipModel)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
@@ -249,6 +289,23 @@ def taesd_state_dict(latent_channels: int = 4, seed: int = 0) -> dict[str, torch
     return {k: v.detach().clone() for k, v in taesd.state_dict().items()}
 
 
+def wan21_vae_state_dict(dim: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Wan 2.1 VAE state dict (ComfyUI's comfy.ldm.wan.vae.WanVAE, `dim` wide) that `comfy.sd.VAE(sd=...)`
+    detects as one: Qwen-Image's VAE, whose latents have a time axis (an image encodes to (B, 16, 1, h, w))."""
+    import comfy.ldm.wan.vae
+    vae = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], dropout=0.0)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / fan_in) ** 0.5 if p.ndim > 1 else
+                    (torch.ones(p.shape) if "gamma" in name else torch.zeros(p.shape)))
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
 def tiny_vae(arch: str = "sdxl", seed: int = 0) -> comfy.sd.VAE:
+    if arch == "qwen_image":
+        return comfy.sd.VAE(sd=wan21_vae_state_dict(seed=seed))
     channels = 4 if arch in ("sdxl", "sdxl_v") else 16
     return comfy.sd.VAE(sd=taesd_state_dict(channels, seed))

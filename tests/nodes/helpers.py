@@ -70,13 +70,15 @@ def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
     import comfy.model_sampling
     base = model_patcher.model
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, base.latent_format.latent_channels, 8, 8, generator=gen)
+    frames = (1,) if base.latent_format.latent_dimensions == 3 else ()    # Qwen-Image's latents: (B, C, T, h, w)
+    x = torch.randn(2, base.latent_format.latent_channels, *frames, 8, 8, generator=gen)
     flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
     sigma = torch.tensor([0.3, 0.8]) if flow else torch.tensor([1.5, 7.0])
     text = p["captions"].embeddings[1][1]
-    cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1),
-                y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
-                guidance=torch.tensor([1.0, 1.0]))   # per sample (Chroma needs one each)
+    cond = dict(c_crossattn=text.context.unsqueeze(0).repeat(2, 1, 1))
+    if type(base).__name__ != "QwenImage":    # Qwen-Image takes the context alone
+        cond.update(y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
+                    guidance=torch.tensor([1.0, 1.0]))   # per sample (Chroma needs one each)
     with torch.inference_mode() if inference_mode else torch.no_grad():
         if load is None:
             comfy.model_management.load_models_gpu([model_patcher])
@@ -90,7 +92,7 @@ def fixed_loss(model_patcher, p, seed=7, settings=None):
     `settings` (TrainingSettings; default MSE)."""
     import comfy.model_management
     import comfy.model_sampling
-    from eridiffusion.trainers.arch import Batch, detect
+    from eridiffusion.trainers.arch import Batch, detect, latents_in
     from eridiffusion.trainers.config import TrainingSettings
     from eridiffusion.trainers.losses import elementwise_loss, huber_threshold
     settings = settings or TrainingSettings()
@@ -100,7 +102,7 @@ def fixed_loss(model_patcher, p, seed=7, settings=None):
     flow = isinstance(ms, comfy.model_sampling.CONST)
     gen = torch.Generator().manual_seed(seed)
     items = list(p["latents"].dataset.items)
-    x0 = base.latent_format.process_in(torch.stack(list(p["latents"].latents)))
+    x0 = latents_in(base, torch.stack(list(p["latents"].latents)))
     total = 0.0
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model_patcher])

@@ -8,7 +8,7 @@ import torch
 
 from helpers import fixed_loss, model_output, prepared, run, train
 
-ARCHS = ["sd3", "flux", "flux_schnell", "chroma"]
+ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -20,7 +20,8 @@ def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
     before = fixed_loss(p["model"], p)
     model, adapter, history = train(p, 50, learning_rate=1e-2)
     after = fixed_loss(model, p)
-    assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma"}[type(p["model"].model).__name__]
+    assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma",
+                                 "QwenImage": "qwen_image"}[type(p["model"].model).__name__]
     assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
     assert after < 0.9 * before, (before, after)
 
@@ -128,3 +129,19 @@ def test_the_caption_cache_tells_text_encoders_with_the_same_weights_apart(comfy
                   clip=CLIPSetLastLayer().set_last_layer(sdxl["clip"], -3)[0])[0]
     assert skipped.encoded == 5
     assert not torch.equal(skipped.embeddings[1][1].context, sdxl["captions"].embeddings[1][1].context)
+
+
+def test_latents_of_a_video_vae_are_each_images_own_as_vae_encode_gives_them(comfy_folders, tiny):
+    """Wan 2.1's VAE reads a batch of images as one video's frames; Cache latents encodes each image alone."""
+    from conftest import write_images
+    from eridiffusion.nodes.dataset import EriCacheLatents, EriTrainingImages
+    from eridiffusion.trainers.cache import _pixels
+    write_images(comfy_folders["input"] / "set", ((64, 64),) * 3)
+    dataset = run(EriTrainingImages, folder="set", resolution=64, trigger_word="", default_caption="", flip=False,
+                  min_side=64, max_side=64, max_upscale=1.0)[0]
+    vae = tiny.tiny_vae("qwen_image")
+    latents = run(EriCacheLatents, dataset=dataset, vae=vae, batch_size=4)[0]
+    with torch.inference_mode():
+        alone = [vae.encode(_pixels(item)[None])[0] for item in dataset.items]
+    assert all(torch.equal(a, b) for a, b in zip(latents.latents, alone))
+    assert latents.latents[0].shape == (16, 1, 8, 8)

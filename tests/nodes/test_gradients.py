@@ -12,7 +12,7 @@ import torch
 from conftest import write_images
 from helpers import run
 
-ARCHS = ["sdxl", "sd3", "flux", "chroma"]
+ARCHS = ["sdxl", "sd3", "flux", "chroma", "qwen_image"]
 pytestmark = pytest.mark.slow
 
 
@@ -130,3 +130,21 @@ def test_fp32_and_bf16_adapter_gradients_are_close_to_the_fp64_gradient(comfy_fo
     _, low = _loss_and_gradient(low_run, low_batch)
     difference = _norm([a - b for a, b in zip(exact, low)])
     assert difference <= tolerance * _norm(exact), (arch, precision, difference / _norm(exact))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_qwen_image_gradients_with_captions_of_different_lengths_match_finite_differences(comfy_folders, tiny,
+                                                                                          checkpointing):
+    """A Qwen-Image batch whose captions differ in length runs the model once per sample (as ComfyUI runs each
+    conditioning alone): its gradients are the loss's too."""
+    write_images(comfy_folders["input"] / "grad", ((64, 64), (64, 64)))
+    (comfy_folders["input"] / "grad" / "img1.txt").write_text("a much longer photo of the second pattern, in blue")
+    training, micro_batch = _run(comfy_folders, tiny, "qwen_image", torch.float64, checkpointing, "fp32")
+    assert {"cond.context.0", "cond.context.1"} <= set(micro_batch) and "cond.context" not in micro_batch
+    _, gradient = _loss_and_gradient(training, micro_batch)
+    eps = 1e-4
+    for direction in _directions(gradient, 2):
+        finite = (_loss_at(training, micro_batch, direction, eps) -
+                  _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
+        assert abs(_dot(gradient, direction) - finite) <= 1e-6 * _norm(gradient)
+    assert _norm(gradient) > 1e-6

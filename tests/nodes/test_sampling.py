@@ -152,3 +152,22 @@ def test_a_bad_prompt_flag_is_an_error_naming_the_line(p, line, words):
     with pytest.raises(ConfigError) as e:
         sampling(p, prompts="a dog\n" + line)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_qwen_image_sample_is_the_stock_ksamplers_on_its_wan_latent(comfy_folders, tiny):
+    """Qwen-Image samples on a one-frame Wan latent (an empty 4-channel latent made 16 x 1 frame as ComfyUI's
+    samplers make it) with CFG and no guidance input, decoded by the Wan VAE: the stock KSampler's image."""
+    p = prepared(comfy_folders, tiny, arch="qwen_image")
+    positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
+    settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11)
+    model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2)
+    with torch.inference_mode():
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        stock = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", positive, negative,
+                                                            latent)[0]["samples"])
+        untrained = p["vae"].decode(comfy_nodes.common_ksampler(p["model"], 11, 2, 3.0, "euler", "normal", positive,
+                                                                negative, latent)[0]["samples"])
+    assert stock.shape == (1, 1, 64, 64, 3) and images[0].shape == (64, 64, 3)
+    assert torch.allclose(images[0], stock[0, 0], atol=1e-5)
+    assert not torch.allclose(images[0], untrained[0, 0], atol=1e-3), "the sample shows the trained adapter"

@@ -127,6 +127,18 @@ def test_a_text_encoder_adapter_without_a_clip_is_a_clear_error(comfy_folders, t
             settings=settings(), steps=1)
 
 
+def test_a_text_encoder_adapter_on_qwen_image_is_refused_naming_the_input(comfy_folders, tiny):
+    """Training Qwen-Image's Qwen2.5-VL is not supported: Create adapter says so rather than train the model alone."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    with torch.inference_mode(False):
+        model, clip = tiny.tiny_model("qwen_image"), tiny.tiny_clip("qwen_image")
+    common = dict(model=model, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp", seed=0, dtype="fp32")
+    with pytest.raises(ValueError, match="text_encoder all: training the text encoder of a Qwen-Image MODEL is not "
+                                         "supported; set text_encoder to none"):
+        run(EriCreateAdapter, **common, text_encoder="all", clip=clip)
+    assert run(EriCreateAdapter, **common, clip=clip)[0].spec.text_encoder == "none"
+
+
 def test_only_the_chosen_encoders_get_adapters(comfy_folders, tiny):
     p = _prepared(comfy_folders, tiny, "sdxl", option="clip_l")
     paths = {t[0] for t in p["adapter"].spec.targets if t[0].startswith("text_encoders.")}

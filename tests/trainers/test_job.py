@@ -212,6 +212,7 @@ def test_architecture_from_arch_or_ai_toolkits_flags():
     assert parse_job(base % "is_xl: true").model.arch == "sdxl"
     assert parse_job(base % "arch: 'flux:dev'").model.arch == "flux"
     assert parse_job(base % "arch: chroma").model.arch == "chroma"
+    assert parse_job(base % "arch: qwen_image").model.arch == "qwen_image"
     assert "chroma" in error_of(base % "arch: hidream")
     assert parse_job(base % "name_or_path: m.safetensors").model.arch == ""   # taken from the MODEL
 
@@ -559,15 +560,19 @@ def test_a_flux_jobs_guidance_scale_per_prompt_is_its_embedded_guidance():
     assert (a.guidance, a.cfg, b.guidance, b.cfg) == (2.5, None, 5.0, None)
 
 
-def chroma_job(**train) -> str:
-    """ai-toolkit's Chroma example (config/examples/train_lora_chroma_24gb.yaml): Flux's keys with
-    model.arch chroma instead of is_flux."""
+def arch_job(arch: str, name_or_path: str, guidance_scale: float, **train) -> str:
+    """ai-toolkit's example for `arch` (config/examples/train_lora_<arch>_24gb.yaml): Flux's keys with model.arch
+    instead of is_flux, one sample prompt with its own guidance_scale."""
     def edit(p):
         p["model"].pop("is_flux")
-        p["model"].update(name_or_path="lodestones/Chroma", arch="chroma")
+        p["model"].update(name_or_path=name_or_path, arch=arch)
         p["train"].update(train)
-        p["sample"].update(samples=[{"prompt": "b", "guidance_scale": 5}])
+        p["sample"].update(samples=[{"prompt": "b", "guidance_scale": guidance_scale}])
     return edited(AI_TOOLKIT_FLUX, edit)
+
+
+def chroma_job(**train) -> str:
+    return arch_job("chroma", "lodestones/Chroma", 5, **train)
 
 
 def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidance_scale_as_cfg():
@@ -579,6 +584,28 @@ def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidanc
     assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
     shifted = parse_job(chroma_job(timestep_type="shift"), "chroma.yaml").settings
     assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+
+
+def qwen_image_job(**train) -> str:
+    return arch_job("qwen_image", "Qwen/Qwen-Image", 4, **train)
+
+
+def test_ai_toolkits_qwen_image_example_trains_qwen_image_with_its_timesteps_and_guidance_scale_as_cfg():
+    job = parse_job(qwen_image_job(), "qwen.yaml")
+    assert (job.model.arch, job.sample.sampler_name) == ("qwen_image", "euler")
+    # ai-toolkit samples Qwen-Image with true CFG (a negative prompt): no embedded guidance
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (4.0, None)
+    assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
+    # shift: its scheduler's dynamic shifting by size (Qwen-Image's own range: trainers/arch/qwen_image.py)
+    shifted = parse_job(qwen_image_job(timestep_type="shift"), "qwen.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+    v_pred = qwen_image_job().replace("arch: qwen_image", "arch: qwen_image\n      is_v_pred: true")
+    assert "is_v_pred" in error_of(v_pred)
+
+
+def test_a_qwen_image_job_that_trains_the_text_encoder_is_refused_naming_the_key():
+    message = error_of(qwen_image_job(train_text_encoder=True))
+    assert "train_text_encoder" in message and "Qwen" in message
 
 
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():

@@ -18,7 +18,7 @@ def _batch(n, channels=4, width=64, height=64):
     return Batch(torch.zeros(n, channels, height // 8, width // 8), [], _items(n, width, height))
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma"])
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image"])
 def test_a_model_that_outputs_the_training_target_denoises_exactly(tiny, arch):
     # ComfyUI samples with calculate_denoised(sigma, model_output, x_noisy): if the model outputs our
     # training target (eps, v, or ε - x0 for rectified flow), that must give back the clean latent.
@@ -140,6 +140,66 @@ def test_chroma_predicts_what_comfyuis_sampling_computes_from_its_conditioning(t
         ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings())
         comfy_denoised = base.apply_model(x, sigma, **conds)
     torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x), comfy_denoised)
+
+
+def test_qwen_image_shifts_by_comfyuis_own_constant_shift_and_a_model_sampling_nodes_shift_wins(tiny):
+    """Qwen-Image samples with ModelSamplingFlux at μ 1.15 (α = e^1.15) whatever the size; a
+    ModelSamplingAuraFlow node (as Qwen-Image's workflows use) sets the model's own shift."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+    model = tiny.tiny_model("qwen_image")
+    settings = TrainingSettings(timestep_sampling="uniform")
+    t = torch.rand(500, generator=torch.Generator().manual_seed(4))
+    for width, height in ((1024, 1024), (256, 256)):
+        sigma = detect(model).sample_sigmas(model.model.model_sampling, _batch(500, 16, width, height),
+                                            torch.Generator().manual_seed(4), settings)
+        torch.testing.assert_close(sigma, math.exp(1.15) * t / (1 + (math.exp(1.15) - 1) * t))
+    patched = ModelSamplingAuraFlow().patch_aura(model, 3.1)[0]
+    ms = patched.get_model_object("model_sampling")
+    sigma = detect(patched).sample_sigmas(ms, _batch(500, 16), torch.Generator().manual_seed(4), settings)
+    torch.testing.assert_close(sigma, ms.sigma(t), rtol=1e-5, atol=1e-6)      # (AuraFlow: multiplier 1)
+    torch.testing.assert_close(sigma, 3.1 * t / (1 + 2.1 * t))
+
+
+def test_qwen_image_resolution_shift_is_its_own_schedulers_not_fluxs(tiny):
+    """resolution_shift (ai-toolkit's timestep_type shift) on Qwen-Image: diffusers' Qwen-Image scheduler, μ linear
+    in the 2x2 latent patches from 0.5 at 256 to 0.9 at 8192 (α = 2.0 at 1024²; Flux's would be e^1.15)."""
+    model = tiny.tiny_model("qwen_image")
+    settings = TrainingSettings(timestep_sampling="uniform", resolution_shift=True)
+    t = torch.rand(200, generator=torch.Generator().manual_seed(4))
+    for (width, height), mu in (((256, 256), 0.5), ((1024, 1024), 0.5 + 0.4 * 3840 / 7936),
+                                ((1024, 2048), 0.9)):
+        sigma = detect(model).sample_sigmas(model.model.model_sampling, _batch(200, 16, width, height),
+                                            torch.Generator().manual_seed(4), settings)
+        torch.testing.assert_close(sigma, math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t))
+
+
+def test_qwen_image_predicts_what_comfyuis_sampling_computes_from_its_conditioning(tiny):
+    """The context alone (c_crossattn, as CLIPTextEncode gives Qwen-Image's), on the model's one-frame latents
+    (B, 16, 1, h, w); captions of different lengths in one batch give what each gives alone (ComfyUI runs each
+    conditioning by itself)."""
+    from eridiffusion.trainers.arch import latents_in
+    from eridiffusion.trainers.cache import TextEmbedding
+    model = tiny.tiny_model("qwen_image")
+    base, ms = model.model, model.model.model_sampling
+    gen = torch.Generator().manual_seed(5)
+    vae_latents = torch.randn(2, 16, 1, 8, 8, generator=gen)
+    x = latents_in(base, vae_latents)
+    torch.testing.assert_close(x, base.latent_format.process_in(vae_latents).squeeze(2))
+    contexts = [torch.randn(7, 64, generator=gen), torch.randn(5, 64, generator=gen)]
+    sigma = torch.tensor([0.3, 0.8])
+    conds = [base.extra_conds(cross_attn=c.unsqueeze(0), pooled_output=None, noise=x[:1].unsqueeze(2))
+             for c in contexts]
+    assert all(set(c) == {"c_crossattn"} for c in conds)
+    conds = [{k: v.process_cond(batch_size=1, area=None, device="cpu").cond for k, v in c.items()} for c in conds]
+    with torch.no_grad():
+        for lengths in ([0, 0], [0, 1]):
+            batch = Batch(x, [TextEmbedding(contexts[i], torch.zeros(0)) for i in lengths], _items(2))
+            ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings())
+            assert ours.shape == x.shape
+            comfy_denoised = torch.cat([base.apply_model(x[j:j + 1].unsqueeze(2), sigma[j:j + 1], **conds[i])
+                                        for j, i in enumerate(lengths)])
+            torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x).unsqueeze(2),
+                                       comfy_denoised, rtol=1e-5, atol=1e-5)
 
 
 def test_an_explicit_timestep_shift_overrides_the_models(tiny):

@@ -35,3 +35,17 @@ def test_taesd_state_dict_is_detected_by_comfyuis_vae_loader(tiny, channels):
         image = vae.decode(latent)
     assert latent.shape == (1, channels, 8, 8) and image.shape == (1, 64, 64, 3)
     assert torch.isfinite(image).all()
+
+
+def test_tiny_qwen_image_runs_on_its_wan_vaes_one_frame_latents_and_its_text_encoders_context(tiny):
+    """ComfyUI detects the tiny VAE as a Wan 2.1 VAE (an image encodes to (1, 16, 1, h, w)), Qwen2.5-VL's
+    context (no pooled output) conditions the model, which predicts on that 5D latent."""
+    model, clip, vae = tiny.tiny_model("qwen_image"), tiny.tiny_clip("qwen_image"), tiny.tiny_vae("qwen_image")
+    with torch.inference_mode():
+        latent = vae.encode(torch.rand(1, 64, 64, 3))
+        ctx, pooled = clip.encode_from_tokens(clip.tokenize("a red square"), return_pooled=True)
+        comfy.model_management.load_models_gpu([model])
+        out = model.model.apply_model(latent, torch.tensor([0.5]), c_crossattn=ctx)
+    assert latent.shape == (1, 16, 1, 8, 8) and pooled is None and ctx.shape[-1] == 64
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+

@@ -1,11 +1,12 @@
 """Architectures by name, and detection from a ComfyUI MODEL."""
-from .base import Architecture, Batch
+from .base import Architecture, Batch, latents_in
 from .chroma import Chroma
 from .flux import Flux
+from .qwen_image import QwenImage
 from .sd3 import SD3
 from .sdxl import SDXL
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), QwenImage())}
 
 
 def detect(patcher) -> Architecture:

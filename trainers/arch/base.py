@@ -27,6 +27,8 @@ class Architecture:
     # True when the conditioning's `guidance` is an embedded-guidance input the samples should get (Flux-dev):
     # other models ignore it, or (Chroma) take ComfyUI's default unless a workflow sets one
     embedded_guidance: bool = False
+    # False where training the text encoder is not supported (Create adapter's text_encoder is refused)
+    text_encoder_training: bool = True
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError
@@ -107,6 +109,18 @@ def compute_dtype(base_model) -> torch.dtype:
     """The dtype ComfyUI runs the model in: its manual-cast dtype when the weights are stored in another
     (fp8 weights compute in bf16), else the weights' dtype."""
     return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+def latents_in(base_model, latents: torch.Tensor) -> torch.Tensor:
+    """Cached VAE latents (B, C, h, w) in the model's latent space (its latent format's process_in), as training
+    uses them: (B, C, h, w). A latent format with a time axis (Qwen-Image's Wan 2.1: latent_dimensions 3) scales
+    (B, C, T, h, w); an image is one frame, which training drops (the architecture puts it back for its model)."""
+    if getattr(base_model.latent_format, "latent_dimensions", 2) != 3:
+        return base_model.latent_format.process_in(latents)
+    frames = latents if latents.ndim == 5 else latents.unsqueeze(2)
+    if frames.shape[2] != 1:
+        raise ValueError(f"a latent of {frames.shape[2]} frames: EriDiffusion trains on images (one frame each)")
+    return base_model.latent_format.process_in(frames).squeeze(2)
 
 
 def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:

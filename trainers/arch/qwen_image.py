@@ -1,0 +1,93 @@
+"""Qwen-Image: an MMDiT (image and text streams with their own weights, joint attention, per-block modulation
+from the timestep alone) on Qwen2.5-VL's hidden states, 16-channel Wan 2.1 latents with a time axis.
+
+As ComfyUI samples it (comfy/model_base.py QwenImage, comfy/supported_models.py QwenImage):
+- rectified flow (ModelType.FLUX: CONST, ModelSamplingFlux) with μ = 1.15, α = e^1.15 ≈ 3.16 at every resolution
+  (no resolution-dependent shift unless a ModelSamplingFlux node sets one; a ModelSamplingAuraFlow node's shift,
+  as Qwen-Image's workflows use, is the model's own shift then). resolution_shift shifts by Qwen-Image's own
+  diffusers scheduler instead (as ai-toolkit's timestep_type shift does for it): μ 0.5 at 256 to 0.9 at 8192
+  latent patches (α ≈ 2.0 at 1024²);
+- the latent format Wan21 scales (B, 16, T, h, w) per channel; the model patches (B, 16, T, h, w) latents. An
+  image is one frame: training keeps (B, 16, h, w) (arch.base.latents_in) and gives the model T = 1;
+- the context is the text encoder's output (`c_crossattn`: Qwen2.5-VL's last hidden states after its chat
+  template), no pooled vector, no guidance input. Captions are encoded one at a time, so none carries an
+  attention mask (ComfyUI drops an all-ones one). ComfyUI never batches contexts of different lengths (it runs
+  each conditioning alone); nor does training: a batch whose captions differ in length runs the model once
+  per sample.
+
+The blocks add to their residual streams out of place, so autograd differentiates them as they are. The last
+block's text stream after its attention feeds nothing (the output is the image stream's): no adapter goes there.
+Text-encoder training of Qwen2.5-VL is not supported.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+import comfy.model_base
+
+from .base import compute_dtype
+from .flow import RectifiedFlow
+
+_ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
+                        r"to_out\.0|to_add_out)$")
+_MLP = re.compile(r"transformer_blocks\.\d+\.(img|txt)_mlp\.net\.(0\.proj|2)$")
+_MODULATION = re.compile(r"transformer_blocks\.\d+\.(img|txt)_mod\.1$")
+
+# Qwen-Image's own scheduler (diffusers' scheduler_config, which ai-toolkit trains with): dynamic shifting with
+# μ linear in the number of 2×2 latent patches, 0.5 at 256 to 0.9 at 8192, α = e^μ (time_shift_type exponential)
+BASE_SHIFT, MAX_SHIFT, BASE_PATCHES, MAX_PATCHES = 0.5, 0.9, 256, 8192
+
+
+def resolution_shift(width: int, height: int) -> float:
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_PATCHES - BASE_PATCHES)
+    return math.exp(BASE_SHIFT + slope * (width * height / (8 * 8 * 2 * 2) - BASE_PATCHES))
+
+
+class QwenImage(RectifiedFlow):
+    name = "qwen_image"
+    text_encoder_training = False
+
+    def matches(self, base_model) -> bool:
+        return type(base_model) is comfy.model_base.QwenImage
+
+    preset_rules = {"attention": (_ATTENTION,), "attention_mlp": (_ATTENTION, _MLP),
+                    "all_linear": (_ATTENTION, _MLP, _MODULATION)}
+
+    def target_modules(self, diffusion_model, preset):
+        # The last block's text stream after attention (to_add_out, txt_mlp) feeds nothing: the model's output is
+        # the image stream's. An adapter there would never learn (no gradient): none is made.
+        last = len(diffusion_model.transformer_blocks) - 1
+        dead = re.compile(rf"transformer_blocks\.{last}\.(attn\.to_add_out|txt_mlp\.)")
+        return [(name, m) for name, m in super().target_modules(diffusion_model, preset) if not dead.match(name)]
+
+    def shift(self, model_sampling, item, settings):
+        if not settings.timestep_shift and settings.resolution_shift:
+            return resolution_shift(item.bucket.width, item.bucket.height)      # its own scheduler's, not Flux's
+        return super().shift(model_sampling, item, settings)
+
+    def block_modules(self, diffusion_model):
+        return [f"transformer_blocks.{i}" for i in range(len(diffusion_model.transformer_blocks))]
+
+    def conditioning(self, base_model, batch, settings, device):
+        """{"context": (B, tokens, dim)} when every caption has as many tokens, else one "context.i" (1, tokens_i,
+        dim) per sample (the keys and shapes say which: a CUDA graph captures either)."""
+        dtype = compute_dtype(base_model)
+        contexts = [c.context.to(device, dtype) for c in batch.contexts]
+        if len({c.shape[0] for c in contexts}) == 1:
+            return {"context": torch.stack(contexts)}
+        return {f"context.{i}": c.unsqueeze(0) for i, c in enumerate(contexts)}
+
+    def predict_from(self, base_model, model_sampling, x_noisy, sigma, conditioning):
+        xc = model_sampling.calculate_input(sigma.view(-1, *[1] * (x_noisy.ndim - 1)), x_noisy)
+        xc = xc.to(compute_dtype(base_model)).unsqueeze(2)       # (B, C, 1, h, w): one frame
+        timestep = model_sampling.timestep(sigma).float()
+        model = base_model.diffusion_model
+        if "context" in conditioning:
+            out = model(xc, timestep, context=conditioning["context"], transformer_options={})
+        else:
+            out = torch.cat([model(xc[i:i + 1], timestep[i:i + 1], context=conditioning[f"context.{i}"],
+                                   transformer_options={}) for i in range(xc.shape[0])])
+        return out.squeeze(2)
