@@ -119,4 +119,8 @@ def trainable_patcher(patcher):
     is_dynamic = getattr(patcher, "is_dynamic", None)
     if is_dynamic is None or not is_dynamic():
         return patcher
+    if getattr(patcher, "cached_patcher_init", None) is None:
+        raise RuntimeError("this MODEL is on ComfyUI's dynamic VRAM and its loader left no way to load it again "
+                           "without it, which training needs: load it with ComfyUI's Load Checkpoint or Load "
+                           "Diffusion Model node, or start ComfyUI with --disable-dynamic-vram")
     return patcher.get_non_dynamic_delegate()
