@@ -65,6 +65,8 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
     elif conv_rank or conv_alpha:
         logging.warning("EriDiffusion: conv_rank %s and conv_alpha %s are ignored: they apply with conv_layers "
                         "on (SDXL only), which is off", conv_rank, conv_alpha)
+    if text_encoder != "none" and arch.text_encoder_refusal:
+        raise ValueError(f"text_encoder {text_encoder}: {arch.text_encoder_refusal}")
     if text_encoder != "none":
         from . import text_encoder as te
         if text_encoder not in te.ENCODERS:

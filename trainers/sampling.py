@@ -66,8 +66,8 @@ class SamplingSettings:
     scheduler: str = _help("ComfyUI scheduler.", default="normal")
     steps: int = _help("Sampling steps per image.", default=20)
     cfg: float = _help("Classifier-free guidance scale (Flux-dev: 1.0, its guidance is below).", default=7.0)
-    guidance: float = _help("Guidance embedded in Flux-dev's conditioning (schnell and other models ignore "
-                            "it).", archs=("flux",), default=3.5)
+    guidance: float = _help("Guidance embedded in Flux-dev's / Flux.2-dev's conditioning (schnell and other "
+                            "models ignore it).", archs=("flux", "flux2"), default=3.5)
     filename_prefix: str = _help("Samples are saved under ComfyUI's output folder as "
                                  "<prefix>_step<step>_seed<seed>_p<prompt>_<counter>.png.",
                                  default="eri_samples/sample")

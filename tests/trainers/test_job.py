@@ -213,6 +213,8 @@ def test_architecture_from_arch_or_ai_toolkits_flags():
     assert parse_job(base % "arch: 'flux:dev'").model.arch == "flux"
     assert parse_job(base % "arch: chroma").model.arch == "chroma"
     assert "chroma" in error_of(base % "arch: hidream")
+    assert parse_job(base % "arch: flux2").model.arch == "flux2"
+    assert "flux2" in error_of(base % "arch: hidream")
     assert parse_job(base % "name_or_path: m.safetensors").model.arch == ""   # taken from the MODEL
 
 
@@ -559,15 +561,20 @@ def test_a_flux_jobs_guidance_scale_per_prompt_is_its_embedded_guidance():
     assert (a.guidance, a.cfg, b.guidance, b.cfg) == (2.5, None, 5.0, None)
 
 
-def chroma_job(**train) -> str:
-    """ai-toolkit's Chroma example (config/examples/train_lora_chroma_24gb.yaml): Flux's keys with
-    model.arch chroma instead of is_flux."""
+def model_arch_job(arch: str, name_or_path: str, **train) -> str:
+    """ai-toolkit's Flux example with model.arch `arch` instead of is_flux, as its Chroma example
+    (config/examples/train_lora_chroma_24gb.yaml) and its Flux.2 model (extensions_built_in/diffusion_models/flux2)
+    take it, and one sample with its own guidance_scale."""
     def edit(p):
         p["model"].pop("is_flux")
-        p["model"].update(name_or_path="lodestones/Chroma", arch="chroma")
+        p["model"].update(name_or_path=name_or_path, arch=arch)
         p["train"].update(train)
         p["sample"].update(samples=[{"prompt": "b", "guidance_scale": 5}])
     return edited(AI_TOOLKIT_FLUX, edit)
+
+
+def chroma_job(**train) -> str:
+    return model_arch_job("chroma", "lodestones/Chroma", **train)
 
 
 def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidance_scale_as_cfg():
@@ -579,6 +586,26 @@ def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidanc
     assert (job.settings.timestep_sampling, job.settings.timestep_shift) == ("sigmoid", 1.0)
     shifted = parse_job(chroma_job(timestep_type="shift"), "chroma.yaml").settings
     assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+
+
+def flux2_job(**train) -> str:
+    return model_arch_job("flux2", "black-forest-labs/FLUX.2-dev", **train)
+
+
+def test_ai_toolkits_flux2_job_trains_flux2_with_its_timesteps_and_guidance_scale_as_embedded_guidance():
+    job = parse_job(flux2_job(), "flux2.yaml")
+    assert (job.model.arch, job.sample.sampler_name) == ("flux2", "euler")
+    # ai-toolkit samples Flux.2-dev guidance-distilled: guidance_scale is the embedded guidance, at CFG 1
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (None, 5.0)
+    # its scheduler_config is Flux's dynamic shifting (base 0.5, max 1.15 over 256..4096 tokens)
+    shifted = parse_job(flux2_job(timestep_type="shift"), "flux2.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+    assert "is_v_pred" in error_of(edited(flux2_job(), lambda p: p["model"].update(is_v_pred=True)))
+
+
+def test_a_flux2_job_that_trains_the_text_encoder_is_refused_naming_the_key():
+    message = error_of(flux2_job(train_text_encoder=True))
+    assert "train_text_encoder" in message and "Flux.2" in message
 
 
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():

@@ -2,10 +2,11 @@
 from .base import Architecture, Batch
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .sd3 import SD3
 from .sdxl import SDXL
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), Flux2())}
 
 
 def detect(patcher) -> Architecture:
