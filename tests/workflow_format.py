@@ -117,15 +117,19 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 # The loaders of full-size models, what the tiny model stands in for, and which of its outputs replaces theirs.
 _TINY_ARCH_OF = {"TripleCLIPLoader": "sd3", "DualCLIPLoader": "flux"}
-_TINY_OUTPUT_OF = {"UNETLoader": 0, "TripleCLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2}
+_TINY_OUTPUT_OF = {"UNETLoader": 0, "TripleCLIPLoader": 1, "DualCLIPLoader": 1, "CLIPLoader": 1, "VAELoader": 2}
+# CLIPLoader's type -> the tiny architecture its workflow loads
+_TINY_ARCH_OF_CLIP_TYPE = {"chroma": "chroma"}
 
 
 def _swap_loaders_for_the_tiny_model(prompt: dict) -> None:
-    """SD3 / Flux workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is detected from a
+    """SD3 / Flux / Chroma workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is detected from a
     file): one EriTestTinyModel takes the place of all of them."""
     loaders = {nid: n["class_type"] for nid, n in prompt.items()
                if n["class_type"] in _TINY_OUTPUT_OF or n["class_type"] == "CheckpointLoaderSimple"}
-    arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None)
+    arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None) or next(
+        (_TINY_ARCH_OF_CLIP_TYPE[prompt[nid]["inputs"]["type"]] for nid, k in loaders.items() if k == "CLIPLoader"),
+        None)
     if arch is None:
         return
     tiny_id = min(loaders, key=int)
@@ -188,6 +192,8 @@ MODEL_SOURCES = {
     "flux1-dev.safetensors": (
         "diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
+    "Chroma1-HD.safetensors": (
+        "diffusion_models", "https://huggingface.co/lodestones/Chroma1-HD/resolve/main/Chroma1-HD.safetensors"),
 }
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 
