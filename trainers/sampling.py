@@ -132,6 +132,13 @@ class Sample:
     image: torch.Tensor        # (H, W, 3) floats in [0, 1], ComfyUI's IMAGE layout
 
 
+def latent_scale(vae) -> int:
+    """Image pixels per latent pixel of `vae` (8; Flux.2's VAE 16, whose latents EmptyFlux2LatentImage makes at
+    1/16), so that a sample comes out at the size asked for."""
+    ratio = vae.spacial_compression_encode()
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
 def with_guidance(conditioning, guidance: float):
     return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
 
@@ -167,7 +174,8 @@ def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> li
     with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
         for index, (label, positive) in enumerate(settings.positives):
             r = settings.resolved(index, state.step)
-            latent = torch.zeros([1, 4, r["height"] // 8, r["width"] // 8],
+            scale = latent_scale(settings.vae)
+            latent = torch.zeros([1, 4, r["height"] // scale, r["width"] // scale],
                                  device=comfy.model_management.intermediate_device())
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             noise = comfy.sample.prepare_noise(latent, r["seed"])

@@ -303,6 +303,10 @@ def taesd_state_dict(latent_channels: int = 4, seed: int = 0) -> dict[str, torch
 
 
 def tiny_vae(arch: str = "sdxl", seed: int = 0) -> comfy.sd.VAE:
-    # Flux.2's VAE gives 128 channels (32 in 2x2 patches) at 1/16 of the size; a TAESD of 128 channels at 1/8
+    """A TAESD of the architecture's latent channels. Flux.2's VAE gives 128 channels (32 in 2x2 patches) at 1/16
+    of the size: ComfyUI 0.33's TAESD of 128 channels is Flux.2's own tiny autoencoder (32 channels inside, then
+    patched), which its VAE takes as such when the file's metadata says `tae_latent_channels` 128; 0.3.75's is a
+    plain TAESD of 128 channels (at 1/8)."""
     channels = {"sdxl": 4, "sdxl_v": 4, "flux2": 128}.get(arch, 16)
-    return comfy.sd.VAE(sd=taesd_state_dict(channels, seed))
+    metadata = {"tae_latent_channels": channels} if channels == 128 else None
+    return comfy.sd.VAE(sd=taesd_state_dict(channels, seed), metadata=metadata)
