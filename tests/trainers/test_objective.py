@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from eridiffusion.trainers.arch import Batch, detect
+from eridiffusion.trainers.cache import TextEmbedding
 from eridiffusion.trainers.config import TrainingSettings
 from eridiffusion.trainers.data import Bucket, DatasetItem
 
@@ -107,6 +108,19 @@ def test_flux_schnell_uses_its_own_unshifted_schedule_and_no_guidance(tiny):
                                         TrainingSettings(timestep_sampling="uniform"))
     torch.testing.assert_close(sigma, torch.rand(4, generator=torch.Generator().manual_seed(3)))
     assert not model.model.diffusion_model.params.guidance_embed
+
+
+def test_a_flux2_without_a_guidance_input_gets_none_and_names_flux_guidance_unused(tiny):
+    """Flux.2 klein (ComfyUI's Flux2 model too) has no guidance_in: training gives it no guidance, and a
+    flux_guidance set for it is reported as unused."""
+    import comfy.supported_models
+    config = comfy.supported_models.Flux2({**tiny.FLUX2, "guidance_embed": False})
+    base = config.get_model({}, "")
+    batch = Batch(torch.zeros(1, 128, 8, 8), [TextEmbedding(torch.zeros(5, 48), torch.zeros(0))], _items(1))
+    arch = detect(tiny.tiny_model("flux2"))
+    assert set(arch.conditioning(base, batch, TrainingSettings(), "cpu")) == {"context"}
+    assert set(arch.unused_settings(base)) == {"flux_guidance"}
+    assert arch.unused_settings(tiny.tiny_model("flux2").model) == {}
 
 
 @pytest.mark.parametrize("arch, channels, mu", [("chroma", 16, 1.15), ("flux2", 128, 2.02)])

@@ -49,6 +49,11 @@ class Flux2(Flux):
     def shift(self, model_sampling, item, settings):
         return RectifiedFlow.shift(self, model_sampling, item, settings)     # the model's own μ, as sampled
 
+    def unused_settings(self, base_model):
+        if base_model.diffusion_model.params.guidance_embed:
+            return {}
+        return {"flux_guidance": "this Flux.2 model has no guidance input (klein)"}
+
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
         contexts = [c.context for c in batch.contexts]
