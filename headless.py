@@ -34,7 +34,8 @@ from .trainers.job import Job, ModelJob, build_dataset, build_validation_dataset
 from .trainers.sampling import sample_round
 from .trainers.state import AdapterState
 
-CLIP_TYPES = {"sdxl": "STABLE_DIFFUSION", "sd3": "SD3", "flux": "FLUX", "chroma": "CHROMA", "qwen_image": "QWEN_IMAGE"}
+CLIP_TYPES = {"sdxl": "STABLE_DIFFUSION", "sd3": "SD3", "flux": "FLUX", "chroma": "CHROMA", "qwen_image": "QWEN_IMAGE",
+              "flux2": "FLUX2"}
 
 
 def base_dir(job: Job) -> str:
@@ -71,7 +72,9 @@ def load_models(job: Job):
         for name, file in zip(m.text_encoder_paths, files):
             if not os.path.isfile(file):
                 raise ConfigError(f"{job.source}: model.text_encoder_paths: {quoted(name)} is not a file (looked for {file})")
-        clip = comfy.sd.load_clip(files, clip_type=getattr(comfy.sd.CLIPType, CLIP_TYPES[arch]))
+        # (0.3.75 has no CLIPType FLUX2: it finds Flux.2's Mistral encoder by its weights, as its CLIPLoader does)
+        clip_type = getattr(comfy.sd.CLIPType, CLIP_TYPES[arch], comfy.sd.CLIPType.STABLE_DIFFUSION)
+        clip = comfy.sd.load_clip(files, clip_type=clip_type)
     if m.vae_path:
         file = _path(job, m.vae_path)
         if not os.path.isfile(file):

@@ -117,7 +117,7 @@ def sampling_settings(job: Job, arch: str, clip, vae, filename_prefix: str) -> S
     s = job.sample
     if s is None:
         return None
-    flux = arch == "flux"
+    flux = arch in ("flux", "flux2")
     return make_sampling(
         vae, clip, list(zip(s.prompts, s.options or [PromptOptions()] * len(s.prompts))), s.negative,
         every_n_steps=s.sample_every, seed=s.seed, seed_mode="fixed", width=s.width, height=s.height,

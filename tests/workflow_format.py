@@ -118,13 +118,13 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 # The loaders of full-size models, what the tiny model stands in for, and which of its outputs replaces theirs.
 _TINY_ARCH_OF = {"TripleCLIPLoader": "sd3", "DualCLIPLoader": "flux"}
 _TINY_OUTPUT_OF = {"UNETLoader": 0, "TripleCLIPLoader": 1, "DualCLIPLoader": 1, "CLIPLoader": 1, "VAELoader": 2}
-# a single text encoder's loader: the architecture by its CLIP type
-_TINY_ARCH_OF_CLIP_TYPE = {"qwen_image": "qwen_image"}
+# CLIPLoader's type -> the tiny architecture its workflow loads (a single text encoder's loader)
+_TINY_ARCH_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "chroma": "chroma"}
 
 
 def _swap_loaders_for_the_tiny_model(prompt: dict) -> None:
-    """SD3 / Flux / Qwen-Image workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is detected from a
-    file): one EriTestTinyModel takes the place of all of them."""
+    """SD3 / Flux / Chroma / Qwen-Image workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is
+    detected from a file): one EriTestTinyModel takes the place of all of them."""
     loaders = {nid: n["class_type"] for nid, n in prompt.items()
                if n["class_type"] in _TINY_OUTPUT_OF or n["class_type"] == "CheckpointLoaderSimple"}
     arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None) or next(
@@ -201,6 +201,8 @@ MODEL_SOURCES = {
     "qwen_image_vae.safetensors": (
         "vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/"
                "qwen_image_vae.safetensors"),
+    "Chroma1-HD.safetensors": (
+        "diffusion_models", "https://huggingface.co/lodestones/Chroma1-HD/resolve/main/Chroma1-HD.safetensors"),
 }
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 

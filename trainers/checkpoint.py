@@ -65,13 +65,12 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
     elif conv_rank or conv_alpha:
         logging.warning("EriDiffusion: conv_rank %s and conv_alpha %s are ignored: they apply with conv_layers "
                         "on (SDXL only), which is off", conv_rank, conv_alpha)
+    if text_encoder != "none" and arch.text_encoder_refusal:
+        raise ValueError(f"text_encoder {text_encoder}: {arch.text_encoder_refusal}")
     if text_encoder != "none":
         from . import text_encoder as te
         if text_encoder not in te.ENCODERS:
             raise ValueError(f"text_encoder must be one of {', '.join(te.ENCODERS)}, got {quoted(text_encoder)}")
-        if not arch.text_encoder_training:
-            raise ValueError(f"text_encoder {text_encoder}: training the text encoder of a {ARCH_LABELS[arch.name]} "
-                             f"MODEL is not supported; set text_encoder to none")
         if clip is None:
             raise ValueError(f"text_encoder is {text_encoder}: connect the CLIP (from the checkpoint loader) to "
                              f"Create adapter's clip input, or set text_encoder to none")

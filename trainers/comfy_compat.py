@@ -19,6 +19,8 @@ import comfy.model_management
 _FLUX_1_FIELDS = {"txt_ids_dims": []}
 # Chroma's: 0.33's ChromaParams also requires `vec_in_dim` (Chroma has no pooled vector input).
 _CHROMA_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None}
+# Flux.2's (model_detection.py in 0.33): its text positions count up along the fourth rope axis.
+_FLUX_2_FIELDS = {"txt_ids_dims": [3]}
 
 
 def flux_config(config: dict) -> dict:
@@ -26,6 +28,13 @@ def flux_config(config: dict) -> dict:
     import comfy.ldm.flux.model   # here, not at the top: the training loop imports this module too
     accepted = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     return {**{k: v for k, v in _FLUX_1_FIELDS.items() if k in accepted}, **config}
+
+
+def flux2_config(config: dict) -> dict:
+    """A Flux.2 unet config (as model_detection finds it in 0.3.75) completed for this ComfyUI's FluxParams."""
+    import comfy.ldm.flux.model
+    accepted = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**{k: v for k, v in _FLUX_2_FIELDS.items() if k in accepted}, **config}
 
 
 def chroma_config(config: dict) -> dict:

@@ -44,7 +44,7 @@ from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigE
                      quoted)
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
-          "chroma": "chroma", "qwen_image": "qwen_image"}
+          "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
                  "lokr": ("lokr", False), "loha": ("loha", False)}
 PRESETS = ("attention", "attention_mlp", "all_linear")
@@ -207,7 +207,7 @@ AITK_SUBKEYS = {
 @dataclass(frozen=True)
 class ModelJob:
     name_or_path: str = ""                  # checkpoint, or diffusion-model file (with text_encoder_paths, vae_path)
-    arch: str = ""                          # sdxl / sd3 / flux / chroma / qwen_image, or "" for the MODEL's
+    arch: str = ""                          # sdxl / sd3 / flux / chroma / qwen_image / flux2, or "": the MODEL's
     vae_path: str = ""
     text_encoder_paths: tuple[str, ...] = ()
     quantize: bool = False                  # fp8 (e4m3fn) weights for the diffusion model, bf16 compute
@@ -540,7 +540,8 @@ def _aitk_timesteps(settings: TrainingSettings, timestep_type: str, arch: str, e
         elif arch == "sd3":     # toolkit/sampler.py sd_flow_config: shift 3.0, no dynamic shifting
             changes.update(timestep_shift=3.0, resolution_shift=False)
         else:                   # flux_config: dynamic shifting by the latent's size, for dev and schnell alike,
-            # and Chroma's scheduler_config (extensions_built_in/diffusion_models/chroma) is the same; Qwen-Image's
+            # and Chroma's and Flux.2's scheduler_config (extensions_built_in/diffusion_models/chroma, flux2) is
+            # the same (Flux.2's 16×16-pixel tokens count as Flux.1's 2×2 patches of 8×8); Qwen-Image's
             # (extensions_built_in/diffusion_models/qwen_image) shifts by size too, with its own range (arch.qwen_image)
             changes.update(timestep_shift=0.0, resolution_shift=True)
     return dataclasses.replace(settings, **changes)
@@ -689,6 +690,9 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
         if model.arch == "qwen_image":
             raise train.error(f"{train.key('train_text_encoder')}: training Qwen-Image's text encoder (Qwen2.5-VL) "
                               f"is not supported; remove it or set it to false")
+        if model.arch == "flux2":
+            raise train.error(f"{train.key('train_text_encoder')}: Flux.2's text encoder (Mistral 3 Small, 24B) gets "
+                              f"no adapter here; set it to false")
         network = dataclasses.replace(network, text_encoder="clip_l+clip_g")
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
@@ -712,10 +716,10 @@ def _parse_model(m: _Section) -> ModelJob:
                         ("is_vega", "Vega")):
         if m.bool(key, False):
             raise m.error(f"{m.key(key)}: {family} is not supported; EriDiffusion trains SDXL, SD 3.5, Flux, "
-                          f"Chroma and Qwen-Image")
+                          f"Chroma, Qwen-Image and Flux.2")
     if arch:
         if arch not in ARCHES:
-            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, chroma, qwen_image, got "
+            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, chroma, qwen_image, flux2, got "
                           f"{quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
@@ -723,7 +727,7 @@ def _parse_model(m: _Section) -> ModelJob:
                       f"({', '.join(filter(None, [arch, *flags]))}); keep one")
     arch = arch or (flags[0] if flags else "")
     v_pred = m.bool("is_v_pred", False)
-    if v_pred and arch in ("sd3", "flux", "chroma", "qwen_image"):
+    if v_pred and arch in ("sd3", "flux", "chroma", "qwen_image", "flux2"):
         raise m.error(f"{m.key('is_v_pred')}: {arch} is a flow-matching model (no v-prediction); is_v_pred applies "
                       f"to SDXL: remove it")
     model = ModelJob(name_or_path=m.str("name_or_path", ""), arch=arch, vae_path=m.str("vae_path", ""),
@@ -1021,7 +1025,8 @@ def _parse_sample(s: _Section, trigger: str, first_sample: bool, arch: str) -> S
             option = dataclasses.replace(option, seed=(seed + i) % (SEED_MAX + 1))
         prompts.append(_inject_trigger(" ".join(text.split()), trigger))
         options.append(option)
-    sampler = s.str("sampler", "flowmatch" if arch in ("sd3", "flux", "chroma", "qwen_image") else "ddpm").strip()
+    flow = arch in ("sd3", "flux", "chroma", "qwen_image", "flux2")
+    sampler = s.str("sampler", "flowmatch" if flow else "ddpm").strip()
     sampler_name, scheduler = SAMPLERS.get(sampler.lower(), (sampler, "normal"))
     scheduler = s.str("scheduler", scheduler)
     _check_comfy_names(s, sampler_name, scheduler)
@@ -1070,7 +1075,7 @@ def _prompt_options(s: _Section, key: str, prompt: str, item: dict, arch: str):
     for name in ("width", "height"):
         if name in values:
             values[name] = prompts_module.rounded_size(values[name])
-    if arch == "flux":      # a Flux job's guidance_scale (and --l) is the embedded guidance, sampled at CFG 1
+    if arch in ("flux", "flux2"):   # a Flux(.2-dev) job's guidance_scale (and --l) is the embedded guidance, at CFG 1
         scale = values.pop("cfg", option.cfg)
         values["cfg"] = None
         if scale is not None and option.guidance is None:

@@ -66,8 +66,8 @@ class SamplingSettings:
     scheduler: str = _help("ComfyUI scheduler.", default="normal")
     steps: int = _help("Sampling steps per image.", default=20)
     cfg: float = _help("Classifier-free guidance scale (Flux-dev: 1.0, its guidance is below).", default=7.0)
-    guidance: float = _help("Guidance embedded in Flux-dev's conditioning (schnell and other models ignore "
-                            "it).", archs=("flux",), default=3.5)
+    guidance: float = _help("Guidance embedded in Flux-dev's / Flux.2-dev's conditioning (schnell and other "
+                            "models ignore it).", archs=("flux", "flux2"), default=3.5)
     filename_prefix: str = _help("Samples are saved under ComfyUI's output folder as "
                                  "<prefix>_step<step>_seed<seed>_p<prompt>_<counter>.png.",
                                  default="eri_samples/sample")
@@ -132,6 +132,13 @@ class Sample:
     image: torch.Tensor        # (H, W, 3) floats in [0, 1], ComfyUI's IMAGE layout
 
 
+def latent_scale(vae) -> int:
+    """Image pixels per latent pixel of `vae` (8; Flux.2's VAE 16, whose latents EmptyFlux2LatentImage makes at
+    1/16), so that a sample comes out at the size asked for."""
+    ratio = vae.spacial_compression_encode()
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
 def with_guidance(conditioning, guidance: float):
     return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
 
@@ -167,7 +174,8 @@ def sample_round(patcher, state: AdapterState, settings: SamplingSettings) -> li
     with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
         for index, (label, positive) in enumerate(settings.positives):
             r = settings.resolved(index, state.step)
-            latent = torch.zeros([1, 4, r["height"] // 8, r["width"] // 8],
+            scale = latent_scale(settings.vae)
+            latent = torch.zeros([1, 4, r["height"] // scale, r["width"] // scale],
                                  device=comfy.model_management.intermediate_device())
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
             noise = comfy.sample.prepare_noise(latent, r["seed"])

@@ -1,5 +1,5 @@
-"""Tiny SDXL, SD3, Flux, Chroma and Qwen-Image models, their text encoders and a TAESD VAE (Qwen-Image: a Wan 2.1
-VAE), built with ComfyUI's own classes.
+"""Tiny SDXL, SD3, Flux, Chroma, Qwen-Image and Flux.2 models, their text encoders and a TAESD VAE (Qwen-Image: a
+Wan 2.1 VAE), built with ComfyUI's own classes.
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
@@ -16,6 +16,7 @@ import comfy.latent_formats
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
+import comfy.sd1_clip
 import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
@@ -36,7 +37,7 @@ def _comfy_compat():
     return module
 
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -75,6 +76,17 @@ QWEN_IMAGE = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
     "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
 }
+# Flux.2 [dev] as model_detection finds it, small: 128-channel latents (the VAE's 32 channels in 2x2 patches)
+# taken one position each (patch_size 1), four rope axes (the fourth counts text positions), one modulation for
+# all blocks (global_modulation), SiLU-gated MLPs, no biases, the guidance input; no pooled vector (vec_in_dim
+# None). Context width = 3 x the tiny Mistral's hidden size (ComfyUI stacks three of its layers' outputs).
+FLUX2 = _comfy_compat().flux2_config({
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 48,
+    "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+})
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
@@ -86,6 +98,10 @@ TINY_QWEN25 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
 # Qwen2.5-VL's vision tower, which ComfyUI builds at 1280 wide x 32 layers (~630M parameters); text prompts never
 # run it, so the tiny encoder builds it this small.
 TINY_QWEN25_VISION = {"hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "num_layers": 1}
+# Flux.2's Mistral 3 Small: ComfyUI takes the outputs of layers 10, 20 and 30, so 31 (tiny) layers; its head
+# width (128) is fixed by ComfyUI's config class. The vocabulary is the stand-in tokenizer's (CLIP's).
+TINY_MISTRAL = {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 31,
+                "num_attention_heads": 1, "num_key_value_heads": 1}
 
 
 @torch.no_grad()
@@ -117,7 +133,7 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
                compute_dtype: torch.dtype | None = None):
     """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux or
-    flux_schnell or chroma. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
+    flux_schnell, chroma or flux2. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
     loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
@@ -136,6 +152,8 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "qwen_image":
         config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE))
+    elif arch == "flux2":
+        config = comfy.supported_models.Flux2(dict(FLUX2))
         state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -248,12 +266,40 @@ class _TinyQwenImageClipModel(comfy.text_encoders.qwen_image.QwenImageTEModel):
                              model_options={**model_options, "qwen25_7b_model_config": dict(TINY_QWEN25)})
         finally:
             llama.qwen_vl.Qwen2VLVisionTransformer = vision
+class _TinyMistralTokenizer(comfy.sd1_clip.SDTokenizer):
+    """A stand-in for Flux.2's Mistral tokenizer (whose vocabulary comes with the 24B encoder's file): CLIP's
+    vocabulary with Mistral3Tokenizer's settings (no end token, no padding to a fixed length, left padding)."""
+
+    def __init__(self, embedding_directory=None, tokenizer_data={}):
+        super().__init__(pad_with_end=False, embedding_directory=embedding_directory,
+                         embedding_size=TINY_MISTRAL["hidden_size"], embedding_key="mistral3_24b",
+                         has_end_token=False, pad_to_max_length=False, max_length=99999999, min_length=1,
+                         pad_left=True, tokenizer_data=tokenizer_data)
+
+
+class _TinyFlux2Tokenizer(comfy.text_encoders.flux.Flux2Tokenizer):
+    """ComfyUI's Flux.2 tokenizer (the prompt inside its chat template) on the stand-in vocabulary."""
+
+    def __init__(self, embedding_directory=None, tokenizer_data={}):
+        comfy.sd1_clip.SD1Tokenizer.__init__(self, embedding_directory=embedding_directory,
+                                             tokenizer_data=tokenizer_data, name="mistral3_24b",
+                                             tokenizer=_TinyMistralTokenizer)
+        self.llama_template = "[SYSTEM_PROMPT]Describe.[/SYSTEM_PROMPT][INST]{}[/INST]"
+
+
+class _TinyFlux2ClipModel(comfy.text_encoders.flux.Flux2TEModel):
+    """ComfyUI's Flux.2 text encoder: a tiny Mistral 3, three of its layers' outputs side by side, no pooled
+    output."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(device=device, dtype=torch.float32,
+                         model_options={**model_options, "mistral3_24b_model_config": dict(TINY_MISTRAL)})
 
 
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
     (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none; Qwen-Image
-    (B,tokens,64) and none."""
+    (B,tokens,64) and none; Flux.2 (B,tokens,48) and none."""
     if arch in ("sdxl", "sdxl_v"):
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
     elif arch == "sd3":
@@ -268,6 +314,8 @@ def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     elif arch == "qwen_image":
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer,
                                                         _TinyQwenImageClipModel)
+    elif arch == "flux2":
+        target = comfy.supported_models_base.ClipTarget(_TinyFlux2Tokenizer, _TinyFlux2ClipModel)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
@@ -305,7 +353,12 @@ def wan21_vae_state_dict(dim: int = 8, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 def tiny_vae(arch: str = "sdxl", seed: int = 0) -> comfy.sd.VAE:
+    """A TAESD of the architecture's latent channels (Qwen-Image: a Wan 2.1 VAE). Flux.2's VAE gives 128 channels
+    (32 in 2x2 patches) at 1/16 of the size: ComfyUI 0.33's TAESD of 128 channels is Flux.2's own tiny autoencoder
+    (32 channels inside, then patched), which its VAE takes as such when the file's metadata says
+    `tae_latent_channels` 128; 0.3.75's is a plain TAESD of 128 channels (at 1/8)."""
     if arch == "qwen_image":
         return comfy.sd.VAE(sd=wan21_vae_state_dict(seed=seed))
-    channels = 4 if arch in ("sdxl", "sdxl_v") else 16
-    return comfy.sd.VAE(sd=taesd_state_dict(channels, seed))
+    channels = {"sdxl": 4, "sdxl_v": 4, "flux2": 128}.get(arch, 16)
+    metadata = {"tae_latent_channels": channels} if channels == 128 else None
+    return comfy.sd.VAE(sd=taesd_state_dict(channels, seed), metadata=metadata)

@@ -12,15 +12,15 @@ from helpers import prepared, run, train
 # not here: SDXL draws its 1000 discrete timesteps by it too.
 ONLY = {
     ("EriTrainingSettings", "min_snr_gamma"): "SDXL only: ",
-    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Qwen-Image only: ",
-    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Qwen-Image only: ",
-    ("EriTrainingSettings", "flux_guidance"): "Flux only: ",
+    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 only: ",
+    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 only: ",
+    ("EriTrainingSettings", "flux_guidance"): "Flux / Flux.2 only: ",
     ("EriCreateAdapter", "conv_layers"): "SDXL only: ",
     ("EriCreateAdapter", "conv_rank"): "SDXL only: ",
     ("EriCreateAdapter", "conv_alpha"): "SDXL only: ",
-    ("EriSamplingSettings", "guidance"): "Flux only: ",
+    ("EriSamplingSettings", "guidance"): "Flux / Flux.2 only: ",
 }
-ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma", "Qwen-Image")
+ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2")
 
 
 def test_each_input_that_only_some_architectures_use_names_them_first_in_its_tooltip_and_no_other_does():
@@ -32,8 +32,8 @@ def test_each_input_that_only_some_architectures_use_names_them_first_in_its_too
         assert len(tooltips[key]) > len(words) + 20, "and then says what it does"
     claims = {key for key, tip in tooltips.items() if tip and tip.split(" only: ")[0] in
               {" / ".join(names) for names in (("SDXL",), ("SD 3.5",), ("Flux",), ("SD 3.5", "Flux"),
-                                                  ("SD 3.5", "Flux", "Chroma"),
-                                                  ("SD 3.5", "Flux", "Chroma", "Qwen-Image"))}}
+                                                  ("SD 3.5", "Flux", "Chroma"), ("Flux", "Flux.2"),
+                                                  ("SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2"))}}
     assert claims == set(ONLY)
 
 

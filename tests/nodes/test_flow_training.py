@@ -1,4 +1,4 @@
-"""SD 3.5, Flux and Chroma LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
+"""SD 3.5, Flux, Chroma and Flux.2 LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
 objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
 resumes bit-exactly, and fp8 base weights train."""
 import logging
@@ -8,7 +8,7 @@ import torch
 
 from helpers import fixed_loss, model_output, prepared, run, train
 
-ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image"]
+ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -21,7 +21,7 @@ def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
     model, adapter, history = train(p, 50, learning_rate=1e-2)
     after = fixed_loss(model, p)
     assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma",
-                                 "QwenImage": "qwen_image"}[type(p["model"].model).__name__]
+                                 "QwenImage": "qwen_image", "Flux2": "flux2"}[type(p["model"].model).__name__]
     assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
     assert after < 0.9 * before, (before, after)
 
@@ -39,22 +39,38 @@ def test_saved_file_loads_in_stock_lora_loader_with_the_same_output_and_no_unloa
     assert (got - expected).norm() / expected.norm() <= 1e-3
 
 
-def test_chromas_all_linear_adapter_with_its_approximator_loads_in_the_stock_lora_loader(comfy_folders, tiny, caplog):
-    """all_linear on Chroma adapts the approximator (distilled_guidance_layer), its only modulation."""
+@pytest.mark.parametrize("arch, layers", [
+    # Chroma's approximator (distilled_guidance_layer), its only modulation
+    ("chroma", {"distilled_guidance_layer.in_proj", "distilled_guidance_layer.out_proj"}),
+    # Flux.2's one modulation per stream for all blocks (Flux.1 has one per block instead)
+    ("flux2", {"double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin"}),
+])
+def test_all_linear_adapts_the_modulation_and_loads_in_the_stock_lora_loader(comfy_folders, tiny, caplog, arch, layers):
     from nodes import LoraLoaderModelOnly
     from eridiffusion.nodes.adapter import EriCreateAdapter, EriSaveAdapter
-    p = prepared(comfy_folders, tiny, arch="chroma")
+    p = prepared(comfy_folders, tiny, arch=arch)
     adapter = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0, target="all_linear",
                   seed=0, dtype="fp32")[0]
-    assert any("distilled_guidance_layer.out_proj" in k for k in adapter.weights)
+    assert layers <= {t[0] for t in adapter.spec.targets}
     trained_model, trained, _ = train({**p, "adapter": adapter}, 5, learning_rate=1e-2)
-    name = run(EriSaveAdapter, adapter=trained, filename_prefix="eri/chroma", save_dtype="fp32")[0]
+    name = run(EriSaveAdapter, adapter=trained, filename_prefix=f"eri/{arch}", save_dtype="fp32")[0]
     with caplog.at_level(logging.WARNING):
         (loaded,) = LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
     assert "lora key not loaded" not in caplog.text
     expected, got = model_output(trained_model, p), model_output(loaded, p)
     assert not torch.allclose(expected, model_output(p["model"], p))
     assert (got - expected).norm() / expected.norm() <= 1e-3
+
+
+def test_a_text_encoder_adapter_on_flux2_is_refused_naming_the_input(comfy_folders, tiny):
+    """Flux.2's Mistral 3 encoder gets no adapter: Create adapter says so, whatever text_encoder asks for."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    p = prepared(comfy_folders, tiny, arch="flux2")
+    for option in ("clip_l", "all"):
+        with pytest.raises(ValueError, match=f"text_encoder {option}: Flux.2's text encoder .* set Create adapter's "
+                                             f"text_encoder to none"):
+            run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                seed=0, dtype="fp32", text_encoder=option, clip=p["clip"])
 
 
 def test_base_model_outputs_stay_bit_identical_through_training(p):

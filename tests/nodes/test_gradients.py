@@ -3,7 +3,7 @@ gradient checkpointing, checked against float64 central finite differences (whic
 
     (L(θ + εv) - L(θ - εv)) / 2ε  ≈  ∇L(θ)·v   for random directions v.
 
-ComfyUI's Flux blocks (Chroma's too) update tensors in place, which plain autograd cannot differentiate and
+ComfyUI's Flux blocks (Chroma's and Flux.2's too) update tensors in place, which plain autograd cannot differentiate and
 checkpointing recomputes wrongly; these tests are what shows trainers/blocks.py makes them right.
 """
 import pytest
@@ -12,7 +12,7 @@ import torch
 from conftest import write_images
 from helpers import run
 
-ARCHS = ["sdxl", "sd3", "flux", "chroma", "qwen_image"]
+ARCHS = ["sdxl", "sd3", "flux", "chroma", "qwen_image", "flux2"]
 pytestmark = pytest.mark.slow
 
 

@@ -82,23 +82,40 @@ def test_a_sample_is_what_the_stock_ksampler_gives_on_the_trained_model_at_that_
     assert not torch.allclose(images[0], untrained[0], atol=1e-3), "the sample shows the trained adapter"
 
 
-def test_a_chroma_sample_is_the_stock_ksamplers_without_a_guidance_input(comfy_folders, tiny):
-    """Chroma takes ComfyUI's default guidance 0, as it trains: the Flux-dev guidance setting is not applied."""
-    p = prepared(comfy_folders, tiny, arch="chroma")
+def _sample_and_stock(comfy_folders, tiny, arch, guidance):
+    """The first sample Train steps takes on `arch` with Sampling settings' `guidance`, and a function giving the
+    stock KSampler's image from the trained MODEL, after a FluxGuidance node of the given guidance (or none), on
+    an empty latent of the VAE's size (Flux.2's VAE: 1/16, as EmptyFlux2LatentImage makes it)."""
+    p = prepared(comfy_folders, tiny, arch=arch)
     positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
     settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11,
-                         guidance=3.5)
+                         guidance=guidance)
     model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2)
-    with torch.inference_mode():
-        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
-        stock = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", positive, negative,
-                                                            latent)[0]["samples"])
-        guided = [node_helpers.conditioning_set_values(c, {"guidance": 3.5}) for c in (positive, negative)]
-        with_guidance = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", *guided,
-                                                                    latent)[0]["samples"])
-    assert torch.allclose(images[0], stock[0], atol=1e-5)
-    assert not torch.allclose(images[0], with_guidance[0], atol=1e-3)
+    scale = p["vae"].spacial_compression_encode()
+    latent = {"samples": torch.zeros([1, model.model.latent_format.latent_channels, 64 // scale, 64 // scale])}
+
+    def stock(flux_guidance):
+        conds = [positive, negative] if flux_guidance is None else [
+            node_helpers.conditioning_set_values(c, {"guidance": flux_guidance}) for c in (positive, negative)]
+        with torch.inference_mode():
+            return p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", *conds,
+                                                               latent)[0]["samples"])
+    return images[0], stock
+
+
+def test_a_chroma_sample_is_the_stock_ksamplers_without_a_guidance_input(comfy_folders, tiny):
+    """Chroma takes ComfyUI's default guidance 0, as it trains: the Flux-dev guidance setting is not applied."""
+    image, stock = _sample_and_stock(comfy_folders, tiny, "chroma", 3.5)
+    assert torch.allclose(image, stock(None)[0], atol=1e-5)
+    assert not torch.allclose(image, stock(3.5)[0], atol=1e-3)
+
+
+def test_a_flux2_sample_is_the_stock_ksamplers_after_flux_guidance(comfy_folders, tiny):
+    """Flux.2-dev takes the guidance input as Flux-dev does (a FluxGuidance node's)."""
+    image, stock = _sample_and_stock(comfy_folders, tiny, "flux2", 2.5)
+    assert torch.allclose(image, stock(2.5)[0], atol=1e-5)
+    assert not torch.allclose(image, stock(None)[0], atol=1e-3)
 
 
 def test_fixed_seed_samples_every_round_with_the_same_noise_and_chaining_samples_at_the_same_steps(p):

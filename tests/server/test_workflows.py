@@ -110,10 +110,10 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
     assert history["images"] == samples, "a reloaded page shows the same captioned samples"
 
 
-@pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux"),
+@pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux"), ("chroma_lora", "chroma"),
                                        ("qwen_image_lora", "qwen_image")])
-def test_sd35_flux_and_qwen_image_example_workflows_train_sample_and_save_on_the_live_server(client, server, name,
-                                                                                            arch):
+def test_sd35_flux_chroma_and_qwen_image_example_workflows_train_sample_and_save_on_the_live_server(client, server,
+                                                                                                   name, arch):
     write_images(server.base / "input" / f"{name}_images", [(64, 64), (64, 128), (64, 64)])
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     prompt = tiny_training_prompt(api, f"{name}_images", steps=6, prefix=f"ci/{name}")

@@ -214,6 +214,8 @@ def test_architecture_from_arch_or_ai_toolkits_flags():
     assert parse_job(base % "arch: chroma").model.arch == "chroma"
     assert parse_job(base % "arch: qwen_image").model.arch == "qwen_image"
     assert "chroma" in error_of(base % "arch: hidream")
+    assert parse_job(base % "arch: flux2").model.arch == "flux2"
+    assert "flux2" in error_of(base % "arch: hidream")
     assert parse_job(base % "name_or_path: m.safetensors").model.arch == ""   # taken from the MODEL
 
 
@@ -606,6 +608,26 @@ def test_ai_toolkits_qwen_image_example_trains_qwen_image_with_its_timesteps_and
 def test_a_qwen_image_job_that_trains_the_text_encoder_is_refused_naming_the_key():
     message = error_of(qwen_image_job(train_text_encoder=True))
     assert "train_text_encoder" in message and "Qwen" in message
+
+
+def flux2_job(**train) -> str:
+    return arch_job("flux2", "black-forest-labs/FLUX.2-dev", 5, **train)
+
+
+def test_ai_toolkits_flux2_job_trains_flux2_with_its_timesteps_and_guidance_scale_as_embedded_guidance():
+    job = parse_job(flux2_job(), "flux2.yaml")
+    assert (job.model.arch, job.sample.sampler_name) == ("flux2", "euler")
+    # ai-toolkit samples Flux.2-dev guidance-distilled: guidance_scale is the embedded guidance, at CFG 1
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (None, 5.0)
+    # its scheduler_config is Flux's dynamic shifting (base 0.5, max 1.15 over 256..4096 tokens)
+    shifted = parse_job(flux2_job(timestep_type="shift"), "flux2.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
+    assert "is_v_pred" in error_of(edited(flux2_job(), lambda p: p["model"].update(is_v_pred=True)))
+
+
+def test_a_flux2_job_that_trains_the_text_encoder_is_refused_naming_the_key():
+    message = error_of(flux2_job(train_text_encoder=True))
+    assert "train_text_encoder" in message and "Flux.2" in message
 
 
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from eridiffusion.trainers.arch import Batch, detect
+from eridiffusion.trainers.cache import TextEmbedding
 from eridiffusion.trainers.config import TrainingSettings
 from eridiffusion.trainers.data import Bucket, DatasetItem
 
@@ -18,7 +19,7 @@ def _batch(n, channels=4, width=64, height=64):
     return Batch(torch.zeros(n, channels, height // 8, width // 8), [], _items(n, width, height))
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2"])
 def test_a_model_that_outputs_the_training_target_denoises_exactly(tiny, arch):
     # ComfyUI samples with calculate_denoised(sigma, model_output, x_noisy): if the model outputs our
     # training target (eps, v, or ε - x0 for rectified flow), that must give back the clean latent.
@@ -109,18 +110,32 @@ def test_flux_schnell_uses_its_own_unshifted_schedule_and_no_guidance(tiny):
     assert not model.model.diffusion_model.params.guidance_embed
 
 
-def test_chroma_shifts_by_comfyuis_own_constant_shift_at_every_resolution(tiny):
-    """Chroma sets no shift: ComfyUI samples it with ModelSamplingFlux's default μ 1.15 (α = e^1.15) whatever
-    the size, not with Flux-dev's resolution-dependent shift."""
-    model = tiny.tiny_model("chroma")
+def test_a_flux2_without_a_guidance_input_gets_none_and_names_flux_guidance_unused(tiny):
+    """Flux.2 klein (ComfyUI's Flux2 model too) has no guidance_in: training gives it no guidance, and a
+    flux_guidance set for it is reported as unused."""
+    import comfy.supported_models
+    config = comfy.supported_models.Flux2({**tiny.FLUX2, "guidance_embed": False})
+    base = config.get_model({}, "")
+    batch = Batch(torch.zeros(1, 128, 8, 8), [TextEmbedding(torch.zeros(5, 48), torch.zeros(0))], _items(1))
+    arch = detect(tiny.tiny_model("flux2"))
+    assert set(arch.conditioning(base, batch, TrainingSettings(), "cpu")) == {"context"}
+    assert set(arch.unused_settings(base)) == {"flux_guidance"}
+    assert arch.unused_settings(tiny.tiny_model("flux2").model) == {}
+
+
+@pytest.mark.parametrize("arch, channels, mu", [("chroma", 16, 1.15), ("flux2", 128, 2.02)])
+def test_chroma_and_flux2_shift_by_the_models_own_mu_at_every_resolution(tiny, arch, channels, mu):
+    """Chroma sets no shift: ComfyUI samples it with ModelSamplingFlux's default μ 1.15; Flux.2 sets μ 2.02. A
+    KSampler samples either so at every size (α = e^μ), not with Flux-dev's resolution-dependent shift."""
+    model = tiny.tiny_model(arch)
     ms = model.model.model_sampling
     settings = TrainingSettings(timestep_sampling="uniform")
     for width, height in ((1024, 1024), (256, 256)):
-        sigma = detect(model).sample_sigmas(ms, _batch(500, 16, width, height), torch.Generator().manual_seed(4),
-                                            settings)
+        sigma = detect(model).sample_sigmas(ms, _batch(500, channels, width, height),
+                                            torch.Generator().manual_seed(4), settings)
         t = torch.rand(500, generator=torch.Generator().manual_seed(4))
         torch.testing.assert_close(sigma, ms.sigma(t), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sigma, math.exp(1.15) * t / (1 + (math.exp(1.15) - 1) * t))
+    torch.testing.assert_close(sigma, math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t))
 
 
 def test_chroma_predicts_what_comfyuis_sampling_computes_from_its_conditioning(tiny):
@@ -200,6 +215,38 @@ def test_qwen_image_predicts_what_comfyuis_sampling_computes_from_its_conditioni
                                         for j, i in enumerate(lengths)])
             torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x).unsqueeze(2),
                                        comfy_denoised, rtol=1e-5, atol=1e-5)
+
+
+def test_flux2_is_detected_as_flux2_and_flux_takes_only_flux_1(tiny):
+    from eridiffusion.trainers.arch import ARCHITECTURES
+    flux2, flux = tiny.tiny_model("flux2").model, tiny.tiny_model("flux").model
+    assert [a.name for a in ARCHITECTURES.values() if a.matches(flux2)] == ["flux2"]
+    assert [a.name for a in ARCHITECTURES.values() if a.matches(flux)] == ["flux"]
+
+
+@pytest.mark.parametrize("lengths", [(7, 7), (7, 30)], ids=["same", "different"])
+def test_flux2_predicts_what_comfyuis_sampling_computes_from_its_conditioning(tiny, lengths):
+    """The Mistral context padded at the front to 512 tokens (Flux2.extra_conds) and the guidance input, as a
+    sampler after FluxGuidance gives them; each caption of a batch as ComfyUI computes it alone."""
+    from eridiffusion.trainers.cache import TextEmbedding
+    model = tiny.tiny_model("flux2")
+    base, ms = model.model, model.model.model_sampling
+    gen = torch.Generator().manual_seed(5)
+    contexts = [torch.randn(n, 48, generator=gen) for n in lengths]
+    x = torch.randn(2, 128, 8, 8, generator=gen)
+    sigma = torch.tensor([0.3, 0.8])
+    batch = Batch(x, [TextEmbedding(c, torch.zeros(0)) for c in contexts], _items(2))
+    with torch.no_grad():
+        ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings(flux_guidance=2.5))
+    for i, context in enumerate(contexts):
+        # CLIPTextEncode's conditioning from the Mistral encoder: no pooled output; FluxGuidance's guidance
+        conds = base.extra_conds(cross_attn=context.unsqueeze(0), pooled_output=None, guidance=2.5, noise=x[i:i + 1])
+        assert set(conds) == {"c_crossattn", "guidance"} and conds["c_crossattn"].cond.shape[1] == 512
+        conds = {k: v.process_cond(batch_size=1, area=None, device="cpu").cond for k, v in conds.items()}
+        with torch.no_grad():
+            comfy_denoised = base.apply_model(x[i:i + 1], sigma[i:i + 1], **conds)
+        torch.testing.assert_close(ms.calculate_denoised(sigma[i:i + 1].view(-1, 1, 1, 1), ours[i:i + 1], x[i:i + 1]),
+                                   comfy_denoised)
 
 
 def test_an_explicit_timestep_shift_overrides_the_models(tiny):

@@ -2,11 +2,12 @@
 from .base import Architecture, Batch, latents_in
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .qwen_image import QwenImage
 from .sd3 import SD3
 from .sdxl import SDXL
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), QwenImage())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), QwenImage(), Flux2())}
 
 
 def detect(patcher) -> Architecture:

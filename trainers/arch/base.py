@@ -27,8 +27,8 @@ class Architecture:
     # True when the conditioning's `guidance` is an embedded-guidance input the samples should get (Flux-dev):
     # other models ignore it, or (Chroma) take ComfyUI's default unless a workflow sets one
     embedded_guidance: bool = False
-    # False where training the text encoder is not supported (Create adapter's text_encoder is refused)
-    text_encoder_training: bool = True
+    # Why Create adapter's text_encoder is refused on this architecture ("" where it is offered)
+    text_encoder_refusal: str = ""
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError

@@ -48,7 +48,7 @@ def resolution_shift(width: int, height: int) -> float:
 
 class QwenImage(RectifiedFlow):
     name = "qwen_image"
-    text_encoder_training = False
+    text_encoder_refusal = "training the text encoder of a Qwen-Image MODEL is not supported; set text_encoder to none"
 
     def matches(self, base_model) -> bool:
         return type(base_model) is comfy.model_base.QwenImage
