@@ -132,8 +132,8 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 
 def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
                compute_dtype: torch.dtype | None = None):
-    """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux or
-    flux_schnell, chroma or flux2. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
+    """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux,
+    flux_schnell, chroma, qwen_image or flux2. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
     loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
@@ -152,6 +152,7 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "qwen_image":
         config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE))
+        state = {}
     elif arch == "flux2":
         config = comfy.supported_models.Flux2(dict(FLUX2))
         state = {}
