@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import adapters
-from .config import AdapterSpec, quoted
+from .config import ARCH_LABELS, AdapterSpec, quoted
 from .files import (commit, file_sha256, json_meta, load_tensors, remove_leftovers, stage_bytes, state_path_for,
                     tensor_bytes)
 from .state import (DTYPES, AdapterState, LossHistory, optimizer_from_tensors, optimizer_to_tensors,
@@ -65,6 +65,10 @@ def make_spec(patcher, kind: str, rank: int, alpha: float, preset: str, seed: in
     elif conv_rank or conv_alpha:
         logging.warning("EriDiffusion: conv_rank %s and conv_alpha %s are ignored: they apply with conv_layers "
                         "on (SDXL only), which is off", conv_rank, conv_alpha)
+    if text_encoder != "none" and not arch.text_encoder_training:
+        raise ValueError(f"text_encoder {text_encoder}: training the text encoder of a {ARCH_LABELS[arch.name]} "
+                         f"model is not supported; set text_encoder to none (its adapter trains the diffusion "
+                         f"model only)")
     if text_encoder != "none":
         from . import text_encoder as te
         if text_encoder not in te.ENCODERS:

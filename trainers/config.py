@@ -75,8 +75,9 @@ def check_finite(owner: str, **values) -> None:
             raise ConfigError(f"{name} must be a finite number, got {value} ({owner})")
 
 
-# The architectures (trainers/arch names them sdxl, sd3, flux, chroma) as tooltips and messages name them.
-ARCH_LABELS = {"sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux", "chroma": "Chroma"}
+# The architectures (trainers/arch names them sdxl, sd3, flux, chroma, zimage) as tooltips and messages name
+# them.
+ARCH_LABELS = {"sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux", "chroma": "Chroma", "zimage": "Z-Image"}
 
 
 def _help(text: str, archs: tuple[str, ...] = (), **kwargs):
@@ -230,7 +231,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    arch: str = _help("Architecture the adapter belongs to (sdxl, sd3, flux, chroma).")
+    arch: str = _help("Architecture the adapter belongs to (sdxl, sd3, flux, chroma, zimage).")
     kind: str = _help("Adapter type.", default="lora")
     rank: int = _help("Rank of the low-rank update: higher learns more detail and costs more memory.",
                       default=16)
@@ -352,18 +353,19 @@ class TrainingSettings:
                                  default=1.0)
     timestep_shift: float = _help("Timestep shift α (σ = αt / (1 + (α-1)t)). 0 = the model's own: SD3 3.0; "
                                   "Flux-dev from each bucket's resolution as ComfyUI's ModelSamplingFlux "
-                                  "computes it; Chroma e^1.15 ≈ 3.16 (ComfyUI's default); a model patched by "
-                                  "ModelSamplingSD3/Flux keeps its shift. "
-                                  "1 = no shift.", archs=("sd3", "flux", "chroma"), default=0.0)
+                                  "computes it; Chroma e^1.15 ≈ 3.16 (ComfyUI's default); Z-Image 3.0; a model "
+                                  "patched by ModelSamplingSD3/Flux keeps its shift. "
+                                  "1 = no shift.", archs=("sd3", "flux", "chroma", "zimage"), default=0.0)
     resolution_shift: bool = _help("Shift each sample by its bucket's resolution as Flux-dev's sampler does (μ "
                                    "linear in the latent's 2×2 patches, 0.5 at 256² to 1.15 at 1024² pixels, "
                                    "α = e^μ), whatever the model's own shift (ai-toolkit's shift / flux_shift on "
-                                   "Flux). A timestep_shift other than 0 wins.", archs=("sd3", "flux", "chroma"),
+                                   "Flux). A timestep_shift other than 0 wins.",
+                                   archs=("sd3", "flux", "chroma", "zimage"),
                                    default=False)
     loss_weighting: str = _help("Loss weight per σ: none, sigma_sqrt (1/σ²), cosmap (SD3 paper), weighted "
                                 "(ai-toolkit's timestep_type: weighted: a weight per 1/1000 of σ measured on "
                                 "Flex.1-alpha: 0.91 at σ 1, 1.52 at σ 0.88, 0.45 near 0). SDXL weighs by "
-                                "min_snr_gamma instead.", archs=("sd3", "flux", "chroma"), default="none")
+                                "min_snr_gamma instead.", archs=("sd3", "flux", "chroma", "zimage"), default="none")
     flux_guidance: float = _help("Guidance input of Flux-dev while training (1.0 is usual; schnell has none and "
                                  "ignores it).", archs=("flux",), default=1.0)
     nan_policy: str = _help("When the loss or the gradients are NaN/inf: stop (an error naming the step; the "

@@ -1,4 +1,5 @@
-"""Tiny SDXL, SD3, Flux and Chroma models, a tiny SDXL text encoder and a TAESD VAE, built with ComfyUI's own classes.
+"""Tiny SDXL, SD3, Flux, Chroma and Z-Image models, a tiny SDXL text encoder and a TAESD VAE, built with
+ComfyUI's own classes.
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
@@ -22,6 +23,7 @@ import comfy.taesd.taesd
 import comfy.text_encoders.flux
 import comfy.text_encoders.pixart_t5
 import comfy.text_encoders.sd3_clip
+import comfy.text_encoders.z_image
 
 
 def _comfy_compat():
@@ -34,7 +36,7 @@ def _comfy_compat():
     return module
 
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "zimage")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -66,11 +68,23 @@ CHROMA = _comfy_compat().chroma_config({
     "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32,
     "n_layers": 2,
 })
+# Z-Image: model_detection's Z-Image config (qk_norm, z_image_modulation, time_scale 1000, rope_theta 256, caption
+# and image pad tokens every 32) at a width of 256, the least its modulation allows (the timestep embedding is
+# 256 wide and the blocks' adaLN takes min(dim, 256)); heads of 32 (= sum of axes_dims); one block of each kind.
+ZIMAGE = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [8, 12, 12],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "multiple_of": 32,
+    "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
              "projection_dim": 32}
 TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+# Z-Image's Qwen3-4B at the tiny Z-Image's caption width (64); ComfyUI takes its second-to-last layer
+TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 1}     # (head_dim stays 128: not a field of its config)
 
 
 @torch.no_grad()
@@ -102,7 +116,7 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
                compute_dtype: torch.dtype | None = None):
     """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux or
-    flux_schnell or chroma. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
+    flux_schnell, chroma or zimage. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
     loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
@@ -118,6 +132,9 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "chroma":
         config = comfy.supported_models.Chroma(dict(CHROMA))
+        state = {}
+    elif arch == "zimage":
+        config = comfy.supported_models.ZImage(dict(ZIMAGE))
         state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -214,9 +231,17 @@ class _TinyChromaClipModel(comfy.text_encoders.pixart_t5.PixArtT5XXL):
                          model_options={**model_options, "t5xxl_model_config": dict(TINY_T5)})
 
 
+class _TinyZImageClipModel(comfy.text_encoders.z_image.ZImageTEModel):
+    """ComfyUI's Z-Image text encoder: a tiny Qwen3, its second-to-last hidden state, unpadded, no pooled output."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(device=device, dtype=torch.float32,
+                         model_options={**model_options, "qwen3_4b_model_config": dict(TINY_QWEN3)})
+
+
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
-    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none."""
+    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma and Z-Image (B,tokens,64) and none."""
     if arch in ("sdxl", "sdxl_v"):
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
     elif arch == "sd3":
@@ -228,6 +253,9 @@ def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     elif arch == "chroma":
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer,
                                                         _TinyChromaClipModel)
+    elif arch == "zimage":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer,
+                                                        _TinyZImageClipModel)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})

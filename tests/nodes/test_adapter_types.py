@@ -11,7 +11,7 @@ from helpers import model_output, prepared, run, train
 
 # The stock-loader and resume checks run on every architecture; the rest on SDXL, the one with convolutions.
 ARCHITECTURES = ("sdxl",)
-ALL_ARCHITECTURES = ("sdxl", "sd3", "flux", "chroma")
+ALL_ARCHITECTURES = ("sdxl", "sd3", "flux", "chroma", "zimage")
 
 # adapter type id -> Create adapter inputs (beyond model, target, seed, dtype)
 TYPES = {

@@ -12,15 +12,15 @@ from helpers import prepared, run, train
 # not here: SDXL draws its 1000 discrete timesteps by it too.
 ONLY = {
     ("EriTrainingSettings", "min_snr_gamma"): "SDXL only: ",
-    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma only: ",
-    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma only: ",
+    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Z-Image only: ",
+    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Z-Image only: ",
     ("EriTrainingSettings", "flux_guidance"): "Flux only: ",
     ("EriCreateAdapter", "conv_layers"): "SDXL only: ",
     ("EriCreateAdapter", "conv_rank"): "SDXL only: ",
     ("EriCreateAdapter", "conv_alpha"): "SDXL only: ",
     ("EriSamplingSettings", "guidance"): "Flux only: ",
 }
-ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma")
+ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma", "Z-Image")
 
 
 def test_each_input_that_only_some_architectures_use_names_them_first_in_its_tooltip_and_no_other_does():
@@ -32,7 +32,8 @@ def test_each_input_that_only_some_architectures_use_names_them_first_in_its_too
         assert len(tooltips[key]) > len(words) + 20, "and then says what it does"
     claims = {key for key, tip in tooltips.items() if tip and tip.split(" only: ")[0] in
               {" / ".join(names) for names in (("SDXL",), ("SD 3.5",), ("Flux",), ("SD 3.5", "Flux"),
-                                                  ("SD 3.5", "Flux", "Chroma"))}}
+                                                  ("SD 3.5", "Flux", "Chroma"),
+                                                  ("SD 3.5", "Flux", "Chroma", "Z-Image"))}}
     assert claims == set(ONLY)
 
 
@@ -52,6 +53,7 @@ def assert_same(a, b):
     ("sd3", dict(min_snr_gamma=5.0, flux_guidance=3.5)),
     ("flux", dict(min_snr_gamma=5.0)),
     ("flux_schnell", dict(min_snr_gamma=5.0, flux_guidance=3.5)),   # schnell has no guidance input
+    ("zimage", dict(min_snr_gamma=5.0, flux_guidance=3.5)),
 ])
 def test_a_setting_for_another_architecture_changes_nothing_and_the_log_names_it(comfy_folders, tiny, caplog, arch,
                                                                                  ignored):

@@ -1,5 +1,5 @@
-"""SD 3.5, Flux and Chroma LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
-objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
+"""SD 3.5, Flux, Chroma and Z-Image LoRA end to end, in-process, on tiny models built with ComfyUI's classes:
+the flow objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
 resumes bit-exactly, and fp8 base weights train."""
 import logging
 
@@ -8,7 +8,7 @@ import torch
 
 from helpers import fixed_loss, model_output, prepared, run, train
 
-ARCHS = ["sd3", "flux", "flux_schnell", "chroma"]
+ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "zimage"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -20,7 +20,8 @@ def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
     before = fixed_loss(p["model"], p)
     model, adapter, history = train(p, 50, learning_rate=1e-2)
     after = fixed_loss(model, p)
-    assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma"}[type(p["model"].model).__name__]
+    names = {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma", "Lumina2": "zimage"}
+    assert adapter.spec.arch == names[type(p["model"].model).__name__]
     assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
     assert after < 0.9 * before, (before, after)
 

@@ -12,7 +12,7 @@ import torch
 from conftest import write_images
 from helpers import run
 
-ARCHS = ["sdxl", "sd3", "flux", "chroma"]
+ARCHS = ["sdxl", "sd3", "flux", "chroma", "zimage"]
 pytestmark = pytest.mark.slow
 
 

@@ -4,8 +4,9 @@ from .chroma import Chroma
 from .flux import Flux
 from .sd3 import SD3
 from .sdxl import SDXL
+from .z_image import ZImage
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), ZImage())}
 
 
 def detect(patcher) -> Architecture:

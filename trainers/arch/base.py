@@ -27,6 +27,8 @@ class Architecture:
     # True when the conditioning's `guidance` is an embedded-guidance input the samples should get (Flux-dev):
     # other models ignore it, or (Chroma) take ComfyUI's default unless a workflow sets one
     embedded_guidance: bool = False
+    # False where Create adapter refuses text-encoder adapters for this architecture's CLIP
+    text_encoder_training: bool = True
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError
