@@ -581,6 +581,39 @@ def test_ai_toolkits_chroma_example_trains_chroma_with_its_timesteps_and_guidanc
     assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 0.0, True)
 
 
+def zimage_job(arch="zimage", model=None, **train) -> str:
+    """ai-toolkit's Z-Image Turbo example (config/examples/train_lora_zimage_turbo_32gb.yaml): model.arch zimage,
+    its de-distillation training adapter as assistant_lora_path, weighted timesteps, CFG 1 in 8 steps."""
+    def edit(p):
+        p["model"].pop("is_flux")
+        p["model"].update(name_or_path="Tongyi-MAI/Z-Image-Turbo", arch=arch, **(model or {}),
+                          assistant_lora_path="ostris/zimage_turbo_training_adapter/adapter_v2.safetensors")
+        p["train"].update({"timestep_type": "weighted", **train})
+        p["sample"].update(guidance_scale=1, sample_steps=8, samples=[{"prompt": "b", "guidance_scale": 2}])
+    return edited(AI_TOOLKIT_FLUX, edit)
+
+
+def test_ai_toolkits_zimage_example_trains_zimage_with_its_shift_3_and_guidance_scale_as_cfg():
+    job = parse_job(zimage_job(), "zimage.yaml")
+    assert (job.model.arch, job.sample.sampler_name, job.sample.guidance_scale) == ("zimage", "euler", 1.0)
+    assert parse_job(zimage_job("zimage:turbo"), "zimage.yaml").model.arch == "zimage"
+    # CFG, as ai-toolkit samples Z-Image (no embedded guidance)
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (2.0, None)
+    # the training adapter is not applied: the job says so
+    assert any("assistant_lora_path" in line for line in job.ignored)
+    assert (job.settings.timestep_sampling, job.settings.loss_weighting, job.settings.timestep_shift) == (
+        "uniform", "weighted", 1.0)
+    # shift: its scheduler's fixed shift 3.0 (no dynamic shifting), as SD 3.5's
+    shifted = parse_job(zimage_job(timestep_type="shift"), "zimage.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 3.0, False)
+
+
+def test_a_zimage_job_refuses_text_encoder_training_and_v_prediction():
+    assert "train.train_text_encoder" in error_of(zimage_job(train_text_encoder=True))
+    assert "not supported" in error_of(zimage_job(train_text_encoder=True))
+    assert "is_v_pred" in error_of(zimage_job(model={"is_v_pred": True}))
+
+
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():
     job = sample_of(walk_seed=True, seed=42, prompts=["a", "b --d 9", "c"])
     assert [o.seed for o in job.sample.options] == [42, 9, 44]
