@@ -77,15 +77,15 @@ def test_chained_and_resumed_training_equal_one_run_bit_exactly(p):
         assert all(torch.equal(once.weights[k], other.weights[k]) for k in once.weights)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
+@pytest.mark.parametrize("arch", ["sd3", "flux", "zimage"])
 def test_a_model_with_fp8_weights_trains_a_bf16_adapter(comfy_folders, tiny, arch):
     """ComfyUI's weight_dtype fp8_e4m3fn: weights stored in fp8 and cast per layer to bf16 for compute."""
     from eridiffusion.nodes.adapter import EriCreateAdapter
     p = prepared(comfy_folders, tiny, arch=arch)
     with torch.inference_mode(False):
         fp8 = tiny.tiny_model(arch, dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    assert next(fp8.model.diffusion_model.joint_blocks.parameters() if arch == "sd3" else
-                fp8.model.diffusion_model.double_blocks.parameters()).dtype == torch.float8_e4m3fn
+    blocks = {"sd3": "joint_blocks", "flux": "double_blocks", "zimage": "layers"}[arch]
+    assert next(getattr(fp8.model.diffusion_model, blocks).parameters()).dtype == torch.float8_e4m3fn
     adapter = run(EriCreateAdapter, model=fp8, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
                   seed=0, dtype="bf16")[0]
     fp8_p = {**p, "model": fp8, "adapter": adapter}
