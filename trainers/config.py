@@ -271,7 +271,7 @@ class AdapterSpec:
         "caption and kept. T5-XXL is off unless 'all': without gradient_checkpointing, training it keeps the "
         "activations of its 24 blocks for backward (estimated, not measured: ~5 GB at 512 tokens, as ComfyUI "
         "runs text encoders in fp32); with it, the trained encoders' blocks are recomputed in backward like "
-        "the model's.", default="none")
+        "the model's. Z-Image: none (its Qwen3-4B text encoder does not train).", default="none")
 
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
