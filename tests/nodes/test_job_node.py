@@ -78,6 +78,32 @@ def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
     assert name == "tiny_job/tiny_job_000003.safetensors" and (comfy_folders["loras"] / name).is_file()
 
 
+def test_a_zimage_job_trains_a_zimage_model_as_the_graph_wired_by_hand(comfy_folders, tiny):
+    """model.arch zimage (ai-toolkit's name) with timestep_type shift: Z-Image's own shift 3.0, and its
+    guidance_scale as the samples' CFG scale."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents
+    from eridiffusion.nodes.train import EriTrainSteps
+    z = prepared(comfy_folders, tiny, arch="zimage")
+    job = JOB.replace("type: sd_trainer", "type: sd_trainer\n      model: {arch: zimage}").replace(
+        "weight_decay: 0.0}", "weight_decay: 0.0, timestep_type: shift}")
+    dataset, adapter, job_settings, steps, _, sampling = load(z, job=job, clip=z["clip"], vae=z["vae"])
+    assert adapter.spec.arch == "zimage" and sampling.cfg == 3.0
+    assert (job_settings.timestep_sampling, job_settings.timestep_shift) == ("uniform", 3.0)
+    latents = run(EriCacheLatents, dataset=dataset, vae=z["vae"], batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=dataset, clip=z["clip"])[0]
+    _, from_job, _, _, _ = run(EriTrainSteps, model=z["model"], adapter=adapter, latents=latents,
+                               captions=captions, settings=job_settings, steps=steps)
+    by_hand = settings(learning_rate=1e-3, batch_size=2, noise_offset=0.05, caption_dropout=0.25,
+                       timestep_sampling="uniform", timestep_shift=3.0)
+    adapter_by_hand = run(EriCreateAdapter, model=z["model"], adapter_type="lora", rank=4, alpha=2.0,
+                          target="attention_mlp", seed=0, dtype="fp32")[0]
+    _, wired, _, _, _ = run(EriTrainSteps, model=z["model"], adapter=adapter_by_hand, latents=latents,
+                            captions=captions, settings=by_hand, steps=3)
+    assert from_job.history.losses == wired.history.losses
+    assert all(torch.equal(from_job.weights[k], wired.weights[k]) for k in wired.weights)
+
+
 def test_without_clip_and_vae_there_is_no_sampling_and_the_rest_works(p):
     dataset, adapter, _, _, _, sampling = load(p)
     assert sampling is None and len(dataset.items) == 4 and adapter.step == 0
