@@ -34,8 +34,9 @@ from .trainers.job import Job, ModelJob, build_dataset, build_validation_dataset
 from .trainers.sampling import sample_round
 from .trainers.state import AdapterState
 
+# (Z-Image's Qwen3-4B loads as ComfyUI's CLIPLoader loads it with type lumina2)
 CLIP_TYPES = {"sdxl": "STABLE_DIFFUSION", "sd3": "SD3", "flux": "FLUX", "chroma": "CHROMA", "qwen_image": "QWEN_IMAGE",
-              "flux2": "FLUX2"}
+              "flux2": "FLUX2", "zimage": "LUMINA2"}
 
 
 def base_dir(job: Job) -> str:
@@ -83,7 +84,7 @@ def load_models(job: Job):
     if clip is None:
         raise ConfigError(f"{job.source}: {quoted(m.name_or_path)} has no text encoder: list its files in "
                           f"model.text_encoder_paths (Flux: clip_l and t5xxl; SD 3.5: clip_l, clip_g, t5xxl; "
-                          f"Chroma: t5xxl; Qwen-Image: qwen_2.5_vl_7b)")
+                          f"Chroma: t5xxl; Qwen-Image: qwen_2.5_vl_7b; Z-Image: qwen_3_4b)")
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise ConfigError(f"{job.source}: {quoted(m.name_or_path)} has no VAE: name its file in model.vae_path")
     return model, clip, vae

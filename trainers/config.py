@@ -75,10 +75,10 @@ def check_finite(owner: str, **values) -> None:
             raise ConfigError(f"{name} must be a finite number, got {value} ({owner})")
 
 
-# The architectures (trainers/arch names them sdxl, sd3, flux, chroma, qwen_image, flux2) as tooltips and messages name
-# them.
+# The architectures (trainers/arch names them sdxl, sd3, flux, chroma, qwen_image, flux2, zimage) as tooltips and
+# messages name them.
 ARCH_LABELS = {"sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux", "chroma": "Chroma", "qwen_image": "Qwen-Image",
-               "flux2": "Flux.2"}
+               "flux2": "Flux.2", "zimage": "Z-Image"}
 
 
 def _help(text: str, archs: tuple[str, ...] = (), **kwargs):
@@ -233,7 +233,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    arch: str = _help("Architecture the adapter belongs to (sdxl, sd3, flux, chroma, qwen_image).")
+    arch: str = _help("Architecture the adapter belongs to (sdxl, sd3, flux, chroma, qwen_image, flux2, zimage).")
     kind: str = _help("Adapter type.", default="lora")
     rank: int = _help("Rank of the low-rank update: higher learns more detail and costs more memory.",
                       default=16)
@@ -273,7 +273,7 @@ class AdapterSpec:
         "caption and kept. T5-XXL is off unless 'all': without gradient_checkpointing, training it keeps the "
         "activations of its 24 blocks for backward (estimated, not measured: ~5 GB at 512 tokens, as ComfyUI "
         "runs text encoders in fp32); with it, the trained encoders' blocks are recomputed in backward like "
-        "the model's.", default="none")
+        "the model's. Z-Image: none (its Qwen3-4B text encoder does not train).", default="none")
 
     def __post_init__(self):
         check_finite("adapter", alpha=self.alpha, conv_alpha=self.conv_alpha)
@@ -356,20 +356,20 @@ class TrainingSettings:
     timestep_shift: float = _help("Timestep shift α (σ = αt / (1 + (α-1)t)). 0 = the model's own: SD3 3.0; "
                                   "Flux-dev from each bucket's resolution as ComfyUI's ModelSamplingFlux "
                                   "computes it; Chroma and Qwen-Image e^1.15 ≈ 3.16 (ComfyUI's default); Flux.2 "
-                                  "e^2.02 ≈ 7.5 (its own); a model patched by ModelSamplingSD3/Flux/AuraFlow keeps its "
-                                  "shift. 1 = no shift.",
-                                  archs=("sd3", "flux", "chroma", "qwen_image", "flux2"), default=0.0)
+                                  "e^2.02 ≈ 7.5 (its own); Z-Image 3.0; a model patched by "
+                                  "ModelSamplingSD3/Flux/AuraFlow keeps its shift. 1 = no shift.",
+                                  archs=("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"), default=0.0)
     resolution_shift: bool = _help("Shift each sample by its bucket's resolution as Flux-dev's sampler does (μ "
                                    "linear in the latent's 2×2 patches, 0.5 at 256² to 1.15 at 1024² pixels, "
                                    "α = e^μ), whatever the model's own shift (ai-toolkit's shift / flux_shift on "
                                    "Flux). Qwen-Image: its own scheduler's range instead, μ 0.5 at 256² to 0.9 at "
                                    "1448² pixels (α ≈ 2.0 at 1024²). A timestep_shift other than 0 wins.",
-                                   archs=("sd3", "flux", "chroma", "qwen_image", "flux2"), default=False)
+                                   archs=("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"), default=False)
     loss_weighting: str = _help("Loss weight per σ: none, sigma_sqrt (1/σ²), cosmap (SD3 paper), weighted "
                                 "(ai-toolkit's timestep_type: weighted: a weight per 1/1000 of σ measured on "
                                 "Flex.1-alpha: 0.91 at σ 1, 1.52 at σ 0.88, 0.45 near 0). SDXL weighs by "
-                                "min_snr_gamma instead.", archs=("sd3", "flux", "chroma", "qwen_image", "flux2"),
-                                default="none")
+                                "min_snr_gamma instead.",
+                                archs=("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"), default="none")
     flux_guidance: float = _help("Guidance input of Flux-dev / Flux.2-dev while training (1.0 is usual; schnell "
                                  "has none and ignores it).", archs=("flux", "flux2"), default=1.0)
     nan_policy: str = _help("When the loss or the gradients are NaN/inf: stop (an error naming the step; the "

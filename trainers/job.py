@@ -44,7 +44,7 @@ from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigE
                      quoted)
 
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
-          "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2"}
+          "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2", "zimage": "zimage"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
                  "lokr": ("lokr", False), "loha": ("loha", False)}
 PRESETS = ("attention", "attention_mlp", "all_linear")
@@ -207,7 +207,7 @@ AITK_SUBKEYS = {
 @dataclass(frozen=True)
 class ModelJob:
     name_or_path: str = ""                  # checkpoint, or diffusion-model file (with text_encoder_paths, vae_path)
-    arch: str = ""                          # sdxl / sd3 / flux / chroma / qwen_image / flux2, or "": the MODEL's
+    arch: str = ""                          # sdxl / sd3 / flux / chroma / qwen_image / flux2 / zimage, or "": the MODEL's
     vae_path: str = ""
     text_encoder_paths: tuple[str, ...] = ()
     quantize: bool = False                  # fp8 (e4m3fn) weights for the diffusion model, bf16 compute
@@ -292,9 +292,9 @@ class Job:
     validation_every: int = 100             # train.validate_every_n_steps (with a validation dataset)
 
     def for_arch(self, arch: str) -> "Job":
-        """The job for a MODEL of `arch` (sdxl, sd3, flux, chroma, qwen_image): what ai-toolkit does per model
-        family (timesteps, Flux's guidance bypass, no convolutions in a DiT) resolved, and the warning complete. A
-        job whose model.arch is given was resolved when it was read."""
+        """The job for a MODEL of `arch` (sdxl, sd3, flux, chroma, qwen_image, flux2, zimage): what ai-toolkit does
+        per model family (timesteps, Flux's guidance bypass, no convolutions in a DiT) resolved, and the warning
+        complete. A job whose model.arch is given was resolved when it was read."""
         if not arch or self.model.arch:
             return self
         return _resolved(self, arch)
@@ -537,7 +537,8 @@ def _aitk_timesteps(settings: TrainingSettings, timestep_type: str, arch: str, e
     if not explicit_shift:
         if not shifted:
             changes.update(timestep_shift=1.0, resolution_shift=False)
-        elif arch == "sd3":     # toolkit/sampler.py sd_flow_config: shift 3.0, no dynamic shifting
+        elif arch in ("sd3", "zimage"):     # toolkit/sampler.py sd_flow_config: shift 3.0, no dynamic shifting;
+            # Z-Image's scheduler_config (extensions_built_in/diffusion_models/z_image) is the same
             changes.update(timestep_shift=3.0, resolution_shift=False)
         else:                   # flux_config: dynamic shifting by the latent's size, for dev and schnell alike,
             # and Chroma's and Flux.2's scheduler_config (extensions_built_in/diffusion_models/chroma, flux2) is
@@ -693,6 +694,9 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
         if model.arch == "flux2":
             raise train.error(f"{train.key('train_text_encoder')}: Flux.2's text encoder (Mistral 3 Small, 24B) gets "
                               f"no adapter here; set it to false")
+        if model.arch == "zimage":
+            raise train.error(f"{train.key('train_text_encoder')}: training Z-Image's text encoder (Qwen3-4B) is not "
+                              f"supported; set it to false")
         network = dataclasses.replace(network, text_encoder="clip_l+clip_g")
     save = _parse_save(sub("save", "save"))
     sample_section = sub("sample", "sample")
@@ -716,18 +720,18 @@ def _parse_model(m: _Section) -> ModelJob:
                         ("is_vega", "Vega")):
         if m.bool(key, False):
             raise m.error(f"{m.key(key)}: {family} is not supported; EriDiffusion trains SDXL, SD 3.5, Flux, "
-                          f"Chroma, Qwen-Image and Flux.2")
+                          f"Chroma, Qwen-Image, Flux.2 and Z-Image")
     if arch:
         if arch not in ARCHES:
-            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, chroma, qwen_image, flux2, got "
-                          f"{quoted(arch)}")
+            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, chroma, qwen_image, flux2, "
+                          f"zimage, got {quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
                       f"({', '.join(filter(None, [arch, *flags]))}); keep one")
     arch = arch or (flags[0] if flags else "")
     v_pred = m.bool("is_v_pred", False)
-    if v_pred and arch in ("sd3", "flux", "chroma", "qwen_image", "flux2"):
+    if v_pred and arch in ("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"):
         raise m.error(f"{m.key('is_v_pred')}: {arch} is a flow-matching model (no v-prediction); is_v_pred applies "
                       f"to SDXL: remove it")
     model = ModelJob(name_or_path=m.str("name_or_path", ""), arch=arch, vae_path=m.str("vae_path", ""),
@@ -1025,7 +1029,7 @@ def _parse_sample(s: _Section, trigger: str, first_sample: bool, arch: str) -> S
             option = dataclasses.replace(option, seed=(seed + i) % (SEED_MAX + 1))
         prompts.append(_inject_trigger(" ".join(text.split()), trigger))
         options.append(option)
-    flow = arch in ("sd3", "flux", "chroma", "qwen_image", "flux2")
+    flow = arch in ("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage")
     sampler = s.str("sampler", "flowmatch" if flow else "ddpm").strip()
     sampler_name, scheduler = SAMPLERS.get(sampler.lower(), (sampler, "normal"))
     scheduler = s.str("scheduler", scheduler)

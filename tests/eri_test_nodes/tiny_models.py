@@ -1,5 +1,5 @@
-"""Tiny SDXL, SD3, Flux, Chroma, Qwen-Image and Flux.2 models, their text encoders and a TAESD VAE (Qwen-Image: a
-Wan 2.1 VAE), built with ComfyUI's own classes.
+"""Tiny SDXL, SD3, Flux, Chroma, Qwen-Image, Flux.2 and Z-Image models, their text encoders and a TAESD VAE
+(Qwen-Image: a Wan 2.1 VAE), built with ComfyUI's own classes.
 
 Everything here runs on the CPU in well under a second and is deterministic for a given seed. ComfyUI's
 `comfy.ops.disable_weight_init` layers leave parameters as `torch.empty`, so every parameter is initialised
@@ -25,6 +25,7 @@ import comfy.text_encoders.flux
 import comfy.text_encoders.pixart_t5
 import comfy.text_encoders.qwen_image
 import comfy.text_encoders.sd3_clip
+import comfy.text_encoders.z_image
 
 
 def _comfy_compat():
@@ -37,7 +38,7 @@ def _comfy_compat():
     return module
 
 
-ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2")
+ARCHITECTURES = ("sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2", "zimage")
 
 SDXL_UNET = {
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -87,6 +88,15 @@ FLUX2 = _comfy_compat().flux2_config({
     "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
     "ref_index_scale": 10.0,
 })
+# Z-Image: model_detection's Z-Image config (qk_norm, z_image_modulation, time_scale 1000, rope_theta 256, caption
+# and image pad tokens every 32) at a width of 256, the least its modulation allows (the timestep embedding is
+# 256 wide and the blocks' adaLN takes min(dim, 256)); heads of 32 (= sum of axes_dims); one block of each kind.
+ZIMAGE = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64, "n_layers": 1,
+    "n_refiner_layers": 1, "qk_norm": True, "n_heads": 8, "n_kv_heads": 8, "axes_dims": [8, 12, 12],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "multiple_of": 32,
+    "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
 # Text encoders small enough for CI; their widths match the tiny SDXL's context (32 + 32) and pooled (32),
 # the tiny Flux's pooled (CLIP-L 32) and context (T5 64).
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
@@ -102,6 +112,9 @@ TINY_QWEN25_VISION = {"hidden_size": 32, "intermediate_size": 32, "num_heads": 2
 # width (128) is fixed by ComfyUI's config class. The vocabulary is the stand-in tokenizer's (CLIP's).
 TINY_MISTRAL = {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 31,
                 "num_attention_heads": 1, "num_key_value_heads": 1}
+# Z-Image's Qwen3-4B at the tiny Z-Image's caption width (64); ComfyUI takes its second-to-last layer
+TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 1}     # (head_dim stays 128: not a field of its config)
 
 
 @torch.no_grad()
@@ -133,8 +146,8 @@ def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
                compute_dtype: torch.dtype | None = None):
     """A MODEL (ModelPatcher) of the given tiny architecture: sdxl, sdxl_v (v-prediction), sd3, flux,
-    flux_schnell, chroma, qwen_image or flux2. `compute_dtype` makes ComfyUI cast weights stored in `dtype` to it per layer, as its
-    loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
+    flux_schnell, chroma, qwen_image, flux2 or zimage. `compute_dtype` makes ComfyUI cast weights stored in `dtype`
+    to it per layer, as its loaders do for fp8 weights (weight_dtype fp8_e4m3fn)."""
     if arch in ("sdxl", "sdxl_v"):
         config = comfy.supported_models.SDXL(dict(SDXL_UNET))
         state = {"v_pred": torch.tensor([])} if arch == "sdxl_v" else {}
@@ -155,6 +168,9 @@ def tiny_model(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.flo
         state = {}
     elif arch == "flux2":
         config = comfy.supported_models.Flux2(dict(FLUX2))
+        state = {}
+    elif arch == "zimage":
+        config = comfy.supported_models.ZImage(dict(ZIMAGE))
         state = {}
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -267,6 +283,8 @@ class _TinyQwenImageClipModel(comfy.text_encoders.qwen_image.QwenImageTEModel):
                              model_options={**model_options, "qwen25_7b_model_config": dict(TINY_QWEN25)})
         finally:
             llama.qwen_vl.Qwen2VLVisionTransformer = vision
+
+
 class _TinyMistralTokenizer(comfy.sd1_clip.SDTokenizer):
     """A stand-in for Flux.2's Mistral tokenizer (whose vocabulary comes with the 24B encoder's file): CLIP's
     vocabulary with Mistral3Tokenizer's settings (no end token, no padding to a fixed length, left padding)."""
@@ -297,10 +315,18 @@ class _TinyFlux2ClipModel(comfy.text_encoders.flux.Flux2TEModel):
                          model_options={**model_options, "mistral3_24b_model_config": dict(TINY_MISTRAL)})
 
 
+class _TinyZImageClipModel(comfy.text_encoders.z_image.ZImageTEModel):
+    """ComfyUI's Z-Image text encoder: a tiny Qwen3, its second-to-last hidden state, unpadded, no pooled output."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(device=device, dtype=torch.float32,
+                         model_options={**model_options, "qwen3_4b_model_config": dict(TINY_QWEN3)})
+
+
 def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
     """A CLIP whose `encode_from_tokens` gives the tiny model's context and pooled output: SDXL (B,77,64) and
-    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma (B,tokens,64) and none; Qwen-Image
-    (B,tokens,64) and none; Flux.2 (B,tokens,48) and none."""
+    (B,32); SD3 (B,77,4096) and (B,64); Flux (B,256,64) and (B,32); Chroma, Qwen-Image and Z-Image (B,tokens,64)
+    and none; Flux.2 (B,tokens,48) and none."""
     if arch in ("sdxl", "sdxl_v"):
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _TinySDXLClipModel)
     elif arch == "sd3":
@@ -317,6 +343,9 @@ def tiny_clip(arch: str = "sdxl", seed: int = 0) -> comfy.sd.CLIP:
                                                         _TinyQwenImageClipModel)
     elif arch == "flux2":
         target = comfy.supported_models_base.ClipTarget(_TinyFlux2Tokenizer, _TinyFlux2ClipModel)
+    elif arch == "zimage":
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer,
+                                                        _TinyZImageClipModel)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})

@@ -79,6 +79,8 @@ def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
     if type(base).__name__ != "QwenImage":    # Qwen-Image takes the context alone
         cond.update(y=base.encode_adm(pooled_output=text.pooled.unsqueeze(0).repeat(2, 1), width=64, height=64),
                     guidance=torch.tensor([1.0, 1.0]))   # per sample (Chroma needs one each)
+    if type(base).__name__ == "Lumina2":    # Z-Image: extra_conds' num_tokens (its unpadded caption's length)
+        cond["num_tokens"] = text.context.shape[0]
     with torch.inference_mode() if inference_mode else torch.no_grad():
         if load is None:
             comfy.model_management.load_models_gpu([model_patcher])

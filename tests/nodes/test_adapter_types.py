@@ -11,7 +11,7 @@ from helpers import model_output, prepared, run, train
 
 # The stock-loader and resume checks run on every architecture; the rest on SDXL, the one with convolutions.
 ARCHITECTURES = ("sdxl",)
-ALL_ARCHITECTURES = ("sdxl", "sd3", "flux", "chroma", "qwen_image", "flux2")
+ALL_ARCHITECTURES = ("sdxl", "sd3", "flux", "chroma", "qwen_image", "flux2", "zimage")
 
 # Steps that change the tiny model's output by more than 1 % with every type (5 unless named): Flux.2 pads each
 # caption to 512 tokens, whose attention dilutes what a few steps change (LoHa, second order at the start, moves

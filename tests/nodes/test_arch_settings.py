@@ -12,15 +12,15 @@ from helpers import prepared, run, train
 # not here: SDXL draws its 1000 discrete timesteps by it too.
 ONLY = {
     ("EriTrainingSettings", "min_snr_gamma"): "SDXL only: ",
-    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 only: ",
-    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 only: ",
+    ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 / Z-Image only: ",
+    ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 / Z-Image only: ",
     ("EriTrainingSettings", "flux_guidance"): "Flux / Flux.2 only: ",
     ("EriCreateAdapter", "conv_layers"): "SDXL only: ",
     ("EriCreateAdapter", "conv_rank"): "SDXL only: ",
     ("EriCreateAdapter", "conv_alpha"): "SDXL only: ",
     ("EriSamplingSettings", "guidance"): "Flux / Flux.2 only: ",
 }
-ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2")
+ARCH_NAMES = ("SDXL", "SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2", "Z-Image")
 
 
 def test_each_input_that_only_some_architectures_use_names_them_first_in_its_tooltip_and_no_other_does():
@@ -33,7 +33,7 @@ def test_each_input_that_only_some_architectures_use_names_them_first_in_its_too
     claims = {key for key, tip in tooltips.items() if tip and tip.split(" only: ")[0] in
               {" / ".join(names) for names in (("SDXL",), ("SD 3.5",), ("Flux",), ("SD 3.5", "Flux"),
                                                   ("SD 3.5", "Flux", "Chroma"), ("Flux", "Flux.2"),
-                                                  ("SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2"))}}
+                                                  ("SD 3.5", "Flux", "Chroma", "Qwen-Image", "Flux.2", "Z-Image"))}}
     assert claims == set(ONLY)
 
 
@@ -54,6 +54,7 @@ def assert_same(a, b):
     ("flux", dict(min_snr_gamma=5.0)),
     ("flux_schnell", dict(min_snr_gamma=5.0, flux_guidance=3.5)),   # schnell has no guidance input
     ("qwen_image", dict(min_snr_gamma=5.0, flux_guidance=3.5)),
+    ("zimage", dict(min_snr_gamma=5.0, flux_guidance=3.5)),
 ])
 def test_a_setting_for_another_architecture_changes_nothing_and_the_log_names_it(comfy_folders, tiny, caplog, arch,
                                                                                  ignored):

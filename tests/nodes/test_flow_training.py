@@ -1,6 +1,6 @@
-"""SD 3.5, Flux, Chroma and Flux.2 LoRA end to end, in-process, on tiny models built with ComfyUI's classes: the flow
-objective lowers the loss, files load in the stock LoRA loader with the same output, training chains and
-resumes bit-exactly, and fp8 base weights train."""
+"""SD 3.5, Flux, Chroma, Qwen-Image, Flux.2 and Z-Image LoRA end to end, in-process, on tiny models built with
+ComfyUI's classes: the flow objective lowers the loss, files load in the stock LoRA loader with the same output,
+training chains and resumes bit-exactly, and fp8 base weights train."""
 import logging
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from helpers import fixed_loss, model_output, prepared, run, train
 
-ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2"]
+ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2", "zimage"]
 
 
 @pytest.fixture(params=ARCHS)
@@ -20,8 +20,9 @@ def test_training_lowers_the_loss_on_four_images_in_50_steps(p):
     before = fixed_loss(p["model"], p)
     model, adapter, history = train(p, 50, learning_rate=1e-2)
     after = fixed_loss(model, p)
-    assert adapter.spec.arch == {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma",
-                                 "QwenImage": "qwen_image", "Flux2": "flux2"}[type(p["model"].model).__name__]
+    names = {"SD3": "sd3", "Flux": "flux", "Chroma": "chroma", "QwenImage": "qwen_image", "Flux2": "flux2",
+             "Lumina2": "zimage"}
+    assert adapter.spec.arch == names[type(p["model"].model).__name__]
     assert len(history.losses) == 50 and all(loss == loss for loss in history.losses)
     assert after < 0.9 * before, (before, after)
 
@@ -93,15 +94,15 @@ def test_chained_and_resumed_training_equal_one_run_bit_exactly(p):
         assert all(torch.equal(once.weights[k], other.weights[k]) for k in once.weights)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
+@pytest.mark.parametrize("arch", ["sd3", "flux", "zimage"])
 def test_a_model_with_fp8_weights_trains_a_bf16_adapter(comfy_folders, tiny, arch):
     """ComfyUI's weight_dtype fp8_e4m3fn: weights stored in fp8 and cast per layer to bf16 for compute."""
     from eridiffusion.nodes.adapter import EriCreateAdapter
     p = prepared(comfy_folders, tiny, arch=arch)
     with torch.inference_mode(False):
         fp8 = tiny.tiny_model(arch, dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    assert next(fp8.model.diffusion_model.joint_blocks.parameters() if arch == "sd3" else
-                fp8.model.diffusion_model.double_blocks.parameters()).dtype == torch.float8_e4m3fn
+    blocks = {"sd3": "joint_blocks", "flux": "double_blocks", "zimage": "layers"}[arch]
+    assert next(getattr(fp8.model.diffusion_model, blocks).parameters()).dtype == torch.float8_e4m3fn
     adapter = run(EriCreateAdapter, model=fp8, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
                   seed=0, dtype="bf16")[0]
     fp8_p = {**p, "model": fp8, "adapter": adapter}

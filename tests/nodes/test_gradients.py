@@ -12,7 +12,7 @@ import torch
 from conftest import write_images
 from helpers import run
 
-ARCHS = ["sdxl", "sd3", "flux", "chroma", "qwen_image", "flux2"]
+ARCHS = ["sdxl", "sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"]
 pytestmark = pytest.mark.slow
 
 
@@ -30,16 +30,20 @@ def rotary_table_in_fp64(monkeypatch):
     monkeypatch.setattr(comfy.ldm.flux.layers, "rope", lambda pos, dim, theta: rope(pos, dim, theta).double())
 
 
-def _run(comfy_folders, tiny, arch, dtype, checkpointing, precision, seed=0):
-    """A TrainingRun on the tiny model in `dtype`, with a random (non-zero) LoRA, and one fixed micro-batch."""
+def _run(comfy_folders, tiny, arch, dtype, checkpointing, precision, seed=0, captions=None):
+    """A TrainingRun on the tiny model in `dtype`, with a random (non-zero) LoRA, and one fixed micro-batch (of
+    the two images' own `captions` when given)."""
     from eridiffusion.nodes.adapter import EriCreateAdapter
     from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents, EriTrainingImages
     from eridiffusion.trainers.config import TrainingSettings
     from eridiffusion.trainers.loop import TrainingRun
-    folder = comfy_folders["input"] / "grad"
+    name = "grad_captions" if captions else "grad"
+    folder = comfy_folders["input"] / name
     if not folder.exists():
         write_images(folder, ((64, 64), (64, 64)))
-    dataset = run(EriTrainingImages, folder="grad", resolution=64, trigger_word="", default_caption="", flip=False,
+        for i, caption in enumerate(captions or ()):
+            (folder / f"img{i}.txt").write_text(caption)
+    dataset = run(EriTrainingImages, folder=name, resolution=64, trigger_word="", default_caption="", flip=False,
                   min_side=64, max_side=64, max_upscale=1.0)[0]
     with torch.inference_mode(False):
         model, clip, vae = tiny.tiny_model(arch, dtype=dtype), tiny.tiny_clip(arch), tiny.tiny_vae(arch)
@@ -116,6 +120,22 @@ def test_fp64_adapter_gradients_match_central_finite_differences(comfy_folders, 
         # relative to the gradient's size: a random direction's derivative can be near zero
         assert abs(analytic - finite) <= 1e-6 * _norm(gradient), (arch, analytic, finite)
     assert _norm(gradient) > 1e-6, "the loss must depend on the adapter for this check to mean anything"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_zimage_gradients_with_captions_of_different_lengths_match_finite_differences(comfy_folders, tiny,
+                                                                                      checkpointing):
+    """Z-Image runs each sample of such a micro-batch on its own (its captions are never padded)."""
+    training, micro_batch = _run(comfy_folders, tiny, "zimage", torch.float64, checkpointing, "fp32",
+                                 captions=("red", "a large red square on a blue background, seen from above"))
+    assert {"cond.context_0", "cond.context_1"} <= set(micro_batch), "one context per sample"
+    _, gradient = _loss_and_gradient(training, micro_batch)
+    eps = 1e-4
+    for direction in _directions(gradient, 2):
+        finite = (_loss_at(training, micro_batch, direction, eps) -
+                  _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
+        assert abs(_dot(gradient, direction) - finite) <= 1e-6 * _norm(gradient)
+    assert _norm(gradient) > 1e-6
 
 
 # bf16 rounds every matmul to 8 significant bits; on these tiny random models that leaves 1-3 % in every

@@ -45,7 +45,7 @@ def test_every_input_has_a_tooltip_and_the_default_job_parses():
 
 
 def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
-    from eridiffusion.nodes.adapter import EriCreateAdapter, EriSaveAdapter
+    from eridiffusion.nodes.adapter import EriSaveAdapter
     from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents
     from eridiffusion.nodes.train import EriTrainSteps
     (comfy_folders["input"] / "jobs").mkdir()
@@ -66,16 +66,40 @@ def test_a_job_trains_exactly_as_the_same_graph_wired_by_hand(p, comfy_folders):
     assert samples.shape[0] == 2                       # after step 2 and after the last step
 
     # the job leaves timestep_type out: ai-toolkit's default, sigmoid timesteps without the model's shift
-    by_hand = settings(learning_rate=1e-3, batch_size=2, noise_offset=0.05, caption_dropout=0.25,
-                       timestep_sampling="sigmoid", timestep_shift=1.0)
+    assert_trained_as_by_hand(from_job, p, latents, captions, timestep_sampling="sigmoid", timestep_shift=1.0)
+    name = run(EriSaveAdapter, adapter=from_job, filename_prefix=prefix, save_dtype="fp16")[0]
+    assert name == "tiny_job/tiny_job_000003.safetensors" and (comfy_folders["loras"] / name).is_file()
+
+
+def assert_trained_as_by_hand(from_job, p, latents, captions, **timesteps):
+    """The JOB's adapter, trained 3 steps, equals one made and trained with its settings wired by hand."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.nodes.train import EriTrainSteps
+    by_hand = settings(learning_rate=1e-3, batch_size=2, noise_offset=0.05, caption_dropout=0.25, **timesteps)
     adapter_by_hand = run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=2.0,
                           target="attention_mlp", seed=0, dtype="fp32")[0]
     _, wired, _, _, _ = run(EriTrainSteps, model=p["model"], adapter=adapter_by_hand, latents=latents,
-                         captions=captions, settings=by_hand, steps=3)
+                            captions=captions, settings=by_hand, steps=3)
     assert from_job.history.losses == wired.history.losses
     assert all(torch.equal(from_job.weights[k], wired.weights[k]) for k in wired.weights)
-    name = run(EriSaveAdapter, adapter=from_job, filename_prefix=prefix, save_dtype="fp16")[0]
-    assert name == "tiny_job/tiny_job_000003.safetensors" and (comfy_folders["loras"] / name).is_file()
+
+
+def test_a_zimage_job_trains_a_zimage_model_as_the_graph_wired_by_hand(comfy_folders, tiny):
+    """model.arch zimage (ai-toolkit's name) with timestep_type shift: Z-Image's own shift 3.0, and its
+    guidance_scale as the samples' CFG scale."""
+    from eridiffusion.nodes.dataset import EriCacheCaptions, EriCacheLatents
+    from eridiffusion.nodes.train import EriTrainSteps
+    z = prepared(comfy_folders, tiny, arch="zimage")
+    job = JOB.replace("type: sd_trainer", "type: sd_trainer\n      model: {arch: zimage}").replace(
+        "weight_decay: 0.0}", "weight_decay: 0.0, timestep_type: shift}")
+    dataset, adapter, job_settings, steps, _, sampling = load(z, job=job, clip=z["clip"], vae=z["vae"])
+    assert adapter.spec.arch == "zimage" and sampling.cfg == 3.0
+    assert (job_settings.timestep_sampling, job_settings.timestep_shift) == ("uniform", 3.0)
+    latents = run(EriCacheLatents, dataset=dataset, vae=z["vae"], batch_size=4)[0]
+    captions = run(EriCacheCaptions, dataset=dataset, clip=z["clip"])[0]
+    _, from_job, _, _, _ = run(EriTrainSteps, model=z["model"], adapter=adapter, latents=latents,
+                               captions=captions, settings=job_settings, steps=steps)
+    assert_trained_as_by_hand(from_job, z, latents, captions, timestep_sampling="uniform", timestep_shift=3.0)
 
 
 def test_without_clip_and_vae_there_is_no_sampling_and_the_rest_works(p):

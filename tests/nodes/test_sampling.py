@@ -118,6 +118,24 @@ def test_a_flux2_sample_is_the_stock_ksamplers_after_flux_guidance(comfy_folders
     assert not torch.allclose(image, stock(None)[0], atol=1e-3)
 
 
+def test_a_zimage_sample_from_prompts_is_the_stock_ksamplers_from_clip_text_encode(comfy_folders, tiny):
+    """Z-Image: prompt and negative (of different lengths) encoded as CLIPTextEncode encodes them, with their
+    attention masks and token counts, sampled as KSampler samples the trained MODEL (no guidance input)."""
+    p = prepared(comfy_folders, tiny, arch="zimage")
+    settings_ = sampling(p, prompts="a red square", negative_prompt="blurry", every_n_steps=3, seed=11)
+    model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2)
+    with torch.inference_mode():
+        positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "blurry")[0]
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        stock = p["vae"].decode(comfy_nodes.common_ksampler(model, 11, 2, 3.0, "euler", "normal", positive, negative,
+                                                            latent)[0]["samples"])
+        untrained = p["vae"].decode(comfy_nodes.common_ksampler(p["model"], 11, 2, 3.0, "euler", "normal", positive,
+                                                                negative, latent)[0]["samples"])
+    assert torch.allclose(images[0], stock[0], atol=1e-5)
+    assert not torch.allclose(images[0], untrained[0], atol=1e-3), "the sample shows the trained adapter"
+
+
 def test_fixed_seed_samples_every_round_with_the_same_noise_and_chaining_samples_at_the_same_steps(p):
     s = sampling(p, prompts="a red square", every_n_steps=2)
     _, once, _, images, shown = train(p, 4, s)

@@ -139,6 +139,17 @@ def test_a_text_encoder_adapter_on_qwen_image_is_refused_naming_the_input(comfy_
     assert run(EriCreateAdapter, **common, clip=clip)[0].spec.text_encoder == "none"
 
 
+@pytest.mark.parametrize("option", ["clip_l", "all"])
+def test_z_images_qwen3_text_encoder_is_refused_with_a_clear_error(comfy_folders, tiny, option):
+    """Z-Image's text encoder (Qwen3-4B) gets no adapters: Create adapter says so rather than training nothing."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    p = prepared(comfy_folders, tiny, "zimage")
+    with pytest.raises(ValueError, match=f"text_encoder {option}: training the text encoder of a Z-Image model is "
+                                         f"not supported; set text_encoder to none"):
+        run(EriCreateAdapter, model=p["model"], adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+            seed=0, dtype="fp32", text_encoder=option, clip=p["clip"])
+
+
 def test_only_the_chosen_encoders_get_adapters(comfy_folders, tiny):
     p = _prepared(comfy_folders, tiny, "sdxl", option="clip_l")
     paths = {t[0] for t in p["adapter"].spec.targets if t[0].startswith("text_encoders.")}

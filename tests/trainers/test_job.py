@@ -243,9 +243,9 @@ def test_yaml_is_read_safely_and_bad_yaml_is_a_config_error():
 
 def test_the_seed_example_and_every_shipped_job_load():
     jobs = {path.stem: load_job(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
-    names = ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora", "flux_schnell_lora")
+    names = ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora", "flux_schnell_lora", "zimage_lora")
     assert set(names) <= set(jobs)
-    assert [jobs[n].model.arch for n in names] == ["sdxl", "sdxl", "sd3", "flux", "flux"]
+    assert [jobs[n].model.arch for n in names] == ["sdxl", "sdxl", "sd3", "flux", "flux", "zimage"]
     assert all(not job.ignored for job in jobs.values())
     assert jobs["sdxl_lora"].network.conv and jobs["flux_lora"].model.text_encoder_paths
     with pytest.raises(ConfigError, match="no datasets"):
@@ -628,6 +628,39 @@ def test_ai_toolkits_flux2_job_trains_flux2_with_its_timesteps_and_guidance_scal
 def test_a_flux2_job_that_trains_the_text_encoder_is_refused_naming_the_key():
     message = error_of(flux2_job(train_text_encoder=True))
     assert "train_text_encoder" in message and "Flux.2" in message
+
+
+def zimage_job(arch="zimage", model=None, **train) -> str:
+    """ai-toolkit's Z-Image Turbo example (config/examples/train_lora_zimage_turbo_32gb.yaml): model.arch zimage,
+    its de-distillation training adapter as assistant_lora_path, weighted timesteps, CFG 1 in 8 steps."""
+    def edit(p):
+        p["model"].pop("is_flux")
+        p["model"].update(name_or_path="Tongyi-MAI/Z-Image-Turbo", arch=arch, **(model or {}),
+                          assistant_lora_path="ostris/zimage_turbo_training_adapter/adapter_v2.safetensors")
+        p["train"].update({"timestep_type": "weighted", **train})
+        p["sample"].update(guidance_scale=1, sample_steps=8, samples=[{"prompt": "b", "guidance_scale": 2}])
+    return edited(AI_TOOLKIT_FLUX, edit)
+
+
+def test_ai_toolkits_zimage_example_trains_zimage_with_its_shift_3_and_guidance_scale_as_cfg():
+    job = parse_job(zimage_job(), "zimage.yaml")
+    assert (job.model.arch, job.sample.sampler_name, job.sample.guidance_scale) == ("zimage", "euler", 1.0)
+    assert parse_job(zimage_job("zimage:turbo"), "zimage.yaml").model.arch == "zimage"
+    # CFG, as ai-toolkit samples Z-Image (no embedded guidance)
+    assert (job.sample.options[-1].cfg, job.sample.options[-1].guidance) == (2.0, None)
+    # the training adapter is not applied: the job says so
+    assert any("assistant_lora_path" in line for line in job.ignored)
+    assert (job.settings.timestep_sampling, job.settings.loss_weighting, job.settings.timestep_shift) == (
+        "uniform", "weighted", 1.0)
+    # shift: its scheduler's fixed shift 3.0 (no dynamic shifting), as SD 3.5's
+    shifted = parse_job(zimage_job(timestep_type="shift"), "zimage.yaml").settings
+    assert (shifted.timestep_sampling, shifted.timestep_shift, shifted.resolution_shift) == ("uniform", 3.0, False)
+
+
+def test_a_zimage_job_refuses_text_encoder_training_and_v_prediction():
+    assert "train.train_text_encoder" in error_of(zimage_job(train_text_encoder=True))
+    assert "not supported" in error_of(zimage_job(train_text_encoder=True))
+    assert "is_v_pred" in error_of(zimage_job(model={"is_v_pred": True}))
 
 
 def test_walk_seed_gives_prompt_i_the_seed_plus_i_unless_it_has_its_own():

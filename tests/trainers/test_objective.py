@@ -19,7 +19,7 @@ def _batch(n, channels=4, width=64, height=64):
     return Batch(torch.zeros(n, channels, height // 8, width // 8), [], _items(n, width, height))
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2"])
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_v", "sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2", "zimage"])
 def test_a_model_that_outputs_the_training_target_denoises_exactly(tiny, arch):
     # ComfyUI samples with calculate_denoised(sigma, model_output, x_noisy): if the model outputs our
     # training target (eps, v, or ε - x0 for rectified flow), that must give back the clean latent.
@@ -247,6 +247,68 @@ def test_flux2_predicts_what_comfyuis_sampling_computes_from_its_conditioning(ti
             comfy_denoised = base.apply_model(x[i:i + 1], sigma[i:i + 1], **conds)
         torch.testing.assert_close(ms.calculate_denoised(sigma[i:i + 1].view(-1, 1, 1, 1), ours[i:i + 1], x[i:i + 1]),
                                    comfy_denoised)
+
+
+def test_zimage_shifts_by_its_models_shift_3_at_every_resolution(tiny):
+    """ComfyUI samples Z-Image with ModelSamplingDiscreteFlow at shift 3.0 (multiplier 1), whatever the size."""
+    model = tiny.tiny_model("zimage")
+    ms = model.model.model_sampling
+    assert (ms.shift, ms.multiplier) == (3.0, 1.0)
+    settings = TrainingSettings(timestep_sampling="uniform")
+    for width, height in ((1024, 1024), (256, 256)):
+        sigma = detect(model).sample_sigmas(ms, _batch(500, 16, width, height), torch.Generator().manual_seed(4),
+                                            settings)
+        t = torch.rand(500, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(sigma, ms.sigma(t), rtol=1e-5, atol=1e-6)    # ComfyUI's schedule at t
+    torch.testing.assert_close(sigma, 3.0 * t / (1 + 2.0 * t))
+
+
+def _zimage_conds(base, clip, text, x):
+    """What a sampler passes the model for CLIPTextEncode's conditioning of `text` (attention mask included)."""
+    import nodes
+    [[context, extra]] = nodes.CLIPTextEncode().encode(clip, text)[0]
+    conds = base.extra_conds(cross_attn=context, noise=x, **extra)
+    return context[0], {k: v.process_cond(batch_size=x.shape[0], area=None, device="cpu").cond
+                        for k, v in conds.items()}
+
+
+def test_zimage_predicts_what_comfyuis_sampling_computes_from_its_conditioning(tiny):
+    """The Qwen3 context as CLIPTextEncode gives it, with extra_conds' num_tokens (its unpadded prompt's mask is
+    all ones, so no attention_mask), and NextDiT's own 1 - t: denoised as ComfyUI's apply_model denoises."""
+    from eridiffusion.trainers.cache import TextEmbedding
+    model, clip = tiny.tiny_model("zimage"), tiny.tiny_clip("zimage")
+    base, ms = model.model, model.model.model_sampling
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        context, conds = _zimage_conds(base, clip, "a photo of a red square", x)
+        assert set(conds) == {"c_crossattn", "num_tokens"} and conds["num_tokens"] == context.shape[0]
+        batch = Batch(x, [TextEmbedding(context, torch.zeros(0))] * 2, _items(2))
+        ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings())
+        comfy_denoised = base.apply_model(x, sigma, **conds)
+        # the timestep really is σ (NextDiT turns it into 1 - σ): 1 - σ would predict something else
+        flipped = detect(model).predict(base, ms, x, 1 - sigma, batch, TrainingSettings())
+    torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x), comfy_denoised)
+    assert not torch.allclose(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), flipped, x), comfy_denoised, atol=1e-3)
+
+
+def test_zimage_captions_of_different_lengths_predict_as_comfyui_runs_each_alone(tiny):
+    """ComfyUI never pads or repeats a Z-Image caption to batch it with a longer one; each sample of a
+    micro-batch is what ComfyUI's apply_model gives for it alone."""
+    from eridiffusion.trainers.cache import TextEmbedding
+    model, clip = tiny.tiny_model("zimage"), tiny.tiny_clip("zimage")
+    base, ms = model.model, model.model.model_sampling
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    sigma = torch.tensor([0.4, 0.7])
+    with torch.no_grad():
+        short, short_conds = _zimage_conds(base, clip, "red", x[:1])
+        long, long_conds = _zimage_conds(base, clip, "a large red square on a blue background", x[1:])
+        assert short.shape[0] != long.shape[0]
+        batch = Batch(x, [TextEmbedding(short, torch.zeros(0)), TextEmbedding(long, torch.zeros(0))], _items(2))
+        ours = detect(model).predict(base, ms, x, sigma, batch, TrainingSettings())
+        expected = torch.cat([base.apply_model(x[:1], sigma[:1], **short_conds),
+                              base.apply_model(x[1:], sigma[1:], **long_conds)])
+    torch.testing.assert_close(ms.calculate_denoised(sigma.view(-1, 1, 1, 1), ours, x), expected)
 
 
 def test_an_explicit_timestep_shift_overrides_the_models(tiny):

@@ -6,8 +6,10 @@ from .flux2 import Flux2
 from .qwen_image import QwenImage
 from .sd3 import SD3
 from .sdxl import SDXL
+from .z_image import ZImage
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), QwenImage(), Flux2())}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SDXL(), SD3(), Flux(), Chroma(), QwenImage(), Flux2(),
+                                                                 ZImage())}
 
 
 def detect(patcher) -> Architecture:
