@@ -16,6 +16,9 @@ class Batch:
     latents: torch.Tensor             # x0, (B, C, h, w), scaled by the architecture's latent format
     contexts: list                    # TextEmbedding per sample (after caption dropout)
     items: list                       # DatasetItem per sample
+    # edit pairs: the control images' latents, scaled as `latents` (B, C, h, w), given to the model as reference
+    # latents (Flux Kontext, trainers/arch/flux_kontext.py); None without control images
+    controls: torch.Tensor | None = None
 
 
 class Architecture:
@@ -27,6 +30,8 @@ class Architecture:
     # True when the conditioning's `guidance` is an embedded-guidance input the samples should get (Flux-dev):
     # other models ignore it, or (Chroma) take ComfyUI's default unless a workflow sets one
     embedded_guidance: bool = False
+    # True when the model takes reference latents (edit pairs: control images, trainers/arch/flux_kontext.py)
+    reference_latents: bool = False
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError
