@@ -3,6 +3,7 @@ control_path), cached as a latent beside the target's and given to the model as 
 it; the target is noised, the control is the clean reference. On tiny Flux built with ComfyUI's classes."""
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,20 @@ def test_an_architecture_without_reference_latents_refuses_control_images(comfy_
     with pytest.raises(ConfigError, match="control images .* but the MODEL is sd3: load Flux Kontext, or clear "
                                           "control_folder"):
         train(p, 1)
+
+
+def test_a_yaml_jobs_control_path_is_checked_at_queue_and_gives_the_dataset_its_control_images(comfy_folders, tiny):
+    from eridiffusion.nodes.job import EriLoadTrainingJob
+    _pairs(comfy_folders, ((64, 64),) * 2)
+    job = ("job: extension\nconfig:\n  name: kontext\n  process:\n    - type: sd_trainer\n"
+           "      network: {type: lora, linear: 4, linear_alpha: 4}\n"
+           "      model: {name_or_path: kontext.safetensors, arch: flux_kontext}\n"
+           "      datasets: [{folder_path: set, control_path: CONTROL, resolution: [64]}]\n"
+           "      train: {steps: 2, lr: 1e-3}\n")
+    assert EriLoadTrainingJob.validate_inputs(job.replace("CONTROL", "control")) is True
+    problem = EriLoadTrainingJob.validate_inputs(job.replace("CONTROL", "missing"))
+    assert "datasets[0].control_path 'missing' does not exist in ComfyUI's input folder" in problem
+    with torch.inference_mode(False):
+        model = tiny.tiny_model("flux")
+    dataset = run(EriLoadTrainingJob, model=model, job=job.replace("CONTROL", "control"))[0]
+    assert sorted(Path(i.control).name for i in dataset.items) == ["img0.png", "img1.png"]
