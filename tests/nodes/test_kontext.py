@@ -211,3 +211,44 @@ def test_a_yaml_jobs_control_path_is_checked_at_queue_and_gives_the_dataset_its_
         model = tiny.tiny_model("flux")
     dataset = run(EriLoadTrainingJob, model=model, job=job.replace("CONTROL", "control"))[0]
     assert sorted(Path(i.control).name for i in dataset.items) == ["img0.png", "img1.png"]
+
+
+def test_samples_during_training_take_a_reference_through_sampling_settings_positive_input(p):
+    """Sampling settings' positive CONDITIONING may carry ReferenceLatent's reference: samples are then taken as a
+    stock Kontext graph samples (the reference changes the image)."""
+    from eridiffusion.nodes.sample import EriSamplingSettings
+    from eridiffusion.nodes.train import EriTrainSteps
+    from helpers import settings
+    text = p["captions"].embeddings[1][1]
+    plain = [[text.context.unsqueeze(0), {"pooled_output": text.pooled.unsqueeze(0)}]]
+    images = []
+    for positive in (plain, _reference_conditioning(text, p["latents"].controls[0][None])):
+        sampling = run(EriSamplingSettings, vae=p["vae"], prompts="", negative_prompt="", every_n_steps=100, seed=5,
+                       seed_mode="fixed", width=64, height=64, sampler_name="euler", scheduler="normal", steps=2,
+                       cfg=1.0, guidance=2.5, filename_prefix="eri_samples/kontext", positive=positive)[0]
+        images.append(run(EriTrainSteps, model=p["model"], adapter=p["adapter"], latents=p["latents"],
+                          captions=p["captions"], settings=settings(), steps=1, sampling=sampling)[3])
+    assert images[0].shape == images[1].shape == (1, 64, 64, 3)
+    assert not torch.allclose(images[0], images[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
+                    reason="CUDA graphs need a GPU (ERI_TEST_DEVICE=cuda)")
+def test_graphed_kontext_training_equals_eager_training(comfy_folders, tiny, monkeypatch):
+    """The reference latent is one more tensor of the captured micro-batch: replays give eager training's numbers."""
+    from test_cuda_graphs import SIZES, assert_same_training, train_node
+    from eridiffusion.trainers.graphs import GraphedMicroBatches
+    made, original = [], GraphedMicroBatches._capture
+
+    def capture(self, inputs):     # every capture has the reference among its inputs, and succeeds
+        entry = original(self, inputs)
+        made.append("cond.ref_latent" in inputs and entry is not None)
+        return entry
+    monkeypatch.setattr(GraphedMicroBatches, "_capture", capture)
+    _pairs(comfy_folders, SIZES)
+    p = prepared(comfy_folders, tiny, arch="flux", write=False, control_folder="control")
+    eager = train_node(p, 12, compile="off")
+    graphed = train_node(p, 12, compile="cuda_graphs")
+    assert made and all(made), made
+    assert_same_training(graphed, eager)
