@@ -400,12 +400,15 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
             if config.shuffle_captions else ()
         bucket = assign_bucket(size, config, buckets)
         _, crop = crop_for(size, bucket)
-        if content_hash in seen:   # the same bytes twice would silently double their weight; repeats do that
-            duplicates.append((path, seen[content_hash]))
+        control = _control_of(name, config, controls)
+        # the same bytes twice would silently double their weight (repeats do that); an edit pair is its two images
+        key = (content_hash, control.get("control_hash", ""))
+        if key in seen:
+            duplicates.append((path, seen[key]))
             continue
-        seen[content_hash] = path
+        seen[key] = path
         mask = _mask_of(path, name, size, content_hash, config, masks, elongation_limit)
-        mask.update(_control_of(name, config, controls))
+        mask.update(control)
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash, variants,
                                      config.caption_dropout, **mask, is_reg=config.is_reg,

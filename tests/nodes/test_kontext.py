@@ -93,6 +93,19 @@ def test_control_images_are_cached_beside_the_latents_fitted_to_their_training_i
     assert again.encoded == 0 and all(torch.equal(a, b) for a, b in zip(again.controls, latents.controls))
 
 
+def test_one_result_of_two_different_control_images_is_two_edit_pairs_not_a_duplicate(comfy_folders):
+    from eridiffusion.nodes.dataset import EriTrainingImages
+    _pairs(comfy_folders, ((64, 64),) * 3)
+    shutil.copy(comfy_folders["input"] / "set" / "img0.png", comfy_folders["input"] / "set" / "img1.png")
+    shutil.copy(comfy_folders["input"] / "control" / "img0.png", comfy_folders["input"] / "control" / "img2.png")
+    shutil.copy(comfy_folders["input"] / "set" / "img0.png", comfy_folders["input"] / "set" / "img2.png")
+    dataset = run(EriTrainingImages, folder="set", resolution=64, trigger_word="", default_caption="", flip=False,
+                  min_side=64, max_side=64, max_upscale=1.0, control_folder="control")[0]
+    # img0 and img1: the same result of two control images; img2 repeats img0's pair and is left out
+    assert sorted(Path(i.path).name for i in dataset.items) == ["img0.png", "img1.png"]
+    assert [Path(a).name for a, _ in dataset.duplicates] == ["img2.png"]
+
+
 def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypatch):
     dm = p["model"].model.diffusion_model
     seen = []
