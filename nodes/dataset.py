@@ -55,6 +55,8 @@ class EriTrainingImages(io.ComfyNode):
                 io.String.Input("mask_folder", default="", tooltip=_tip("mask_folder"), optional=True),
                 io.Float.Input("mask_min_value", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("mask_min_value"), optional=True),
+                # edit pairs (Flux Kontext)
+                io.String.Input("control_folder", default="", tooltip=_tip("control_folder"), optional=True),
                 # regularisation images, differential output preservation
                 io.Boolean.Input("is_reg", default=False, tooltip=_tip("is_reg"), optional=True),
                 io.String.Input("preservation_class", default="", tooltip=_tip("preservation_class"), optional=True),
@@ -64,7 +66,7 @@ class EriTrainingImages(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder=None, max_upscale=None, caption_dropout=None, masked_loss=None, mask_folder=None,
-                        mask_min_value=None, trigger_word=None, preservation_class=None):
+                        mask_min_value=None, trigger_word=None, preservation_class=None, control_folder=None):
         return checks.verdict(
             checks.numbers_problem(cls, max_upscale=max_upscale, caption_dropout=caption_dropout,
                                    mask_min_value=mask_min_value),
@@ -77,15 +79,21 @@ class EriTrainingImages(io.ComfyNode):
             mask_folder is not None and not isinstance(mask_folder, str)
             and f"mask_folder must be a folder name, got {quoted(mask_folder)}",
             masked_loss == "mask_folder" and isinstance(mask_folder, str) and checks.guarded(
-                lambda: paths.existing_input_folder(mask_folder, "mask_folder")))
+                lambda: paths.existing_input_folder(mask_folder, "mask_folder")),
+            control_folder is not None and not isinstance(control_folder, str)
+            and f"control_folder must be a folder name, got {quoted(control_folder)}",
+            isinstance(folder, str) and isinstance(control_folder, str) and control_folder.strip() and checks.guarded(
+                lambda: paths.control_folder(folder, control_folder)))
 
     @classmethod
-    def fingerprint_inputs(cls, folder, masked_loss="off", mask_folder="", **kwargs):
-        # Re-run when the folder's files (or its masks) change although its name did not.
+    def fingerprint_inputs(cls, folder, masked_loss="off", mask_folder="", control_folder="", **kwargs):
+        # Re-run when the folder's files (or its masks, or its control images) change although its name did not.
         try:
             fingerprint = data.listing_fingerprint(paths.input_folder(folder))
             if masked_loss == "mask_folder":
                 fingerprint += data.listing_fingerprint(paths.input_folder(mask_folder, "mask_folder"))
+            if control_folder.strip():
+                fingerprint += data.listing_fingerprint(paths.input_folder(control_folder, "control_folder"))
             return fingerprint
         except Exception as e:
             return str(e)
@@ -94,18 +102,20 @@ class EriTrainingImages(io.ComfyNode):
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
                 max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
                 caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0, is_reg=False,
-                preservation_class="") -> io.NodeOutput:
+                preservation_class="", control_folder="") -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
                                keep_tokens=keep_tokens, caption_variants=caption_variants,
                                caption_dropout=caption_dropout, masked_loss=masked_loss, mask_folder=mask_folder,
-                               mask_min_value=mask_min_value, is_reg=is_reg, preservation_class=preservation_class)
+                               mask_min_value=mask_min_value, is_reg=is_reg, preservation_class=preservation_class,
+                               control_folder=control_folder)
         root = paths.input_folder(folder)
         mask_root = paths.input_folder(mask_folder, "mask_folder") if masked_loss == "mask_folder" else None
+        control_root = paths.input_folder(control_folder, "control_folder") if control_folder.strip() else None
         dataset = data.scan_dataset(root, config, confine=not paths.any_path_allowed(),
                                     on_progress=_progress(ProgressBar(1)),   # the scan reports the total
-                                    mask_root=mask_root)
+                                    mask_root=mask_root, control_root=control_root)
         if dataset.skipped:
             logging.warning("EriDiffusion: skipped %d non-image files in %s", len(dataset.skipped), quoted(folder))
         logging.info("EriDiffusion: %r", dataset)

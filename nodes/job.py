@@ -78,6 +78,8 @@ def queue_problem(job: str) -> str | None:
             if not os.path.isdir(folder):
                 return (f"{parsed.source}: {key} {quoted(dataset.folder_path)} does not exist in ComfyUI's input "
                         f"folder (looked for {quoted(folder)}): create it and put the training images in it")
+            if dataset.control_path.strip():
+                paths.control_folder(dataset.folder_path, dataset.control_path, f"datasets[{i}].control_path")
     except ValueError as e:     # ConfigError, PathError
         return str(e)
     return None
@@ -185,6 +187,8 @@ class EriLoadTrainingJob(io.ComfyNode):
                 digest.update(data.listing_fingerprint(input_folder_root(d.folder_path, "folder_path")).encode())
                 if d.mask_path.strip():
                     digest.update(data.listing_fingerprint(input_folder_root(d.mask_path, "mask_path")).encode())
+                if d.control_path.strip():
+                    digest.update(data.listing_fingerprint(input_folder_root(d.control_path, "control_path")).encode())
         except Exception as e:
             digest.update(str(e).encode())
         return digest.hexdigest()

@@ -129,6 +129,28 @@ def input_folder_with_images(name: str, input_name: str = "folder") -> str:
     return folder
 
 
+def control_folder(folder: str, name: str, input_name: str = "control_folder") -> str:
+    """The control images' folder (edit pairs) of training folder `folder`, checked as Queue can: inside the input
+    folder, existing, not the training folder, and holding an image of the same name for every training image."""
+    control = input_folder(name, input_name)
+    if not os.path.isdir(control):
+        raise PathError(f"{input_name} {quoted(name)} does not exist in ComfyUI's input folder (looked for "
+                        f"{control}): create it with a control image of the same name for each training image, "
+                        f"or clear {input_name}")
+    root = input_folder(folder)
+    if os.path.realpath(control) == os.path.realpath(root):
+        raise PathError(f"{input_name} {quoted(name)} is the training folder itself: each image would be its own "
+                        f"control. Put the control images in a folder of their own")
+    missing = data.unpaired_images(root, control)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(quoted(m) for m in missing[:3]) + more
+        raise PathError(f"{input_name} {quoted(name)} has no control image for {len(missing)} training image(s) of "
+                        f"folder {quoted(folder)}: {shown}. Add an image of the same name (any image extension) "
+                        f"to {control} for each, or clear {input_name}")
+    return control
+
+
 def cache_folder(kind: str) -> str:
     root = os.environ.get("ERI_CACHE_DIR") or os.path.join(folder_paths.get_user_directory(), "eridiffusion", "cache")
     return os.path.join(root, kind)

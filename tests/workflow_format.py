@@ -203,6 +203,9 @@ MODEL_SOURCES = {
                "qwen_image_vae.safetensors"),
     "Chroma1-HD.safetensors": (
         "diffusion_models", "https://huggingface.co/lodestones/Chroma1-HD/resolve/main/Chroma1-HD.safetensors"),
+    "flux1-dev-kontext_fp8_scaled.safetensors": (
+        "diffusion_models", "https://huggingface.co/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/"
+                            "diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors"),
 }
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 
@@ -213,14 +216,17 @@ def _models_of(node: dict) -> list[dict]:
 
 
 def _note_text(api: dict) -> str:
-    images = next(n["inputs"]["folder"] for n in api.values() if n["class_type"] == "EriTrainingImages")
+    dataset = next(n["inputs"] for n in api.values() if n["class_type"] == "EriTrainingImages")
+    images, controls = dataset["folder"], dataset.get("control_folder", "")
     models = [m for n in api.values() for m in _models_of(n)]
     saves = [n["inputs"]["filename_prefix"] for n in api.values() if n["class_type"] == "EriSaveAdapter"]
     where = "; ".join(f"{m['name']} in ComfyUI/models/{m['directory']}" for m in models)
     return "\n".join([
         "Before you queue:",
         f"1. Training images: put your images (PNG, JPEG, WEBP; any size) in ComfyUI/input/{images}, or type another "
-        "folder of ComfyUI/input in Training images. A .txt file with the same name beside an image is its caption.",
+        "folder of ComfyUI/input in Training images. A .txt file with the same name beside an image is its caption."
+        + (f" Edit pairs: each image is the result of an edit, its caption the instruction, and the image before the "
+           f"edit goes in ComfyUI/input/{controls} under the same name." if controls else ""),
         f"2. Models: {where}. The missing-models dialog links each download (some need a Hugging Face login).",
         "3. Queue. Train steps draws the loss as it trains, shows samples every N steps, and says when it is done, "
         "cancelled or failed.",

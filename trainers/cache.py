@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import quoted
-from .data import Dataset, DatasetItem, load_image, load_mask
+from .config import ConfigError, quoted
+from .data import Dataset, DatasetItem, load_control, load_image, load_mask
 from .files import atomic_write
 
 
@@ -41,10 +41,14 @@ class LatentSet:
     # masked loss: one (h, w) weight map per latent (ones for an item without a mask) when any item has a mask,
     # else empty
     masks: tuple[torch.Tensor, ...] = ()
+    # edit pairs (Flux Kontext): each item's control image's latent (raw VAE output, the latent's shape) when the
+    # items have control images, else empty
+    controls: tuple[torch.Tensor, ...] = ()
 
     def __repr__(self):
         masks = f", {len(self.masks)} masks" if self.masks else ""
-        return f"LatentSet({len(self.latents)} latents, {self.encoded} encoded{masks}, vae {self.vae_id})"
+        controls = f", {len(self.controls)} control latents" if self.controls else ""
+        return f"LatentSet({len(self.latents)} latents, {self.encoded} encoded{masks}{controls}, vae {self.vae_id})"
 
 
 def latent_key(item: DatasetItem, vae_id: str) -> str:
@@ -52,22 +56,47 @@ def latent_key(item: DatasetItem, vae_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def control_key(item: DatasetItem, vae_id: str) -> str:
+    """A control image's latent: keyed by its bytes, and by its training image's size, bucket, crop and flip
+    (it is fitted as that image is)."""
+    text = f"control|{item.control_hash}|{item.original_size}|{item.bucket}|{item.crop}|{item.flip}|{vae_id}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
                   on_progress: Callable[[int, int], None] | None = None) -> LatentSet:
-    """Encode every item with the ComfyUI VAE (batched per bucket), reading and writing `cache_dir`.
-    on_progress(done, total) is called as latents are read from the cache, as each image is read and after
-    each batch: a caller may raise from it (Cancel), and at most the batch being encoded is finished."""
+    """Encode every item (and its control image, for edit pairs) with the ComfyUI VAE (batched per bucket),
+    reading and writing `cache_dir`. on_progress(done, total) is called as latents are read from the cache, as
+    each image is read and after each batch: a caller may raise from it (Cancel), and at most the batch being
+    encoded is finished."""
     os.makedirs(cache_dir, exist_ok=True)
     vae_id = model_fingerprint(vae.first_stage_model, getattr(vae.patcher, "patches", None))
-    keys = [latent_key(item, vae_id) for item in dataset.items]
+    paired = any(item.control for item in dataset.items)
+    if paired and not all(item.control for item in dataset.items):
+        raise ConfigError("some of these training images have control images and some do not (Combine training "
+                          "images of a folder with control_folder and one without): give every folder a "
+                          "control_folder, or none")
+    jobs = [(latent_key(item, vae_id), item, _pixels) for item in dataset.items]
+    if paired:
+        jobs += [(control_key(item, vae_id), item, _control_pixels) for item in dataset.items]
+    latents, encoded = _encoded(jobs, vae, cache_dir, batch_size, on_progress)
+    count = len(dataset.items)
+    ordered = tuple(latents[:count])
+    return LatentSet(dataset, ordered, vae_id, encoded, cache_masks(dataset, ordered, cache_dir),
+                     controls=tuple(latents[count:]))
 
+
+def _encoded(jobs: list, vae, cache_dir: str, batch_size: int,
+             on_progress: Callable[[int, int], None] | None) -> tuple[list[torch.Tensor], int]:
+    """The latent of each (cache key, item, pixel loader) job, from `cache_dir` or encoded (batched per bucket
+    and loader), and how many were encoded."""
     def report(done: int) -> None:
         if on_progress:
-            on_progress(done, len(keys))
+            on_progress(done, len(jobs))
 
     latents: dict[int, torch.Tensor] = {}
     missing = []
-    for index, key in enumerate(keys):
+    for index, (key, _, _) in enumerate(jobs):
         path = os.path.join(cache_dir, key + ".safetensors")
         if os.path.isfile(path):
             try:
@@ -80,7 +109,8 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
         missing.append(index)
     by_bucket: dict = {}
     for index in missing:
-        by_bucket.setdefault(dataset.items[index].bucket, []).append(index)
+        _, item, loader = jobs[index]
+        by_bucket.setdefault((item.bucket, loader), []).append(index)
     done = len(latents)
     report(done)
     for group in by_bucket.values():
@@ -88,7 +118,8 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
             chunk = group[start:start + batch_size]
             images = []
             for i in chunk:   # a large image takes a good part of a second to decode and resize
-                images.append(_pixels(dataset.items[i]))
+                _, item, loader = jobs[i]
+                images.append(loader(item))
                 report(done)
             pixels = torch.stack(images)
             if getattr(vae, "latent_dim", 2) == 3:
@@ -100,12 +131,11 @@ def cache_latents(dataset: Dataset, vae, cache_dir: str, batch_size: int = 4,
             for i, latent in zip(chunk, encoded):
                 latent = latent.clone().contiguous()
                 latents[i] = latent
-                atomic_write(os.path.join(cache_dir, keys[i] + ".safetensors"),
+                atomic_write(os.path.join(cache_dir, jobs[i][0] + ".safetensors"),
                              lambda p, t=latent: save_file({"latent": t}, p))
             done += len(chunk)
             report(done)
-    ordered = tuple(latents[i] for i in range(len(keys)))
-    return LatentSet(dataset, ordered, vae_id, len(missing), cache_masks(dataset, ordered, cache_dir))
+    return [latents[i] for i in range(len(jobs))], len(missing)
 
 
 def mask_key(item: DatasetItem, size: tuple[int, int]) -> str:
@@ -143,6 +173,10 @@ def cache_masks(dataset: Dataset, latents: tuple[torch.Tensor, ...], cache_dir: 
 def _pixels(item: DatasetItem) -> torch.Tensor:
     # ComfyUI IMAGE layout: (H, W, 3) float in [0, 1].
     return torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 255.0)
+
+
+def _control_pixels(item: DatasetItem) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(load_control(item), dtype=np.float32) / 255.0)
 
 
 # ------------------------------------------------------------------------------------------------------- text

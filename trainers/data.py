@@ -75,6 +75,11 @@ class DatasetItem:
     mask_size: tuple[int, int] = (0, 0)
     mask_min: float = 0.0
     is_reg: bool = False             # a regularisation image (DatasetConfig.is_reg)
+    # edit pairs (Flux Kontext): the control image's path (the image before the edit; "" for none), the sha256 of
+    # its bytes and its size as displayed
+    control: str = ""
+    control_hash: str = ""
+    control_size: tuple[int, int] = (0, 0)
     trigger_word: str = ""           # its folder's trigger word, and the class word that replaces it in the
     preservation_class: str = ""     # captions of differential output preservation (both or neither)
 
@@ -187,26 +192,44 @@ def crop_for(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tu
 
 def load_image(item: DatasetItem) -> Image.Image:
     """The item's pixels, RGB, resized and cropped to its bucket, mirrored if it is a flipped copy."""
-    name = quoted(os.path.basename(item.path))
+    with _open_scanned(item.path, "image", item.original_size) as img:
+        return _fitted(_to_rgb(ImageOps.exif_transpose(img)), item)
+
+
+def _open_scanned(path: str, kind: str, expected: tuple[int, int]) -> Image.Image:
+    """A dataset's image file opened (not decoded) for reading its pixels. The file may have been replaced since
+    the scan: one whose size is not the `expected` (width, height) the scan measured is refused, never decoded."""
+    name = quoted(os.path.basename(path))
     try:
-        img = Image.open(item.path, formats=IMAGE_FORMATS)
+        img = Image.open(path, formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ConfigError(f"image {name} is too large to decode safely ({e}); it changed since the folder was "
+        raise ConfigError(f"{kind} {name} is too large to decode safely ({e}); it changed since the folder was "
                           f"scanned: run Training images again") from None
-    with img:
-        # The file may have been replaced since the scan: never decode something the scan did not measure.
-        if sorted(img.size) != sorted(item.original_size):
-            raise ConfigError(f"image {name} is now {img.size[0]}x{img.size[1]} pixels, not the "
-                              f"{item.original_size[0]}x{item.original_size[1]} it had when the folder was "
-                              f"scanned: run Training images again")
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        resized, (left, top) = crop_for(item.original_size, item.bucket)
-        img = img.resize(resized, Image.Resampling.LANCZOS)
-        img = img.crop((left, top, left + item.bucket.width, top + item.bucket.height))
-    if item.flip:
-        img = ImageOps.mirror(img)
+    if sorted(img.size) != sorted(expected):
+        size = img.size
+        img.close()
+        raise ConfigError(f"{kind} {name} is now {size[0]}x{size[1]} pixels, not the {expected[0]}x{expected[1]} "
+                          f"it had when the folder was scanned: run Training images again")
     return img
+
+
+def _fitted(img: Image.Image, item: DatasetItem) -> Image.Image:
+    """An RGB image of the item's original size (as displayed) resized, cropped to its bucket, maybe mirrored."""
+    resized, (left, top) = crop_for(item.original_size, item.bucket)
+    img = img.resize(resized, Image.Resampling.LANCZOS)
+    img = img.crop((left, top, left + item.bucket.width, top + item.bucket.height))
+    return ImageOps.mirror(img) if item.flip else img
+
+
+def load_control(item: DatasetItem) -> Image.Image:
+    """The item's control image (edit pairs), RGB, as its training image is fitted to the bucket: first
+    stretched to the training image's size where the two differ (as ai-toolkit resizes a control image to its
+    target's), then resized, cropped and mirrored as load_image does, so the pair stays aligned pixel for pixel."""
+    with _open_scanned(item.control, "control image", item.control_size) as img:
+        img = _to_rgb(ImageOps.exif_transpose(img))
+        if img.size != item.original_size:
+            img = img.resize(item.original_size, Image.Resampling.LANCZOS)
+        return _fitted(img, item)
 
 
 def load_mask(item: DatasetItem, size: tuple[int, int]) -> torch.Tensor | None:
@@ -218,17 +241,7 @@ def load_mask(item: DatasetItem, size: tuple[int, int]) -> torch.Tensor | None:
     alpha = item.mask == "alpha"
     path = item.path if alpha else item.mask
     expected = item.original_size if alpha else item.mask_size
-    name = quoted(os.path.basename(path))
-    try:
-        img = Image.open(path, formats=IMAGE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ConfigError(f"mask {name} is too large to decode safely ({e}); it changed since the folder was "
-                          f"scanned: run Training images again") from None
-    with img:
-        if sorted(img.size) != sorted(expected):
-            raise ConfigError(f"{'image' if alpha else 'mask'} {name} is now {img.size[0]}x{img.size[1]} pixels, "
-                              f"not the {expected[0]}x{expected[1]} it had when the folder was scanned: run "
-                              f"Training images again")
+    with _open_scanned(path, "image" if alpha else "mask", expected) as img:
         if alpha and not _has_alpha(img):   # (known from the header: nothing decoded)
             return None
         img = ImageOps.exif_transpose(img)
@@ -302,6 +315,18 @@ def has_image_files(root: str, look_at: int = 10_000) -> bool:
     return False
 
 
+def unpaired_images(root: str, pair_root: str) -> list[str]:
+    """Images under root (relative paths) without an image of the same name (any image extension) at the same
+    place under pair_root: what Queue checks of a control_folder. Names only: nothing is opened."""
+    def stems(folder: str) -> set[str]:
+        return {os.path.splitext(os.path.relpath(path, folder))[0] for path, _ in list_image_files(folder)
+                if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS}
+    paired = stems(pair_root)
+    return sorted(os.path.relpath(path, root) for path, _ in list_image_files(root)
+                  if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+                  and os.path.splitext(os.path.relpath(path, root))[0] not in paired)
+
+
 def listing_fingerprint(root: str) -> str:
     """Changes when any file under root is added, removed, resized or touched."""
     digest = hashlib.sha256()
@@ -320,14 +345,16 @@ def most_elongated(buckets: tuple[Bucket, ...]) -> float:
 
 
 def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
-                 on_progress: Callable[[int, int], None] | None = None, mask_root: str | None = None) -> Dataset:
+                 on_progress: Callable[[int, int], None] | None = None, mask_root: str | None = None,
+                 control_root: str | None = None) -> Dataset:
     """Read the folder into a Dataset, or raise ConfigError naming the file and the fix.
 
     confine: every image and caption file must lie inside `root` once links are resolved (a link to a file
     elsewhere is refused). None (the default) confines unless ERI_ALLOW_ANY_PATH=1 is set, the switch that
     also frees the folder itself; callers who already know pass a bool.
     on_progress(done, total) is called before each file: a caller may raise from it to stop the scan.
-    mask_root: the directory of config.mask_folder (masked_loss mask_folder), resolved by the caller."""
+    mask_root: the directory of config.mask_folder (masked_loss mask_folder), resolved by the caller.
+    control_root: the directory of config.control_folder (edit pairs), resolved by the caller."""
     if confine is None:
         confine = not any_path_allowed()
     if not os.path.isdir(root):
@@ -339,6 +366,7 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
     elongation_limit = ELONGATION_LIMIT * most_elongated(buckets)
     listing = list_image_files(root)
     masks = _mask_files(root, config, mask_root, confine)
+    controls = _control_files(root, config, control_root, confine)
     items, skipped, duplicates, seen = [], [], [], {}
     for done, (path, repeats) in enumerate(listing):
         if on_progress:
@@ -372,11 +400,15 @@ def scan_dataset(root: str, config: DatasetConfig, confine: bool | None = None,
             if config.shuffle_captions else ()
         bucket = assign_bucket(size, config, buckets)
         _, crop = crop_for(size, bucket)
-        if content_hash in seen:   # the same bytes twice would silently double their weight; repeats do that
-            duplicates.append((path, seen[content_hash]))
+        control = _control_of(name, config, controls)
+        # the same bytes twice would silently double their weight (repeats do that); an edit pair is its two images
+        key = (content_hash, control.get("control_hash", ""))
+        if key in seen:
+            duplicates.append((path, seen[key]))
             continue
-        seen[content_hash] = path
+        seen[key] = path
         mask = _mask_of(path, name, size, content_hash, config, masks, elongation_limit)
+        mask.update(control)
         for flip in ((False, True) if config.flip else (False,)):
             items.append(DatasetItem(path, caption, repeats, flip, size, bucket, crop, content_hash, variants,
                                      config.caption_dropout, **mask, is_reg=config.is_reg,
@@ -399,22 +431,55 @@ def _mask_files(root: str, config: DatasetConfig, mask_root: str | None, confine
     """With masked_loss mask_folder: {image path relative to root without extension: mask file}; else {}."""
     if config.masked_loss != "mask_folder":
         return {}
-    if mask_root is None or not os.path.isdir(mask_root):
-        raise ConfigError(f"mask_folder {quoted(config.mask_folder)} does not exist"
-                          + (f" (looked for {mask_root})" if mask_root else "") + ": create it with a mask per image")
-    if os.path.realpath(mask_root) == os.path.realpath(root):
-        raise ConfigError(f"mask_folder {quoted(config.mask_folder)} is the training folder itself: its masks would "
-                          f"be trained on as images. Put the masks in a folder of their own")
+    return _paired_files(root, mask_root, "mask_folder", "mask", dataclasses.replace(config, folder=config.mask_folder),
+                         confine, "create it with a mask per image",
+                         "its masks would be trained on as images. Put the masks in a folder of their own")
+
+
+def _control_files(root: str, config: DatasetConfig, control_root: str | None, confine: bool) -> dict[str, str]:
+    """With a control_folder: {image path relative to root without extension: control image}; else {}."""
+    if not config.control_folder.strip():
+        return {}
+    return _paired_files(root, control_root, "control_folder", "control image",
+                         dataclasses.replace(config, folder=config.control_folder), confine,
+                         "create it with a control image per training image, or clear control_folder",
+                         "each image would be its own control. Put the control images in a folder of their own")
+
+
+def _paired_files(root: str, pair_root: str | None, input_name: str, kind: str, config: DatasetConfig,
+                  confine: bool, missing_fix: str, itself: str) -> dict[str, str]:
+    """{path relative to pair_root without extension: image file} of a folder laid out as the training folder
+    (masks, control images; config.folder is its name); the first extension in sorted order wins."""
+    if pair_root is None or not os.path.isdir(pair_root):
+        raise ConfigError(f"{input_name} {quoted(config.folder)} does not exist"
+                          + (f" (looked for {pair_root})" if pair_root else "") + f": {missing_fix}")
+    if os.path.realpath(pair_root) == os.path.realpath(root):
+        raise ConfigError(f"{input_name} {quoted(config.folder)} is the training folder itself: {itself}")
     found = {}
-    for path, _ in list_image_files(mask_root):
-        relative, extension = os.path.splitext(os.path.relpath(path, mask_root))
+    for path, _ in list_image_files(pair_root):
+        relative, extension = os.path.splitext(os.path.relpath(path, pair_root))
         if extension.lower() not in IMAGE_EXTENSIONS or relative in found:
             continue
-        if confine and not files.inside(mask_root, path):
-            raise ConfigError(_links_outside("mask", relative + extension,
-                                             dataclasses.replace(config, folder=config.mask_folder)))
+        if confine and not files.inside(pair_root, path):
+            raise ConfigError(_links_outside(kind, relative + extension, config))
         found[relative] = path
     return found
+
+
+def _control_of(name: str, config: DatasetConfig, controls: dict[str, str]) -> dict:
+    """The DatasetItem fields of an image's control image (none without a control_folder)."""
+    if not config.control_folder.strip():
+        return {}
+    stem = os.path.splitext(name)[0]
+    control_path = controls.get(stem)
+    if control_path is None:
+        raise ConfigError(f"image {quoted(name)} has no control image in control_folder "
+                          f"{quoted(config.control_folder)} (a {_unquoted(stem)}.png, or another image extension, "
+                          f"there): add it, or clear control_folder")
+    control_name = stem + os.path.splitext(control_path)[1]
+    size, control_hash = _measure_image(control_path, control_name,
+                                        dataclasses.replace(config, folder=config.control_folder), math.inf)
+    return dict(control=control_path, control_hash=control_hash, control_size=size)
 
 
 def _mask_of(path: str, name: str, size: tuple[int, int], content_hash: str, config: DatasetConfig,

@@ -43,8 +43,10 @@ from . import prompts as prompts_module
 from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigError, DatasetConfig, TrainingSettings,
                      quoted)
 
+# flux_kontext: ComfyUI loads Flux.1 Kontext as Flux; its datasets' control_path makes the edit pairs
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
-          "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2", "zimage": "zimage"}
+          "flux_kontext": "flux", "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2",
+          "zimage": "zimage"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
                  "lokr": ("lokr", False), "loha": ("loha", False)}
 PRESETS = ("attention", "attention_mlp", "all_linear")
@@ -167,7 +169,7 @@ AITK_IGNORED = {
         "target_noise_multiplier": _neutral(1, 1.0), "pred_scaler": _neutral(1, 1.0)},
     "datasets": {**{k: _OFF for k in (
         "dataset_path", "random_triggers", "random_scale", "random_crop", "token_dropout_rate",
-        "flip_y", "augments", "control_path", "poi",
+        "flip_y", "augments", "poi",
         "cache_clip_vision_to_disk", "cache_text_embeddings", "standardize_images", "augmentations",
         "shuffle_augmentations", "square_crop", "controls", "fast_image_size", "invert_mask", "unconditional_path",
         "use_short_captions", "replacements", "clip_image_path", "inpaint_path", "random_triggers_max",
@@ -243,6 +245,7 @@ class DatasetJob:
     num_repeats: int = 1
     mask_path: str = ""                     # the folder of masks (masked_loss mask_folder)
     validation: bool = False                # held out: its loss is evaluated, it is not trained on
+    control_path: str = ""                  # the folder of control images (edit pairs, Flux Kontext)
 
 
 @dataclass(frozen=True)
@@ -723,8 +726,8 @@ def _parse_model(m: _Section) -> ModelJob:
                           f"Chroma, Qwen-Image, Flux.2 and Z-Image")
     if arch:
         if arch not in ARCHES:
-            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux, chroma, qwen_image, flux2, "
-                          f"zimage, got {quoted(arch)}")
+            raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux (or flux_kontext), chroma, "
+                          f"qwen_image, flux2, zimage, got {quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
@@ -810,6 +813,8 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
         raise d.error(f"{d.key('masked_loss')} mask_folder needs {d.key('mask_path')}: the folder of masks")
     common.update(masked_loss=masked, mask_folder=mask_path,
                   mask_min_value=d.float("mask_min_value", 0.0, lo=0.0, hi=1.0))
+    control_path = d.str("control_path", "")    # edit pairs: a control image of each image's name
+    common.update(control_folder=control_path)
     validation = d.bool("validation", False)    # EriDiffusion's own: a held-out set
     d.done()
     try:
@@ -818,7 +823,7 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     except ConfigError as e:    # DatasetConfig checks its own fields (caption_ext): report the job's key
         field_name = re.search(r"\b(caption_ext|default_caption|trigger_word|resolution)\b", str(e))
         raise d.error(f"{d.key(field_name[1])}: {e}" if field_name else f"{d.path}: {e}") from None
-    return DatasetJob(folder, configs, repeats, mask_path, validation)
+    return DatasetJob(folder, configs, repeats, mask_path, validation, control_path)
 
 
 def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bool, layer_offloading: bool = False):
@@ -1140,9 +1145,10 @@ def _scanned(job: Job, folder_root, validation: bool) -> "data.Dataset":
             continue
         root = folder_root(d.folder_path, f"datasets[{i}].folder_path")
         mask_root = folder_root(d.mask_path, f"datasets[{i}].mask_path") if d.mask_path.strip() else None
+        control_root = folder_root(d.control_path, f"datasets[{i}].control_path") if d.control_path.strip() else None
         for config in d.configs:
             try:
-                scanned = data.scan_dataset(root, config, mask_root=mask_root)
+                scanned = data.scan_dataset(root, config, mask_root=mask_root, control_root=control_root)
             except ConfigError as e:
                 raise ConfigError(f"{job.source}: datasets[{i}]: {e}") from None
             first = first or scanned

@@ -160,6 +160,10 @@ class TrainingRun:
         if state.spec.arch != self.arch.name:
             raise ConfigError(f"the adapter was made for {state.spec.arch} but the MODEL is {self.arch.name}: "
                               f"create the adapter from this MODEL")
+        if latents.controls and not self.arch.reference_latents:
+            raise ConfigError(f"the training images have control images (control_folder), which train an edit model "
+                              f"(Flux Kontext) on image pairs, but the MODEL is {self.arch.name}: load Flux Kontext, "
+                              f"or clear control_folder")
         self.state, self.latents, self.text, self.settings = state, latents, text, settings
         self.end_step = end_step   # the step this run is asked to reach (reported with every step)
         self.schedule_steps = settings.total_steps or end_step
@@ -361,6 +365,8 @@ class TrainingRun:
             if preserve:    # the caption drawn, its trigger word replaced by the class word
                 preserved.append(self.text.get(item.preserved(caption)))
         mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
+        controls = self.base_model.latent_format.process_in(torch.stack([self.latents.controls[i] for i in indices])) \
+            if self.latents.controls else None
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
@@ -371,24 +377,28 @@ class TrainingRun:
             x0, noise, sigma, contexts, items = x0[share], noise[share], sigma[share], contexts[share], items[share]
             preserved = preserved[share]
             mask = mask[share] if mask is not None else None
+            controls = controls[share] if controls is not None else None
             if not items:
                 return None
-        return self._inputs(x0, noise, sigma, contexts, items, mask, reg, preserved if preserve else None)
+        return self._inputs(x0, noise, sigma, contexts, items, mask, reg, preserved if preserve else None, controls)
 
-    def _inputs(self, x0, noise, sigma, contexts, items, mask, reg=False, preserved=None) -> dict[str, torch.Tensor]:
+    def _inputs(self, x0, noise, sigma, contexts, items, mask, reg=False, preserved=None,
+                controls=None) -> dict[str, torch.Tensor]:
         s = self.settings
         inputs = {"x0": x0.to(self.device), "noise": noise.to(self.device), "sigma": sigma.to(self.device)}
         if self.text_encoder is not None:   # encoded in _weighted_losses, where gradients reach the text encoder
-            inputs.update(captions=contexts, items=items)
+            inputs.update(captions=contexts, items=items, controls=controls)
         else:
-            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items), s, self.device)
+            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, contexts, items, controls), s,
+                                                  self.device)
             inputs.update({f"cond.{name}": value for name, value in conditioning.items()})
         if mask is not None:    # masked loss: (B, 1, h, w) weights
             inputs["mask"] = mask.to(self.device)
         if reg:    # (a key of its own: a graph captured for a training batch is never replayed for these)
             inputs["reg_weight"] = torch.full((len(items),), s.reg_weight).to(self.device)
         if preserved is not None:
-            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, preserved, items), s, self.device)
+            conditioning = self.arch.conditioning(self.base_model, arches.Batch(x0, preserved, items, controls), s,
+                                                  self.device)
             inputs.update({f"dop.{name}": value for name, value in conditioning.items()})
         return inputs
 
@@ -406,7 +416,7 @@ class TrainingRun:
         ms, x0, noise, sigma = self.model_sampling, inputs["x0"], inputs["noise"], inputs["sigma"]
         conditioning = {name[5:]: value for name, value in inputs.items() if name.startswith("cond.")}
         if "captions" in inputs:    # the text encoder trains: this micro-batch's captions encoded by it
-            batch = arches.Batch(x0, self.text_encoder.encode(inputs["captions"]), inputs["items"])
+            batch = arches.Batch(x0, self.text_encoder.encode(inputs["captions"]), inputs["items"], inputs["controls"])
             conditioning = self.arch.conditioning(self.base_model, batch, self.settings, self.device)
         x_noisy = self.arch.noisy(ms, x0, noise, sigma)
         # No autocast weight cache: a captured graph must not keep casts made during capture.
@@ -440,6 +450,10 @@ class TrainingRun:
         latents, ms, count = validation.latents, self.model_sampling, len(VALIDATION_PERCENTS)
         sigma = torch.tensor([float(ms.percent_to_sigma(p)) for p in VALIDATION_PERCENTS])
         items = latents.dataset.items
+        if bool(latents.controls) != bool(self.latents.controls):
+            raise ConfigError("the training images " + ("have" if self.latents.controls else "lack") + " control "
+                              "images and the validation images " + ("do not" if self.latents.controls else "do") +
+                              ": give both Training images a control_folder, or neither")
         total = 0.0
         for layer in self.layers.values():
             layer.eval()
@@ -458,7 +472,9 @@ class TrainingRun:
                         raise ConfigError(f"the validation captions lack the caption of a validation image: connect "
                                           f"the validation images to the validation Cache captions") from None
                     mask = latents.masks[i][None, None].repeat(count, 1, 1, 1) if latents.masks else None
-                    inputs = self._inputs(x0, noise, sigma, contexts, [item] * count, mask)
+                    controls = self.base_model.latent_format.process_in(latents.controls[i][None]).repeat(
+                        count, 1, 1, 1) if latents.controls else None
+                    inputs = self._inputs(x0, noise, sigma, contexts, [item] * count, mask, controls=controls)
                     total += self._weighted_losses(inputs).double().sum().item()
         finally:
             for layer in self.layers.values():

@@ -61,6 +61,20 @@ def train(p, steps, adapter=None, **setting_overrides):
                captions=p["captions"], settings=settings(**setting_overrides), steps=steps)[:3]
 
 
+def assert_chained_and_resumed_equal_one_run(p, steps, prefix, **options):
+    """Training `steps` in one run, in two chained halves, and in two halves resumed from the first half's saved
+    files give the same losses and weights, bit for bit."""
+    from eridiffusion.nodes.adapter import EriLoadAdapter, EriSaveAdapter
+    _, once, _ = train(p, steps, **options)
+    _, half, _ = train(p, steps // 2, **options)
+    name = run(EriSaveAdapter, adapter=half, filename_prefix=prefix, save_dtype="fp16")[0]
+    _, chained, _ = train(p, steps - steps // 2, adapter=half, **options)
+    _, resumed, _ = train(p, steps - steps // 2, adapter=run(EriLoadAdapter, lora_name=name)[0], **options)
+    for other in (chained, resumed):
+        assert other.history.losses == once.history.losses
+        assert all(torch.equal(once.weights[k], other.weights[k]) for k in once.weights)
+
+
 def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
     """The MODEL's prediction (ComfyUI's apply_model, as samplers call it) on fixed inputs; under
     torch.inference_mode as ComfyUI samples, or (inference_mode False) under no_grad only. `load` puts the

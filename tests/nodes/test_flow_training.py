@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from helpers import fixed_loss, model_output, prepared, run, train
+from helpers import assert_chained_and_resumed_equal_one_run, fixed_loss, model_output, prepared, run, train
 
 ARCHS = ["sd3", "flux", "flux_schnell", "chroma", "qwen_image", "flux2", "zimage"]
 
@@ -81,17 +81,9 @@ def test_base_model_outputs_stay_bit_identical_through_training(p):
 
 
 def test_chained_and_resumed_training_equal_one_run_bit_exactly(p):
-    from eridiffusion.nodes.adapter import EriLoadAdapter, EriSaveAdapter
-    options = dict(batch_size=2, noise_offset=0.05, caption_dropout=0.3, gradient_checkpointing=True,
-                   schedule="cosine", warmup_steps=2, total_steps=8, loss_weighting="cosmap")
-    _, once, _ = train(p, 8, **options)
-    _, half, _ = train(p, 4, **options)
-    name = run(EriSaveAdapter, adapter=half, filename_prefix="eri/half", save_dtype="fp16")[0]
-    _, chained, _ = train(p, 4, adapter=half, **options)
-    _, resumed, _ = train(p, 4, adapter=run(EriLoadAdapter, lora_name=name)[0], **options)
-    for other in (chained, resumed):
-        assert other.history.losses == once.history.losses
-        assert all(torch.equal(once.weights[k], other.weights[k]) for k in once.weights)
+    assert_chained_and_resumed_equal_one_run(p, 8, "eri/half", batch_size=2, noise_offset=0.05, caption_dropout=0.3,
+                                             gradient_checkpointing=True, schedule="cosine", warmup_steps=2,
+                                             total_steps=8, loss_weighting="cosmap")
 
 
 @pytest.mark.parametrize("arch", ["sd3", "flux", "zimage"])

@@ -113,3 +113,19 @@ def test_a_caption_extension_that_climbs_out_of_the_dataset_reads_nothing(client
     assert "TOP-SECRET" not in json.dumps(answer)
     assert "TOP-SECRET" not in json.dumps(client.get_json("/history"))
     assert "TOP-SECRET" not in server.log()
+
+
+def test_a_bad_control_folder_is_refused_at_queue_naming_it_and_the_images_without_a_control(client, server):
+    prompt = sdxl_prompt(server, folder="kontext_after")
+    write_images(server.base / "input" / "kontext_before", [(64, 64)], captions=False, seed=4)   # img1 lacks one
+    for control_folder, expected in [
+        ("kontext_before", "control_folder 'kontext_before' has no control image for 1 training image(s) of folder "
+                           "'kontext_after': 'img1.png'"),
+        ("no_such_folder", "control_folder 'no_such_folder' does not exist in ComfyUI's input folder"),
+        ("../../etc", "control_folder '../../etc' points outside"),
+        ("kontext_after", "is the training folder itself"),
+    ]:
+        prompt["2"]["inputs"]["control_folder"] = control_folder
+        status, answer = client.queue(prompt)
+        assert status == 400, (control_folder, answer)
+        assert expected in node_error_text(answer, "2"), node_error_text(answer, "2")

@@ -149,6 +149,25 @@ def test_train_then_stock_ksampler_then_train_again_example_runs_on_the_live_ser
         "the second stage's chart starts with the first stage's steps"
 
 
+def test_flux_kontext_example_trains_on_edit_pairs_then_edits_an_image_in_the_stock_ksampler(client, server):
+    write_images(server.base / "input" / "kontext_after", [(64, 64)] * 3)
+    write_images(server.base / "input" / "training_images_before", [(64, 64)] * 3, captions=False, seed=7)
+    write_images(server.base / "input", [(64, 64)], captions=False, seed=9, prefix="kontext_example_")
+    api = json.loads((EXAMPLES / "api" / "flux_kontext_lora.json").read_text())
+    prompt = tiny_training_prompt(api, "kontext_after", steps=4, prefix="ci/kontext")
+    assert prompt["2"]["inputs"]["control_folder"] == "training_images_before"
+    prompt["13"]["inputs"]["image"] = "kontext_example_0.png"
+    # FluxKontextImageScale makes ~1024² of it: the tiny model edits the 64-pixel image as it is, on the CPU
+    prompt["15"]["inputs"]["pixels"] = ["13", 0]
+    result = client.run(prompt, timeout=600)
+    assert result.ok, result.error or server.log_tail()
+    assert (server.base / "models" / "loras" / "ci" / "kontext_000004.safetensors").is_file()
+    assert [e["step"] for e in result.events_of("eridiffusion.step") if e["node"] == "7"] == [1, 2, 3, 4]
+    image = result.outputs("22")["images"][0]
+    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as edited:
+        assert edited.size == (64, 64)
+
+
 def test_cancel_stops_training_within_a_step_and_the_server_keeps_serving(client, server):
     write_images(server.base / "input" / "cancel_images", [(64, 64)] * 2)
     api = json.loads((EXAMPLES / "api" / "sdxl_lora.json").read_text())

@@ -828,3 +828,23 @@ def test_a_share_of_layers_offloaded_is_named_in_the_warning_as_every_layer_stre
     assert ("model.layer_offloading_transformer_percent: 0.6 (every layer streams; set train.memory_budget_gb in "
             "GiB to keep some on the GPU)") in job.ignored_warning()
     assert "memory_budget_gb" in error_of(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(memory_budget_gb=-1)))
+
+
+def test_ai_toolkits_flux_kontext_job_trains_flux_on_the_control_images_of_control_path(tmp_path):
+    def kontext(p):
+        p["model"].update(arch="flux_kontext")
+        p["datasets"][0].update(folder_path="edited", control_path="before", resolution=[64])
+    job = parse_job(edited(ui_job("flux"), kontext), "ui.yaml")
+    assert job.model.arch == "flux" and job.datasets[0].control_path == "before"
+    assert job.datasets[0].configs[0].control_folder == "before"
+    assert "control_path" not in (job.ignored_warning() or "")
+    write_images(tmp_path / "edited", ((64, 64),) * 2)
+    write_images(tmp_path / "before", ((64, 64),) * 2, captions=False, seed=3)
+    seen = []
+    dataset = build_dataset(job, lambda folder, key: (seen.append(key), str(tmp_path / folder))[1])
+    assert "datasets[0].control_path" in seen
+    assert sorted(Path(i.control).name for i in dataset.items) == ["img0.png", "img1.png"]
+    assert all(Path(i.control).parent == tmp_path / "before" for i in dataset.items)
+    (tmp_path / "before" / "img1.png").unlink()
+    with pytest.raises(ConfigError, match="image 'img1.png' has no control image in control_folder 'before'"):
+        build_dataset(job, lambda folder, key: str(tmp_path / folder))

@@ -16,6 +16,9 @@ class Batch:
     latents: torch.Tensor             # x0, (B, C, h, w), scaled by the architecture's latent format
     contexts: list                    # TextEmbedding per sample (after caption dropout)
     items: list                       # DatasetItem per sample
+    # edit pairs: the control images' latents, scaled as `latents` (B, C, h, w), given to the model as reference
+    # latents (Flux Kontext, trainers/arch/flux_kontext.py); None without control images
+    controls: torch.Tensor | None = None
 
 
 class Architecture:
@@ -29,6 +32,8 @@ class Architecture:
     embedded_guidance: bool = False
     # Why Create adapter's text_encoder is refused on this architecture ("" where it is offered)
     text_encoder_refusal: str = ""
+    # True when the model takes reference latents (edit pairs: control images, trainers/arch/flux_kontext.py)
+    reference_latents: bool = False
 
     def matches(self, base_model) -> bool:
         raise NotImplementedError

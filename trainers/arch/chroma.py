@@ -29,6 +29,7 @@ _APPROXIMATOR = re.compile(r"distilled_guidance_layer\.(in_proj|out_proj|layers\
 class Chroma(Flux):
     name = "chroma"
     embedded_guidance = False     # samples as ComfyUI does without a FluxGuidance node: guidance 0, as trained
+    reference_latents = False     # ComfyUI's Chroma takes no reference latents
 
     def matches(self, base_model) -> bool:
         return type(base_model) is comfy.model_base.Chroma

@@ -13,6 +13,7 @@ import torch
 import comfy.model_base
 import comfy.model_sampling
 
+from . import flux_kontext
 from .base import cat_contexts, compute_dtype
 from .flow import RectifiedFlow, resolution_shift
 
@@ -25,6 +26,7 @@ class Flux(RectifiedFlow):
     name = "flux"
     out_of_place_blocks = True
     embedded_guidance = True
+    reference_latents = True      # Flux.1 Kontext's edit pairs (trainers/arch/flux_kontext.py)
 
     def matches(self, base_model) -> bool:
         return type(base_model) is comfy.model_base.Flux
@@ -54,4 +56,8 @@ class Flux(RectifiedFlow):
         if base_model.diffusion_model.params.guidance_embed:
             inputs["guidance"] = torch.full((len(batch.contexts),), settings.flux_guidance, device=device,
                                             dtype=dtype)
-        return inputs
+        return flux_kontext.with_reference(inputs, batch, device, dtype)
+
+    def predict_from(self, base_model, model_sampling, x_noisy, sigma, conditioning):
+        return super().predict_from(base_model, model_sampling, x_noisy, sigma,
+                                    flux_kontext.model_inputs(conditioning))

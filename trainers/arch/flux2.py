@@ -36,6 +36,7 @@ _GLOBAL_MODULATION = re.compile(r"^(double_stream_modulation_(img|txt)|single_st
 
 class Flux2(Flux):
     name = "flux2"
+    reference_latents = False     # Flux.2 edit references are not trained here (control images are refused)
     text_encoder_refusal = ("Flux.2's text encoder (Mistral 3 Small, 24B) gets no adapter here: set Create adapter's "
                             "text_encoder to none (the diffusion model's adapter trains on the cached captions)")
 
