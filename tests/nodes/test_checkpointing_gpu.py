@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
     reason="needs a GPU (ERI_TEST_DEVICE=cuda)")]
 
-SIDE = {"sdxl": 1024, "sd3": 256, "flux": 1024}
+SIDE = {"sdxl": 1024, "sd3": 256, "flux": 1024, "zimage": 1024}
 OPTIONS = dict(precision="bf16", learning_rate=1e-3)
 
 
@@ -31,7 +31,7 @@ def train(p, steps, **overrides):
                            settings(**{**OPTIONS, **overrides}), steps)
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux", "zimage"])
 def arch(request):
     return request.param
 

@@ -49,7 +49,7 @@ def assert_same_training(graphed, eager):
         assert torch.allclose(graphed.weights[key], eager.weights[key], rtol=1e-4, atol=1e-6), key
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux", "sdxl_fp16"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux", "zimage", "qwen_image", "flux2", "sdxl_fp16"])
 def test_graphed_training_equals_eager_training(comfy_folders, tiny, captures, arch):
     p = prepared(comfy_folders, tiny, arch=arch.removesuffix("_fp16"), sizes=SIZES)
     if arch.endswith("_fp16"):      # as ComfyUI loads SDXL on most GPUs: precision auto trains it in fp16,
