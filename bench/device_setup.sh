@@ -22,11 +22,16 @@ if ! python3 -c "import av" 2>/dev/null; then
     mkdir -p /tmp/site/av
     cat > /tmp/site/av/__init__.py <<'PY'
 import importlib.abc, importlib.machinery, sys, types
+class _Any(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Any(name, (), {})
 class _Placeholders(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return type(name, (), {})
+        return _Any(name, (), {})
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         return importlib.machinery.ModuleSpec(name, self, is_package=True) if name.startswith("av.") else None
@@ -40,7 +45,7 @@ sys.meta_path.insert(0, _Finder())
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
-    return type(name, (), {})
+    return _Any(name, (), {})
 PY
 fi
 export PYTHONPATH=/tmp/site COMFYUI_PATH=$COMFY PYTHONUNBUFFERED=1
