@@ -122,13 +122,8 @@ def test_fp64_adapter_gradients_match_central_finite_differences(comfy_folders, 
     assert _norm(gradient) > 1e-6, "the loss must depend on the adapter for this check to mean anything"
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_zimage_gradients_with_captions_of_different_lengths_match_finite_differences(comfy_folders, tiny,
-                                                                                      checkpointing):
-    """Z-Image runs each sample of such a micro-batch on its own (its captions are never padded)."""
-    training, micro_batch = _run(comfy_folders, tiny, "zimage", torch.float64, checkpointing, "fp32",
-                                 captions=("red", "a large red square on a blue background, seen from above"))
-    assert {"cond.context_0", "cond.context_1"} <= set(micro_batch), "one context per sample"
+def _assert_gradient_matches_finite_differences(training, micro_batch):
+    """The analytic gradient along two random directions equals the central finite difference (fp64)."""
     _, gradient = _loss_and_gradient(training, micro_batch)
     eps = 1e-4
     for direction in _directions(gradient, 2):
@@ -136,6 +131,16 @@ def test_zimage_gradients_with_captions_of_different_lengths_match_finite_differ
                   _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
         assert abs(_dot(gradient, direction) - finite) <= 1e-6 * _norm(gradient)
     assert _norm(gradient) > 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_zimage_gradients_with_captions_of_different_lengths_match_finite_differences(comfy_folders, tiny,
+                                                                                      checkpointing):
+    """Z-Image runs each sample of such a micro-batch on its own (its captions are never padded)."""
+    training, micro_batch = _run(comfy_folders, tiny, "zimage", torch.float64, checkpointing, "fp32",
+                                 captions=("red", "a large red square on a blue background, seen from above"))
+    assert {"cond.context_0", "cond.context_1"} <= set(micro_batch), "one context per sample"
+    _assert_gradient_matches_finite_differences(training, micro_batch)
 
 
 # bf16 rounds every matmul to 8 significant bits; on these tiny random models that leaves 1-3 % in every
@@ -161,10 +166,4 @@ def test_qwen_image_gradients_with_captions_of_different_lengths_match_finite_di
     (comfy_folders["input"] / "grad" / "img1.txt").write_text("a much longer photo of the second pattern, in blue")
     training, micro_batch = _run(comfy_folders, tiny, "qwen_image", torch.float64, checkpointing, "fp32")
     assert {"cond.context.0", "cond.context.1"} <= set(micro_batch) and "cond.context" not in micro_batch
-    _, gradient = _loss_and_gradient(training, micro_batch)
-    eps = 1e-4
-    for direction in _directions(gradient, 2):
-        finite = (_loss_at(training, micro_batch, direction, eps) -
-                  _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
-        assert abs(_dot(gradient, direction) - finite) <= 1e-6 * _norm(gradient)
-    assert _norm(gradient) > 1e-6
+    _assert_gradient_matches_finite_differences(training, micro_batch)
