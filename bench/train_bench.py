@@ -19,7 +19,7 @@ a table.
 """
 from __future__ import annotations
 
-import argparse, datetime, gc, importlib.machinery, importlib.util, json, os, statistics, subprocess, sys
+import argparse, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
 import time, types
 from pathlib import Path
 
@@ -98,6 +98,11 @@ args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
                   help="memory_budget_gb values to time (0: the whole model loaded; issue 21: 8 12 16 24)")
+args.add_argument("--optimizer", nargs="+", default=["adamw"], choices=["adamw", "adamw8bit"],
+                  help="optimizers to time (adamw8bit: bitsandbytes)")
+args.add_argument("--optimizer-offload", action="store_true", help="optimizer_offload on (the state in CPU memory)")
+args.add_argument("--builtin-offloading", action="store_true",
+                  help="ComfyUI 0.33's TrainLoraNode with offloading on (weights streamed from CPU memory)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -137,6 +142,7 @@ from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
 from eridiffusion.trainers import loop as engine_loop  # noqa: E402
 from eridiffusion.trainers.state import new_adapter  # noqa: E402
 from eridiffusion.trainers.distributed import init_from_env  # noqa: E402
+from eridiffusion.trainers.offload import streamed_layers  # noqa: E402
 
 if ARGS.sdpa:
     from torch.nn.attention import SDPBackend
@@ -291,11 +297,25 @@ def builtin_run(mp, arch, steps):
     torch.optim.AdamW.step = stamped_step
     try:
         # 0.3.75's node needs a list of latents (a single tensor leaves multi_res unbound)
-        nt.TrainLoraNode.execute(model=[mp], latents=[{"samples": lat}, {"samples": lat.clone()}], positive=[cond],
-                                 batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
-                                 rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-                                 training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
-                                 gradient_checkpointing=[True], existing_lora=["[None]"])
+        inputs = dict(model=[mp], latents=[{"samples": lat}, {"samples": lat.clone()}], positive=[cond],
+                      batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
+                      rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                      training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
+                      gradient_checkpointing=[True], existing_lora=["[None]"])
+        # the inputs newer ComfyUIs added (0.33), at their defaults but for offloading
+        newer = {"quantized_backward": [False], "checkpoint_depth": [1], "offloading": [ARGS.builtin_offloading],
+                 "bucket_mode": [False], "bypass_mode": [False]}
+        accepted = inspect.signature(nt.TrainLoraNode.execute).parameters
+        if ARGS.builtin_offloading and "offloading" not in accepted:
+            raise RuntimeError("this ComfyUI's TrainLoraNode has no offloading input")
+        if hasattr(mp, "cached_patcher_init"):
+            # 0.33's node trains a fresh copy from the model's loader (clone(force_deepcopy=True)): here a rebuild,
+            # the original moved to CPU memory as ComfyUI would unload it to make room
+            mp.cached_patcher_init = (lambda disable_dynamic=False: build(arch), ())
+            mm.unload_all_models()
+            mp.model.to(torch.device("cpu"))
+            free()
+        nt.TrainLoraNode.execute(**inputs, **{k: v for k, v in newer.items() if k in accepted})
     finally:
         torch.optim.AdamW.step = adamw_step
     sync()
@@ -317,16 +337,22 @@ def builtin_bench(mp, arch, warmup: int = 3):
 
 
 def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
-                 compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3, budget: float = 0.0):
+                 compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3, budget: float = 0.0,
+                 optimizer: str = "adamw"):
     """Median seconds per optimizer step, peak GiB of our TrainingRun, the GPU memory allocated before the
     run and after it (the run unloaded, then the model loaded again: equal when a run leaks nothing), and
     the seconds from starting the run to the end of its first step and of its warm-up (with CUDA graphs the
     last warm-up step is the one that captures)."""
-    settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, batch_size=batch, precision=PRECISION,
+    settings = TrainingSettings(optimizer=optimizer, learning_rate=1e-4, batch_size=batch, precision=PRECISION,
                                 gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
-                                recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget)
+                                recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget,
+                                optimizer_offload=ARGS.optimizer_offload)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
+    if budget:
+        # as a user's model is before Train steps: in CPU memory (ComfyUI's loaders leave it there), so that the
+        # run's own load decides what goes to the GPU
+        mm.unload_all_models()
     free()
     before = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
     if CUDA:
@@ -344,6 +370,9 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             gc.callbacks.append(_gc_timer)
             for i in range(warmup + steps):
                 if i == warmup:
+                    load_peak = peak_gib()     # including the load (on an H200 the whole model, then unloaded to
+                    if CUDA:                   # the budget; a smaller card's ComfyUI loads only what fits)
+                        torch.cuda.reset_peak_memory_stats()
                     gc_pauses.clear()      # only the timed steps' collections
                     full_collections.clear()
                     tracked["warmed_up"] = len(gc.get_objects())
@@ -364,7 +393,11 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             if ARGS.profile:
                 profile_step(run, f"{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
                              + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else ""))
-        peak = peak_gib()
+        steps_peak = peak_gib()
+        peak = max(steps_peak, load_peak)      # the whole run, as recorded before 2026-12-03 (session 2)
+        RUN_DETAILS.append({"steps_peak_gib": steps_peak,
+                            "streamed_layers": len(streamed_layers(run.base_model.diffusion_model)),
+                            "resident_gib": None if run.resident is None else run.resident / 2**30})
     finally:
         mm.unload_all_models()      # while the run's clone lives, so its object patches are taken off
         del run
@@ -396,6 +429,7 @@ def kernel_kind(name):
 
 
 STEP_TIMES = []   # each engine run's timed steps, in seconds, and its Python garbage collections
+RUN_DETAILS = []  # each engine run's peak over its timed steps only, and what memory_budget_gb streamed
 gc_pauses = []    # (generation, ms) of each collection of the cyclic garbage collector during a run
 full_collections = []   # each full (generation 2) collection during the timed steps: step, ms, objects walked
 _gc_started = {}
@@ -539,30 +573,34 @@ def bench_arch(arch, card):
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
     # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
-    runs = [(a, v, b, c, f, m) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch for c in ARGS.compile
-            for f in (ARGS.fraction if v == "gc" else [1.0]) for m in ARGS.memory_budget_gb] \
-        if not ARGS.builtin_only else []
-    for adapter, variant, batch, compile, fraction, budget in runs:
+    runs = [(a, v, b, c, f, m, o) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch
+            for c in ARGS.compile for f in (ARGS.fraction if v == "gc" else [1.0]) for m in ARGS.memory_budget_gb
+            for o in ARGS.optimizer] if not ARGS.builtin_only else []
+    for adapter, variant, batch, compile, fraction, budget, optimizer in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
-                 + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else ""))
+                 + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")
+                 + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_optoffload" if ARGS.optimizer_offload else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
                "recompute_attention": ARGS.recompute_attention, "memory_budget_gb": budget, "batch": batch,
+               "optimizer": optimizer, "optimizer_offload": ARGS.optimizer_offload,
                "s_per_step": None, "peak_gib": None, "ratio": None}
         try:
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
              rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
                                                                     ARGS.steps, adapter, compile, fraction,
-                                                                    budget=budget)
+                                                                    budget=budget, optimizer=optimizer)
             rec["step_s"], pauses, rec["full_collections"] = STEP_TIMES[-1]
+            rec.update(RUN_DETAILS[-1])
             rec["python_gc"] = {f"gen{g}": {"collections": sum(1 for q, _ in pauses if q == g),
                                             "ms": sum(ms for q, ms in pauses if q == g)} for g in (0, 1, 2)}
             rec["images_per_s"] = batch * (WORLD.size if WORLD else 1) / rec["s_per_step"]
             log(f"{arch} {rec['variant']} batch {batch}: {rec['s_per_step']:.4f} s/step, "
-                f"peak {rec['peak_gib']:.2f} GiB, allocated before {rec['gpu_gib_before_run']:.3f} / after "
+                f"peak {rec['peak_gib']:.2f} GiB (timed steps {rec['steps_peak_gib']:.2f}; {rec['streamed_layers']} "
+                f"layers streamed), allocated before {rec['gpu_gib_before_run']:.3f} / after "
                 f"{rec['gpu_gib_after_run_and_unload']:.3f} GiB; first step after {rec['first_step_s']:.1f} s, "
                 f"warm-up done after {rec['warmed_up_s']:.1f} s")
         except Exception as e:
@@ -574,7 +612,7 @@ def bench_arch(arch, card):
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     if not ARGS.no_builtin and WORLD is None:
         try:
-            builtin = builtin_bench(mp, arch)
+            builtin = {**builtin_bench(mp, arch), "builtin_offloading": ARGS.builtin_offloading}
             log(f"{arch} builtin TrainLoraNode: {builtin['builtin_s_per_step']:.4f} s/step (median of "
                 f"{len(builtin['builtin_step_s'])} after 3 warm-up steps), peak {builtin['builtin_peak_gib']:.2f} "
                 f"GiB; first step done {builtin['builtin_first_step_end_s']:.1f} s into the call, "

@@ -28,15 +28,21 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 SIDE = {"sdxl": 512, "flux": 512}
 
 
-def wide_model_file(tiny, arch: str, folder) -> str:
-    """The tiny model with 128 (SDXL) / 256 (Flux) channels, written as a diffusion-model file."""
+def wide_config(tiny, arch: str):
+    """The tiny model's ComfyUI config with 128 (SDXL) / 256 (Flux) channels."""
     import comfy.supported_models
-    from safetensors.torch import save_file
     if arch == "sdxl":
         config = comfy.supported_models.SDXL({**tiny.SDXL_UNET, "model_channels": 128, "num_head_channels": 32})
     else:
         config = comfy.supported_models.Flux({**tiny.FLUX, "hidden_size": 256, "num_heads": 4,
                                               "axes_dim": [16, 24, 24]})
+    return config
+
+
+def wide_model_file(tiny, arch: str, folder) -> str:
+    """The wide tiny model written as a diffusion-model file, as UNETLoader reads one."""
+    from safetensors.torch import save_file
+    config = wide_config(tiny, arch)
     config.set_inference_dtype(torch.bfloat16, None)
     model = config.get_model({}, "")
     tiny.init_parameters(model.diffusion_model, 0)
@@ -45,13 +51,22 @@ def wide_model_file(tiny, arch: str, folder) -> str:
     return path
 
 
+def detect_as_wide(monkeypatch, tiny, arch: str):
+    """ComfyUI's model detection knows only the real models' shapes, so it is told this file's config; the rest
+    of load_diffusion_model (dtype choice, patcher class, weight loading, the delegate's reload) is ComfyUI's."""
+    import comfy.model_detection
+    monkeypatch.setattr(comfy.model_detection, "model_config_from_unet",
+                        lambda state_dict, prefix, metadata=None, **_: wide_config(tiny, arch))
+
+
 @pytest.fixture(params=["sdxl", "flux"])
-def loaded(request, comfy_folders, tiny, tmp_path):
+def loaded(request, comfy_folders, tiny, tmp_path, monkeypatch):
     """(dynamic MODEL, fully loaded MODEL of the same file, data) for one architecture."""
     import comfy.model_management
     import comfy.sd
     arch = request.param
     path = wide_model_file(tiny, arch, str(tmp_path))
+    detect_as_wide(monkeypatch, tiny, arch)
     p = prepared(comfy_folders, tiny, arch=arch, sizes=((SIDE[arch], SIDE[arch]),) * 2, resolution=SIDE[arch],
                  min_side=64, max_side=SIDE[arch])
     from comfy_env import dynamic_vram
