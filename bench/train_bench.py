@@ -1,7 +1,9 @@
 """LoRA training speed and memory: EriDiffusion's engine vs. ComfyUI's built-in TrainLoraNode, in one process.
 
-Builds random-init models with ComfyUI's own classes (no checkpoint file, no VAE, no text encoder) — SDXL,
-SD 3.5 Large, Flux-dev in bf16, Flux-dev with fp8 (e4m3fn) weights computed in bf16 — trains a rank-16
+Builds random-init models with ComfyUI's own classes (no checkpoint file, no VAE, no text encoder) in bf16 —
+sdxl, sd35l (SD 3.5 Large), flux (Flux.1-dev), chroma, kontext (Flux.1 Kontext-dev: Flux-dev trained on edit pairs,
+the control latent fed as a reference latent), flux2 (Flux.2-dev), qwen_image, zimage (Z-Image Turbo) — and
+flux_fp8, flux2_fp8, qwen_image_fp8 with fp8 (e4m3fn) weights computed in bf16 — trains a rank-16
 LoRA (preset attention_mlp, AdamW, lr 1e-4, batch 1) on synthetic latents and text embeddings with
 gradient checkpointing on and off, and times the built-in node on the same model.
 
@@ -13,6 +15,7 @@ On the GPU machine (full size, 1024x1024), from the repository root:
 ComfyUI is found through $COMFYUI_PATH or .comfyui/path. On a CPU, in seconds:
 
     .venv/bin/python bench/train_bench.py --tiny --steps 3 --arch sdxl sd35l flux
+    .venv/bin/python bench/train_bench.py --tiny --steps 2 --variants gc --arch chroma kontext flux2 qwen_image zimage
 
 Writes train_bench.json (one record per arch and variant) into --out (default $OUT, else /tmp) and prints
 a table.
@@ -20,7 +23,7 @@ a table.
 from __future__ import annotations
 
 import argparse, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
-import time, types
+import time, types, typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +66,9 @@ def import_pack():
 
 
 args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-args.add_argument("--arch", nargs="+", default=["sdxl"], choices=["sdxl", "sd35l", "flux", "flux_fp8"])
+args.add_argument("--arch", nargs="+", default=["sdxl"],
+                  choices=["sdxl", "sd35l", "flux", "flux_fp8", "chroma", "kontext", "flux2", "flux2_fp8",
+                           "qwen_image", "qwen_image_fp8", "zimage"])
 args.add_argument("--variants", nargs="+", default=["gc", "nogc"], choices=["gc", "nogc"],
                   help="with and/or without gradient checkpointing")
 args.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time")
@@ -135,7 +140,7 @@ import comfy.model_patcher, comfy.supported_models  # noqa: E401,E402
 import_pack()
 from eridiffusion.trainers.cache import LatentSet, TextEmbedding, TextSet  # noqa: E402
 from eridiffusion.trainers.checkpoint import make_spec  # noqa: E402
-from eridiffusion.trainers.comfy_compat import flux_config, training_mode  # noqa: E402
+from eridiffusion.trainers.comfy_compat import chroma_config, flux2_config, flux_config, training_mode  # noqa: E402
 from eridiffusion.trainers.config import DatasetConfig, TrainingSettings  # noqa: E402
 from eridiffusion.trainers.data import Bucket, Dataset, DatasetItem  # noqa: E402
 from eridiffusion.trainers.loop import TrainingRun  # noqa: E402
@@ -196,23 +201,82 @@ SD35L = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "i
 SD35L_TINY = {**SD35L, "depth": 2, "adm_in_channels": 64, "num_patches": 256, "pos_embed_max_size": 16,
               "qk_norm": None, "context_embedder_config": {"target": "torch.nn.Linear",
                                                            "params": {"in_features": 4096, "out_features": 128}}}
+# Chroma: Flux-schnell's blocks, modulated by the approximator (distilled_guidance_layer); T5 context, no pooled
+# vector. in/out_channels count the 2x2 patch (64 for 16 latent channels), as model_detection gives them.
+CHROMA = chroma_config({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2, "in_dim": 64, "out_dim": 3072,
+        "hidden_dim": 5120, "n_layers": 5})
+CHROMA_TINY = chroma_config({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64,
+        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64,
+        "hidden_dim": 32, "n_layers": 2})
+# Flux.2 [dev]: 128-channel latents (the VAE's 32 in 2x2 patches) taken one position each, 8 double + 48 single
+# blocks 6144 wide, context 3 x Mistral Small 3's 5120 (ComfyUI stacks three of its layers' outputs), no pooled.
+FLUX2 = flux2_config({"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+        "context_in_dim": 15360, "hidden_size": 6144, "mlp_ratio": 3.0, "num_heads": 48, "depth": 8,
+        "depth_single_blocks": 48, "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False,
+        "guidance_embed": True, "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+        "default_ref_method": "index", "ref_index_scale": 10.0})
+FLUX2_TINY = {**FLUX2, "context_in_dim": 48, "hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [8, 8, 8, 8]}
+# Qwen-Image: model_detection gives in_channels (16 Wan 2.1 channels in 2x2 patches) and the block count; the rest
+# are QwenImageTransformer2DModel's defaults (3072 wide, context Qwen2.5-VL-7B's 3584).
+QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}
+QWEN_IMAGE_TINY = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                   "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+                   "axes_dims_rope": (8, 12, 12)}
+# Z-Image (Turbo): NextDiT 3840 wide, 30 layers, context Qwen3-4B's 2560. (0.33's detection also sets allow_fp16
+# from the weights' values, which only decides whether fp16 may be used.)
+ZIMAGE = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+          "n_layers": 30, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+          "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+          "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+ZIMAGE_TINY = {**ZIMAGE, "dim": 256, "cap_feat_dim": 64, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 8,
+               "n_kv_heads": 8, "axes_dims": [8, 12, 12], "multiple_of": 32}
 RES = 64 if ARGS.tiny else 1024
-# arch -> (model config class, config, latent channels, context tokens, context width, pooled width)
+TINY = ARGS.tiny
+
+
+class Arch(typing.NamedTuple):
+    config_class: type      # ComfyUI's model config (comfy.supported_models)
+    config: dict
+    channels: int           # latent channels
+    tokens: int             # context tokens
+    width: int              # context width
+    pooled: int             # pooled vector width (0: the text encoder gives none)
+    downscale: int = 8      # image pixels per latent position
+    frames: bool = False    # the VAE's latents have a time axis (Wan 2.1: (C, 1, h, w) per image)
+    control: bool = False   # edit pairs: every item has a control latent (Kontext's reference)
+    guidance: bool = False  # the built-in node's conditioning carries a guidance value (FluxGuidance)
+
+
+# Context tokens: Flux's T5 as before; Flux.2's Mistral context is padded to 512 (model_base.Flux2); Chroma's T5,
+# Qwen-Image's Qwen2.5-VL and Z-Image's Qwen3 are not padded: 128 stands for a caption of about 90 words.
+S = comfy.supported_models
 ARCHS = {
-    "sdxl": (comfy.supported_models.SDXL, SDXL_TINY if ARGS.tiny else SDXL, 4, 77, 64 if ARGS.tiny else 2048,
-             32 if ARGS.tiny else 1280),
-    "sd35l": (comfy.supported_models.SD3, SD35L_TINY if ARGS.tiny else SD35L, 16, 154, 4096,
-              64 if ARGS.tiny else 2048),
-    "flux": (comfy.supported_models.Flux, FLUX_TINY if ARGS.tiny else FLUX, 16, 512, 64 if ARGS.tiny else 4096,
-             32 if ARGS.tiny else 768),
+    "sdxl": Arch(S.SDXL, SDXL_TINY if TINY else SDXL, 4, 77, 64 if TINY else 2048, 32 if TINY else 1280),
+    "sd35l": Arch(S.SD3, SD35L_TINY if TINY else SD35L, 16, 154, 4096, 64 if TINY else 2048),
+    "flux": Arch(S.Flux, FLUX_TINY if TINY else FLUX, 16, 512, 64 if TINY else 4096, 32 if TINY else 768,
+                 guidance=True),
+    "chroma": Arch(S.Chroma, CHROMA_TINY if TINY else CHROMA, 16, 128, 64 if TINY else 4096, 0),
+    "flux2": Arch(S.Flux2, FLUX2_TINY if TINY else FLUX2, 128, 512, 48 if TINY else 15360, 0, downscale=16,
+                  guidance=True),
+    "qwen_image": Arch(S.QwenImage, QWEN_IMAGE_TINY if TINY else QWEN_IMAGE, 16, 128, 64 if TINY else 3584, 0,
+                       frames=True),
+    "zimage": Arch(S.ZImage, ZIMAGE_TINY if TINY else ZIMAGE, 16, 128, 64 if TINY else 2560, 0),
 }
-ARCHS["flux_fp8"] = ARCHS["flux"]
+# Flux.1 Kontext [dev]: ComfyUI detects it as Flux-dev (the same config); the control image's latent goes in as a
+# reference latent (trainers/arch/flux_kontext.py), doubling the image tokens
+ARCHS["kontext"] = ARCHS["flux"]._replace(control=True)
+for _name in ("flux", "flux2", "qwen_image"):
+    ARCHS[f"{_name}_fp8"] = ARCHS[_name]
 
 
 def build(arch):
     """Random-init model as a ModelPatcher: normal 0.02 for matrices, zeros for biases, ones otherwise.
-    flux_fp8 stores the weights as float8_e4m3fn and computes in bf16 (ComfyUI's weight_dtype fp8_e4m3fn)."""
-    config_class, config, *_ = ARCHS[arch]
+    The *_fp8 archs store the weights as float8_e4m3fn and compute in bf16 (ComfyUI's weight_dtype fp8_e4m3fn)."""
+    config_class, config = ARCHS[arch].config_class, ARCHS[arch].config
     mc = config_class(dict(config))
     if arch.endswith("_fp8"):
         mc.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
@@ -237,21 +301,28 @@ def build(arch):
 
 def synthetic_data(arch, samples=2, buckets=1):
     """`samples` random latents and captions; with buckets > 1 spread over that many aspect buckets of about
-    RES² pixels (square, portrait, landscape, ...)."""
-    _, _, channels, tokens, width, pooled = ARCHS[arch]
+    RES² pixels (square, portrait, landscape, ...). Kontext's items are edit pairs: each has a control latent of
+    its latent's shape (LatentSet.controls), as the cache gives them."""
+    a = ARCHS[arch]
     g = torch.Generator().manual_seed(0)
     side = RES * 13 // 16 // 64 * 64
     shapes = ([(RES, RES), (side, RES * RES // side // 64 * 64), (RES * RES // side // 64 * 64, side)] if side
               else [(RES, RES), (RES, 2 * RES), (2 * RES, RES)])[:buckets]
     config = DatasetConfig(folder="bench", resolution=RES, min_side=64, max_side=max(RES * 2, 128))
+    pairs = (lambda i: dict(control=f"bench/control/{i}.png", control_hash=f"{i + samples:064x}",
+                            control_size=shapes[i % buckets])) if a.control else (lambda i: {})
     items = tuple(DatasetItem(path=f"bench/{i}.png", caption="a photo", repeats=1, flip=False,
                               original_size=shapes[i % buckets], bucket=Bucket(*shapes[i % buckets]), crop=(0, 0),
-                              content_hash=f"{i:064x}") for i in range(samples))
-    latents = LatentSet(Dataset(config, "bench", items),
-                        tuple(torch.randn(channels, it.bucket.height // 8, it.bucket.width // 8, generator=g)
-                              for it in items), "bench", 0)
-    text = TextSet(tuple((c, TextEmbedding(torch.randn(tokens, width, generator=g), torch.randn(pooled, generator=g)))
-                         for c in ("", "a photo")), "bench", 0)
+                              content_hash=f"{i:064x}", **pairs(i)) for i in range(samples))
+
+    def latent(item):
+        shape = (a.channels, *((1,) if a.frames else ()), item.bucket.height // a.downscale,
+                 item.bucket.width // a.downscale)
+        return torch.randn(shape, generator=g)
+    latents = LatentSet(Dataset(config, "bench", items), tuple(latent(it) for it in items), "bench", 0,
+                        controls=tuple(latent(it) for it in items) if a.control else ())
+    text = TextSet(tuple((c, TextEmbedding(torch.randn(a.tokens, a.width, generator=g),
+                                           torch.randn(a.pooled, generator=g))) for c in ("", "a photo")), "bench", 0)
     return latents, text
 
 
@@ -275,12 +346,20 @@ def builtin_run(mp, arch, steps):
     """ComfyUI's TrainLoraNode for `steps` steps (as gpu_baseline.py calls it): (seconds for the whole call, peak
     GiB, seconds from the call's start to the end of each optimizer step)."""
     import comfy_extras.nodes_train as nt
-    _, _, channels, tokens, width, pooled = ARCHS[arch]
+    a = ARCHS[arch]
     g = torch.Generator().manual_seed(0)
-    lat = torch.randn(1, channels, RES // 8, RES // 8, generator=g)
-    cond = [[torch.randn(1, tokens, width, generator=g),
-             {"pooled_output": torch.randn(1, pooled, generator=g), "width": RES, "height": RES,
-              "crop_w": 0, "crop_h": 0, "target_width": RES, "target_height": RES, "guidance": 1.0}]]
+    # as VAE Encode gives them (Qwen-Image's Wan 2.1 VAE: (B, C, 1, h, w))
+    shape = (1, a.channels, *((1,) if a.frames else ()), RES // a.downscale, RES // a.downscale)
+    lat = torch.randn(shape, generator=g)
+    if arch in ("sdxl", "sd35l", "flux", "flux_fp8"):
+        extra = {"pooled_output": torch.randn(1, a.pooled, generator=g), "width": RES, "height": RES,
+                 "crop_w": 0, "crop_h": 0, "target_width": RES, "target_height": RES, "guidance": 1.0}
+    else:   # as the text encode node gives it (no pooled output but Kontext's CLIP-L), then FluxGuidance
+        extra = {"pooled_output": torch.randn(1, a.pooled, generator=g) if a.pooled else None,
+                 **({"guidance": 1.0} if a.guidance else {})}
+    if a.control:   # ReferenceLatent: the control image's latent
+        extra["reference_latents"] = [torch.randn(shape, generator=g)]
+    cond = [[torch.randn(1, a.tokens, a.width, generator=g), extra]]
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     # The node builds its own torch.optim.AdamW and steps it once per optimizer step (TrainSampler.sample): the
