@@ -115,17 +115,23 @@ class TrainingBlockForward:
     """Object patch for a block's `forward` on the training clone of a MODEL. With `checkpoint`, the block is
     recomputed in backward, all but its attention when `keep_attention` (selective checkpointing)."""
 
-    def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False):
+    def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False,
+                 prefetcher=None):
         self.module = module
         self.checkpoint = checkpoint
         self.out_of_place = out_of_place
         self.context_fn = _attention_kept_contexts if keep_attention else None
+        # memory_budget_gb: stages the block's streamed weights, in the first pass and the recomputation alike
+        self.prefetcher = prefetcher
+        self.index = prefetcher.register(module) if prefetcher is not None else None
 
     def _forward(self, *args, **kwargs):
-        if self.out_of_place:
-            with OutOfPlaceAugmentedAssignment():
-                return type(self.module).forward(self.module, *args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        staged = self.prefetcher.running(self.index) if self.prefetcher is not None else contextlib.nullcontext()
+        with staged:
+            if self.out_of_place:
+                with OutOfPlaceAugmentedAssignment():
+                    return type(self.module).forward(self.module, *args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():

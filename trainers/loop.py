@@ -184,14 +184,18 @@ class TrainingRun:
                                   "CLIP it was created with to Train steps' clip input")
             self.text_encoder = TextEncoderRun(clip, te_layers, checkpoint=settings.gradient_checkpointing)
             clip.cond_stage_model.requires_grad_(False)
+        # memory_budget_gb: the streamed weights of the next block are copied while the current one computes
+        self.prefetcher = offload.BlockPrefetcher(self.device) if settings.memory_budget_gb else None
+        blocks = []
         if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
             root = self.base_model.diffusion_model
             paths = self.arch.block_modules(root)
+            blocks = [root.get_submodule(path) for path in paths]
             checkpointed = spread(len(paths), settings.checkpoint_fraction if settings.gradient_checkpointing else 0)
             for path, checkpoint in zip(paths, checkpointed):
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
                     root.get_submodule(path), checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
-                    keep_attention=not settings.recompute_attention))
+                    keep_attention=not settings.recompute_attention, prefetcher=self.prefetcher))
         if fused.usable_on(self.device):
             for path, forward in self.arch.fused_forwards(self.base_model.diffusion_model).items():
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
@@ -203,7 +207,8 @@ class TrainingRun:
         self.resident = None
         if settings.memory_budget_gb:
             needs = offload.training_needs([p for layer in self.layers.values() for p in layer.parameters()],
-                                           settings.optimizer_offload, self.base_model, self._latent_shapes())
+                                           settings.optimizer_offload, self.base_model, self._latent_shapes(),
+                                           blocks)
             self.resident = offload.resident_budget(settings.memory_budget_gb, needs)
         self.load()
         self.streams = False    # whether ComfyUI streams some of the weights in per layer
@@ -502,8 +507,9 @@ class TrainingRun:
         writes no .grad, so the step adds them up with a few multi-tensor kernels rather than one
         accumulation kernel per parameter, and a captured graph owns its outputs."""
         # (the text encoder computes in its own dtype: its layers cast at each use)
+        staging = self.prefetcher.micro_batch() if self.streams and self.prefetcher else contextlib.nullcontext()
         with cast_once(self.model_layers, self.activation_dtype), training_attention(), \
-                offload.synchronous_copies(self.streams):
+                offload.synchronous_copies(self.streams), staging:
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,

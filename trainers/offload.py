@@ -15,18 +15,17 @@ read its weight through `comfy.ops.cast_bias_weight` (DoRA's norm), so they see 
 LoRA's fused LoraLinear and the fused GroupNorm check `comfy_cast_weights` per call and fall back to the layer's
 forward; CUDA graphs are off (a replay would reuse the copies made while capturing, and the copies need the host).
 
-The copies are made on the compute stream while a micro-batch trains (`synchronous_copies`: ComfyUI's async
-offload off, as its --disable-async-offload does). ComfyUI's side-stream copies are made for inference, where a
-copied weight is used once and dropped right after its op: the side stream then waits for that op before its
-memory can be reused. In training, autograd keeps the copied weight of a recomputed block until that block's
-backward (the input gradient needs it); freed after kernels the side stream never waited for, its memory could
-be reused by the next copy while the backward still reads it, and in 0.33 without cudaMallocAsync the copy is a
-view of a per-stream cast buffer that the layer after next overwrites. On the compute stream a copy is ordered
-with everything that reads it. The cost: copies no longer overlap compute.
+ComfyUI's own per-layer copies (layers outside the blocks) are made on the compute stream while a micro-batch
+trains (`synchronous_copies`: ComfyUI's async offload off, as its --disable-async-offload does). ComfyUI's
+side-stream copies are made for inference, where a copied weight is used once and dropped right after its op: the
+side stream then waits for that op before its memory can be reused. In training, autograd keeps the copied weight
+of a recomputed block until that block's backward (the input gradient needs it); freed after kernels the side
+stream never waited for, its memory could be reused by the next copy while the backward still reads it, and in
+0.33 without cudaMallocAsync the copy is a view of a per-stream cast buffer that the layer after next overwrites.
 
-Prefetching the next block's weights ahead of its compute (overlap again, safely: a side stream of our own whose
-copies the compute stream waits for and that waits for the compute stream before reusing memory), and measuring
-the budget against the peak allocated, need a GPU: left for then. ComfyUI 0.33's block prefetch
+The blocks' streamed weights (nearly all of them) are copied ahead instead (`BlockPrefetcher`): the next block's
+on a side stream of our own while the current block computes, whole blocks at a time, with `record_stream` so
+that autograd's late use is ordered with any reuse of their memory. ComfyUI 0.33's block prefetch
 (comfy/model_prefetch.py) serves its dynamic VRAM (comfy-aimdo) only, and training runs on a dynamic model's
 non-dynamic delegate (comfy_compat.trainable_patcher), which the budget then applies to.
 """
@@ -38,6 +37,7 @@ import math
 import re
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 import comfy.model_management
 
@@ -54,15 +54,17 @@ ADAPTER_COPIES = 3
 ACTIVATION_FACTOR = 8
 
 
-def training_needs(params, optimizer_offload: bool, model, latent_shapes) -> int:
+def training_needs(params, optimizer_offload: bool, model, latent_shapes, blocks=()) -> int:
     """Bytes of GPU memory the training needs besides the model's weights (an estimate): the adapter's parameters
     and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch:
     ComfyUI's estimate for inference (`BaseModel.memory_required`) times ACTIVATION_FACTOR (with gradient
-    checkpointing a step holds each block's input, the attention outputs kept, and one block's activations)."""
+    checkpointing a step holds each block's input, the attention outputs kept, and one block's activations), and
+    two of the largest of `blocks` for the streamed weights BlockPrefetcher stages."""
     adapter = sum(p.numel() * p.element_size() for p in params)
     state = 0 if optimizer_offload else sum(p.numel() * 4 for p in params) * OPTIMIZER_STATE_COPIES
     activations = ACTIVATION_FACTOR * max((model.memory_required(shape) for shape in latent_shapes), default=0)
-    return int(adapter * ADAPTER_COPIES + state + activations)
+    staged = 2 * max((sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=0)
+    return int(adapter * ADAPTER_COPIES + state + activations + staged)
 
 
 def resident_budget(budget_gb: float, needs: int) -> int | None:
@@ -105,6 +107,120 @@ def synchronous_copies(active: bool):
         yield
     finally:
         comfy.model_management.NUM_STREAMS = before
+
+
+# ------------------------------------------------------------------------------------------- block prefetch
+# Devices whose streamed blocks are staged ahead of use (on the CPU nothing streams: the tests add it to check the
+# staging's bookkeeping, which then clones weights)
+PREFETCH_DEVICES = {"cuda"}
+
+
+class BlockPrefetcher:
+    """Copies the streamed weights of the block that runs next to the GPU on a side stream while the current block
+    computes, so that the copies overlap compute instead of preceding each layer's kernels.
+
+    A micro-batch enters the blocks in the same order every time (the forward pass, then gradient checkpointing's
+    recomputation in backward, in reverse): the order the last micro-batch entered them in predicts the next block,
+    and the first block of a micro-batch is staged when it starts. A staged block's streamed layers get their
+    device copies as parameters while it runs (ComfyUI's cast then finds the weight on the device and copies
+    nothing: fp8 weights are still cast to the compute dtype there, LoRA patches of the MODEL still applied), and
+    their CPU parameters back when it returns. The copies are allocated on the side stream; the compute stream
+    waits for them before the block runs, and `record_stream` keeps their memory from being reused while the
+    compute stream (autograd's backward of the recomputed block) may still read them. At most two blocks are staged
+    at a time, besides the copies autograd holds for the backward under way (training_needs counts two of the
+    largest block)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.enabled = self.device.type in PREFETCH_DEVICES
+        self.stream = torch.cuda.Stream(self.device) if self.enabled and self.device.type == "cuda" else None
+        self.blocks: list[torch.nn.Module] = []
+        self.streamed: list[list[tuple[torch.nn.Module, str]]] = []
+        self.staged: dict[int, tuple[object, dict]] = {}
+        self.order: list[int] = []       # the blocks the last micro-batch entered, in order
+        self.entered: list[int] = []     # those this one entered so far
+
+    def register(self, block: torch.nn.Module) -> int:
+        """Adds a block; returns its index."""
+        self.blocks.append(block)
+        return len(self.blocks) - 1
+
+    def _stageable(self, module: torch.nn.Module, name: str) -> bool:
+        """A streamed layer's plain tensor (a QuantizedTensor keeps ComfyUI's per-layer cast) in CPU memory."""
+        param = module._parameters.get(name)
+        return (getattr(module, "comfy_cast_weights", False) and hasattr(module, "prev_comfy_cast_weights")
+                and param is not None and type(param.data) is torch.Tensor
+                and (param.device != self.device or self.device.type == "cpu"))
+
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """Around a micro-batch: which layers stream is read again (ComfyUI may have loaded the model again since),
+        the first block is staged, and nothing stays staged after it."""
+        self.streamed = [[(m, name) for m in block.modules() for name in ("weight", "bias")
+                          if self._stageable(m, name)] for block in self.blocks] if self.enabled else []
+        self.entered = []
+        if self.order:
+            with _disable_current_modes():
+                self._stage(self.order[0])
+        try:
+            yield
+        finally:
+            self.staged.clear()
+            self.order, self.entered = self.entered, []
+
+    def _stage(self, index: int | None) -> None:
+        if index is None or index in self.staged or not self.streamed or not self.streamed[index]:
+            return
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            copies = {(m, name): torch.nn.Parameter(m._parameters[name].to(self.device, non_blocking=True, copy=True),
+                                                    requires_grad=False)
+                      for m, name in self.streamed[index]}
+            ready = None
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        self.staged[index] = (ready, copies)
+
+    def _upcoming(self) -> int | None:
+        """The block the last micro-batch entered after this point, if this one has followed it so far."""
+        at = len(self.entered)
+        if at < len(self.order) and self.order[:at] == self.entered:
+            return self.order[at]
+        return None
+
+    @contextlib.contextmanager
+    def running(self, index: int):
+        """While block `index` runs: its streamed layers use device copies, and the next block's are being made."""
+        if not self.streamed or not self.streamed[index]:
+            self.entered.append(index)
+            yield
+            return
+        # Outside the block's own ops: selective checkpointing records the ops of a block's forward and expects the
+        # same ones when recomputing it, and the copies made differ between the two passes
+        with _disable_current_modes():
+            self._stage(index)
+            ready, copies = self.staged[index]
+            if ready is not None:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(ready)
+                for copy in copies.values():
+                    copy.record_stream(compute)
+            self.entered.append(index)
+            upcoming = self._upcoming()
+            for stale in [i for i in self.staged if i not in (index, upcoming)]:
+                del self.staged[stale]
+            self._stage(upcoming)
+        originals = {(m, name): m._parameters[name] for m, name in copies}
+        try:
+            for (m, name), copy in copies.items():
+                m._parameters[name] = copy
+            yield
+        finally:
+            for (m, name), original in originals.items():
+                m._parameters[name] = original
+            if upcoming != index:
+                self.staged.pop(index, None)
 
 
 # ---------------------------------------------------------------------------------------------- out of memory

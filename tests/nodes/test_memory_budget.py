@@ -236,3 +236,41 @@ def test_the_training_needs_estimate_covers_what_was_measured_on_an_h200(tiny, m
     flux = training_needs([], False, models["flux"].model, [(1, 16, 128, 128)])
     assert sdxl >= 1.9 * GIB and flux >= 3.1 * GIB
     assert flux < 10 * GIB          # and not so far above that a 12 GB card streams every layer
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_the_next_blocks_weights_are_staged_ahead_and_the_model_gets_its_own_back(comfy_folders, tiny, monkeypatch,
+                                                                                   arch):
+    """BlockPrefetcher (on a GPU: copies on a side stream while the block before computes). On the CPU it is
+    switched on by hand, where staging clones the weights: training is unchanged; from the second micro-batch on,
+    every block finds its weights staged already (the order of the forward pass and of the recomputation in
+    backward is learnt from the micro-batch before); after training every layer of the shared MODEL holds its own
+    parameter objects again."""
+    from eridiffusion.trainers import offload
+    p = prepared(comfy_folders, tiny, arch=arch)
+    root = p["model"].model.diffusion_model
+    own = {name: param for name, param in root.named_parameters()}
+    full = trained(p)
+    monkeypatch.setattr(offload, "PREFETCH_DEVICES", {"cuda", "cpu"})
+    micro_batches = []
+    running, micro_batch = offload.BlockPrefetcher.running, offload.BlockPrefetcher.micro_batch
+
+    def watch_micro_batch(self):
+        micro_batches.append([])
+        return micro_batch(self)
+
+    def watch_running(self, index):
+        micro_batches[-1].append((index, index in self.staged))
+        return running(self, index)
+    monkeypatch.setattr(offload.BlockPrefetcher, "micro_batch", watch_micro_batch)
+    monkeypatch.setattr(offload.BlockPrefetcher, "running", watch_running)
+    budgeted = trained(p, memory_budget_gb=1e-4)
+    assert_same_training(budgeted, full)
+    order = [index for index, _ in micro_batches[0]]
+    # every block in the forward pass, then the recomputation of those backward reaches (not the first blocks of
+    # the tiny SDXL: no adapter layer there or before them)
+    assert len(set(order)) >= 2 and len(set(order)) < len(order) <= 2 * len(set(order))
+    assert len(micro_batches) == STEPS
+    assert all([index for index, _ in entered] == order for entered in micro_batches)
+    assert all(staged for entered in micro_batches[1:] for _, staged in entered)
+    assert all(param is own[name] for name, param in root.named_parameters())
