@@ -214,10 +214,12 @@ class PatchedForward:
     """Replaces a layer's `forward` while its clone is loaded: the adapter's `apply` around the layer's own
     forward (for most methods base output plus delta)."""
 
-    def __init__(self, layer: torch.nn.Module, adapter: AdapterLayer):
+    def __init__(self, layer: torch.nn.Module, adapter: AdapterLayer, fp8=None):
         from ..comfy_compat import has_quantized_weight
         self.layer = layer
         self.adapter = adapter
+        # fp8_compute (trainers/fp8.py): the base forward runs the layer's GEMMs in FP8 (the adapter does not)
+        self.fp8 = fp8
         # a quantized layer runs dequantized under an adapter, as ComfyUI runs it under the stock loader's
         # patches (comfy_compat.dequantized_linear says why)
         self.dequantize = has_quantized_weight(layer)
@@ -227,6 +229,8 @@ class PatchedForward:
         if self.dequantize:
             from ..comfy_compat import dequantized_linear
             base = lambda inp: dequantized_linear(layer, inp)  # noqa: E731
+        elif self.fp8 is not None and not args and not kwargs:
+            base = self.fp8     # LoraLayer.apply reads its `weight` for its fused FP8 path
         else:
             base = lambda inp: type(layer).forward(layer, inp, *args, **kwargs)  # noqa: E731
         if not self.adapter.active:
