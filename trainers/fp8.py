@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -57,9 +58,11 @@ E5M2 = torch.float8_e5m2
 # the formats' largest finite values are 0.875·2^E (448 = 0.875·2^9, 57344 = 0.875·2^16)
 _MAX_EXPONENT = {E4M3: 9, E5M2: 16}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# GEMMs with fewer rows than this stay in the activations' dtype (see the module's docstring). The CPU tests
-# lower it: their tiny models have 16 tokens.
-MIN_ROWS = 1024
+# GEMMs with fewer rows than this stay in the activations' dtype (see the module's docstring): on an H200 the
+# weight's quantization (~3 bytes per element at 4.8 TB/s) costs what the faster GEMM saves (half of 2·rows
+# flops per element at ~0.8 PFLOP/s) at ~600 rows. ERI_FP8_MIN_ROWS in ComfyUI's environment sets it (the bench's
+# A/B runs); the CPU tests lower it, their tiny models having 16 tokens.
+MIN_ROWS = int(os.environ.get("ERI_FP8_MIN_ROWS", "1024"))
 # devices whose FP8 tensor cores `_scaled_mm` uses: compute capability 8.9 (Ada) and up
 MIN_CAPABILITY = (8, 9)
 

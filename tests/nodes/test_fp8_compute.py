@@ -20,11 +20,8 @@ from helpers import assert_chained_and_resumed_equal_one_run, model_output, prep
 ARCHS = ["flux", "sd3", "zimage"]
 
 
-@pytest.fixture
-def scaled_mm_calls(monkeypatch):
-    """fp8.MIN_ROWS 1 (see the docstring), and the number of torch._scaled_mm calls so far."""
-    from eridiffusion.trainers import fp8
-    monkeypatch.setattr(fp8, "MIN_ROWS", 1)
+def counted_scaled_mm(monkeypatch) -> dict:
+    """{"count": the number of torch._scaled_mm calls so far} (the GPU tests use it too)."""
     calls = {"count": 0}
     real = torch._scaled_mm
 
@@ -34,6 +31,14 @@ def scaled_mm_calls(monkeypatch):
 
     monkeypatch.setattr(torch, "_scaled_mm", counted)
     return calls
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """fp8.MIN_ROWS 1 (see the docstring), and the number of torch._scaled_mm calls so far."""
+    from eridiffusion.trainers import fp8
+    monkeypatch.setattr(fp8, "MIN_ROWS", 1)
+    return counted_scaled_mm(monkeypatch)
 
 
 @pytest.fixture(params=ARCHS)
