@@ -73,7 +73,7 @@ def check_device(device) -> None:
     device = torch.device(device)
     if device.type == "cpu":
         return
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip:     # (ROCm's MI300 computes in other FP8 formats)
         raise ConfigError(f"fp8_compute needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper: sm89/sm90 and "
                           f"later); the training device is {device.type}: turn fp8_compute off")
     capability = torch.cuda.get_device_capability(device)
@@ -84,14 +84,22 @@ def check_device(device) -> None:
                           f"fp8_compute off")
 
 
-@functools.cache
 def _capabilities(device: torch.device) -> tuple[bool, bool]:
-    """(row-wise scales, bias inside the GEMM) as this device's `_scaled_mm` takes them, tried once on a tiny
-    product. The CPU takes both."""
-    if device.type == "cpu":
-        return True, True
+    """(row-wise scales, bias inside the GEMM) as this device's `_scaled_mm` takes them. ERI_FP8_ROWWISE=0 in
+    ComfyUI's environment takes per-tensor scales everywhere, read as each training run starts (the bench's A/B
+    runs: row-wise scales are the more precise, per-tensor GEMMs may be the faster)."""
+    rowwise = os.environ.get("ERI_FP8_ROWWISE", "1") != "0"
+    return _takes(device, rowwise) if rowwise else (False, _takes(device, False)[1])
 
-    def works(rowwise: bool, bias: bool) -> bool:
+
+@functools.cache
+def _takes(device: torch.device, rowwise: bool) -> tuple[bool, bool]:
+    """(row-wise scales, bias inside the GEMM): whether `_scaled_mm` on `device` runs a tiny product with them,
+    tried once per device (the CPU runs every combination)."""
+    if device.type == "cpu":
+        return rowwise, True
+
+    def runs(rowwise: bool, bias: bool) -> bool:
         a = torch.ones(16, 16, device=device).to(E4M3)
         b = torch.ones(16, 16, device=device).to(E4M3).t()
         sa = torch.ones(16, 1, device=device) if rowwise else torch.ones((), device=device)
@@ -103,8 +111,8 @@ def _capabilities(device: torch.device) -> tuple[bool, bool]:
         except (RuntimeError, NotImplementedError):
             return False
 
-    rowwise = works(True, False)
-    return rowwise, works(rowwise, True)
+    rowwise = rowwise and runs(True, False)
+    return rowwise, runs(rowwise, True)
 
 
 def _power_of_two_scale(amax: torch.Tensor, fmt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,12 @@ def p(request, comfy_folders, tiny):
     return prepared(comfy_folders, tiny, arch=request.param)
 
 
+# every architecture fp8_compute applies to (Flux Kontext is Flux's model with reference latents)
+@pytest.fixture(params=["flux", "sd3", "zimage", "chroma", "qwen_image", "flux2"])
+def any_dit(request, comfy_folders, tiny):
+    return prepared(comfy_folders, tiny, arch=request.param)
+
+
 def _relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -85,6 +91,9 @@ def test_layers_that_do_not_qualify_run_their_own_forward(scaled_mm_calls):
     x = torch.randn(4, 64)
     fp8.MIN_ROWS = 8      # (restored by the fixture's monkeypatch)
     assert torch.equal(forward(x), layer(x)) and scaled_mm_calls["count"] == 0     # 4 rows < MIN_ROWS
+    assert forward.weight(torch.randn(16, 64)) is layer.weight
+    # a weight elsewhere than the activations (memory_budget_gb streams it from CPU memory): its own cast path
+    assert forward.weight(torch.randn(16, 64, device="meta")) is None
     layer.weight_function = [lambda w: w]    # a stacked LoRA's weight function: ComfyUI's own cast path
     assert forward.weight(torch.randn(16, 64)) is None
 
@@ -94,10 +103,11 @@ def _train_run(p, **overrides):
     return TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"], settings(**overrides), end_step=1)
 
 
-def test_fp8_training_follows_the_wide_run_and_its_gradients(p, scaled_mm_calls):
+def test_fp8_training_follows_the_wide_run_and_its_gradients(any_dit, scaled_mm_calls):
     """Losses of 5 steps within 5 % of fp32's, and one batch's adapter gradients (after 3 steps, so that LoRA's
     up is no longer zero) with cosine ≥ 0.99."""
     from eridiffusion.trainers.comfy_compat import training_mode
+    p = any_dit
     _, wide, _ = train(p, 5, learning_rate=1e-2)
     _, narrow, _ = train(p, 5, learning_rate=1e-2, fp8_compute=True)
     assert scaled_mm_calls["count"] > 0
@@ -211,3 +221,19 @@ def test_quantized_checkpoints_train_with_fp8_compute(comfy_folders, tiny, tmp_p
     assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
     direct = not any(has_quantized_weight(m) for m in p["model"].model.diffusion_model.modules())
     assert (scaled_mm_calls["count"] > 0) == direct
+
+
+@pytest.mark.parametrize("type_id", ["dora", "lokr", "loha"])
+def test_other_adapter_types_train_on_the_fp8_base_and_load_as_trained(comfy_folders, tiny, type_id, scaled_mm_calls,
+                                                                       caplog):
+    """DoRA, LoKr, LoHa add their delta to the base layer's own forward, which runs in FP8 (LoRA's fused path is
+    the tests above); the file loads in the stock loader with the output of the trained MODEL."""
+    from test_adapter_types import create, relative_error, save, stock_load
+    p = prepared(comfy_folders, tiny, arch="flux")
+    p["adapter"] = create(p, type_id)
+    _, wide, _ = train(p, 4, learning_rate=1e-2)
+    model, narrow, _ = train(p, 4, learning_rate=1e-2, fp8_compute=True)
+    assert scaled_mm_calls["count"] > 0
+    assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
+    loaded = stock_load(p, save(narrow, f"eri/fp8_{type_id}"), caplog)
+    assert relative_error(model_output(loaded, p), model_output(model, p)) <= 1e-3
