@@ -135,12 +135,26 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 def _quantized(x: torch.Tensor, multiplier: torch.Tensor, fmt: torch.dtype, transposed: bool = False):
     """x · multiplier cast to `fmt` in one kernel (the product in fp32: `multiplier` is an fp32 tensor of ≥ 1
     dimension, so it is not demoted to x's dtype). `transposed`: written column-major, as `_scaled_mm` takes its
-    second operand (the result is x's shape with strides (1, rows))."""
+    second operand (the result is x's shape with strides (1, rows)). Where torch cannot write FP8 from a product
+    (checked once per device), the product and the cast are two kernels."""
     if transposed:
         out = torch.empty(x.shape[1], x.shape[0], dtype=fmt, device=x.device).t()
     else:
         out = torch.empty(x.shape, dtype=fmt, device=x.device)
-    return torch.mul(x, multiplier, out=out)
+    if _writes_fp8(x.device.type):
+        return torch.mul(x, multiplier, out=out)
+    return out.copy_(x * multiplier)
+
+
+@functools.cache
+def _writes_fp8(device: str) -> bool:
+    """Whether torch writes a product into an FP8 tensor on this kind of device (a property of the build)."""
+    try:
+        torch.mul(torch.ones(2, 2, device=device, dtype=torch.bfloat16), torch.ones(1, 1, device=device),
+                  out=torch.empty(2, 2, device=device, dtype=E4M3).t())
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class Fp8Gemm:
@@ -275,6 +289,7 @@ def forwards(root: torch.nn.Module, blocks: list[str], device) -> dict[str, Fp8F
     """module path -> Fp8Forward for every qualifying Linear inside the blocks `blocks` of `root`."""
     check_device(device)
     rowwise, bias_in_gemm = _capabilities(torch.device(device))
+    _writes_fp8(torch.device(device).type)      # (tried here, before a CUDA graph may capture a first call)
     out = {}
     for block in blocks:
         for name, module in root.get_submodule(block).named_modules():

@@ -56,10 +56,13 @@ def _relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("one_kernel", [True, False], ids=["fused_cast", "separate_cast"])
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "per_tensor"])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
-def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwise, stored, scaled_mm_calls):
+def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwise, stored, one_kernel,
+                                                                           scaled_mm_calls, monkeypatch):
     from eridiffusion.trainers import fp8
+    monkeypatch.setattr(fp8, "_writes_fp8", lambda device: one_kernel)
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(64, 48)
     with torch.no_grad():
