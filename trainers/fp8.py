@@ -15,8 +15,9 @@ Numerics (all scales are tensors on the device: no host sync, CUDA graphs captur
   row-wise scales (sm90: probed once per device), else one per tensor;
 - weights: e4m3 with a scale per output row (row-wise forward) and one per tensor (backward, where the rows are
   the contraction dimension and cannot keep scales of their own); both are computed once per layer from the
-  frozen weight and cached (N + 1 floats per layer). A weight already stored in e4m3 (ComfyUI's weight_dtype
-  fp8_e4m3fn, 0.3.75's scaled fp8 with its `scale_weight`) is used as it is, never quantized again;
+  frozen weight and cached (N + 1 floats per layer). A weight already stored in e4m3 with one scale per tensor
+  (ComfyUI's weight_dtype fp8_e4m3fn; 0.3.75's scaled fp8 with its `scale_weight`; ComfyUI's quantized layers of
+  a per-tensor e4m3 layout, comfy_compat.fp8_tensorwise) is used as it is, never quantized again;
 - output gradients: e5m2 (2 mantissa bits, 5 exponent bits: gradients span far more binades than activations),
   one dynamic scale per tensor;
 - every scale is a power of two (2^k with the largest k that keeps amax·2^k within the format's maximum), so
@@ -33,8 +34,8 @@ weight is the layer's own parameter).
 Which layers qualify (the others run their own forward in the activations' dtype, unchanged):
 - torch/comfy.ops Linear layers inside `Architecture.block_modules` (gradient checkpointing's blocks);
 - in_features and out_features multiples of 16 (`_scaled_mm`'s rule for both GEMMs);
-- weight on the activations' device, in fp32/bf16/fp16 or e4m3 (e5m2-stored weights and ComfyUI's quantized
-  QuantizedTensor layers — nvfp4, int8, 0.33's scaled fp8 — keep the path they have today);
+- weight on the activations' device, in fp32/bf16/fp16 or e4m3 (e5m2-stored weights and ComfyUI's other
+  quantized layers — nvfp4, int8, block-scaled fp8, AWQ-smoothed — keep the path they have without fp8_compute);
 - no weight or bias function (stacked LoRAs of the stock loader, lowvram patches);
 - memory_budget_gb: a layer ComfyUI streams from CPU memory (weight not on the device) keeps its own cast-per-
   use forward in bf16; the resident layers run in FP8;
@@ -165,11 +166,17 @@ class Fp8Gemm:
         self.rowwise = rowwise
         self.bias_in_gemm = bias_in_gemm
         self._scales = None    # (device, row multiplier (N,1), row dequant (1,N), tensor multiplier (1,1), dequant ())
+        # a QuantizedTensor's per-tensor scale (comfy_compat.fp8_tensorwise); else 0.3.75's scaled-fp8 scale_weight
+        self.stored_scale = None
 
     def weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The weight to run x through in FP8, or None where this call stays on the layer's own forward."""
+        from .comfy_compat import fp8_tensorwise
         layer = self.layer
         weight = getattr(layer, "weight", None)
+        quantized = fp8_tensorwise(weight)
+        if quantized is not None and getattr(layer, "pre_quant_scale", None) is None:
+            weight, self.stored_scale = quantized
         if (type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.device != x.device
                 or x.dtype not in _DTYPES or weight.dtype not in (*_DTYPES, E4M3)
                 or getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None)
@@ -183,8 +190,10 @@ class Fp8Gemm:
     def _weight_scales(self, weight: torch.Tensor):
         if self._scales is None or self._scales[0] != weight.device:
             with torch.no_grad():
-                if weight.dtype == E4M3:     # stored fp8: used as it is, times 0.3.75's scaled-fp8 scale
-                    scale = getattr(self.layer, "scale_weight", None)
+                if weight.dtype == E4M3:     # stored fp8: used as it is, times its scale
+                    scale = self.stored_scale
+                    if scale is None:
+                        scale = getattr(self.layer, "scale_weight", None)
                     dequant = (torch.ones((), device=weight.device) if scale is None
                                else scale.detach().to(device=weight.device, dtype=torch.float32).reshape(()))
                     self._scales = (weight.device, None, dequant.expand(1, weight.shape[0]).contiguous(), None,
@@ -251,11 +260,13 @@ class _Fp8Linear(torch.autograd.Function):
 
 class Fp8Forward:
     """An object patch for a frozen Linear's `forward` (and the base forward of an adapted one: PatchedForward's
-    `fp8`): FP8 where `Fp8Gemm.weight` takes the call, else the layer's own forward."""
+    `fp8`): FP8 where `Fp8Gemm.weight` takes the call, else the layer's own forward (`dequantize`: an adapted
+    quantized layer's dequantized product, as PatchedForward runs it without fp8_compute)."""
 
-    def __init__(self, layer: torch.nn.Module, gemm: Fp8Gemm):
+    def __init__(self, layer: torch.nn.Module, gemm: Fp8Gemm, dequantize: bool = False):
         self.layer = layer
         self.gemm = gemm
+        self.dequantize = dequantize
 
     def weight(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.gemm.weight(x)
@@ -264,6 +275,9 @@ class Fp8Forward:
         layer = self.layer
         weight = None if args or kwargs else self.gemm.weight(x)
         if weight is None:
+            if self.dequantize and not args and not kwargs:
+                from .comfy_compat import dequantized_linear
+                return dequantized_linear(layer, x)
             return type(layer).forward(layer, x, *args, **kwargs)
         if hasattr(layer, "comfy_cast_weights"):       # comfy.ops' layers check for Cancel at every op
             import comfy.ops
@@ -277,9 +291,10 @@ class Fp8Forward:
 
 
 def qualifies(module: torch.nn.Module) -> bool:
-    """A Linear whose shapes `_scaled_mm` takes (in and out multiples of 16), not a quantized one."""
-    from .comfy_compat import has_quantized_weight, is_linear
-    if not is_linear(module) or has_quantized_weight(module):
+    """A Linear whose shapes `_scaled_mm` takes (in and out multiples of 16); of ComfyUI's quantized layers, those
+    stored in e4m3 with one scale per tensor."""
+    from .comfy_compat import fp8_tensorwise, has_quantized_weight, is_linear
+    if not is_linear(module) or has_quantized_weight(module) and fp8_tensorwise(module.weight) is None:
         return False
     shape = module.weight.shape
     return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0

@@ -211,20 +211,31 @@ def test_a_gpu_without_fp8_is_refused_at_queue_naming_the_input(monkeypatch):
 
 
 
-@pytest.mark.parametrize("quant_format", ["scaled_fp8", "float8_e4m3fn"])
-def test_quantized_checkpoints_train_with_fp8_compute(comfy_folders, tiny, tmp_path, quant_format, scaled_mm_calls):
-    """A scaled-fp8 file as 0.3.75 loads it (e4m3 weights and a per-tensor scale_weight) computes with its weights
-    as stored; ComfyUI's QuantizedTensor layers (0.33's scaled fp8, the per-layer formats) keep the dequantized
-    path they have without fp8_compute. Either way the run follows the one without it."""
+@pytest.mark.parametrize("quant_format", ["scaled_fp8", "float8_e4m3fn", "int8_tensorwise"])
+def test_quantized_checkpoints_train_with_fp8_compute(comfy_folders, tiny, tmp_path, quant_format, scaled_mm_calls,
+                                                      monkeypatch):
+    """Weights stored in e4m3 with one scale per tensor — a scaled-fp8 file (0.3.75: e4m3 weights and their
+    scale_weight; 0.33 converts it to its quantized layers), ComfyUI's float8_e4m3fn layers — go into the product
+    as stored, adapted or not; other quantized layers (int8) keep the path they have without fp8_compute. Either
+    way the run follows the one without it."""
     from test_quantized_layers import quantized_p
-    from eridiffusion.trainers.comfy_compat import has_quantized_weight
+    from eridiffusion.trainers import fp8
     p = quantized_p(comfy_folders, tiny, tmp_path, quant_format)
+    as_stored = []
+    real = fp8.Fp8Gemm.forward
+
+    def forward(self, x, weight, bias, out_dtype):
+        as_stored.append(weight.dtype == torch.float8_e4m3fn)
+        return real(self, x, weight, bias, out_dtype)
+
+    monkeypatch.setattr(fp8.Fp8Gemm, "forward", forward)
     _, wide, _ = train(p, 3, learning_rate=1e-2)
     _, narrow, _ = train(p, 3, learning_rate=1e-2, fp8_compute=True)
     assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
-    direct = not any(has_quantized_weight(m) for m in p["model"].model.diffusion_model.modules())
-    assert (scaled_mm_calls["count"] > 0) == direct
-
+    if quant_format == "int8_tensorwise":
+        assert scaled_mm_calls["count"] == 0 and not as_stored
+    else:
+        assert scaled_mm_calls["count"] > 0 and as_stored and all(as_stored)
 
 @pytest.mark.parametrize("type_id", ["dora", "lokr", "loha"])
 def test_other_adapter_types_train_on_the_fp8_base_and_load_as_trained(comfy_folders, tiny, type_id, scaled_mm_calls,
