@@ -52,6 +52,7 @@ import os
 
 import torch
 
+from .comfy_compat import dequantized_linear, fp8_tensorwise, has_quantized_weight, is_linear
 from .config import ConfigError
 
 E4M3 = torch.float8_e4m3fn
@@ -171,7 +172,6 @@ class Fp8Gemm:
 
     def weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The weight to run x through in FP8, or None where this call stays on the layer's own forward."""
-        from .comfy_compat import fp8_tensorwise
         layer = self.layer
         weight = getattr(layer, "weight", None)
         quantized = fp8_tensorwise(weight)
@@ -222,7 +222,8 @@ class Fp8Gemm:
         x_q = _quantized(x, multiplier, E4M3)
         if bias is not None:
             bias = bias.to(out_dtype)
-        fused_bias = bias is not None and self.bias_in_gemm and out_dtype in (torch.bfloat16, torch.float16)
+        # (the probe tried a bf16 bias: fp16 and fp32 outputs add theirs after the product)
+        fused_bias = bias is not None and self.bias_in_gemm and out_dtype == torch.bfloat16
         out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_dequant, scale_b=w_dequant, out_dtype=out_dtype,
                                bias=bias if fused_bias else None)
         if bias is not None and not fused_bias:
@@ -276,7 +277,6 @@ class Fp8Forward:
         weight = None if args or kwargs else self.gemm.weight(x)
         if weight is None:
             if self.dequantize and not args and not kwargs:
-                from .comfy_compat import dequantized_linear
                 return dequantized_linear(layer, x)
             return type(layer).forward(layer, x, *args, **kwargs)
         if hasattr(layer, "comfy_cast_weights"):       # comfy.ops' layers check for Cancel at every op
@@ -293,7 +293,6 @@ class Fp8Forward:
 def qualifies(module: torch.nn.Module) -> bool:
     """A Linear whose shapes `_scaled_mm` takes (in and out multiples of 16); of ComfyUI's quantized layers, those
     stored in e4m3 with one scale per tensor."""
-    from .comfy_compat import fp8_tensorwise, has_quantized_weight, is_linear
     if not is_linear(module) or has_quantized_weight(module) and fp8_tensorwise(module.weight) is None:
         return False
     shape = module.weight.shape
