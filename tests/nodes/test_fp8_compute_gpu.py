@@ -71,7 +71,8 @@ def test_fp8_training_follows_bf16_within_its_memory(p, scaled_mm_calls, compile
     logging.info("fp8 losses %s, bf16 %s; peak %d vs %d", narrow.history.losses, wide.history.losses, narrow_peak,
                  wide_peak)
     assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
-    assert narrow_peak <= 1.02 * wide_peak
+    # (+ 64 MiB: cuBLASLt's workspace, should _scaled_mm take one of its own besides the bf16 GEMMs')
+    assert narrow_peak <= 1.02 * wide_peak + 64 * 2**20
     on, off = gradients(p, wide, fp8_compute=True, compile="off"), gradients(p, wide, compile="off")
     assert off.norm() > 0 and torch.nn.functional.cosine_similarity(on, off, dim=0) >= 0.99
 
