@@ -449,12 +449,13 @@ class TrainingSettings:
         default=0.0)
     fp8_compute: bool = _help(
         "Run the frozen base model's matrix products inside the transformer blocks in FP8 (e4m3 activations and "
-        "weights, e5m2 gradients, dynamic power-of-two scales) on the GPU's FP8 tensor cores: ~1.5x faster steps "
-        "on Hopper (H100/H200), Ada and newer; needs an NVIDIA GPU of compute capability 8.9+ (sm89/sm90). The "
-        "adapter still computes and trains in its own precision; the base layers' outputs and input gradients carry "
-        "FP8's rounding (~3 significant bits per input) instead of bf16's, so losses differ slightly from a bf16 "
-        "run. No extra memory (weights are quantized per use, never stored twice). Training only: the MODEL Train "
-        "steps outputs and saved files sample as always. Layers streamed by memory_budget_gb stay in bf16.",
+        "weights, e5m2 gradients, dynamic power-of-two scales) on the GPU's FP8 tensor cores, which multiply at "
+        "twice bf16's rate: faster steps where those products dominate (large images). Needs an NVIDIA GPU of "
+        "compute capability 8.9+ (Ada, Hopper: sm89/sm90). The adapter still computes and trains in its own "
+        "precision; the base layers' outputs and input gradients carry FP8's rounding (~3 significant bits per "
+        "input) instead of bf16's, so losses differ slightly from a bf16 run. No extra memory (weights are "
+        "quantized per use, never stored twice). Training only: the MODEL Train steps outputs and saved files "
+        "sample as always. Layers whose weights memory_budget_gb keeps in CPU memory when they run stay in bf16.",
         archs=("sd3", "flux", "chroma", "qwen_image", "flux2", "zimage"), default=False)
     text_encoder_lr: float = _help("Learning rate of the text-encoder adapter, when the adapter has one (Create "
                                    "adapter's text_encoder); it follows the same warm-up and schedule. 0 = the "

@@ -37,8 +37,9 @@ Which layers qualify (the others run their own forward in the activations' dtype
 - weight on the activations' device, in fp32/bf16/fp16 or e4m3 (e5m2-stored weights and ComfyUI's other
   quantized layers — nvfp4, int8, block-scaled fp8, AWQ-smoothed — keep the path they have without fp8_compute);
 - no weight or bias function (stacked LoRAs of the stock loader, lowvram patches);
-- memory_budget_gb: a layer ComfyUI streams from CPU memory (weight not on the device) keeps its own cast-per-
-  use forward in bf16; the resident layers run in FP8;
+- memory_budget_gb: a layer whose weight is in CPU memory when it runs (ComfyUI casts it per use) keeps its own
+  forward in bf16; a weight on the device when its layer runs (resident, or a streamed one staged ahead of its
+  block) is quantized like any other: FP8 over the copy;
 - at least MIN_ROWS rows (tokens × batch) per call: the modulation Linears (one row per sample) and short text
   streams are weight-bandwidth-bound, where quantizing the weight costs more than the faster GEMM saves.
 Checked at every call (shapes and dtypes are host facts: nothing is synced), so a CUDA graph captures the
