@@ -63,8 +63,11 @@ def gradients(p, adapter, **overrides):
         return torch.cat([g.float().flatten() for g in grads])
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "per_tensor"])
 @pytest.mark.parametrize("compile_mode", ["off", "cuda_graphs"])
-def test_fp8_training_follows_bf16_within_its_memory(p, scaled_mm_calls, compile_mode):
+def test_fp8_training_follows_bf16_within_its_memory(p, scaled_mm_calls, compile_mode, scaling, monkeypatch):
+    if scaling == "per_tensor":     # (row-wise where the GPU takes it, else per tensor in both runs)
+        monkeypatch.setenv("ERI_FP8_ROWWISE", "0")
     wide, wide_peak = train(p, 5, compile=compile_mode)
     narrow, narrow_peak = train(p, 5, compile=compile_mode, fp8_compute=True)
     assert scaled_mm_calls["count"] > 0
