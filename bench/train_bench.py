@@ -108,6 +108,8 @@ args.add_argument("--optimizer", nargs="+", default=["adamw"], choices=["adamw",
 args.add_argument("--optimizer-offload", action="store_true", help="optimizer_offload on (the state in CPU memory)")
 args.add_argument("--builtin-offloading", action="store_true",
                   help="ComfyUI 0.33's TrainLoraNode with offloading on (weights streamed from CPU memory)")
+args.add_argument("--fp8-compute", action="store_true",
+                  help="fp8_compute: the blocks' frozen Linear GEMMs in FP8 (issue 24; needs sm89+, or the CPU)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -425,7 +427,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     settings = TrainingSettings(optimizer=optimizer, learning_rate=1e-4, batch_size=batch, precision=PRECISION,
                                 gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
                                 recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget,
-                                optimizer_offload=ARGS.optimizer_offload)
+                                optimizer_offload=ARGS.optimizer_offload, fp8_compute=ARGS.fp8_compute)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     if budget:
@@ -647,7 +649,7 @@ def bench_arch(arch, card):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
             "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
-            "fused_group_norm": not ARGS.no_fused_group_norm}
+            "fused_group_norm": not ARGS.no_fused_group_norm, "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -660,6 +662,7 @@ def bench_arch(arch, card):
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
+                 + ("_fp8" if ARGS.fp8_compute else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")
                  + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_optoffload" if ARGS.optimizer_offload else ""))

@@ -109,6 +109,7 @@ class EriTrainingSettings(io.ComfyNode):
                                tooltip=_tip("text_encoder_lr"), optional=True),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=MEMORY_BUDGET_MAX_GB, step=0.5,
                                round=False, tooltip=_tip("memory_budget_gb"), optional=True),
+                io.Boolean.Input("fp8_compute", default=False, tooltip=_tip("fp8_compute"), optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )
@@ -118,7 +119,9 @@ class EriTrainingSettings(io.ComfyNode):
                         min_snr_gamma=None, caption_dropout=None, logit_mean=None, logit_std=None, sigmoid_scale=None,
                         timestep_shift=None, flux_guidance=None, checkpoint_fraction=None, schedule_power=None,
                         schedule_gamma=None, huber_c=None, huber_scale=None, ema_decay=None, reg_weight=None,
-                        diff_output_preservation_multiplier=None, text_encoder_lr=None, memory_budget_gb=None):
+                        diff_output_preservation_multiplier=None, text_encoder_lr=None, memory_budget_gb=None,
+                        fp8_compute=None):
+        from ..trainers import fp8
         return checks.verdict(checks.numbers_problem(
             cls, learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, caption_dropout=caption_dropout,
@@ -126,7 +129,10 @@ class EriTrainingSettings(io.ComfyNode):
             flux_guidance=flux_guidance, checkpoint_fraction=checkpoint_fraction, schedule_power=schedule_power,
             schedule_gamma=schedule_gamma, huber_c=huber_c, huber_scale=huber_scale, ema_decay=ema_decay,
             reg_weight=reg_weight, diff_output_preservation_multiplier=diff_output_preservation_multiplier,
-            text_encoder_lr=text_encoder_lr, memory_budget_gb=memory_budget_gb))
+            text_encoder_lr=text_encoder_lr, memory_budget_gb=memory_budget_gb),
+            # the GPU training runs on (ComfyUI's device): at Queue rather than after the caches were built
+            bool(fp8_compute) and checks.guarded(
+                lambda: fp8.check_device(comfy.model_management.get_torch_device())))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

@@ -101,6 +101,22 @@ def has_quantized_weight(layer) -> bool:
     return isinstance(getattr(layer, "weight", None), _quantized_tensor_class())
 
 
+def fp8_tensorwise(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(e4m3 data, fp32 scale) of a QuantizedTensor weight stored as e4m3 with one scale per tensor (0.3.75's
+    float8_e4m3fn layout, 0.33's TensorCoreFP8Layout, scaled fp8 files as 0.33 converts them), whose dequantized
+    value is data · scale; None for any other weight (e5m2, block-scaled MXFP8, nvfp4, int8, plain tensors)."""
+    if not isinstance(weight, _quantized_tensor_class()):
+        return None
+    data = getattr(weight, "_qdata", None)
+    params = getattr(weight, "_params", None) or getattr(weight, "_layout_params", None)   # 0.33, 0.3.75
+    scale = params.get("scale") if isinstance(params, dict) else getattr(params, "scale", None)
+    if (not isinstance(data, torch.Tensor) or data.dtype != torch.float8_e4m3fn
+            or tuple(data.shape) != tuple(weight.shape) or not isinstance(scale, torch.Tensor) or scale.numel() != 1
+            or not scale.is_floating_point()):
+        return None
+    return data, scale
+
+
 def dequantized_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """A quantized Linear's output for x computed with its weight dequantized to x's dtype: how ComfyUI runs
     such a layer while weight patches (the stock LoRA loader's, on a GPU's dynamic VRAM or in lowvram mode)

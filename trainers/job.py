@@ -891,7 +891,9 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         diff_output_preservation_multiplier=t.float("diff_output_preservation_multiplier", 1.0, lo=0.0, hi=1000.0),
         # ai-toolkit's text_encoder_lr defaults to lr, as 0 does here
         text_encoder_lr=t.float("text_encoder_lr", 0.0, lo=0.0, hi=1.0),
-        memory_budget_gb=_memory_budget(t, layer_offloading))
+        memory_budget_gb=_memory_budget(t, layer_offloading),
+        # ours (ai-toolkit has none: its model.quantize / qtype qfloat8 store weights in 8 bits, compute in bf16)
+        fp8_compute=t.bool("fp8_compute", False))
     dop_class = t.str("diff_output_preservation_class", "", max_length=MAX_TRIGGER_LENGTH).strip()
     settings_kw.update(_parse_ema(_Section(t.raw("ema_config"), t.key("ema_config"), "ema_config", t.ignored,
                                            t.source)))

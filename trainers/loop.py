@@ -29,9 +29,10 @@ import torch
 import comfy.model_management
 
 from . import arch as arches
+from . import fp8
 from . import fused
 from . import offload
-from .adapters.base import adapters_off, cast_once, install
+from .adapters.base import PatchedForward, adapters_off, cast_once, install, object_patch_key
 from .arch.base import compute_dtype
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
@@ -177,6 +178,10 @@ class TrainingRun:
         install(self.patcher, self.layers)
         # Text-encoder layers (trainers/text_encoder.py) go on a clone of the CLIP, which encodes every step
         self.model_layers, te_layers = split_layers(self.layers)
+        # (fp8_compute for an architecture it does not apply to, SDXL: ignored_settings logs it below)
+        if settings.fp8_compute and self.arch.name in TrainingSettings.__dataclass_fields__["fp8_compute"].metadata[
+                "archs"]:
+            self._install_fp8()
         self.text_encoder = None
         if te_layers:
             if clip is None:
@@ -282,6 +287,15 @@ class TrainingRun:
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
+
+    def _install_fp8(self) -> None:
+        """fp8_compute: the blocks' frozen Linear layers (adapted ones included, their adapter in its own dtype) run
+        their GEMMs in FP8 (trainers/fp8.py), as object patches of the training clone only."""
+        root = self.base_model.diffusion_model
+        for path, forward in fp8.forwards(root, self.arch.block_modules(root), self.device).items():
+            adapter = self.model_layers.get(path)
+            self.patcher.add_object_patch(object_patch_key(path), forward if adapter is None else
+                                          PatchedForward(root.get_submodule(path), adapter, fp8=forward))
 
     def _reg_order(self, latents: LatentSet, text: TextSet, settings: TrainingSettings, world) -> DataOrder | None:
         """The regularisation images' order (None without any), after checking that the dataset has training

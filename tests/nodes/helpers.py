@@ -95,6 +95,9 @@ def model_output(model_patcher, p, seed=123, inference_mode=True, load=None):
                     guidance=torch.tensor([1.0, 1.0]))   # per sample (Chroma needs one each)
     if type(base).__name__ == "Lumina2":    # Z-Image: extra_conds' num_tokens (its unpadded caption's length)
         cond["num_tokens"] = text.context.shape[0]
+    device = model_patcher.load_device     # (the GPU tests': on the CPU these stay where they are)
+    x, sigma = x.to(device), sigma.to(device)
+    cond = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
     with torch.inference_mode() if inference_mode else torch.no_grad():
         if load is None:
             comfy.model_management.load_models_gpu([model_patcher])

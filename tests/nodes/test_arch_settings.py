@@ -15,6 +15,7 @@ ONLY = {
     ("EriTrainingSettings", "timestep_shift"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 / Z-Image only: ",
     ("EriTrainingSettings", "loss_weighting"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 / Z-Image only: ",
     ("EriTrainingSettings", "flux_guidance"): "Flux / Flux.2 only: ",
+    ("EriTrainingSettings", "fp8_compute"): "SD 3.5 / Flux / Chroma / Qwen-Image / Flux.2 / Z-Image only: ",
     ("EriCreateAdapter", "conv_layers"): "SDXL only: ",
     ("EriCreateAdapter", "conv_rank"): "SDXL only: ",
     ("EriCreateAdapter", "conv_alpha"): "SDXL only: ",
@@ -49,7 +50,7 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("arch, ignored", [
-    ("sdxl", dict(timestep_shift=3.0, loss_weighting="cosmap", flux_guidance=3.5)),
+    ("sdxl", dict(timestep_shift=3.0, loss_weighting="cosmap", flux_guidance=3.5, fp8_compute=True)),
     ("sd3", dict(min_snr_gamma=5.0, flux_guidance=3.5)),
     ("flux", dict(min_snr_gamma=5.0)),
     ("flux_schnell", dict(min_snr_gamma=5.0, flux_guidance=3.5)),   # schnell has no guidance input

@@ -848,3 +848,11 @@ def test_ai_toolkits_flux_kontext_job_trains_flux_on_the_control_images_of_contr
     (tmp_path / "before" / "img1.png").unlink()
     with pytest.raises(ConfigError, match="image 'img1.png' has no control image in control_folder 'before'"):
         build_dataset(job, lambda folder, key: str(tmp_path / folder))
+
+
+def test_train_fp8_compute_sets_the_setting_and_must_be_a_boolean():
+    assert parse_job(AI_TOOLKIT_FLUX, "x.yaml").settings.fp8_compute is False
+    job = parse_job(edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(fp8_compute=True)), "x.yaml")
+    assert job.settings.fp8_compute is True and "fp8_compute" not in (job.ignored_warning() or "")
+    assert "train.fp8_compute must be true or false" in error_of(
+        edited(AI_TOOLKIT_FLUX, lambda p: p["train"].update(fp8_compute="yes")))

@@ -214,17 +214,24 @@ class PatchedForward:
     """Replaces a layer's `forward` while its clone is loaded: the adapter's `apply` around the layer's own
     forward (for most methods base output plus delta)."""
 
-    def __init__(self, layer: torch.nn.Module, adapter: AdapterLayer):
+    def __init__(self, layer: torch.nn.Module, adapter: AdapterLayer, fp8=None):
         from ..comfy_compat import has_quantized_weight
         self.layer = layer
         self.adapter = adapter
         # a quantized layer runs dequantized under an adapter, as ComfyUI runs it under the stock loader's
         # patches (comfy_compat.dequantized_linear says why)
         self.dequantize = has_quantized_weight(layer)
+        # fp8_compute (trainers/fp8.py): the base forward runs the layer's GEMMs in FP8 (the adapter does not);
+        # where a call does not qualify, a quantized layer falls back to the dequantized product, as without it
+        if fp8 is not None and self.dequantize:
+            fp8 = type(fp8)(layer, fp8.gemm, dequantize=True)
+        self.fp8 = fp8
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
-        if self.dequantize:
+        if self.fp8 is not None and not args and not kwargs:
+            base = self.fp8     # LoraLayer.apply reads its `weight` for its fused FP8 path
+        elif self.dequantize:
             from ..comfy_compat import dequantized_linear
             base = lambda inp: dequantized_linear(layer, inp)  # noqa: E731
         else:

@@ -60,7 +60,13 @@ class LoraLayer(AdapterLayer):
         # The rows are flattened before the base layer, so the adapter's in-place add is on its output itself,
         # not on a view (autograd would copy the whole gradient for an in-place change of a view).
         rows = x.reshape(-1, x.shape[-1])
-        if FUSED_LINEAR and _plain_linear(layer, rows):
+        fp8 = getattr(base_forward, "gemm", None)     # fp8_compute: base_forward is an fp8.Fp8Forward
+        weight = base_forward.weight(rows) if fp8 is not None and FUSED_LINEAR else None
+        if weight is not None and not torch.is_autocast_enabled(x.device.type):
+            bias = None if layer.bias is None else layer.bias.to(x.dtype)
+            out = LoraLinear.apply(rows, weight, bias, self.cast("down", x.dtype), self.cast("up", x.dtype),
+                                   self.scale, fp8)
+        elif FUSED_LINEAR and _plain_linear(layer, rows):
             out = LoraLinear.apply(rows, layer.weight, layer.bias, self.cast("down", x.dtype),
                                    self.cast("up", x.dtype), self.scale)
         else:    # a forward of ComfyUI's that casts or patches its weight (fp8, lowvram, stacked LoRAs)
@@ -89,16 +95,17 @@ class LoraLinear(torch.autograd.Function):
     """y = x Wᵀ + b + scale · (x downᵀ) upᵀ for rows x, W frozen, with a backward written out: autograd would
     compute the base's and the adapter's input gradients separately and add them (one more kernel and one more
     activation-sized tensor per adapted layer, ~700 per SDXL step); here the adapter's part is added by the GEMM
-    itself into the base's. The forward adds hidden · upᵀ into the base output in the GEMM as well."""
+    itself into the base's. The forward adds hidden · upᵀ into the base output in the GEMM as well. With `fp8`
+    (an fp8.Fp8Gemm: fp8_compute) the base's two GEMMs run in FP8, the adapter's in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale):
-        out = F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, down, up, scale, fp8=None):
+        out = F.linear(x, weight, bias) if fp8 is None else fp8.forward(x, weight, bias, x.dtype)
         hidden = F.linear(x, down)
         if scale != 1.0:
             hidden = hidden * scale
         out.addmm_(hidden, up.t())
-        ctx.scale = scale
+        ctx.scale, ctx.fp8 = scale, fp8
         ctx.save_for_backward(x, weight, down, up, hidden)
         return out
 
@@ -110,8 +117,8 @@ class LoraLinear(torch.autograd.Function):
             grad_hidden = grad_hidden * ctx.scale
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.mm(weight)
+            grad_x = grad_out.mm(weight) if ctx.fp8 is None else ctx.fp8.input_grad(grad_out, weight, x.dtype)
             grad_x.addmm_(grad_hidden, down)
         grad_down = grad_hidden.t().mm(x) if ctx.needs_input_grad[3] else None
         grad_up = grad_out.t().mm(hidden) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_down, grad_up, None
+        return grad_x, None, None, grad_down, grad_up, None, None

@@ -1,0 +1,253 @@
+"""fp8_compute: the frozen base Linear layers of the DiT blocks run their GEMMs in FP8 (torch._scaled_mm, which
+torch runs on the CPU too), the adapter in its own dtype; training only.
+
+The tiny models' sequences are 16 tokens per image, far below fp8.MIN_ROWS (where FP8 starts paying off on a
+GPU), so these tests lower it to 1: every qualifying GEMM runs in FP8. A counter around torch._scaled_mm shows
+that they do.
+
+Tolerances: e4m3 keeps 3 mantissa bits (relative rounding ≤ 2^-4 per element), e5m2 2; a GEMM of K terms with
+independent roundings has a relative error of ~2^-4/√3 ≈ 4 % per operand at worst and ~2-3 % typically. The loss of
+a step is a mean over all outputs of the model, so its FP8 error averages out: 5 % per step leaves margin over the
+≤ 2.2 % measured on these models (most steps ≤ 1 %). The adapter's gradient on one batch keeps a cosine ≥ 0.99
+with the fp32 one (measured 0.993-0.998: the brief's bar)."""
+import logging
+
+import pytest
+import torch
+
+from helpers import assert_chained_and_resumed_equal_one_run, model_output, prepared, run, settings, train
+
+ARCHS = ["flux", "sd3", "zimage"]
+
+
+def counted_scaled_mm(monkeypatch) -> dict:
+    """{"count": the number of torch._scaled_mm calls so far} (the GPU tests use it too)."""
+    calls = {"count": 0}
+    real = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls["count"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    return calls
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """fp8.MIN_ROWS 1 (see the docstring), and the number of torch._scaled_mm calls so far."""
+    from eridiffusion.trainers import fp8
+    monkeypatch.setattr(fp8, "MIN_ROWS", 1)
+    return counted_scaled_mm(monkeypatch)
+
+
+@pytest.fixture(params=ARCHS)
+def p(request, comfy_folders, tiny):
+    return prepared(comfy_folders, tiny, arch=request.param)
+
+
+# every architecture fp8_compute applies to (Flux Kontext is Flux's model with reference latents)
+@pytest.fixture(params=["flux", "sd3", "zimage", "chroma", "qwen_image", "flux2"])
+def any_dit(request, comfy_folders, tiny):
+    return prepared(comfy_folders, tiny, arch=request.param)
+
+
+def _relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("one_kernel", [True, False], ids=["fused_cast", "separate_cast"])
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "per_tensor"])
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwise, stored, one_kernel,
+                                                                           scaled_mm_calls, monkeypatch):
+    from eridiffusion.trainers import fp8
+    monkeypatch.setattr(fp8, "_writes_fp8", lambda device: one_kernel)
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 64, generator=gen) * 0.05)
+        layer.bias.copy_(torch.randn(48, generator=gen))
+        layer.to(stored if stored != torch.float8_e4m3fn else torch.float32)
+        if stored == torch.float8_e4m3fn:
+            layer.weight.data = layer.weight.data.to(stored)
+    layer.requires_grad_(False)
+    weight = layer.weight.float()
+    x = (torch.randn(40, 64, generator=gen) * 3).requires_grad_()
+    grad = torch.randn(40, 48, generator=gen) * 1e-3
+    forward = fp8.Fp8Forward(layer, fp8.Fp8Gemm(layer, rowwise, True))
+    out = forward(x)
+    out.backward(grad)
+    expected = torch.nn.functional.linear(x.detach(), weight, layer.bias.float())
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    assert _relative_error(out, expected) < 0.05
+    assert _relative_error(x.grad, grad @ weight) < 0.08
+    assert layer.weight.grad is None and scaled_mm_calls["count"] == 2
+
+
+def test_layers_that_do_not_qualify_run_their_own_forward(scaled_mm_calls):
+    from eridiffusion.trainers import fp8
+    odd = torch.nn.Linear(40, 48).requires_grad_(False)     # in_features not a multiple of 16
+    assert not fp8.qualifies(odd)
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    forward = fp8.Fp8Forward(layer, fp8.Fp8Gemm(layer, True, True))
+    x = torch.randn(4, 64)
+    fp8.MIN_ROWS = 8      # (restored by the fixture's monkeypatch)
+    assert torch.equal(forward(x), layer(x)) and scaled_mm_calls["count"] == 0     # 4 rows < MIN_ROWS
+    assert forward.weight(torch.randn(16, 64)) is layer.weight
+    # a weight elsewhere than the activations (memory_budget_gb streams it from CPU memory): its own cast path
+    assert forward.weight(torch.randn(16, 64, device="meta")) is None
+    layer.weight_function = [lambda w: w]    # a stacked LoRA's weight function: ComfyUI's own cast path
+    assert forward.weight(torch.randn(16, 64)) is None
+
+
+def _train_run(p, **overrides):
+    from eridiffusion.trainers.loop import TrainingRun
+    return TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"], settings(**overrides), end_step=1)
+
+
+def test_fp8_training_follows_the_wide_run_and_its_gradients(any_dit, scaled_mm_calls):
+    """Losses of 5 steps within 5 % of fp32's, and one batch's adapter gradients (after 3 steps, so that LoRA's
+    up is no longer zero) with cosine ≥ 0.99."""
+    from eridiffusion.trainers.comfy_compat import training_mode
+    p = any_dit
+    _, wide, _ = train(p, 5, learning_rate=1e-2)
+    _, narrow, _ = train(p, 5, learning_rate=1e-2, fp8_compute=True)
+    assert scaled_mm_calls["count"] > 0
+    logging.info("fp8 loss relative differences %s", [abs(a - b) / b for a, b in zip(narrow.history.losses,
+                                                                                     wide.history.losses)])
+    assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
+    assert narrow.history.losses != wide.history.losses
+    gradients = {}
+    for on in (False, True):
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
+            run_ = _train_run({**p, "adapter": wide}, learning_rate=1e-2, fp8_compute=on)
+            _, grads = run_._loss_and_gradients(run_._micro_batch())
+            gradients[on] = torch.cat([g.flatten() for g in grads])
+            del run_
+    cosine = torch.nn.functional.cosine_similarity(gradients[True], gradients[False], dim=0).item()
+    logging.info("fp8 gradient cosine %.5f", cosine)
+    assert gradients[False].norm() > 0 and cosine >= 0.99
+
+
+def test_fp8_training_leaves_the_model_and_its_clones_and_samples_as_the_stock_loader(p, scaled_mm_calls, caplog):
+    from nodes import LoraLoaderModelOnly
+    from eridiffusion.nodes.adapter import EriSaveAdapter
+    clone = p["model"].clone()
+    weights = {k: v.clone() for k, v in p["model"].model.diffusion_model.state_dict().items()}
+    before, before_clone = model_output(p["model"], p), model_output(clone, p)
+    trained_model, adapter, _ = train(p, 5, learning_rate=1e-2, fp8_compute=True, gradient_checkpointing=True)
+    assert scaled_mm_calls["count"] > 0
+    assert all(torch.equal(v, weights[k]) for k, v in p["model"].model.diffusion_model.state_dict().items())
+    calls = scaled_mm_calls["count"]
+    assert torch.equal(model_output(p["model"], p), before) and torch.equal(model_output(clone, p), before_clone)
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="eri/fp8", save_dtype="fp32")[0]
+    with caplog.at_level(logging.WARNING):
+        (loaded,) = LoraLoaderModelOnly().load_lora_model_only(p["model"], name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    expected, got = model_output(trained_model, p), model_output(loaded, p)
+    assert scaled_mm_calls["count"] == calls        # sampling never runs FP8
+    assert not torch.allclose(expected, before)
+    assert (got - expected).norm() / expected.norm() <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ["flux"])
+def test_fp8_training_chains_and_resumes_bit_exactly(comfy_folders, tiny, arch, scaled_mm_calls):
+    p = prepared(comfy_folders, tiny, arch=arch)
+    assert_chained_and_resumed_equal_one_run(p, 4, "eri/fp8half", batch_size=2, gradient_checkpointing=True,
+                                             fp8_compute=True)
+    assert scaled_mm_calls["count"] > 0
+
+
+def test_a_model_with_fp8_weights_computes_with_them_as_stored(comfy_folders, tiny, scaled_mm_calls, monkeypatch):
+    """ComfyUI's weight_dtype fp8_e4m3fn: the stored e4m3 weights go into the GEMM as they are (no cast to bf16
+    and back), in the fused LoRA path too; the adapter trains in bf16."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.trainers import fp8
+    p = prepared(comfy_folders, tiny, arch="flux")
+    with torch.inference_mode(False):
+        model = tiny.tiny_model("flux", dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    stored = {t.data_ptr() for t in model.model.diffusion_model.parameters() if t.dtype == torch.float8_e4m3fn}
+    used = []
+    real = fp8.Fp8Gemm.forward
+
+    def forward(self, x, weight, bias, out_dtype):
+        used.append(weight.data_ptr() in stored and weight.dtype == torch.float8_e4m3fn)
+        return real(self, x, weight, bias, out_dtype)
+
+    monkeypatch.setattr(fp8.Fp8Gemm, "forward", forward)
+    adapter = run(EriCreateAdapter, model=model, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                  seed=0, dtype="bf16")[0]
+    q = {**p, "model": model, "adapter": adapter}
+    _, wide, _ = train(q, 3, learning_rate=1e-2, precision="bf16")
+    _, narrow, _ = train(q, 3, learning_rate=1e-2, precision="bf16", fp8_compute=True)
+    assert used and all(used)
+    assert all(v.dtype == torch.bfloat16 for v in narrow.weights.values())
+    assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
+
+
+def test_sdxl_ignores_fp8_compute_with_a_warning(comfy_folders, tiny, scaled_mm_calls, caplog):
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    _, plain, _ = train(p, 2)
+    with caplog.at_level(logging.WARNING):
+        _, ignored, _ = train(p, 2, fp8_compute=True)
+    assert "fp8_compute True is ignored: it applies to" in caplog.text
+    assert ignored.history.losses == plain.history.losses and scaled_mm_calls["count"] == 0
+
+
+def test_a_gpu_without_fp8_is_refused_at_queue_naming_the_input(monkeypatch):
+    import comfy.model_management
+    from eridiffusion.nodes.train import EriTrainingSettings
+    assert EriTrainingSettings.validate_inputs(fp8_compute=True) is True      # the CPU runs _scaled_mm
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    verdict = EriTrainingSettings.validate_inputs(fp8_compute=True)
+    assert "fp8_compute needs an NVIDIA GPU" in verdict and "A100 is 8.0" in verdict
+    assert "turn fp8_compute off" in verdict
+    assert EriTrainingSettings.validate_inputs(fp8_compute=False) is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert EriTrainingSettings.validate_inputs(fp8_compute=True) is True
+
+
+
+@pytest.mark.parametrize("quant_format", ["scaled_fp8", "float8_e4m3fn", "int8_tensorwise"])
+def test_quantized_checkpoints_train_with_fp8_compute(comfy_folders, tiny, tmp_path, quant_format, scaled_mm_calls,
+                                                      monkeypatch):
+    """Weights stored in e4m3 with one scale per tensor — a scaled-fp8 file (0.3.75: e4m3 weights and their
+    scale_weight; 0.33 converts it to its quantized layers), ComfyUI's float8_e4m3fn layers — go into the product
+    as stored, adapted or not; other quantized layers (int8) keep the path they have without fp8_compute. Either
+    way the run follows the one without it."""
+    from test_quantized_layers import quantized_p
+    from eridiffusion.trainers import fp8
+    p = quantized_p(comfy_folders, tiny, tmp_path, quant_format)
+    as_stored = []
+    real = fp8.Fp8Gemm.forward
+
+    def forward(self, x, weight, bias, out_dtype):
+        as_stored.append(weight.dtype == torch.float8_e4m3fn)
+        return real(self, x, weight, bias, out_dtype)
+
+    monkeypatch.setattr(fp8.Fp8Gemm, "forward", forward)
+    _, wide, _ = train(p, 3, learning_rate=1e-2)
+    _, narrow, _ = train(p, 3, learning_rate=1e-2, fp8_compute=True)
+    assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
+    if quant_format == "int8_tensorwise":
+        assert scaled_mm_calls["count"] == 0 and not as_stored
+    else:
+        assert scaled_mm_calls["count"] > 0 and as_stored and all(as_stored)
+
+@pytest.mark.parametrize("type_id", ["dora", "lokr", "loha"])
+def test_other_adapter_types_train_on_the_fp8_base_and_load_as_trained(comfy_folders, tiny, type_id, scaled_mm_calls,
+                                                                       caplog):
+    """DoRA, LoKr, LoHa add their delta to the base layer's own forward, which runs in FP8 (LoRA's fused path is
+    the tests above); the file loads in the stock loader with the output of the trained MODEL."""
+    from test_adapter_types import create, relative_error, save, stock_load
+    p = prepared(comfy_folders, tiny, arch="flux")
+    p["adapter"] = create(p, type_id)
+    _, wide, _ = train(p, 4, learning_rate=1e-2)
+    model, narrow, _ = train(p, 4, learning_rate=1e-2, fp8_compute=True)
+    assert scaled_mm_calls["count"] > 0
+    assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
+    loaded = stock_load(p, save(narrow, f"eri/fp8_{type_id}"), caplog)
+    assert relative_error(model_output(loaded, p), model_output(model, p)) <= 1e-3
