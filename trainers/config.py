@@ -310,7 +310,10 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class TrainingSettings:
     optimizer: str = _help("adamw: torch's AdamW, the usual choice. adamw8bit: bitsandbytes' AdamW with 8-bit state "
-                           "(less memory, about the same training). adafactor: transformers' Adafactor at the given "
+                           "(about the same training; saves 6 bytes per adapter parameter, ~0.23 GiB for an SDXL "
+                           "r16 LoRA, but launches one update per adapter tensor from Python where adamw updates "
+                           "them all in a few kernels: on an H200 SDXL went from 0.111 to 0.247 s/step, Flux from "
+                           "0.623 to 0.641; worth it for large adapters, not for a LoRA). adafactor: transformers' Adafactor at the given "
                            "learning rate (factored second moments: the least memory). prodigy: finds its own step "
                            "size; set learning_rate to 1.0. lion (bitsandbytes): sign updates, one moment; use a "
                            "learning rate 3-10x lower than AdamW's. lion8bit: Lion with 8-bit state. "
@@ -384,7 +387,10 @@ class TrainingSettings:
                             "adapter keeps its last good weights) or skip that step (counted; training stops after "
                             "10 in a row).", default="stop")
     optimizer_offload: bool = _help("Keep the optimizer state and fp32 master weights in CPU memory and step "
-                                    "there (saves GPU memory, costs a copy per step).", default=False)
+                                    "there. Saves only those (8-12 bytes per adapter parameter: ~0.31 GiB for an "
+                                    "SDXL r16 LoRA, ~0.42 GiB for Flux), and costs a copy each way and a CPU step per "
+                                    "step that nothing overlaps. To fit a large model on a small card use "
+                                    "memory_budget_gb, which streams the model's weights.", default=False)
     compile: str = _help("cuda_graphs: after two warm-up steps per bucket, each training step's GPU work is "
                          "captured once (about a second) and replayed, which removes Python's launch overhead "
                          "(SDXL trains several times faster). off: train without graphs. Same results either way; "
