@@ -176,7 +176,9 @@ class EriCacheCaptions(io.ComfyNode):
         return io.Schema(
             node_id="EriCacheCaptions", display_name="Cache captions", category=f"{CATEGORY}/data",
             description="Encodes each distinct caption (its shuffled variants too, with shuffle_captions; and the "
-                        "empty caption, for dropout) once, cached on disk.",
+                        "empty caption, for dropout) once, cached on disk. Qwen-Image-Edit's edit pairs (control_folder with "
+                        "Qwen-Image's text encoder): each image's captions with its control image, as "
+                        "TextEncodeQwenImageEdit encodes a prompt with its image.",
             inputs=[
                 Dataset.Input("dataset", tooltip="Training images whose captions to encode."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you train."),
@@ -186,9 +188,8 @@ class EriCacheCaptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, clip) -> io.NodeOutput:
-        captions = dataset.captions
-        bar = ProgressBar(len(captions) + 1)
-        text = cache.cache_text(captions, clip, paths.cache_folder("text"), on_progress=_progress(bar))
+        bar = ProgressBar(len(dataset.captions) + 1)
+        text = cache.cache_captions(dataset, clip, paths.cache_folder("text"), on_progress=_progress(bar))
         logging.info("EriDiffusion: %r", text)
         return io.NodeOutput(text)
 

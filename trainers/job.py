@@ -43,10 +43,11 @@ from . import prompts as prompts_module
 from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigError, DatasetConfig, TrainingSettings,
                      quoted)
 
-# flux_kontext: ComfyUI loads Flux.1 Kontext as Flux; its datasets' control_path makes the edit pairs
+# flux_kontext: ComfyUI loads Flux.1 Kontext as Flux, qwen_image_edit (Qwen-Image-Edit) as Qwen-Image; their
+# datasets' control_path makes the edit pairs
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
-          "flux_kontext": "flux", "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2",
-          "zimage": "zimage"}
+          "flux_kontext": "flux", "chroma": "chroma", "qwen_image": "qwen_image", "qwen_image_edit": "qwen_image",
+          "flux2": "flux2", "zimage": "zimage"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
                  "lokr": ("lokr", False), "loha": ("loha", False)}
 PRESETS = ("attention", "attention_mlp", "all_linear")
@@ -727,7 +728,7 @@ def _parse_model(m: _Section) -> ModelJob:
     if arch:
         if arch not in ARCHES:
             raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux (or flux_kontext), chroma, "
-                          f"qwen_image, flux2, zimage, got {quoted(arch)}")
+                          f"qwen_image (or qwen_image_edit), flux2, zimage, got {quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
