@@ -111,9 +111,10 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
 
 
 @pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux"), ("chroma_lora", "chroma"),
-                                       ("qwen_image_lora", "qwen_image")])
-def test_sd35_flux_chroma_and_qwen_image_example_workflows_train_sample_and_save_on_the_live_server(client, server,
-                                                                                                   name, arch):
+                                       ("qwen_image_lora", "qwen_image"), ("zimage_lora", "zimage"),
+                                       ("flux2_lora", "flux2")])
+def test_sd35_flux_chroma_qwen_image_zimage_and_flux2_example_workflows_train_sample_and_save_on_the_live_server(
+        client, server, name, arch):
     write_images(server.base / "input" / f"{name}_images", [(64, 64), (64, 128), (64, 64)])
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     prompt = tiny_training_prompt(api, f"{name}_images", steps=6, prefix=f"ci/{name}")
@@ -164,6 +165,30 @@ def test_flux_kontext_example_trains_on_edit_pairs_then_edits_an_image_in_the_st
     assert (server.base / "models" / "loras" / "ci" / "kontext_000004.safetensors").is_file()
     assert [e["step"] for e in result.events_of("eridiffusion.step") if e["node"] == "7"] == [1, 2, 3, 4]
     image = result.outputs("22")["images"][0]
+    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as edited:
+        assert edited.size == (64, 64)
+
+
+def test_qwen_image_edit_example_trains_on_edit_pairs_then_edits_an_image_with_text_encode_qwen_image_edit(client,
+                                                                                                          server):
+    write_images(server.base / "input" / "qwen_edit_after", [(64, 64)] * 3)
+    write_images(server.base / "input" / "training_images_before", [(64, 64)] * 3, captions=False, seed=7)
+    write_images(server.base / "input", [(64, 64)], captions=False, seed=9, prefix="qwen_edit_example_")
+    api = json.loads((EXAMPLES / "api" / "qwen_image_edit_lora.json").read_text())
+    prompt = tiny_training_prompt(api, "qwen_edit_after", steps=4, prefix="ci/qwen_edit")
+    assert prompt["2"]["inputs"]["control_folder"] == "training_images_before"
+    assert any(n["inputs"].get("arch") == "qwen_image" for n in prompt.values())
+    prompt["14"]["inputs"]["image"] = "qwen_edit_example_0.png"
+    # the scale node makes ~1024² of it: the tiny model edits the 64-pixel image as it is, on the CPU
+    # (TextEncodeQwenImageEdit still scales its own copies to ~1024², as it does for any image)
+    for node, name in (("16", "pixels"), ("17", "image"), ("18", "image")):
+        prompt[node]["inputs"][name] = ["14", 0]
+    result = client.run(prompt, timeout=600)
+    assert result.ok, result.error or server.log_tail()
+    lora = server.base / "models" / "loras" / "ci" / "qwen_edit_000004.safetensors"
+    assert lora.is_file() and lora.with_name("qwen_edit_000004.eri-state").is_file()
+    assert [e["step"] for e in result.events_of("eridiffusion.step") if e["node"] == "7"] == [1, 2, 3, 4]
+    image = result.outputs("21")["images"][0]
     with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as edited:
         assert edited.size == (64, 64)
 
