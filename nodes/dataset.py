@@ -55,7 +55,7 @@ class EriTrainingImages(io.ComfyNode):
                 io.String.Input("mask_folder", default="", tooltip=_tip("mask_folder"), optional=True),
                 io.Float.Input("mask_min_value", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("mask_min_value"), optional=True),
-                # edit pairs (Flux Kontext)
+                # edit pairs (Flux Kontext, Qwen-Image-Edit)
                 io.String.Input("control_folder", default="", tooltip=_tip("control_folder"), optional=True),
                 # regularisation images, differential output preservation
                 io.Boolean.Input("is_reg", default=False, tooltip=_tip("is_reg"), optional=True),

@@ -168,14 +168,15 @@ class DatasetConfig:
                              "out as the training folder (same sub-folders, same file names).", default="")
     mask_min_value: float = _help("The lowest weight a mask gives, 0 to 1 (ai-toolkit's mask_min_value): 0.1 still "
                                   "trains the masked-out parts at a tenth.", default=0.0)
-    # Edit pairs (Flux Kontext; ai-toolkit's control_path)
-    control_folder: str = _help("Flux Kontext only: a folder under ComfyUI's input folder with a control image "
-                                "(the image before the edit) for each training image, of the same name (any image "
-                                "extension), laid out as the training folder. Each is resized and cropped to its "
-                                "training image's bucket, cached as a latent beside it and given to the model as "
-                                "ComfyUI's ReferenceLatent gives a reference image; the training image is the "
-                                "edited result the model learns to make (ai-toolkit's control_path). Empty: no "
-                                "control images.", default="")
+    # Edit pairs (Flux Kontext, Qwen-Image-Edit; ai-toolkit's control_path)
+    control_folder: str = _help("Flux Kontext and Qwen-Image-Edit only: a folder under ComfyUI's input folder with "
+                                "a control image (the image before the edit) for each training image, of the same "
+                                "name (any image extension), laid out as the training folder. Each is resized and "
+                                "cropped to its training image's bucket, cached as a latent beside it and given to "
+                                "the model as ComfyUI's ReferenceLatent (Kontext) or TextEncodeQwenImageEdit gives a "
+                                "reference image (Qwen-Image-Edit's captions are also encoded with it, as that node "
+                                "does); the training image is the edited result the model learns to make "
+                                "(ai-toolkit's control_path). Empty: no control images.", default="")
     # Regularisation images and differential output preservation
     is_reg: bool = _help("Regularisation images (kohya is_reg, ai-toolkit datasets[].is_reg): images of the class "
                          "(other people, other dogs) that keep the adapter from changing everything of that class. "

@@ -75,8 +75,8 @@ class DatasetItem:
     mask_size: tuple[int, int] = (0, 0)
     mask_min: float = 0.0
     is_reg: bool = False             # a regularisation image (DatasetConfig.is_reg)
-    # edit pairs (Flux Kontext): the control image's path (the image before the edit; "" for none), the sha256 of
-    # its bytes and its size as displayed
+    # edit pairs (Flux Kontext, Qwen-Image-Edit): the control image's path (the image before the edit; "" for
+    # none), the sha256 of its bytes and its size as displayed
     control: str = ""
     control_hash: str = ""
     control_size: tuple[int, int] = (0, 0)

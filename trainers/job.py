@@ -246,7 +246,7 @@ class DatasetJob:
     num_repeats: int = 1
     mask_path: str = ""                     # the folder of masks (masked_loss mask_folder)
     validation: bool = False                # held out: its loss is evaluated, it is not trained on
-    control_path: str = ""                  # the folder of control images (edit pairs, Flux Kontext)
+    control_path: str = ""                  # the folder of control images (edit pairs)
 
 
 @dataclass(frozen=True)
