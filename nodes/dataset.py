@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from comfy.utils import ProgressBar
 
 from ..trainers import cache, data
-from ..trainers.config import MASKED_LOSS, DatasetConfig, help_of, quoted
+from ..trainers.config import CONTROL_PROMPTS, MASKED_LOSS, DatasetConfig, help_of, quoted
 from . import checks, paths
 from .types import CATEGORY, Dataset, Latents, Text
 
@@ -57,6 +57,8 @@ class EriTrainingImages(io.ComfyNode):
                                tooltip=_tip("mask_min_value"), optional=True),
                 # edit pairs (Flux Kontext, Qwen-Image-Edit)
                 io.String.Input("control_folder", default="", tooltip=_tip("control_folder"), optional=True),
+                io.Combo.Input("control_prompt", options=list(CONTROL_PROMPTS), default=CONTROL_PROMPTS[0],
+                               tooltip=_tip("control_prompt"), optional=True),
                 # regularisation images, differential output preservation
                 io.Boolean.Input("is_reg", default=False, tooltip=_tip("is_reg"), optional=True),
                 io.String.Input("preservation_class", default="", tooltip=_tip("preservation_class"), optional=True),
@@ -102,14 +104,14 @@ class EriTrainingImages(io.ComfyNode):
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
                 max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
                 caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0, is_reg=False,
-                preservation_class="", control_folder="") -> io.NodeOutput:
+                preservation_class="", control_folder="", control_prompt=CONTROL_PROMPTS[0]) -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
                                keep_tokens=keep_tokens, caption_variants=caption_variants,
                                caption_dropout=caption_dropout, masked_loss=masked_loss, mask_folder=mask_folder,
                                mask_min_value=mask_min_value, is_reg=is_reg, preservation_class=preservation_class,
-                               control_folder=control_folder)
+                               control_folder=control_folder, control_prompt=control_prompt)
         root = paths.input_folder(folder)
         mask_root = paths.input_folder(mask_folder, "mask_folder") if masked_loss == "mask_folder" else None
         control_root = paths.input_folder(control_folder, "control_folder") if control_folder.strip() else None

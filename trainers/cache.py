@@ -219,7 +219,7 @@ class TextSet:
 def image_caption(caption: str, item: DatasetItem) -> str:
     """A caption encoded with its item's control image, as TextSet names it: the control image's identity (its
     bytes and how it is fitted to its training image's bucket: a hex digest, fixed length) then the caption."""
-    return control_key(item, "caption") + caption
+    return control_key(item, f"caption {item.control_prompt}") + caption
 
 
 def text_key(caption: str, clip_id: str) -> str:
@@ -265,9 +265,11 @@ def cache_text(captions, clip, cache_dir: str,
             except Exception:
                 tensors = None
         if tensors is None:
-            tokens = clip.tokenize(caption) if item is None else \
-                qwen_image.edit_caption_tokens(clip, caption, _control_pixels(item)[None])
-            context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            if item is None:
+                context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            else:
+                context, pooled = qwen_image.edit_caption(clip, caption, _control_pixels(item)[None],
+                                                          item.control_prompt)
             # a T5-only encoder (Chroma's) has no pooled output: an empty one
             pooled = torch.zeros(0) if pooled is None else pooled[0].detach().float().cpu().contiguous()
             tensors = {"context": context[0].detach().float().cpu().contiguous(), "pooled": pooled}

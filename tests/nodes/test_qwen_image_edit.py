@@ -30,21 +30,30 @@ def _control_image(item):
     return _control_pixels(item)[None]
 
 
-def test_captions_are_cached_with_their_control_image_as_text_encode_qwen_image_edit_encodes_them(p):
+@pytest.mark.parametrize("node", ["TextEncodeQwenImageEdit", "TextEncodeQwenImageEditPlus"])
+def test_captions_are_cached_with_their_control_image_as_the_chosen_comfyui_node_encodes_them(comfy_folders, tiny,
+                                                                                              node):
     """The control image as its reference latent is made (fitted to its training image's bucket) is what the
-    text encoder sees, through TextEncodeQwenImageEdit's own scaling."""
+    text encoder sees, through the node's own scaling and template (Training images' control_prompt)."""
+    import comfy_extras.nodes_qwen as nodes_qwen
     from eridiffusion.nodes.dataset import EriCacheCaptions
+    _pairs(comfy_folders)
+    p = prepared(comfy_folders, tiny, arch="qwen_image", write=False, control_folder="control", control_prompt=node)
     text, latents = p["captions"], p["latents"]
     assert text.with_images
+
+    def encoded(caption, item, which=node):
+        image = {"image1" if which.endswith("Plus") else "image": _control_image(item)}
+        return getattr(nodes_qwen, which).execute(p["clip"], caption, **image).result[0][0][0][0].float()
     for item in latents.dataset.items:
-        conditioning = _edit_conditioning(p["clip"], None, item.caption, _control_image(item))
-        torch.testing.assert_close(text.get(item.caption, item).context, conditioning[0][0][0].float())
+        torch.testing.assert_close(text.get(item.caption, item).context, encoded(item.caption, item))
         # the empty caption (caption dropout) with the image too
-        empty = _edit_conditioning(p["clip"], None, "", _control_image(item))
-        torch.testing.assert_close(text.get("", item).context, empty[0][0][0].float())
+        torch.testing.assert_close(text.get("", item).context, encoded("", item))
     items = latents.dataset.items
     assert not torch.equal(text.get("", items[0]).context, text.get("", items[1]).context), \
         "each control image is seen"
+    other = next(n for n in ("TextEncodeQwenImageEdit", "TextEncodeQwenImageEditPlus") if n != node)
+    assert text.get("", items[0]).context.shape != encoded("", items[0], other).shape, "the node's own encoding"
     again = run(EriCacheCaptions, dataset=p["dataset"], clip=p["clip"])[0]
     assert again.encoded == 0 and [n for n, _ in again.embeddings] == [n for n, _ in text.embeddings]
     assert all(torch.equal(a.context, b.context) for (_, a), (_, b) in zip(again.embeddings, text.embeddings))
@@ -123,5 +132,10 @@ def test_a_yaml_jobs_qwen_image_edit_arch_and_control_path_give_the_dataset_its_
     from eridiffusion.trainers.config import ConfigError
     from eridiffusion.trainers.job import parse_job
     assert parse_job(job).model.arch == "qwen_image"     # ComfyUI loads Qwen-Image-Edit as Qwen-Image
-    with pytest.raises(ConfigError, match=r"arch must be one of .*qwen_image \(or qwen_image_edit\)"):
+    assert parse_job(job).datasets[0].configs[0].control_prompt == "TextEncodeQwenImageEdit"
+    plus = parse_job(job.replace("arch: qwen_image_edit", "arch: qwen_image_edit_plus"))
+    assert plus.model.arch == "qwen_image" and plus.datasets[0].configs[0].control_prompt == \
+        "TextEncodeQwenImageEditPlus"
+    with pytest.raises(ConfigError,
+                       match=r"arch must be one of .*qwen_image \(or qwen_image_edit, qwen_image_edit_plus\)"):
         parse_job(job.replace("arch: qwen_image_edit", "arch: qwen_image_edit_9000"))

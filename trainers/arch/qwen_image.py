@@ -25,8 +25,9 @@ so it is this architecture trained on edit pairs: training images with control i
 ai-toolkit's control_path), as trainers/arch/flux_kontext.py trains Kontext. The control image's latent goes in as
 TextEncodeQwenImageEdit's `reference_latents` (model_base.QwenImage.extra_conds: process_latent_in, then
 `ref_latents`; comfy/ldm/qwen_image/model.py packs it after the noisy latent's tokens and keeps only those of the
-output). TextEncodeQwenImageEdit also shows the image to Qwen2.5-VL: its caption is encoded with the image, as
-that node encodes a prompt (`edit_caption_tokens`, cached per caption and control image by cache.cache_text).
+output). TextEncodeQwenImageEdit also shows the image to Qwen2.5-VL: its caption is encoded with the image by that
+node itself (or by TextEncodeQwenImageEditPlus, Qwen-Image-Edit 2509's, with the image as its image1: the dataset's
+control_prompt), cached per caption and control image by cache.cache_text (`edit_caption`).
 """
 from __future__ import annotations
 
@@ -56,10 +57,6 @@ def resolution_shift(width: int, height: int) -> float:
     return math.exp(BASE_SHIFT + slope * (width * height / (8 * 8 * 2 * 2) - BASE_PATCHES))
 
 
-# TextEncodeQwenImageEdit shows Qwen2.5-VL the image scaled to this many pixels (its aspect kept)
-EDIT_VL_PIXELS = 1024 * 1024
-
-
 def sees_images(clip) -> bool:
     """Whether a CLIP's text encoder takes images with the prompt (Qwen-Image's Qwen2.5-VL): its edit model's
     captions are then encoded with the control image, as TextEncodeQwenImageEdit encodes them."""
@@ -67,15 +64,17 @@ def sees_images(clip) -> bool:
     return isinstance(getattr(clip, "tokenizer", None), comfy.text_encoders.qwen_image.QwenImageTokenizer)
 
 
-def edit_caption_tokens(clip, caption: str, image: torch.Tensor):
-    """The tokens TextEncodeQwenImageEdit (comfy_extras/nodes_qwen.py) makes of a prompt and an IMAGE (1, H, W,
-    C): the image scaled ("area") to about 1024² pixels, in the prompt's chat template for images."""
-    import comfy.utils
-    samples = image.movedim(-1, 1)
-    scale_by = math.sqrt(EDIT_VL_PIXELS / (samples.shape[3] * samples.shape[2]))
-    width, height = round(samples.shape[3] * scale_by), round(samples.shape[2] * scale_by)
-    scaled = comfy.utils.common_upscale(samples, width, height, "area", "disabled").movedim(1, -1)
-    return clip.tokenize(caption, images=[scaled[:, :, :, :3]])
+def edit_caption(clip, caption: str, image: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context (1, tokens, dim), pooled or None) of a prompt and an IMAGE (1, H, W, C) as ComfyUI's `node`
+    (config.CONTROL_PROMPTS: comfy_extras/nodes_qwen.py's TextEncodeQwenImageEdit, or ...Plus with the image as its
+    image1) encodes them: that node runs, without a VAE (the reference latent is the cached control latent)."""
+    import comfy_extras.nodes_qwen as nodes_qwen
+    if node == "TextEncodeQwenImageEditPlus":
+        conditioning = nodes_qwen.TextEncodeQwenImageEditPlus.execute(clip, caption, image1=image).result[0]
+    else:
+        conditioning = nodes_qwen.TextEncodeQwenImageEdit.execute(clip, caption, image=image).result[0]
+    context, extra = conditioning[0]
+    return context, extra.get("pooled_output")
 
 
 class QwenImage(RectifiedFlow):
