@@ -178,9 +178,9 @@ class EriCacheCaptions(io.ComfyNode):
         return io.Schema(
             node_id="EriCacheCaptions", display_name="Cache captions", category=f"{CATEGORY}/data",
             description="Encodes each distinct caption (its shuffled variants too, with shuffle_captions; and the "
-                        "empty caption, for dropout) once, cached on disk. Qwen-Image-Edit's edit pairs (control_folder with "
-                        "Qwen-Image's text encoder): each image's captions with its control image, as "
-                        "TextEncodeQwenImageEdit encodes a prompt with its image.",
+                        "empty caption, for dropout) once, cached on disk. Qwen-Image-Edit's edit pairs "
+                        "(control_folder with Qwen-Image's text encoder): each image's captions with its control "
+                        "image, as Training images' control_prompt node encodes a prompt with its image.",
             inputs=[
                 Dataset.Input("dataset", tooltip="Training images whose captions to encode."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you train."),

@@ -123,8 +123,8 @@ _TINY_ARCH_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "chroma": "chroma", "lumi
 
 
 def _swap_loaders_for_the_tiny_model(prompt: dict) -> None:
-    """SD3 / Flux / Chroma / Qwen-Image / Z-Image / Flux.2 workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is
-    detected from a file): one EriTestTinyModel takes the place of all of them."""
+    """SD3 / Flux / Chroma / Qwen-Image / Z-Image / Flux.2 workflows load MODEL, CLIP and VAE with separate loaders
+    (no tiny model is detected from a file): one EriTestTinyModel takes the place of all of them."""
     loaders = {nid: n["class_type"] for nid, n in prompt.items()
                if n["class_type"] in _TINY_OUTPUT_OF or n["class_type"] == "CheckpointLoaderSimple"}
     arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None) or next(
