@@ -156,10 +156,10 @@ def run_job(job: Job, world: World | None = None, progress: bool = True) -> Adap
     for turn in ("main", "others"):      # rank 0 encodes; the other ranks then read its cache files
         if (turn == "main") == main:
             latents = cache.cache_latents(dataset, vae, os.path.join(cache_dir, "latents"))
-            text = cache.cache_text(dataset.captions, clip, os.path.join(cache_dir, "text"))
+            text = cache.cache_captions(dataset, clip, os.path.join(cache_dir, "text"))
             if held_out is not None:
                 validation = loop.Validation(cache.cache_latents(held_out, vae, os.path.join(cache_dir, "latents")),
-                                             cache.cache_text(held_out.captions, clip, os.path.join(cache_dir, "text")),
+                                             cache.cache_captions(held_out, clip, os.path.join(cache_dir, "text")),
                                              job.validation_every)
         if world is not None:
             world.barrier()

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from comfy.utils import ProgressBar
 
 from ..trainers import cache, data
-from ..trainers.config import MASKED_LOSS, DatasetConfig, help_of, quoted
+from ..trainers.config import CONTROL_PROMPTS, MASKED_LOSS, DatasetConfig, help_of, quoted
 from . import checks, paths
 from .types import CATEGORY, Dataset, Latents, Text
 
@@ -55,8 +55,10 @@ class EriTrainingImages(io.ComfyNode):
                 io.String.Input("mask_folder", default="", tooltip=_tip("mask_folder"), optional=True),
                 io.Float.Input("mask_min_value", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=_tip("mask_min_value"), optional=True),
-                # edit pairs (Flux Kontext)
+                # edit pairs (Flux Kontext, Qwen-Image-Edit)
                 io.String.Input("control_folder", default="", tooltip=_tip("control_folder"), optional=True),
+                io.Combo.Input("control_prompt", options=list(CONTROL_PROMPTS), default=CONTROL_PROMPTS[0],
+                               tooltip=_tip("control_prompt"), optional=True),
                 # regularisation images, differential output preservation
                 io.Boolean.Input("is_reg", default=False, tooltip=_tip("is_reg"), optional=True),
                 io.String.Input("preservation_class", default="", tooltip=_tip("preservation_class"), optional=True),
@@ -102,14 +104,14 @@ class EriTrainingImages(io.ComfyNode):
     def execute(cls, folder, resolution, trigger_word, default_caption, flip, min_side, max_side,
                 max_upscale, shuffle_captions=False, keep_tokens=0, caption_variants=4,
                 caption_dropout=0.0, masked_loss="off", mask_folder="", mask_min_value=0.0, is_reg=False,
-                preservation_class="", control_folder="") -> io.NodeOutput:
+                preservation_class="", control_folder="", control_prompt=CONTROL_PROMPTS[0]) -> io.NodeOutput:
         config = DatasetConfig(folder=folder, resolution=resolution, min_side=min_side, max_side=max_side,
                                max_upscale=max_upscale, default_caption=default_caption,
                                trigger_word=trigger_word, flip=flip, shuffle_captions=shuffle_captions,
                                keep_tokens=keep_tokens, caption_variants=caption_variants,
                                caption_dropout=caption_dropout, masked_loss=masked_loss, mask_folder=mask_folder,
                                mask_min_value=mask_min_value, is_reg=is_reg, preservation_class=preservation_class,
-                               control_folder=control_folder)
+                               control_folder=control_folder, control_prompt=control_prompt)
         root = paths.input_folder(folder)
         mask_root = paths.input_folder(mask_folder, "mask_folder") if masked_loss == "mask_folder" else None
         control_root = paths.input_folder(control_folder, "control_folder") if control_folder.strip() else None
@@ -176,7 +178,9 @@ class EriCacheCaptions(io.ComfyNode):
         return io.Schema(
             node_id="EriCacheCaptions", display_name="Cache captions", category=f"{CATEGORY}/data",
             description="Encodes each distinct caption (its shuffled variants too, with shuffle_captions; and the "
-                        "empty caption, for dropout) once, cached on disk.",
+                        "empty caption, for dropout) once, cached on disk. Qwen-Image-Edit's edit pairs "
+                        "(control_folder with Qwen-Image's text encoder): each image's captions with its control "
+                        "image, as Training images' control_prompt node encodes a prompt with its image.",
             inputs=[
                 Dataset.Input("dataset", tooltip="Training images whose captions to encode."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you train."),
@@ -186,9 +190,8 @@ class EriCacheCaptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, clip) -> io.NodeOutput:
-        captions = dataset.captions
-        bar = ProgressBar(len(captions) + 1)
-        text = cache.cache_text(captions, clip, paths.cache_folder("text"), on_progress=_progress(bar))
+        bar = ProgressBar(len(dataset.captions) + 1)
+        text = cache.cache_captions(dataset, clip, paths.cache_folder("text"), on_progress=_progress(bar))
         logging.info("EriDiffusion: %r", text)
         return io.NodeOutput(text)
 

@@ -119,12 +119,12 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 _TINY_ARCH_OF = {"TripleCLIPLoader": "sd3", "DualCLIPLoader": "flux"}
 _TINY_OUTPUT_OF = {"UNETLoader": 0, "TripleCLIPLoader": 1, "DualCLIPLoader": 1, "CLIPLoader": 1, "VAELoader": 2}
 # CLIPLoader's type -> the tiny architecture its workflow loads (a single text encoder's loader)
-_TINY_ARCH_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "chroma": "chroma"}
+_TINY_ARCH_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "chroma": "chroma", "lumina2": "zimage", "flux2": "flux2"}
 
 
 def _swap_loaders_for_the_tiny_model(prompt: dict) -> None:
-    """SD3 / Flux / Chroma / Qwen-Image workflows load MODEL, CLIP and VAE with separate loaders (no tiny model is
-    detected from a file): one EriTestTinyModel takes the place of all of them."""
+    """SD3 / Flux / Chroma / Qwen-Image / Z-Image / Flux.2 workflows load MODEL, CLIP and VAE with separate loaders
+    (no tiny model is detected from a file): one EriTestTinyModel takes the place of all of them."""
     loaders = {nid: n["class_type"] for nid, n in prompt.items()
                if n["class_type"] in _TINY_OUTPUT_OF or n["class_type"] == "CheckpointLoaderSimple"}
     arch = next((_TINY_ARCH_OF[k] for k in loaders.values() if k in _TINY_ARCH_OF), None) or next(
@@ -206,6 +206,23 @@ MODEL_SOURCES = {
     "flux1-dev-kontext_fp8_scaled.safetensors": (
         "diffusion_models", "https://huggingface.co/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/"
                             "diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors"),
+    "qwen_image_edit_fp8_e4m3fn.safetensors": (
+        "diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/"
+                            "diffusion_models/qwen_image_edit_fp8_e4m3fn.safetensors"),
+    "z_image_bf16.safetensors": (
+        "diffusion_models", "https://huggingface.co/Comfy-Org/z_image/resolve/main/split_files/diffusion_models/"
+                            "z_image_bf16.safetensors"),
+    "qwen_3_4b.safetensors": (
+        "text_encoders", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/"
+                         "qwen_3_4b.safetensors"),
+    "flux2_dev_fp8mixed.safetensors": (
+        "diffusion_models", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/"
+                            "flux2_dev_fp8mixed.safetensors"),
+    "mistral_3_small_flux2_fp8.safetensors": (
+        "text_encoders", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/"
+                         "mistral_3_small_flux2_fp8.safetensors"),
+    "flux2-vae.safetensors": (
+        "vae", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
 }
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 

@@ -192,9 +192,13 @@ class TextSet:
     embeddings: tuple[tuple[str, TextEmbedding], ...]
     clip_id: str
     encoded: int
+    # edit pairs whose text encoder sees the control image (Qwen-Image-Edit): each item's captions encoded with
+    # its control image, named by `image_caption(caption, item)`
+    with_images: bool = False
 
     def __repr__(self):
-        return f"TextSet({len(self.embeddings)} captions, {self.encoded} encoded, clip {self.clip_id})"
+        images = ", with their control images" if self.with_images else ""
+        return f"TextSet({len(self.embeddings)} captions{images}, {self.encoded} encoded, clip {self.clip_id})"
 
     @functools.cached_property
     def _by_caption(self) -> dict[str, TextEmbedding]:
@@ -203,32 +207,57 @@ class TextSet:
     def __contains__(self, caption: str) -> bool:
         return caption in self._by_caption
 
-    def get(self, caption: str) -> TextEmbedding:
+    def get(self, caption: str, item: DatasetItem | None = None) -> TextEmbedding:
+        """The caption's embedding (with `item`'s control image where the captions were encoded with them)."""
         # a lookup per image and step among up to MAX_CAPTION_VARIANTS captions per image
-        if caption in self._by_caption:
-            return self._by_caption[caption]
+        name = image_caption(caption, item) if self.with_images and item is not None else caption
+        if name in self._by_caption:
+            return self._by_caption[name]
         raise KeyError(f"caption {quoted(caption)} was not cached: connect the same dataset to Cache captions")
+
+
+def image_caption(caption: str, item: DatasetItem) -> str:
+    """A caption encoded with its item's control image, as TextSet names it: the control image's identity (its
+    bytes and how it is fitted to its training image's bucket: a hex digest, fixed length) then the caption."""
+    return control_key(item, f"caption {item.control_prompt}") + caption
 
 
 def text_key(caption: str, clip_id: str) -> str:
     return hashlib.sha256(f"{clip_id}|{caption}".encode()).hexdigest()
 
 
+def cache_captions(dataset: Dataset, clip, cache_dir: str,
+                   on_progress: Callable[[int, int], None] | None = None) -> TextSet:
+    """Every caption training may draw from `dataset`, encoded (cache_text). Edit pairs for a text encoder that
+    sees images (Qwen-Image-Edit's Qwen2.5-VL): each item's captions with its control image."""
+    from .arch import qwen_image
+    paired = qwen_image.sees_images(clip) and any(item.control for item in dataset.items)
+    return cache_text(dataset.captions, clip, cache_dir, on_progress, image_items=dataset.items if paired else ())
+
+
 def cache_text(captions, clip, cache_dir: str,
-               on_progress: Callable[[int, int], None] | None = None) -> TextSet:
+               on_progress: Callable[[int, int], None] | None = None,
+               image_items: tuple[DatasetItem, ...] = ()) -> TextSet:
     """Encode each distinct caption and the empty one, reading and writing `cache_dir`. on_progress(done,
     total) is called before the first caption and after each: a caller may raise from it (Cancel) and at
-    most one more caption is encoded."""
+    most one more caption is encoded. `image_items`: edit pairs for a text encoder that sees images
+    (Qwen-Image-Edit's): each item's own captions (and the empty one) are encoded with its control image instead,
+    as TextEncodeQwenImageEdit encodes a prompt with its image (`captions` is then not used)."""
+    from .arch import qwen_image
     os.makedirs(cache_dir, exist_ok=True)
     # layer_idx: CLIPSetLastLayer ("clip skip") changes the output, not the weights
     clip_id = model_fingerprint(clip.cond_stage_model, getattr(clip.patcher, "patches", None),
                                 extra=f"{type(clip.tokenizer).__qualname__}|layer {getattr(clip, 'layer_idx', None)}")
-    wanted = [""] + sorted(set(captions) - {""})
+    if image_items:
+        wanted = [(image_caption(c, item), c, item) for item in image_items for c in sorted(_captions_of(item))]
+        wanted = list({name: (name, c, item) for name, c, item in wanted}.values())
+    else:
+        wanted = [(c, c, None) for c in [""] + sorted(set(captions) - {""})]
     out, encoded = [], 0
     if on_progress:
         on_progress(0, len(wanted))
-    for n, caption in enumerate(wanted, 1):
-        path = os.path.join(cache_dir, text_key(caption, clip_id) + ".safetensors")
+    for n, (name, caption, item) in enumerate(wanted, 1):
+        path = os.path.join(cache_dir, text_key(name if item is None else "image " + name, clip_id) + ".safetensors")
         tensors = None
         if os.path.isfile(path):
             try:
@@ -236,13 +265,24 @@ def cache_text(captions, clip, cache_dir: str,
             except Exception:
                 tensors = None
         if tensors is None:
-            context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            if item is None:
+                context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            else:
+                context, pooled = qwen_image.edit_caption(clip, caption, _control_pixels(item)[None],
+                                                          item.control_prompt)
             # a T5-only encoder (Chroma's) has no pooled output: an empty one
             pooled = torch.zeros(0) if pooled is None else pooled[0].detach().float().cpu().contiguous()
             tensors = {"context": context[0].detach().float().cpu().contiguous(), "pooled": pooled}
             atomic_write(path, lambda p, t=tensors: save_file(t, p))
             encoded += 1
-        out.append((caption, TextEmbedding(tensors["context"].clone(), tensors["pooled"].clone())))
+        out.append((name, TextEmbedding(tensors["context"].clone(), tensors["pooled"].clone())))
         if on_progress:
             on_progress(n, len(wanted))
-    return TextSet(tuple(out), clip_id, encoded)
+    return TextSet(tuple(out), clip_id, encoded, with_images=bool(image_items))
+
+
+def _captions_of(item: DatasetItem) -> set[str]:
+    """Every caption training may draw for one item (as Dataset.captions for all): its own or its shuffled
+    variants, the empty one, and differential output preservation's."""
+    own = set(item.caption_variants or (item.caption,)) | {""}
+    return own | {item.preserved(c) for c in own}

@@ -124,6 +124,8 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "weighted")
 NAN_POLICIES = ("stop", "skip")
 COMPILE_MODES = ("cuda_graphs", "off")
 MASKED_LOSS = ("off", "alpha", "mask_folder")
+# Qwen-Image-Edit: the ComfyUI node whose text encoding of a prompt and its image the captions are cached as
+CONTROL_PROMPTS = ("TextEncodeQwenImageEdit", "TextEncodeQwenImageEditPlus")
 # Create adapter's text_encoder options: which of the CLIP's encoders get adapters (trainers/text_encoder.py)
 TEXT_ENCODERS = ("none", "clip_l", "clip_l+clip_g", "all")
 
@@ -168,14 +170,21 @@ class DatasetConfig:
                              "out as the training folder (same sub-folders, same file names).", default="")
     mask_min_value: float = _help("The lowest weight a mask gives, 0 to 1 (ai-toolkit's mask_min_value): 0.1 still "
                                   "trains the masked-out parts at a tenth.", default=0.0)
-    # Edit pairs (Flux Kontext; ai-toolkit's control_path)
-    control_folder: str = _help("Flux Kontext only: a folder under ComfyUI's input folder with a control image "
-                                "(the image before the edit) for each training image, of the same name (any image "
-                                "extension), laid out as the training folder. Each is resized and cropped to its "
-                                "training image's bucket, cached as a latent beside it and given to the model as "
-                                "ComfyUI's ReferenceLatent gives a reference image; the training image is the "
-                                "edited result the model learns to make (ai-toolkit's control_path). Empty: no "
-                                "control images.", default="")
+    # Edit pairs (Flux Kontext, Qwen-Image-Edit; ai-toolkit's control_path)
+    control_folder: str = _help("Flux Kontext and Qwen-Image-Edit only: a folder under ComfyUI's input folder with "
+                                "a control image (the image before the edit) for each training image, of the same "
+                                "name (any image extension), laid out as the training folder. Each is resized and "
+                                "cropped to its training image's bucket, cached as a latent beside it and given to "
+                                "the model as ComfyUI's ReferenceLatent (Kontext) or TextEncodeQwenImageEdit gives a "
+                                "reference image (Qwen-Image-Edit's captions are also encoded with it, as that node "
+                                "does); the training image is the edited result the model learns to make "
+                                "(ai-toolkit's control_path). Empty: no control images.", default="")
+    control_prompt: str = _help("Qwen-Image-Edit only: the ComfyUI node you will edit with, which Cache captions "
+                                "copies when it encodes each caption with its control image. "
+                                "TextEncodeQwenImageEdit: Qwen-Image-Edit (the image at about 1024² to the text "
+                                "encoder). TextEncodeQwenImageEditPlus: Qwen-Image-Edit 2509 / 2511 (the control "
+                                "image as its image1: 384² to the text encoder, in its own template; ai-toolkit's "
+                                "qwen_image_edit_plus).", default="TextEncodeQwenImageEdit")
     # Regularisation images and differential output preservation
     is_reg: bool = _help("Regularisation images (kohya is_reg, ai-toolkit datasets[].is_reg): images of the class "
                          "(other people, other dogs) that keep the adapter from changing everything of that class. "
@@ -220,6 +229,9 @@ class DatasetConfig:
             raise ConfigError(f"keep_tokens must be between 0 and 1000, got {self.keep_tokens}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout is a probability between 0 and 1, got {self.caption_dropout}")
+        if self.control_prompt not in CONTROL_PROMPTS:
+            raise ConfigError(f"control_prompt must be one of {', '.join(CONTROL_PROMPTS)}, got "
+                              f"{quoted(self.control_prompt)}")
         if self.masked_loss not in MASKED_LOSS:
             raise ConfigError(f"masked_loss must be one of {', '.join(MASKED_LOSS)}, got {quoted(self.masked_loss)}")
         check_finite("dataset", mask_min_value=self.mask_min_value)

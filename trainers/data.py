@@ -75,11 +75,12 @@ class DatasetItem:
     mask_size: tuple[int, int] = (0, 0)
     mask_min: float = 0.0
     is_reg: bool = False             # a regularisation image (DatasetConfig.is_reg)
-    # edit pairs (Flux Kontext): the control image's path (the image before the edit; "" for none), the sha256 of
-    # its bytes and its size as displayed
+    # edit pairs (Flux Kontext, Qwen-Image-Edit): the control image's path (the image before the edit; "" for
+    # none), the sha256 of its bytes and its size as displayed
     control: str = ""
     control_hash: str = ""
     control_size: tuple[int, int] = (0, 0)
+    control_prompt: str = ""         # Qwen-Image-Edit: DatasetConfig.control_prompt of its folder
     trigger_word: str = ""           # its folder's trigger word, and the class word that replaces it in the
     preservation_class: str = ""     # captions of differential output preservation (both or neither)
 
@@ -479,7 +480,8 @@ def _control_of(name: str, config: DatasetConfig, controls: dict[str, str]) -> d
     control_name = stem + os.path.splitext(control_path)[1]
     size, control_hash = _measure_image(control_path, control_name,
                                         dataclasses.replace(config, folder=config.control_folder), math.inf)
-    return dict(control=control_path, control_hash=control_hash, control_size=size)
+    return dict(control=control_path, control_hash=control_hash, control_size=size,
+                control_prompt=config.control_prompt)
 
 
 def _mask_of(path: str, name: str, size: tuple[int, int], content_hash: str, config: DatasetConfig,

@@ -40,13 +40,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import prompts as prompts_module
-from .config import (HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigError, DatasetConfig, TrainingSettings,
-                     quoted)
+from .config import (CONTROL_PROMPTS, HUBER_SCHEDULES, MASKED_LOSS, MEMORY_BUDGET_MAX_GB, ConfigError, DatasetConfig,
+                     TrainingSettings, quoted)
 
-# flux_kontext: ComfyUI loads Flux.1 Kontext as Flux; its datasets' control_path makes the edit pairs
+# flux_kontext: ComfyUI loads Flux.1 Kontext as Flux, qwen_image_edit (Qwen-Image-Edit) and qwen_image_edit_plus
+# (2509 / 2511: captions as TextEncodeQwenImageEditPlus encodes them) as Qwen-Image; their datasets' control_path
+# makes the edit pairs
 ARCHES = {"sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3", "flux": "flux", "flex1": "flux",
-          "flux_kontext": "flux", "chroma": "chroma", "qwen_image": "qwen_image", "flux2": "flux2",
-          "zimage": "zimage"}
+          "flux_kontext": "flux", "chroma": "chroma", "qwen_image": "qwen_image", "qwen_image_edit": "qwen_image",
+          "qwen_image_edit_plus": "qwen_image",
+          "flux2": "flux2", "zimage": "zimage"}
 NETWORK_TYPES = {"lora": ("lora", False), "locon": ("lora", False), "dora": ("lora", True),
                  "lokr": ("lokr", False), "loha": ("loha", False)}
 PRESETS = ("attention", "attention_mlp", "all_linear")
@@ -245,7 +248,7 @@ class DatasetJob:
     num_repeats: int = 1
     mask_path: str = ""                     # the folder of masks (masked_loss mask_folder)
     validation: bool = False                # held out: its loss is evaluated, it is not trained on
-    control_path: str = ""                  # the folder of control images (edit pairs, Flux Kontext)
+    control_path: str = ""                  # the folder of control images (edit pairs)
 
 
 @dataclass(frozen=True)
@@ -681,8 +684,11 @@ def _parse_process(p: _Section, name: str, source: str, ignored: list[str]) -> J
     if not isinstance(datasets_raw, list):
         raise p.error(f"{p.key('datasets')} must be a list of datasets (- folder_path: ...), got "
                       f"{quoted(datasets_raw)}")
-    datasets = [_parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source), trigger)
-                for i, d in enumerate(datasets_raw)]
+    model_raw = p.raw("model", {})
+    plus = isinstance(model_raw, dict) and str(model_raw.get("arch", "")).strip().lower() == "qwen_image_edit_plus"
+    prompt = CONTROL_PROMPTS[1] if plus else CONTROL_PROMPTS[0]
+    datasets = [_parse_dataset(_Section(d, f"{p.key('datasets')}[{i}]", "datasets", ignored, source), trigger,
+                               prompt) for i, d in enumerate(datasets_raw)]
     # caption_dropout_rate is each dataset's own (DatasetConfig.caption_dropout)
     validation_every = train.int("validate_every_n_steps", 100, lo=1, hi=STEPS_MAX)   # kohya's name
     settings, steps, first_sample, sampling_on, timesteps, dop_class = _parse_train(train, model.arch, 0.0,
@@ -727,7 +733,7 @@ def _parse_model(m: _Section) -> ModelJob:
     if arch:
         if arch not in ARCHES:
             raise m.error(f"{m.key('arch')} must be one of sdxl, sd35 (or sd3), flux (or flux_kontext), chroma, "
-                          f"qwen_image, flux2, zimage, got {quoted(arch)}")
+                          f"qwen_image (or qwen_image_edit, qwen_image_edit_plus), flux2, zimage, got {quoted(arch)}")
         arch = ARCHES[arch]
     if len(set(flags)) > 1 or (arch and flags and flags[0] != arch):
         raise m.error(f"{m.path}: arch and the is_xl / is_v3 / is_flux flags name different architectures "
@@ -778,7 +784,7 @@ def _parse_network(n: _Section) -> NetworkJob:
     return spec
 
 
-def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
+def _parse_dataset(d: _Section, trigger: str, control_prompt: str = CONTROL_PROMPTS[0]) -> DatasetJob:
     folder = d.str("folder_path", "")
     if not folder.strip():
         raise d.error(f"{d.key('folder_path')} is required: the folder of training images with their captions")
@@ -814,7 +820,7 @@ def _parse_dataset(d: _Section, trigger: str) -> DatasetJob:
     common.update(masked_loss=masked, mask_folder=mask_path,
                   mask_min_value=d.float("mask_min_value", 0.0, lo=0.0, hi=1.0))
     control_path = d.str("control_path", "")    # edit pairs: a control image of each image's name
-    common.update(control_folder=control_path)
+    common.update(control_folder=control_path, control_prompt=control_prompt)
     validation = d.bool("validation", False)    # EriDiffusion's own: a held-out set
     d.done()
     try:

@@ -163,8 +163,8 @@ class TrainingRun:
                               f"create the adapter from this MODEL")
         if latents.controls and not self.arch.reference_latents:
             raise ConfigError(f"the training images have control images (control_folder), which train an edit model "
-                              f"(Flux Kontext) on image pairs, but the MODEL is {self.arch.name}: load Flux Kontext, "
-                              f"or clear control_folder")
+                              f"(Flux Kontext, Qwen-Image-Edit) on image pairs, but the MODEL is {self.arch.name}: "
+                              f"load Flux Kontext or Qwen-Image-Edit, or clear control_folder")
         self.state, self.latents, self.text, self.settings = state, latents, text, settings
         self.end_step = end_step   # the step this run is asked to reach (reported with every step)
         self.schedule_steps = settings.total_steps or end_step
@@ -380,9 +380,9 @@ class TrainingRun:
             if variants:    # shuffle_captions: one of the cached orders
                 caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
             caption = "" if dropped else caption
-            contexts.append(caption if self.text_encoder is not None else self.text.get(caption))
+            contexts.append(caption if self.text_encoder is not None else self.text.get(caption, item))
             if preserve:    # the caption drawn, its trigger word replaced by the class word
-                preserved.append(self.text.get(item.preserved(caption)))
+                preserved.append(self.text.get(item.preserved(caption), item))
         mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
         controls = self.base_model.latent_format.process_in(torch.stack([self.latents.controls[i] for i in indices])) \
             if self.latents.controls else None
@@ -486,7 +486,7 @@ class TrainingRun:
                     try:
                         # (the trained text encoder, when there is one, encodes the caption in _weighted_losses)
                         contexts = [item.caption if self.text_encoder is not None
-                                    else validation.text.get(item.caption)] * count
+                                    else validation.text.get(item.caption, item)] * count
                     except KeyError:
                         raise ConfigError(f"the validation captions lack the caption of a validation image: connect "
                                           f"the validation images to the validation Cache captions") from None

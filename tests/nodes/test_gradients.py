@@ -133,6 +133,33 @@ def _assert_gradient_matches_finite_differences(training, micro_batch):
     assert _norm(gradient) > 1e-6
 
 
+def assert_reference_gradients_match_finite_differences(p, tiny, arch):
+    """Edit pairs (Flux Kontext, Qwen-Image-Edit; call rotary_table_in_fp64 first): on the fp64 tiny `arch` with a
+    random LoRA, a micro-batch of `p`'s paired latents carries each image's reference latent, the adapter
+    gradient matches central finite differences, and the reference changes the loss."""
+    from eridiffusion.nodes.adapter import EriCreateAdapter
+    from eridiffusion.trainers.config import TrainingSettings
+    from eridiffusion.trainers.loop import TrainingRun
+    with torch.inference_mode(False):
+        model = tiny.tiny_model(arch, dtype=torch.float64)
+    adapter = run(EriCreateAdapter, model=model, adapter_type="lora", rank=2, alpha=2.0, target="all_linear",
+                  seed=0, dtype="fp32")[0]
+    gen = torch.Generator().manual_seed(0)
+    adapter = adapter.replace(weights={k: v if "lora_down" in k else 0.05 * torch.randn(v.shape, generator=gen)
+                                       for k, v in adapter.weights.items()})
+    settings = TrainingSettings(precision="fp32", batch_size=2, timestep_sampling="uniform")
+    with torch.inference_mode(False):
+        training = TrainingRun(model, adapter, p["latents"], p["captions"], settings, end_step=1)
+        for layer in training.layers.values():
+            layer.to(torch.float64)
+        micro_batch = training._micro_batch()
+    reference, x0 = micro_batch["cond.ref_latent"], micro_batch["x0"]
+    assert reference.shape[0] == x0.shape[0] and reference.numel() == x0.numel()   # Qwen-Image's: a frame axis
+    _assert_gradient_matches_finite_differences(training, micro_batch)
+    without = {k: v for k, v in micro_batch.items() if k != "cond.ref_latent"}
+    assert not torch.allclose(_loss_and_gradient(training, without)[0], _loss_and_gradient(training, micro_batch)[0])
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_zimage_gradients_with_captions_of_different_lengths_match_finite_differences(comfy_folders, tiny,
                                                                                       checkpointing):

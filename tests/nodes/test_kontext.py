@@ -106,7 +106,9 @@ def test_one_result_of_two_different_control_images_is_two_edit_pairs_not_a_dupl
     assert [Path(a).name for a, _ in dataset.duplicates] == ["img2.png"]
 
 
-def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypatch):
+def assert_training_feeds_each_images_control_latent(p, monkeypatch, shape):
+    """Two training steps give the diffusion model one reference each (`ref_latents`, of `shape`): a control
+    latent of p's, scaled as the latent format scales it."""
     dm = p["model"].model.diffusion_model
     seen = []
     forward = dm.forward
@@ -116,42 +118,21 @@ def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypat
     expected = [base.latent_format.process_in(c[None]) for c in p["latents"].controls]
     assert len(seen) == 2
     for refs in seen:
-        assert isinstance(refs, list) and len(refs) == 1
+        assert isinstance(refs, list) and len(refs) == 1 and refs[0].shape == shape
         assert any(torch.equal(refs[0], e) for e in expected)
+
+
+def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypatch):
+    assert_training_feeds_each_images_control_latent(p, monkeypatch, (1, 16, 8, 8))
 
 
 def test_fp64_adapter_gradients_with_a_reference_latent_match_central_finite_differences(comfy_folders, tiny,
                                                                                           monkeypatch):
-    from test_gradients import _directions, _dot, _loss_and_gradient, _loss_at, _norm, rotary_table_in_fp64
-    from eridiffusion.nodes.adapter import EriCreateAdapter
-    from eridiffusion.trainers.config import TrainingSettings
-    from eridiffusion.trainers.loop import TrainingRun
+    from test_gradients import assert_reference_gradients_match_finite_differences, rotary_table_in_fp64
     rotary_table_in_fp64(monkeypatch)
     _pairs(comfy_folders, ((64, 64),) * 2)
     p = prepared(comfy_folders, tiny, arch="flux", write=False, control_folder="control")
-    with torch.inference_mode(False):
-        model = tiny.tiny_model("flux", dtype=torch.float64)
-    adapter = run(EriCreateAdapter, model=model, adapter_type="lora", rank=2, alpha=2.0, target="all_linear",
-                  seed=0, dtype="fp32")[0]
-    gen = torch.Generator().manual_seed(0)
-    adapter = adapter.replace(weights={k: v if "lora_down" in k else 0.05 * torch.randn(v.shape, generator=gen)
-                                       for k, v in adapter.weights.items()})
-    settings = TrainingSettings(precision="fp32", batch_size=2, timestep_sampling="uniform")
-    with torch.inference_mode(False):
-        training = TrainingRun(model, adapter, p["latents"], p["captions"], settings, end_step=1)
-        for layer in training.layers.values():
-            layer.to(torch.float64)
-        micro_batch = training._micro_batch()
-    assert micro_batch["cond.ref_latent"].shape == micro_batch["x0"].shape
-    loss, gradient = _loss_and_gradient(training, micro_batch)
-    eps = 1e-4
-    for direction in _directions(gradient, 2):
-        finite = (_loss_at(training, micro_batch, direction, eps) -
-                  _loss_at(training, micro_batch, direction, -eps)) / (2 * eps)
-        assert abs(_dot(gradient, direction) - finite) <= 1e-6 * _norm(gradient), (_dot(gradient, direction), finite)
-    assert _norm(gradient) > 1e-6
-    without = {k: v for k, v in micro_batch.items() if k != "cond.ref_latent"}
-    assert not torch.allclose(_loss_and_gradient(training, without)[0], loss)   # the reference matters
+    assert_reference_gradients_match_finite_differences(p, tiny, "flux")
 
 
 def _stock_nodes(monkeypatch):
@@ -162,18 +143,25 @@ def _stock_nodes(monkeypatch):
     return importlib.import_module("nodes")
 
 
-def test_the_stock_lora_loader_gives_the_train_nodes_output_with_a_reference(p, caplog, monkeypatch):
+def assert_the_stock_lora_loader_gives_the_train_nodes_output(p, caplog, monkeypatch, prefix, output_of):
+    """Five training steps, saved; LoraLoaderModelOnly's MODEL gives the Train node's output (`output_of(MODEL)`,
+    under inference_mode), which differs from the base model's."""
     from eridiffusion.nodes.adapter import EriSaveAdapter
     trained_model, adapter, _ = train(p, 5, learning_rate=1e-2)
     loader = _stock_nodes(monkeypatch).LoraLoaderModelOnly()
-    name = run(EriSaveAdapter, adapter=adapter, filename_prefix="eri/kontext", save_dtype="fp32")[0]
+    name = run(EriSaveAdapter, adapter=adapter, filename_prefix=prefix, save_dtype="fp32")[0]
     with caplog.at_level(logging.WARNING):
         loaded = loader.load_lora_model_only(p["model"], name, 1.0)[0]
     assert "lora key not loaded" not in caplog.text
-    outputs = {which: _comfy_output(m, p) for which, m in (("trained", trained_model), ("stock", loaded),
-                                                            ("base", p["model"]))}
+    outputs = {which: output_of(m) for which, m in (("trained", trained_model), ("stock", loaded),
+                                                     ("base", p["model"]))}
     assert not torch.allclose(outputs["trained"], outputs["base"])
     assert (outputs["stock"] - outputs["trained"]).norm() / outputs["trained"].norm() <= 1e-3
+
+
+def test_the_stock_lora_loader_gives_the_train_nodes_output_with_a_reference(p, caplog, monkeypatch):
+    assert_the_stock_lora_loader_gives_the_train_nodes_output(p, caplog, monkeypatch, "eri/kontext",
+                                                              lambda m: _comfy_output(m, p))
 
 
 def test_chained_and_resumed_training_with_control_images_equal_one_run_bit_exactly(p):
@@ -204,8 +192,8 @@ def test_an_architecture_without_reference_latents_refuses_control_images(comfy_
     from eridiffusion.trainers.config import ConfigError
     _pairs(comfy_folders, ((64, 64),) * 2)
     p = prepared(comfy_folders, tiny, arch="sd3", write=False, control_folder="control")
-    with pytest.raises(ConfigError, match="control images .* but the MODEL is sd3: load Flux Kontext, or clear "
-                                          "control_folder"):
+    with pytest.raises(ConfigError, match="control images .* but the MODEL is sd3: load Flux Kontext or "
+                                          "Qwen-Image-Edit, or clear control_folder"):
         train(p, 1)
 
 

@@ -361,7 +361,8 @@ def shuffled(p, comfy_folders):
 def drawn_captions(monkeypatch):
     from eridiffusion.trainers.cache import TextSet
     seen, get = [], TextSet.get
-    monkeypatch.setattr(TextSet, "get", lambda self, caption: seen.append(caption) or get(self, caption))
+    monkeypatch.setattr(TextSet, "get",
+                        lambda self, caption, item=None: seen.append(caption) or get(self, caption, item))
     return seen
 
 

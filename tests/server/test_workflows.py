@@ -111,9 +111,10 @@ def test_sdxl_example_workflow_trains_and_writes_a_lora_on_the_live_server(clien
 
 
 @pytest.mark.parametrize("name,arch", [("sd35_lora", "sd3"), ("flux_lora", "flux"), ("chroma_lora", "chroma"),
-                                       ("qwen_image_lora", "qwen_image")])
-def test_sd35_flux_chroma_and_qwen_image_example_workflows_train_sample_and_save_on_the_live_server(client, server,
-                                                                                                   name, arch):
+                                       ("qwen_image_lora", "qwen_image"), ("zimage_lora", "zimage"),
+                                       ("flux2_lora", "flux2")])
+def test_sd35_flux_chroma_qwen_image_zimage_and_flux2_example_workflows_train_sample_and_save_on_the_live_server(
+        client, server, name, arch):
     write_images(server.base / "input" / f"{name}_images", [(64, 64), (64, 128), (64, 64)])
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     prompt = tiny_training_prompt(api, f"{name}_images", steps=6, prefix=f"ci/{name}")
@@ -149,21 +150,36 @@ def test_train_then_stock_ksampler_then_train_again_example_runs_on_the_live_ser
         "the second stage's chart starts with the first stage's steps"
 
 
-def test_flux_kontext_example_trains_on_edit_pairs_then_edits_an_image_in_the_stock_ksampler(client, server):
-    write_images(server.base / "input" / "kontext_after", [(64, 64)] * 3)
+# name, the tiny architecture, the LoadImage node, the nodes given its image as it is (and their input), the
+# SaveImage node
+EDIT_EXAMPLES = [("flux_kontext_lora", "flux", "13", (("15", "pixels"),), "22"),
+                 ("qwen_image_edit_lora", "qwen_image", "14", (("16", "pixels"), ("17", "image"), ("18", "image")),
+                  "21")]
+
+
+@pytest.mark.parametrize("name,arch,load,unscaled,save", EDIT_EXAMPLES, ids=[e[0] for e in EDIT_EXAMPLES])
+def test_edit_examples_train_on_edit_pairs_then_edit_an_image_in_the_stock_ksampler(client, server, name, arch, load,
+                                                                                    unscaled, save):
+    """Flux Kontext (ReferenceLatent) and Qwen-Image-Edit (TextEncodeQwenImageEdit, which also shows the image to
+    the text encoder)."""
+    write_images(server.base / "input" / f"{name}_after", [(64, 64)] * 3)
     write_images(server.base / "input" / "training_images_before", [(64, 64)] * 3, captions=False, seed=7)
-    write_images(server.base / "input", [(64, 64)], captions=False, seed=9, prefix="kontext_example_")
-    api = json.loads((EXAMPLES / "api" / "flux_kontext_lora.json").read_text())
-    prompt = tiny_training_prompt(api, "kontext_after", steps=4, prefix="ci/kontext")
+    write_images(server.base / "input", [(64, 64)], captions=False, seed=9, prefix=f"{name}_example_")
+    api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
+    prompt = tiny_training_prompt(api, f"{name}_after", steps=4, prefix=f"ci/{name}")
     assert prompt["2"]["inputs"]["control_folder"] == "training_images_before"
-    prompt["13"]["inputs"]["image"] = "kontext_example_0.png"
-    # FluxKontextImageScale makes ~1024² of it: the tiny model edits the 64-pixel image as it is, on the CPU
-    prompt["15"]["inputs"]["pixels"] = ["13", 0]
+    assert any(n["inputs"].get("arch") == arch for n in prompt.values())
+    prompt[load]["inputs"]["image"] = f"{name}_example_0.png"
+    # the scale node makes ~1024² of it: the tiny model edits the 64-pixel image as it is, on the CPU
+    # (TextEncodeQwenImageEdit still scales its own copies to ~1024², as it does any image)
+    for node, input_name in unscaled:
+        prompt[node]["inputs"][input_name] = [load, 0]
     result = client.run(prompt, timeout=600)
     assert result.ok, result.error or server.log_tail()
-    assert (server.base / "models" / "loras" / "ci" / "kontext_000004.safetensors").is_file()
+    lora = server.base / "models" / "loras" / "ci" / f"{name}_000004.safetensors"
+    assert lora.is_file() and lora.with_name(f"{name}_000004.eri-state").is_file()
     assert [e["step"] for e in result.events_of("eridiffusion.step") if e["node"] == "7"] == [1, 2, 3, 4]
-    image = result.outputs("22")["images"][0]
+    image = result.outputs(save)["images"][0]
     with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as edited:
         assert edited.size == (64, 64)
 

@@ -243,9 +243,12 @@ def test_yaml_is_read_safely_and_bad_yaml_is_a_config_error():
 
 def test_the_seed_example_and_every_shipped_job_load():
     jobs = {path.stem: load_job(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
-    names = ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora", "flux_schnell_lora", "zimage_lora")
+    names = ("seed_example", "sdxl_lora", "sd35_lora", "flux_lora", "flux_schnell_lora", "zimage_lora",
+             "qwen_image_edit_lora", "flux2_lora")
     assert set(names) <= set(jobs)
-    assert [jobs[n].model.arch for n in names] == ["sdxl", "sdxl", "sd3", "flux", "flux", "zimage"]
+    assert [jobs[n].model.arch for n in names] == ["sdxl", "sdxl", "sd3", "flux", "flux", "zimage", "qwen_image",
+                                                   "flux2"]
+    assert jobs["qwen_image_edit_lora"].datasets[0].control_path == "/path/to/control/images/folder"
     assert all(not job.ignored for job in jobs.values())
     assert jobs["sdxl_lora"].network.conv and jobs["flux_lora"].model.text_encoder_paths
     with pytest.raises(ConfigError, match="no datasets"):

@@ -18,6 +18,16 @@ As ComfyUI samples it (comfy/model_base.py QwenImage, comfy/supported_models.py 
 The blocks add to their residual streams out of place, so autograd differentiates them as they are. The last
 block's text stream after its attention feeds nothing (the output is the image stream's): no adapter goes there.
 Text-encoder training of Qwen2.5-VL is not supported.
+
+Qwen-Image-Edit (2509, 2511): ComfyUI loads it as Qwen-Image (comfy.model_base.QwenImage; model_detection tells
+2511 only by a marker tensor that sets the model's own default reference method, which the model applies itself),
+so it is this architecture trained on edit pairs: training images with control images (control_folder,
+ai-toolkit's control_path), as trainers/arch/flux_kontext.py trains Kontext. The control image's latent goes in as
+TextEncodeQwenImageEdit's `reference_latents` (model_base.QwenImage.extra_conds: process_latent_in, then
+`ref_latents`; comfy/ldm/qwen_image/model.py packs it after the noisy latent's tokens and keeps only those of the
+output). TextEncodeQwenImageEdit also shows the image to Qwen2.5-VL: its caption is encoded with the image by that
+node itself (or by TextEncodeQwenImageEditPlus, Qwen-Image-Edit 2509's, with the image as its image1: the dataset's
+control_prompt), cached per caption and control image by cache.cache_text (`edit_caption`).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import torch
 
 import comfy.model_base
 
+from . import flux_kontext
 from .base import compute_dtype
 from .flow import RectifiedFlow
 
@@ -46,8 +57,29 @@ def resolution_shift(width: int, height: int) -> float:
     return math.exp(BASE_SHIFT + slope * (width * height / (8 * 8 * 2 * 2) - BASE_PATCHES))
 
 
+def sees_images(clip) -> bool:
+    """Whether a CLIP's text encoder takes images with the prompt (Qwen-Image's Qwen2.5-VL): its edit model's
+    captions are then encoded with the control image, as TextEncodeQwenImageEdit encodes them."""
+    import comfy.text_encoders.qwen_image
+    return isinstance(getattr(clip, "tokenizer", None), comfy.text_encoders.qwen_image.QwenImageTokenizer)
+
+
+def edit_caption(clip, caption: str, image: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context (1, tokens, dim), pooled or None) of a prompt and an IMAGE (1, H, W, C) as ComfyUI's `node`
+    (config.CONTROL_PROMPTS: comfy_extras/nodes_qwen.py's TextEncodeQwenImageEdit, or ...Plus with the image as its
+    image1) encodes them: that node runs, without a VAE (the reference latent is the cached control latent)."""
+    import comfy_extras.nodes_qwen as nodes_qwen
+    if node == "TextEncodeQwenImageEditPlus":
+        conditioning = nodes_qwen.TextEncodeQwenImageEditPlus.execute(clip, caption, image1=image).result[0]
+    else:
+        conditioning = nodes_qwen.TextEncodeQwenImageEdit.execute(clip, caption, image=image).result[0]
+    context, extra = conditioning[0]
+    return context, extra.get("pooled_output")
+
+
 class QwenImage(RectifiedFlow):
     name = "qwen_image"
+    reference_latents = True      # Qwen-Image-Edit's edit pairs (the module's docstring)
     text_encoder_refusal = "training the text encoder of a Qwen-Image MODEL is not supported; set text_encoder to none"
 
     def matches(self, base_model) -> bool:
@@ -77,17 +109,25 @@ class QwenImage(RectifiedFlow):
         dtype = compute_dtype(base_model)
         contexts = [c.context.to(device, dtype) for c in batch.contexts]
         if len({c.shape[0] for c in contexts}) == 1:
-            return {"context": torch.stack(contexts)}
-        return {f"context.{i}": c.unsqueeze(0) for i, c in enumerate(contexts)}
+            inputs = {"context": torch.stack(contexts)}
+        else:
+            inputs = {f"context.{i}": c.unsqueeze(0) for i, c in enumerate(contexts)}
+        return flux_kontext.with_reference(inputs, batch, device, dtype)
 
     def predict_from(self, base_model, model_sampling, x_noisy, sigma, conditioning):
         xc = model_sampling.calculate_input(sigma.view(-1, *[1] * (x_noisy.ndim - 1)), x_noisy)
         xc = xc.to(compute_dtype(base_model)).unsqueeze(2)       # (B, C, 1, h, w): one frame
         timestep = model_sampling.timestep(sigma).float()
         model = base_model.diffusion_model
+        reference = conditioning.get(flux_kontext.REFERENCE)
+        if reference is not None and reference.ndim == 4:
+            reference = reference.unsqueeze(2)                    # the Wan latent's frame axis, as VAEEncode's
         if "context" in conditioning:
-            out = model(xc, timestep, context=conditioning["context"], transformer_options={})
+            refs = {} if reference is None else {"ref_latents": [reference]}
+            out = model(xc, timestep, context=conditioning["context"], transformer_options={}, **refs)
         else:
             out = torch.cat([model(xc[i:i + 1], timestep[i:i + 1], context=conditioning[f"context.{i}"],
-                                   transformer_options={}) for i in range(xc.shape[0])])
+                                   transformer_options={},
+                                   **({} if reference is None else {"ref_latents": [reference[i:i + 1]]}))
+                             for i in range(xc.shape[0])])
         return out.squeeze(2)
