@@ -78,6 +78,15 @@ def loaded(request, comfy_folders, tiny, tmp_path, monkeypatch):
         comfy.model_management.unload_all_models()
 
 
+def new_weights(model, kind="lora"):
+    """The weights a new adapter of run_steps starts from (its seed fixes them)."""
+    from eridiffusion.trainers.checkpoint import make_spec
+    from eridiffusion.trainers.state import new_adapter
+    with torch.inference_mode(False):
+        return new_adapter(make_spec(model, "lora", 8, 8.0, "attention_mlp", 0, "fp32", dora=kind == "dora"),
+                           model).weights
+
+
 def run_steps(model, p, steps=3, kind="lora"):
     """TrainingRun as train() runs it: (the run, its losses)."""
     from eridiffusion.trainers.checkpoint import make_spec
@@ -106,7 +115,12 @@ def test_training_on_dynamic_vram_equals_training_the_fully_loaded_model_with_gr
     on_legacy, legacy_losses = run_steps(legacy, p)
     assert dynamic_losses == pytest.approx(legacy_losses, rel=1e-4)
     other = on_legacy.export().weights
-    assert all(torch.allclose(weights[k], other[k], rtol=1e-3, atol=1e-6) for k in other)
+    # bf16 kernels are not bit-reproducible from run to run, and Adam turns gradient noise near zero into steps of
+    # the full learning rate: the two runs agree to a tenth of what training changed (as test_memory_budget_gpu.py)
+    start = new_weights(legacy)
+    change = torch.cat([(other[k] - start[k]).flatten() for k in other])
+    difference = torch.cat([(weights[k] - other[k]).flatten() for k in other])
+    assert change.norm() > 0 and difference.norm() <= 0.1 * change.norm()
     # a second run reuses the delegate the first one loaded (cached on the dynamic patcher)
     assert dynamic.non_dynamic_delegate_model is not None
 
