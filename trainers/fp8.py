@@ -250,12 +250,14 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gemm: Fp8Gemm, out_dtype):
         ctx.gemm, ctx.in_dtype = gemm, x.dtype
-        ctx.save_for_backward(weight)
+        # Held, not saved: the weight is frozen (no in-place update within a step), and a MODEL that sampling first
+        # loaded to the GPU under inference mode has inference-tensor weights, which save_for_backward refuses
+        ctx.weight = weight
         return gemm.forward(x, weight, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = ctx.gemm.input_grad(grad, weight, ctx.in_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None
 

@@ -86,12 +86,39 @@ def load(patchers: list, resident: int | None) -> None:
     model) with at most `resident` bytes of its weights on the device and the rest streamed from CPU memory."""
     if resident is None:
         comfy.model_management.load_models_gpu(patchers, force_full_load=True)
-        return
-    comfy.model_management.load_models_gpu(patchers, force_full_load=False)
-    model = patchers[0]
-    excess = model.loaded_size() - resident
-    if excess > 0:
-        model.partially_unload(model.offload_device, excess)
+    else:
+        comfy.model_management.load_models_gpu(patchers, force_full_load=False)
+        model = patchers[0]
+        excess = model.loaded_size() - resident
+        if excess > 0:
+            model.partially_unload(model.offload_device, excess)
+    for patcher in patchers:
+        without_inference_tensors(patcher.model, patcher.load_device)
+
+
+def without_inference_tensors(module: torch.nn.Module, device) -> int:
+    """Replaces every inference tensor on `device` among `module`'s parameters and buffers by a normal copy;
+    returns how many.
+    ComfyUI runs every node under torch.inference_mode, so a model that a sampler moved to the GPU before
+    training (and that stayed loaded) holds inference tensors, which autograd refuses to save for backward
+    ("Inference tensors cannot be saved for backward"). The copies hold the same values, so the MODEL's other
+    clones compute what they computed; ComfyUI's own patching reaches the new tensors by their paths. Weights
+    streamed from CPU memory (memory_budget_gb) stay as they are (pinned): what trains is their device copies."""
+    device = torch.device(device)
+    replaced = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, param in list(m._parameters.items()):
+                if (param is not None and type(param.data) is torch.Tensor and param.is_inference()
+                        and param.device == device):
+                    m._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+                    replaced += 1
+            for name, buffer in list(m._buffers.items()):
+                if (buffer is not None and type(buffer) is torch.Tensor and buffer.is_inference()
+                        and buffer.device == device):
+                    m._buffers[name] = buffer.clone()
+                    replaced += 1
+    return replaced
 
 
 @contextlib.contextmanager

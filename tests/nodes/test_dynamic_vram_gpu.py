@@ -113,7 +113,7 @@ def test_training_on_dynamic_vram_equals_training_the_fully_loaded_model_with_gr
     weights = dict(on_dynamic.export().weights)
     del on_dynamic
     on_legacy, legacy_losses = run_steps(legacy, p)
-    assert dynamic_losses == pytest.approx(legacy_losses, rel=1e-4)
+    assert dynamic_losses == pytest.approx(legacy_losses, rel=1e-3)   # bf16: not bit-reproducible run to run
     other = on_legacy.export().weights
     # bf16 kernels are not bit-reproducible from run to run, and Adam turns gradient noise near zero into steps of
     # the full learning rate: the two runs agree to a tenth of what training changed (as test_memory_budget_gpu.py)

@@ -251,3 +251,17 @@ def test_other_adapter_types_train_on_the_fp8_base_and_load_as_trained(comfy_fol
     assert narrow.history.losses == pytest.approx(wide.history.losses, rel=0.05)
     loaded = stock_load(p, save(narrow, f"eri/fp8_{type_id}"), caplog)
     assert relative_error(model_output(loaded, p), model_output(model, p)) <= 1e-3
+
+
+def test_a_model_sampling_loaded_under_inference_mode_trains_with_fp8_compute(comfy_folders, tiny, scaled_mm_calls):
+    """A MODEL that a sampler moved to the GPU before training has weights made under inference mode (ComfyUI
+    samples in it); autograd refuses to save such tensors for backward, so the FP8 product must not save the
+    frozen weight (seen on an H200). Here the tiny model's weights are remade under inference mode on the CPU."""
+    from eridiffusion.trainers.loop import train
+    p = prepared(comfy_folders, tiny, arch="flux")
+    with torch.inference_mode():
+        p["model"].model.diffusion_model.to(torch.float64).to(torch.float32)
+    assert all(w.is_inference() for w in p["model"].model.diffusion_model.parameters())
+    with torch.inference_mode(False):
+        result = train(p["model"], p["adapter"], p["latents"], p["captions"], settings(fp8_compute=True), 2)
+    assert scaled_mm_calls["count"] > 0 and len(result.history.losses) == 2

@@ -274,3 +274,19 @@ def test_the_next_blocks_weights_are_staged_ahead_and_the_model_gets_its_own_bac
     assert all([index for index, _ in entered] == order for entered in micro_batches)
     assert all(staged for entered in micro_batches[1:] for _, staged in entered)
     assert all(param is own[name] for name, param in root.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+@pytest.mark.parametrize("budget", [0.0, 1e-4], ids=["whole_model", "streamed"])
+def test_a_model_loaded_under_inference_mode_trains(comfy_folders, tiny, arch, budget):
+    """ComfyUI runs every node under torch.inference_mode: a MODEL a sampler moved to the GPU before training
+    holds inference tensors, which autograd cannot save for backward (seen on an H200). Here the tiny model's
+    weights are remade under inference mode; training replaces those on the device by normal copies and trains
+    as the same model without them does."""
+    p = prepared(comfy_folders, tiny, arch=arch)
+    full = trained(p, memory_budget_gb=budget)
+    with torch.inference_mode():
+        p["model"].model.diffusion_model.to(torch.float64).to(torch.float32)
+    assert all(w.is_inference() for w in p["model"].model.diffusion_model.parameters())
+    again = trained(p, memory_budget_gb=budget)
+    assert_same_training(again, full)
