@@ -126,13 +126,19 @@ def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypat
     assert_training_feeds_each_images_control_latent(p, monkeypatch, (1, 16, 8, 8))
 
 
-def test_fp64_adapter_gradients_with_a_reference_latent_match_central_finite_differences(comfy_folders, tiny,
-                                                                                          monkeypatch):
+def assert_edit_pair_gradients_match_finite_differences(comfy_folders, tiny, monkeypatch, arch):
+    """fp64 adapter gradients of `arch` trained on edit pairs (a reference latent per image) equal central finite
+    differences (test_gradients.py)."""
     from test_gradients import assert_reference_gradients_match_finite_differences, rotary_table_in_fp64
     rotary_table_in_fp64(monkeypatch)
     _pairs(comfy_folders, ((64, 64),) * 2)
-    p = prepared(comfy_folders, tiny, arch="flux", write=False, control_folder="control")
-    assert_reference_gradients_match_finite_differences(p, tiny, "flux")
+    p = prepared(comfy_folders, tiny, arch=arch, write=False, control_folder="control")
+    assert_reference_gradients_match_finite_differences(p, tiny, arch)
+
+
+def test_fp64_adapter_gradients_with_a_reference_latent_match_central_finite_differences(comfy_folders, tiny,
+                                                                                          monkeypatch):
+    assert_edit_pair_gradients_match_finite_differences(comfy_folders, tiny, monkeypatch, "flux")
 
 
 def _stock_nodes(monkeypatch):

@@ -88,11 +88,8 @@ def test_training_feeds_each_images_control_latent_as_the_reference(p, monkeypat
 
 def test_fp64_adapter_gradients_with_a_reference_latent_match_central_finite_differences(comfy_folders, tiny,
                                                                                           monkeypatch):
-    from test_gradients import assert_reference_gradients_match_finite_differences, rotary_table_in_fp64
-    rotary_table_in_fp64(monkeypatch)
-    _pairs(comfy_folders, ((64, 64),) * 2)
-    p = prepared(comfy_folders, tiny, arch="qwen_image", write=False, control_folder="control")
-    assert_reference_gradients_match_finite_differences(p, tiny, "qwen_image")
+    from test_kontext import assert_edit_pair_gradients_match_finite_differences
+    assert_edit_pair_gradients_match_finite_differences(comfy_folders, tiny, monkeypatch, "qwen_image")
 
 
 def test_the_stock_lora_loader_gives_the_train_nodes_output_with_text_encode_qwen_image_edits_conditioning(
