@@ -87,13 +87,41 @@ def load(patchers: list, resident: int | None) -> None:
     if resident is None:
         comfy.model_management.load_models_gpu(patchers, force_full_load=True)
     else:
-        comfy.model_management.load_models_gpu(patchers, force_full_load=False)
+        with loads_at_most(patchers, resident):
+            comfy.model_management.load_models_gpu(patchers, force_full_load=False)
         model = patchers[0]
         excess = model.loaded_size() - resident
         if excess > 0:
             model.partially_unload(model.offload_device, excess)
     for patcher in patchers:
         without_inference_tensors(patcher.model, patcher.load_device)
+
+
+@contextlib.contextmanager
+def loads_at_most(patchers: list, resident: int):
+    """While inside, ComfyUI's `load_models_gpu` puts at most `resident` bytes of the first patcher's weights on
+    its device (the others whole), instead of what it would load of a model that does not fit: up to 40 % of the
+    free memory's worth (MIN_WEIGHT_MEMORY_RATIO). `partially_unload` would take the excess back afterwards, but
+    the peak of the load itself would pass the budget on a card larger than it. ComfyUI's own knob for memory
+    kept from models, EXTRA_RESERVED_VRAM (its --reserve-vram), holds back the rest of the free memory for the
+    load's duration; it also makes the load unload the other models on the device, as a model that does not fit
+    does on a card of the budget's size."""
+    mm = comfy.model_management
+    device = torch.device(patchers[0].load_device)
+    if device.type == "cpu" or not hasattr(mm, "EXTRA_RESERVED_VRAM"):
+        yield
+        return
+    saved = mm.EXTRA_RESERVED_VRAM
+    # load_models_gpu loads a model with lowvram_model_memory = free (its own loaded bytes counted as free) -
+    # minimum_inference_memory(), which is a fixed floor plus EXTRA_RESERVED_VRAM; the others load first, whole
+    floor = mm.minimum_inference_memory() - mm.extra_reserved_memory()
+    free = mm.get_free_memory(device) + sum(p.loaded_size() for p in patchers)
+    others = sum(p.model_size() for p in patchers[1:])
+    mm.EXTRA_RESERVED_VRAM = max(saved, int(free - floor - others - resident))
+    try:
+        yield
+    finally:
+        mm.EXTRA_RESERVED_VRAM = saved
 
 
 def without_inference_tensors(module: torch.nn.Module, device) -> int:

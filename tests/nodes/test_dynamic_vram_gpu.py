@@ -70,9 +70,12 @@ def loaded(request, comfy_folders, tiny, tmp_path, monkeypatch):
     p = prepared(comfy_folders, tiny, arch=arch, sizes=((SIDE[arch], SIDE[arch]),) * 2, resolution=SIDE[arch],
                  min_side=64, max_side=SIDE[arch])
     from comfy_env import dynamic_vram
+    # the same file in a ComfyUI started with --disable-dynamic-vram. Loaded inside dynamic_vram() too, its layers
+    # would be made without weights and take the file's bf16 tensors as they are, where ComfyUI picks fp16 for
+    # SDXL and then casts inputs to fp16 (as the non-dynamic delegate is loaded, which training casts for itself)
+    legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
     with dynamic_vram():   # as in a ComfyUI started by main.py on an NVIDIA GPU, for the whole test
         dynamic = comfy.sd.load_diffusion_model(path)
-        legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
         assert dynamic.is_dynamic() and not legacy.is_dynamic()
         yield dynamic, legacy, p
         comfy.model_management.unload_all_models()

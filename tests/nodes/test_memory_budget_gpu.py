@@ -2,7 +2,7 @@
 them to the GPU per use, and training equals training with the whole model on the GPU (bf16: to the tolerances of
 test_checkpointing_gpu.py). 1024-pixel images, so that the GPU has work to queue and the host runs ahead of it,
 where a copy that is not ordered with the kernels reading it would show (trainers/offload.py). Needs a GPU:
-`ERI_TEST_DEVICE=cuda scripts/test -m gpu`; skipped on the CPU. Not yet run (written without a GPU)."""
+`ERI_TEST_DEVICE=cuda scripts/test -m gpu`; skipped on the CPU."""
 import pytest
 import torch
 
@@ -44,3 +44,40 @@ def test_streamed_weights_stay_in_cpu_memory_and_train_as_the_whole_model_does(c
     change = torch.cat([(full.weights[k] - start[k]).flatten() for k in start])
     difference = torch.cat([(budgeted.weights[k] - full.weights[k]).flatten() for k in start])
     assert change.norm() > 0 and difference.norm() <= 0.1 * change.norm()
+
+
+def test_the_load_itself_stays_within_the_budget(comfy_folders, tiny):
+    """ComfyUI loads up to 40 % of the free memory's worth of a model that does not fit before training's
+    partially_unload takes the excess back: on a card larger than the budget the load alone would pass it."""
+    import comfy.model_management
+    from eridiffusion.trainers import offload
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    comfy.model_management.unload_all_models()
+    clone = p["model"].clone()
+    resident = clone.model_size() // 3
+    largest = max(m.weight.numel() * m.weight.element_size() for m in clone.model.modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(False):
+        offload.load([clone], resident)
+    assert 0 < clone.loaded_size() <= resident
+    assert torch.cuda.max_memory_allocated() - before <= resident + largest
+    comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("budget", [0.0, 1e-4], ids=["whole_model", "streamed"])
+def test_a_model_a_sampler_loaded_first_trains_as_a_fresh_one(comfy_folders, tiny, budget):
+    """A sampler loads the MODEL under torch.inference_mode, which makes its weights inference tensors that
+    autograd cannot save for backward; training the same MODEL afterwards trains as it does on a fresh load."""
+    import comfy.model_management
+    from helpers import model_output
+    p = prepared(comfy_folders, tiny, arch="sdxl", sizes=((512, 512),) * 2, resolution=512, min_side=64,
+                 max_side=512)
+    fresh = train(p, 3, memory_budget_gb=budget)
+    comfy.model_management.unload_all_models()
+    model_output(p["model"], p)       # loaded by load_models_gpu under inference mode, as KSampler does
+    assert any(w.is_inference() for w in p["model"].model.diffusion_model.parameters())
+    again = train(p, 3, memory_budget_gb=budget)
+    assert again.history.losses == pytest.approx(fresh.history.losses, rel=1e-3)
