@@ -432,8 +432,10 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     if budget:
         # as a user's model is before Train steps: in CPU memory (ComfyUI's loaders leave it there), so that the
-        # run's own load decides what goes to the GPU
+        # run's own load decides what goes to the GPU (the bench builds the model on the GPU, unregistered with
+        # ComfyUI until a run without a budget has loaded it: moved by hand then)
         mm.unload_all_models()
+        mp.model.to(mp.offload_device)
     free()
     before = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
     if CUDA:

@@ -213,11 +213,12 @@ class TrainingRun:
         if settings.memory_budget_gb:
             needs = offload.training_needs([p for layer in self.layers.values() for p in layer.parameters()],
                                            settings.optimizer_offload, self.base_model, self._latent_shapes(),
-                                           blocks)
-            self.resident = offload.resident_budget(settings.memory_budget_gb, needs)
+                                           self.arch.activation_factor)
+            self.resident = offload.resident_budget(settings.memory_budget_gb, needs, offload.staged_bytes(blocks),
+                                                    self.patcher.model_size())
         self.load()
         self.streams = False    # whether ComfyUI streams some of the weights in per layer
-        if self.resident is not None:
+        if settings.memory_budget_gb:
             self.streams = offload.log_streaming(self.base_model.diffusion_model, self.resident, needs,
                                                  settings.memory_budget_gb) > 0
             if self.streams and (not settings.gradient_checkpointing or settings.checkpoint_fraction < 1):

@@ -46,32 +46,32 @@ GIB = 1 << 30
 OPTIMIZER_STATE_COPIES = 2
 # Adapter parameters are held ~3 times over during a step: the weights, autograd's gradients and their sum
 ADAPTER_COPIES = 3
-# ComfyUI's estimate of a forward pass's activations (BaseModel.memory_required, for inference) times this is the
-# estimate of a checkpointed training step's. Measured on an H200 at 1024², batch 1, LoRA r16 (peak less weights,
-# issue 21): SDXL ~1.9 GiB (ComfyUI's estimate 0.26 GiB: x7), SD 3.5 Large ~3.1 GiB (0.38: x8), Flux-dev ~3.1 GiB
-# (1.0: x3). The largest, so that the budget holds for each; Flux streams more than it would need to until the
-# estimate is calibrated on a GPU.
-ACTIVATION_FACTOR = 8
-
-
-def training_needs(params, optimizer_offload: bool, model, latent_shapes, blocks=()) -> int:
+def training_needs(params, optimizer_offload: bool, model, latent_shapes, activation_factor: float) -> int:
     """Bytes of GPU memory the training needs besides the model's weights (an estimate): the adapter's parameters
     and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch:
-    ComfyUI's estimate for inference (`BaseModel.memory_required`) times ACTIVATION_FACTOR (with gradient
-    checkpointing a step holds each block's input, the attention outputs kept, and one block's activations), and
-    two of the largest of `blocks` for the streamed weights BlockPrefetcher stages."""
+    ComfyUI's estimate for inference (`BaseModel.memory_required`) times `activation_factor`, the architecture's
+    (Architecture.activation_factor: with gradient checkpointing a step holds each block's input, the attention outputs kept, and one block's activations)."""
     adapter = sum(p.numel() * p.element_size() for p in params)
     state = 0 if optimizer_offload else sum(p.numel() * 4 for p in params) * OPTIMIZER_STATE_COPIES
-    activations = ACTIVATION_FACTOR * max((model.memory_required(shape) for shape in latent_shapes), default=0)
-    staged = 2 * max((sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=0)
-    return int(adapter * ADAPTER_COPIES + state + activations + staged)
+    activations = activation_factor * max((model.memory_required(shape) for shape in latent_shapes), default=0)
+    return int(adapter * ADAPTER_COPIES + state + activations)
 
 
-def resident_budget(budget_gb: float, needs: int) -> int | None:
-    """Bytes of the model's weights that stay on the GPU under a budget of `budget_gb` GiB (None: no budget)."""
+def staged_bytes(blocks) -> int:
+    """What streaming adds to the training's needs: two of the largest of `blocks`, the streamed weights
+    BlockPrefetcher holds on the device (the block computing and the next)."""
+    return 2 * max((sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=0)
+
+
+def resident_budget(budget_gb: float, needs: int, staged: int = 0, model_bytes: int | None = None) -> int | None:
+    """Bytes of the model's weights that stay on the GPU under a budget of `budget_gb` GiB (None: no budget, or
+    the whole model fits beside the training's `needs`); when they do not all fit, the staged blocks' `staged`
+    bytes come out of the budget too."""
     if not budget_gb:
         return None
-    return max(0, int(budget_gb * GIB) - needs)
+    if model_bytes is not None and model_bytes + needs <= budget_gb * GIB:
+        return None
+    return max(0, int(budget_gb * GIB) - needs - staged)
 
 
 def streamed_layers(model: torch.nn.Module) -> list[str]:
@@ -182,7 +182,7 @@ class BlockPrefetcher:
     their CPU parameters back when it returns. The copies are allocated on the side stream; the compute stream
     waits for them before the block runs, and `record_stream` keeps their memory from being reused while the
     compute stream (autograd's backward of the recomputed block) may still read them. At most two blocks are staged
-    at a time, besides the copies autograd holds for the backward under way (training_needs counts two of the
+    at a time, besides the copies autograd holds for the backward under way (staged_bytes counts two of the
     largest block)."""
 
     def __init__(self, device: torch.device):
@@ -330,9 +330,13 @@ def device_memory(device: torch.device, error: BaseException) -> tuple[int, int]
     return attempted, torch.cuda.get_device_properties(device).total_memory
 
 
-def log_streaming(model: torch.nn.Module, resident: int, needs: int, budget_gb: float) -> int:
-    """One line saying how many layers stream; returns that count."""
+def log_streaming(model: torch.nn.Module, resident: int | None, needs: int, budget_gb: float) -> int:
+    """One line saying how many layers stream (resident None: the whole model fits); returns that count."""
     streamed = len(streamed_layers(model))
+    if resident is None:
+        logging.info("EriDiffusion: memory_budget_gb %g: the whole model fits beside what training needs (~%s); "
+                     "nothing streams", budget_gb, _gib(needs))
+        return streamed
     if resident == 0:
         logging.warning("EriDiffusion: memory_budget_gb %g is below what the training itself is estimated to need "
                         "(~%s): every layer streams, and the step may still use more than the budget",

@@ -32,6 +32,11 @@ class Architecture:
     embedded_guidance: bool = False
     # Why Create adapter's text_encoder is refused on this architecture ("" where it is offered)
     text_encoder_refusal: str = ""
+    # memory_budget_gb's estimate of a checkpointed training step's activations: ComfyUI's estimate for inference
+    # (BaseModel.memory_required, read as on an NVIDIA GPU) times this. Measured on an H200 at 1024², batch 1,
+    # LoRA r16, the whole run's peak less the weights (CUDA graphs' capture included): SDXL 1.93 GiB (ComfyUI's
+    # estimate 0.26 GiB: x7.5); Z-Image 3.6, Qwen-Image 5.4 GiB. SD 3.5 and Flux say their own
+    activation_factor: float = 8
     # True when the model takes reference latents (edit pairs: control images, trainers/arch/flux_kontext.py)
     reference_latents: bool = False
 

@@ -19,6 +19,8 @@ _MODULATION = re.compile(r"joint_blocks\.\d+\.(context_block|x_block)\.adaLN_mod
 
 class SD3(RectifiedFlow):
     name = "sd3"
+    # SD 3.5 Large's run less weights: 3.24 GiB on an H200 (ComfyUI's estimate 0.38 GiB: x8.4)
+    activation_factor = 9
 
     def matches(self, base_model) -> bool:
         return isinstance(base_model, comfy.model_base.SD3)
