@@ -362,6 +362,16 @@ def builtin_run(mp, arch, steps):
     if a.control:   # ReferenceLatent: the control image's latent
         extra["reference_latents"] = [torch.randn(shape, generator=g)]
     cond = [[torch.randn(1, a.tokens, a.width, generator=g), extra]]
+    if hasattr(mp, "cached_patcher_init"):
+        # 0.33's node trains a fresh copy from the model's loader (clone(force_deepcopy=True)): here a copy built
+        # beforehand and left in CPU memory as a loader leaves it (built on the GPU, where random init is fast),
+        # the original moved to CPU memory as ComfyUI would unload it to make room; neither counts in the peak
+        fresh = build(arch)
+        fresh.model.to(torch.device("cpu"))
+        mp.cached_patcher_init = (lambda disable_dynamic=False: fresh, ())
+        mm.unload_all_models()
+        mp.model.to(torch.device("cpu"))
+        free()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     # The node builds its own torch.optim.AdamW and steps it once per optimizer step (TrainSampler.sample): the
@@ -389,13 +399,6 @@ def builtin_run(mp, arch, steps):
         accepted = inspect.signature(nt.TrainLoraNode.execute).parameters
         if ARGS.builtin_offloading and "offloading" not in accepted:
             raise RuntimeError("this ComfyUI's TrainLoraNode has no offloading input")
-        if hasattr(mp, "cached_patcher_init"):
-            # 0.33's node trains a fresh copy from the model's loader (clone(force_deepcopy=True)): here a rebuild,
-            # the original moved to CPU memory as ComfyUI would unload it to make room
-            mp.cached_patcher_init = (lambda disable_dynamic=False: build(arch), ())
-            mm.unload_all_models()
-            mp.model.to(torch.device("cpu"))
-            free()
         nt.TrainLoraNode.execute(**inputs, **{k: v for k, v in newer.items() if k in accepted})
     finally:
         torch.optim.AdamW.step = adamw_step
