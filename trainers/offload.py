@@ -49,8 +49,9 @@ ADAPTER_COPIES = 3
 def training_needs(params, optimizer_offload: bool, model, latent_shapes, activation_factor: float) -> int:
     """Bytes of GPU memory the training needs besides the model's weights (an estimate): the adapter's parameters
     and gradients, the optimizer's state (none with optimizer_offload), and the activations of the largest batch:
-    ComfyUI's estimate for inference (`BaseModel.memory_required`) times `activation_factor`, the architecture's
-    (Architecture.activation_factor: with gradient checkpointing a step holds each block's input, the attention outputs kept, and one block's activations)."""
+    ComfyUI's estimate for inference (`BaseModel.memory_required`) times the architecture's `activation_factor`
+    (with gradient checkpointing a step holds each block's input, the attention outputs kept, and one block's
+    activations; Architecture.activation_factor says what was measured)."""
     adapter = sum(p.numel() * p.element_size() for p in params)
     state = 0 if optimizer_offload else sum(p.numel() * 4 for p in params) * OPTIMIZER_STATE_COPIES
     activations = activation_factor * max((model.memory_required(shape) for shape in latent_shapes), default=0)
@@ -63,13 +64,13 @@ def staged_bytes(blocks) -> int:
     return 2 * max((sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=0)
 
 
-def resident_budget(budget_gb: float, needs: int, staged: int = 0, model_bytes: int | None = None) -> int | None:
+def resident_budget(budget_gb: float, needs: int, staged: int, model_bytes: int) -> int | None:
     """Bytes of the model's weights that stay on the GPU under a budget of `budget_gb` GiB (None: no budget, or
     the whole model fits beside the training's `needs`); when they do not all fit, the staged blocks' `staged`
     bytes come out of the budget too."""
     if not budget_gb:
         return None
-    if model_bytes is not None and model_bytes + needs <= budget_gb * GIB:
+    if model_bytes + needs <= budget_gb * GIB:
         return None
     return max(0, int(budget_gb * GIB) - needs - staged)
 
