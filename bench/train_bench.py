@@ -344,6 +344,14 @@ def free():
     mm.soft_empty_cache()
 
 
+def to_cpu_memory(mp):
+    """The model in CPU memory, as ComfyUI leaves it after unloading (the bench builds it on the GPU, unregistered
+    with ComfyUI until a run loads it, so unloading alone may leave it there)."""
+    mm.unload_all_models()
+    mp.model.to(mp.offload_device)
+    free()
+
+
 def builtin_run(mp, arch, steps):
     """ComfyUI's TrainLoraNode for `steps` steps (as gpu_baseline.py calls it): (seconds for the whole call, peak
     GiB, seconds from the call's start to the end of each optimizer step)."""
@@ -369,9 +377,7 @@ def builtin_run(mp, arch, steps):
         fresh = build(arch)
         fresh.model.to(torch.device("cpu"))
         mp.cached_patcher_init = (lambda disable_dynamic=False: fresh, ())
-        mm.unload_all_models()
-        mp.model.to(torch.device("cpu"))
-        free()
+        to_cpu_memory(mp)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     # The node builds its own torch.optim.AdamW and steps it once per optimizer step (TrainSampler.sample): the
@@ -435,10 +441,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     if budget:
         # as a user's model is before Train steps: in CPU memory (ComfyUI's loaders leave it there), so that the
-        # run's own load decides what goes to the GPU (the bench builds the model on the GPU, unregistered with
-        # ComfyUI until a run without a budget has loaded it: moved by hand then)
-        mm.unload_all_models()
-        mp.model.to(mp.offload_device)
+        # run's own load decides what goes to the GPU
+        to_cpu_memory(mp)
     free()
     before = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
     if CUDA:
