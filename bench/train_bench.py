@@ -647,6 +647,18 @@ def commit():
         return os.environ.get("ERI_COMMIT", "unknown")
 
 
+DONE_RECORDS = []   # earlier archs' records of this process
+
+
+def save_partial(records):
+    """Every finished run's record, rewritten after each run: a process stopped by a time limit keeps what it
+    measured (train_bench.json is only written at the end)."""
+    if MAIN and not ARGS.fresh:
+        os.makedirs(ARGS.out, exist_ok=True)
+        with open(os.path.join(ARGS.out, "train_bench.partial.json"), "w") as f:
+            json.dump(DONE_RECORDS + records, f, indent=1)
+
+
 def bench_arch(arch, card):
     t = time.perf_counter()
     mp = build(arch)
@@ -700,6 +712,7 @@ def bench_arch(arch, card):
             mm.unload_all_models()
             free()
         records.append(rec)
+        save_partial(records)
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     if not ARGS.no_builtin and WORLD is None:
         try:
@@ -763,6 +776,7 @@ def main():
     else:
         for arch in ARGS.arch:
             records += bench_arch(arch, card)
+            DONE_RECORDS[:] = records
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
