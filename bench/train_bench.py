@@ -23,7 +23,7 @@ a table.
 from __future__ import annotations
 
 import argparse, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
-import time, types, typing
+import time, traceback, types, typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -735,12 +735,18 @@ def bench_arch(arch, card):
         if rec["builtin_s_per_step"] and rec["s_per_step"] and rec["batch"] == 1:
             rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
     if ARGS.queue and WORLD is None:
-        try:
-            records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch)})
-            records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch, dtype=torch.bfloat16)})
+        for dtype in (None, torch.bfloat16):    # ComfyUI's choice of dtype for the file, and bf16
+            try:
+                records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch, dtype=dtype)})
+            except Exception as e:
+                log(f"{arch} queue bench (dtype {dtype}) failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                records.append({**base, "variant": "queue_to_first_step", "model_dtype": str(dtype),
+                                "error": f"{type(e).__name__}: {e}"})
+                mm.unload_all_models()
+                free()
+            save_partial(records)
+        if os.path.exists("/tmp/eri_bench_unet.safetensors"):
             os.remove("/tmp/eri_bench_unet.safetensors")
-        except Exception as e:
-            log(f"{arch} queue bench failed: {type(e).__name__}: {e}")
     del mp
     free()
     return records
@@ -795,7 +801,7 @@ def main():
         json.dump(records, f, indent=1)
     log(f"\nwrote {path}")
     for r in records:
-        if r["variant"] == "queue_to_first_step":
+        if r["variant"] == "queue_to_first_step" and "step_s" in r:
             log(f"queue {r['arch']}: " + ", ".join(f"{b} {t:.3f}" for b, t in zip(r["step_bucket"], r["step_s"])))
 
 
