@@ -83,6 +83,9 @@ args.add_argument("--recompute-attention", action="store_true",
 args.add_argument("--queue", action="store_true",
                   help="also time from loading the model file (ComfyUI's UNETLoader, after saving the random model) "
                        "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
+args.add_argument("--queue-only", action="store_true", help="with --queue: only the queue timings (no runs of the built model)")
+args.add_argument("--queue-dtype", nargs="+", default=["auto", "bf16"], choices=["auto", "bf16"],
+                  help="with --queue: the dtypes to load the model file in (auto: ComfyUI's choice, the node's default)")
 args.add_argument("--dynamic-vram", action="store_true",
                   help="ComfyUI 0.33: start comfy-aimdo as its main.py does on NVIDIA, so that --queue loads the file "
                        "as a ModelPatcherDynamic MODEL (training runs on its non-dynamic delegate)")
@@ -677,7 +680,7 @@ def bench_arch(arch, card):
     # GPU wipes the functions), and our runs timed right after it were 8-30 % slower on 2 of 3 machines.
     runs = [(a, v, b, c, f, m, o) for a in ARGS.adapter for v in ARGS.variants for b in ARGS.batch
             for c in ARGS.compile for f in (ARGS.fraction if v == "gc" else [1.0]) for m in ARGS.memory_budget_gb
-            for o in ARGS.optimizer] if not ARGS.builtin_only else []
+            for o in ARGS.optimizer] if not (ARGS.builtin_only or ARGS.queue_only) else []
     for adapter, variant, batch, compile, fraction, budget, optimizer in runs:
         label = (f"{adapter}_r16_{variant}" + (f"{fraction:g}" if fraction < 1 else "")
                  + (f"_sdpa-{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + ("_unfused" if ARGS.no_fused_lora else "")
@@ -735,7 +738,7 @@ def bench_arch(arch, card):
         if rec["builtin_s_per_step"] and rec["s_per_step"] and rec["batch"] == 1:
             rec["ratio"] = rec["builtin_s_per_step"] / rec["s_per_step"]
     if ARGS.queue and WORLD is None:
-        for dtype in (None, torch.bfloat16):    # ComfyUI's choice of dtype for the file, and bf16
+        for dtype in ({"auto": None, "bf16": torch.bfloat16}[d] for d in ARGS.queue_dtype):
             try:
                 records.append({**base, "variant": "queue_to_first_step", **queue_bench(mp, arch, dtype=dtype)})
             except Exception as e:

@@ -140,12 +140,38 @@ def trainable_patcher(patcher):
     trained layer's weight has no fixed address (CUDA graphs, fused kernels) and autograd would hold every streamed
     copy: training takes ComfyUI's own answer for what dynamic loading cannot do, the model's non-dynamic delegate
     (the same file loaded once more by the legacy ModelPatcher, with this patcher's patches; its samplers do the
-    same for hooks), cached on the patcher for the next run. Every other patcher is returned as it is."""
+    same for hooks), cached on the patcher for the next run. Every other patcher is returned as it is. Either way
+    its weights are in the dtypes ComfyUI meant for them (weights_in_model_dtype)."""
     is_dynamic = getattr(patcher, "is_dynamic", None)
-    if is_dynamic is None or not is_dynamic():
-        return patcher
-    if getattr(patcher, "cached_patcher_init", None) is None:
-        raise RuntimeError("this MODEL is on ComfyUI's dynamic VRAM and its loader left no way to load it again "
-                           "without it, which training needs: load it with ComfyUI's Load Checkpoint or Load "
-                           "Diffusion Model node, or start ComfyUI with --disable-dynamic-vram")
-    return patcher.get_non_dynamic_delegate()
+    if is_dynamic is not None and is_dynamic():
+        if getattr(patcher, "cached_patcher_init", None) is None:
+            raise RuntimeError("this MODEL is on ComfyUI's dynamic VRAM and its loader left no way to load it again "
+                               "without it, which training needs: load it with ComfyUI's Load Checkpoint or Load "
+                               "Diffusion Model node, or start ComfyUI with --disable-dynamic-vram")
+        patcher = patcher.get_non_dynamic_delegate()
+    weights_in_model_dtype(patcher.model)
+    return patcher
+
+
+def weights_in_model_dtype(model: torch.nn.Module) -> int:
+    """Gives each weight that ComfyUI 0.33 left in its file's dtype the dtype ComfyUI meant for it; returns how
+    many. With dynamic VRAM on (comfy-aimdo), comfy.ops' Linear and Embedding are made without weights and take
+    the file's tensors as they are, the meant dtype kept in `<name>_comfy_model_dtype`: the dynamic patcher casts
+    them at every call, but a legacy patcher's load (the non-dynamic delegate training runs on) uses them as they
+    are, so a bf16 file under an fp16 SDXL fails in its first Linear ("mat1 and mat2 must have the same dtype").
+    A load with --disable-dynamic-vram copies the file into the model's dtype; this gives the same tensors, once
+    per loaded model (the delegate is cached). Layers that cast at each call (manual cast, fp8, lowvram) and
+    quantized weights are left as they are."""
+    converted = 0
+    with torch.inference_mode(False):
+        for module in model.modules():
+            if getattr(module, "comfy_cast_weights", True):   # not a comfy.ops layer, or one that casts per call
+                continue
+            for name, param in list(module._parameters.items()):
+                meant = getattr(module, f"{name}_comfy_model_dtype", None)
+                if (param is None or meant is None or param.dtype == meant or type(param.data) is not torch.Tensor
+                        or not param.is_floating_point()):
+                    continue
+                module._parameters[name] = torch.nn.Parameter(param.data.to(meant), requires_grad=param.requires_grad)
+                converted += 1
+    return converted

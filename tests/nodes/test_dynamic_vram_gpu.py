@@ -132,7 +132,9 @@ def test_training_on_dynamic_vram_equals_training_the_fully_loaded_model_with_gr
 def test_the_trained_model_samples_on_dynamic_vram_as_the_fully_loaded_one(loaded, kind):
     from helpers import model_output
     from eridiffusion.trainers.state import patched_model
+    import comfy.model_management
     dynamic, legacy, p = loaded
+    pinned_before = dict(comfy.model_management.PINNED_MEMORY)
     run, _ = run_steps(dynamic, p, steps=2, kind=kind)
     state = run.export()
     del run
@@ -142,3 +144,7 @@ def test_the_trained_model_samples_on_dynamic_vram_as_the_fully_loaded_one(loade
     untrained = model_output(legacy, p)
     assert torch.allclose(streamed.float(), resident.float(), rtol=2e-2, atol=2e-2)
     assert (streamed.float() - untrained.float()).abs().max() > (streamed.float() - resident.float()).abs().max()
+    # every weight that training and sampling pinned in host memory is released with the models (DoRA's base
+    # weight goes through comfy.ops' cast, which pins; uncast_bias_weight releases it)
+    comfy.model_management.unload_all_models()
+    assert comfy.model_management.PINNED_MEMORY == pinned_before

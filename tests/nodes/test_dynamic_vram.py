@@ -1,0 +1,67 @@
+"""Training a MODEL that ComfyUI 0.33 loaded with dynamic VRAM on (its main.py's default on NVIDIA), on the CPU:
+what does not need comfy-aimdo's GPU side. With it on, ComfyUI's layers are made without weights and take the
+file's tensors as they are, so the non-dynamic delegate that training runs on (trainers/comfy_compat.py:
+trainable_patcher) holds, say, a bf16 file's weights under an fp16 SDXL on a GPU (found there: "mat1 and mat2 must
+have the same dtype"); a load with --disable-dynamic-vram converts them to the model's dtype. Training must train
+what that load gives."""
+import pytest
+import torch
+
+from helpers import prepared, settings
+from test_dynamic_vram_gpu import detect_as_wide, wide_config
+
+
+def _comfyui_has_dynamic_vram() -> bool:
+    import comfy.model_patcher
+    return hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+
+
+pytestmark = pytest.mark.skipif(not _comfyui_has_dynamic_vram(), reason="ComfyUI before 0.33 has no dynamic VRAM")
+
+
+def bf16_model_file(tiny, arch, folder) -> str:
+    """The tiny model as a diffusion-model file in bf16 (as most published files are)."""
+    from safetensors.torch import save_file
+    config = wide_config(tiny, arch)
+    model = config.get_model({}, "")
+    tiny.init_parameters(model.diffusion_model, 0)
+    path = f"{folder}/{arch}_bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.diffusion_model.state_dict().items()}, path)
+    return path
+
+
+def trained(model, p, steps=2):
+    """(losses, adapter weights) of `steps` steps computed in the model's own dtype (fp32 on the CPU; on a GPU
+    precision auto does the same for an fp16 SDXL or a bf16 Flux): no autocast, the weights used as they are."""
+    from eridiffusion.trainers.checkpoint import make_spec
+    from eridiffusion.trainers.comfy_compat import training_mode
+    from eridiffusion.trainers.loop import TrainingRun
+    from eridiffusion.trainers.state import new_adapter
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        state = new_adapter(make_spec(model, "lora", 4, 4.0, "attention_mlp", 0, "fp32"), model)
+        run = TrainingRun(model, state, p["latents"], p["captions"], settings(precision="fp32"), end_step=steps)
+        for _ in range(steps):
+            run.step()
+        return list(run.losses), run.export().weights
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_a_file_loaded_with_dynamic_vram_trains_as_with_it_disabled(comfy_folders, tiny, tmp_path, monkeypatch, arch):
+    import comfy.sd
+    import comfy_aimdo.control
+    from comfy_env import dynamic_vram
+    assert comfy_aimdo.control.init()   # its library, which reads the file under dynamic VRAM (no GPU needed)
+    path = bf16_model_file(tiny, arch, tmp_path)
+    detect_as_wide(monkeypatch, tiny, arch)
+    p = prepared(comfy_folders, tiny, arch=arch)
+    legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
+    with dynamic_vram():
+        # on the CPU ComfyUI makes a legacy ModelPatcher here (ModelPatcherDynamic reroutes CPU devices), loaded
+        # as a dynamic MODEL's delegate is on a GPU: bf16 tensors kept under an fp32 model
+        dynamic = comfy.sd.load_diffusion_model(path)
+        kept = {p.dtype for p in dynamic.model.diffusion_model.parameters()}
+        assert torch.bfloat16 in kept and dynamic.model.get_dtype() == torch.float32
+        on_dynamic = trained(dynamic, p)
+    on_legacy = trained(legacy, p)
+    assert on_dynamic[0] == on_legacy[0]
+    assert all(torch.equal(on_dynamic[1][k], on_legacy[1][k]) for k in on_legacy[1])
