@@ -589,8 +589,7 @@ def queue_bench(mp, arch, steps=24, dtype=None):
     if not os.path.exists(path):
         safetensors.torch.save_file({k: v.contiguous() for k, v in mp.model.diffusion_model.state_dict().items()},
                                     path)
-    mm.unload_all_models()
-    free()
+    to_cpu_memory(mp)     # the peak below is the loaded file's, not the built model's too
     latents, text = synthetic_data(arch, samples=6, buckets=3)
     settings = TrainingSettings(optimizer="adamw", learning_rate=1e-4, precision="auto")   # the node's default
     if CUDA:
