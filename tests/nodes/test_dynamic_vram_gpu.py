@@ -113,6 +113,9 @@ def test_training_on_dynamic_vram_equals_training_the_fully_loaded_model_with_gr
     on_dynamic, dynamic_losses = run_steps(dynamic, p)
     assert not on_dynamic.patcher.is_dynamic()
     assert isinstance(on_dynamic.micro_batches, GraphedMicroBatches) and on_dynamic.micro_batches.captures > 0
+    # the delegate is loaded whole: no layer casts its weight per call, so LoraLinear and the fused GroupNorm take
+    # their fused paths (trainers/fused.py checks comfy_cast_weights at each call)
+    assert not any(getattr(m, "comfy_cast_weights", False) for m in on_dynamic.base_model.diffusion_model.modules())
     weights = dict(on_dynamic.export().weights)
     del on_dynamic
     on_legacy, legacy_losses = run_steps(legacy, p)
@@ -148,3 +151,26 @@ def test_the_trained_model_samples_on_dynamic_vram_as_the_fully_loaded_one(loade
     # weight goes through comfy.ops' cast, which pins; uncast_bias_weight releases it)
     comfy.model_management.unload_all_models()
     assert comfy.model_management.PINNED_MEMORY == pinned_before
+
+
+def test_a_sample_taken_while_training_a_dynamic_model_is_the_stock_ksamplers_on_the_trained_model(loaded):
+    """Train steps with Sampling settings on a dynamic MODEL, as a user queues it: the sample it shows at step 3
+    is what the stock KSampler gives on the MODEL it outputs, under dynamic VRAM."""
+    import nodes as comfy_nodes
+    from test_sampling import sampling, train
+    dynamic, legacy, p = loaded
+    p = {**p, "model": dynamic}
+    positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
+    settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11)
+    model, _, _, images, _ = train(p, 3, settings_, learning_rate=1e-2, precision="bf16",
+                                   gradient_checkpointing=True)
+    latent = {"samples": torch.zeros([1, model.model.latent_format.latent_channels, 8, 8])}
+    with torch.inference_mode():
+        def decoded(m):
+            out = comfy_nodes.common_ksampler(m, 11, 2, 3.0, "euler", "normal", positive, negative, latent)[0]
+            return p["vae"].decode(out["samples"]).float()
+        stock, untrained = decoded(model), decoded(dynamic)
+    assert images.shape[0] == 1
+    assert torch.allclose(images[0].float(), stock[0], atol=2e-2)
+    assert (images[0].float() - untrained[0]).abs().max() > (images[0].float() - stock[0]).abs().max()
