@@ -30,23 +30,29 @@ def bf16_model_file(tiny, arch, folder) -> str:
     return path
 
 
-def trained(model, p, steps=2):
+def trained(model, p, budget, steps=2):
     """(losses, adapter weights) of `steps` steps computed in the model's own dtype (fp32 on the CPU; on a GPU
-    precision auto does the same for an fp16 SDXL or a bf16 Flux): no autocast, the weights used as they are."""
+    precision auto does the same for an fp16 SDXL or a bf16 Flux): no autocast, the weights used as they are;
+    with memory_budget_gb `budget`."""
     from eridiffusion.trainers.checkpoint import make_spec
     from eridiffusion.trainers.comfy_compat import training_mode
     from eridiffusion.trainers.loop import TrainingRun
+    from eridiffusion.trainers.offload import streamed_layers
     from eridiffusion.trainers.state import new_adapter
     with torch.inference_mode(False), torch.enable_grad(), training_mode():
         state = new_adapter(make_spec(model, "lora", 4, 4.0, "attention_mlp", 0, "fp32"), model)
-        run = TrainingRun(model, state, p["latents"], p["captions"], settings(precision="fp32"), end_step=steps)
+        run_settings = settings(precision="fp32", memory_budget_gb=budget, gradient_checkpointing=True)
+        run = TrainingRun(model, state, p["latents"], p["captions"], run_settings, end_step=steps)
         for _ in range(steps):
             run.step()
+        assert bool(streamed_layers(run.base_model.diffusion_model)) == bool(budget)
         return list(run.losses), run.export().weights
 
 
+@pytest.mark.parametrize("budget", [0, 1e-4], ids=["whole", "streamed"])   # 1e-4 GiB: every layer streams
 @pytest.mark.parametrize("arch", ["sdxl", "flux"])
-def test_a_file_loaded_with_dynamic_vram_trains_as_with_it_disabled(comfy_folders, tiny, tmp_path, monkeypatch, arch):
+def test_a_file_loaded_with_dynamic_vram_trains_as_with_it_disabled(comfy_folders, tiny, tmp_path, monkeypatch, arch,
+                                                                    budget):
     import comfy.sd
     import comfy_aimdo.control
     from comfy_env import dynamic_vram
@@ -61,7 +67,7 @@ def test_a_file_loaded_with_dynamic_vram_trains_as_with_it_disabled(comfy_folder
         dynamic = comfy.sd.load_diffusion_model(path)
         kept = {p.dtype for p in dynamic.model.diffusion_model.parameters()}
         assert torch.bfloat16 in kept and dynamic.model.get_dtype() == torch.float32
-        on_dynamic = trained(dynamic, p)
-    on_legacy = trained(legacy, p)
+        on_dynamic = trained(dynamic, p, budget)
+    on_legacy = trained(legacy, p, budget)
     assert on_dynamic[0] == on_legacy[0]
     assert all(torch.equal(on_dynamic[1][k], on_legacy[1][k]) for k in on_legacy[1])
