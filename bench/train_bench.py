@@ -484,8 +484,9 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             tracked["end"] = len(gc.get_objects())
             log(f"Python objects the collector tracks (not frozen): {tracked}; full collections: {full_collections}")
             if ARGS.profile:
-                profile_step(run, f"{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
-                             + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else ""))
+                profile_step(run, f"{ARCH_NOW[0]}_{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
+                             + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + (f"_budget{budget:g}" if budget else "")
+                             + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_fp8" if ARGS.fp8_compute else ""))
         steps_peak = peak_gib()
         peak = max(steps_peak, load_peak)      # the whole run, as recorded before 2026-12-03 (session 2)
         RUN_DETAILS.append({"steps_peak_gib": steps_peak,
@@ -661,7 +662,11 @@ def save_partial(records):
             json.dump(DONE_RECORDS + records, f, indent=1)
 
 
+ARCH_NOW = [""]     # the arch being timed (profile file names)
+
+
 def bench_arch(arch, card):
+    ARCH_NOW[0] = arch
     t = time.perf_counter()
     mp = build(arch)
     nparams = sum(p.numel() for p in mp.model.diffusion_model.parameters())
@@ -802,6 +807,9 @@ def main():
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     log(f"\nwrote {path}")
+    partial = os.path.join(ARGS.out, "train_bench.partial.json")
+    if os.path.exists(partial):
+        os.remove(partial)
     for r in records:
         if r["variant"] == "queue_to_first_step" and "step_s" in r:
             log(f"queue {r['arch']}: " + ", ".join(f"{b} {t:.3f}" for b, t in zip(r["step_bucket"], r["step_s"])))
