@@ -8,26 +8,10 @@ import pytest
 import torch
 
 from helpers import prepared, settings
-from test_dynamic_vram_gpu import detect_as_wide, wide_config
-
-
-def _comfyui_has_dynamic_vram() -> bool:
-    import comfy.model_patcher
-    return hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+from test_dynamic_vram_gpu import _comfyui_has_dynamic_vram, detect_as_wide, wide_model_file
 
 
 pytestmark = pytest.mark.skipif(not _comfyui_has_dynamic_vram(), reason="ComfyUI before 0.33 has no dynamic VRAM")
-
-
-def bf16_model_file(tiny, arch, folder) -> str:
-    """The tiny model as a diffusion-model file in bf16 (as most published files are)."""
-    from safetensors.torch import save_file
-    config = wide_config(tiny, arch)
-    model = config.get_model({}, "")
-    tiny.init_parameters(model.diffusion_model, 0)
-    path = f"{folder}/{arch}_bf16.safetensors"
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.diffusion_model.state_dict().items()}, path)
-    return path
 
 
 def trained(model, p, budget, steps=2):
@@ -57,7 +41,7 @@ def test_a_file_loaded_with_dynamic_vram_trains_as_with_it_disabled(comfy_folder
     import comfy_aimdo.control
     from comfy_env import dynamic_vram
     assert comfy_aimdo.control.init()   # its library, which reads the file under dynamic VRAM (no GPU needed)
-    path = bf16_model_file(tiny, arch, tmp_path)
+    path = wide_model_file(tiny, arch, str(tmp_path))   # bf16, as most published files are
     detect_as_wide(monkeypatch, tiny, arch)
     p = prepared(comfy_folders, tiny, arch=arch)
     legacy = comfy.sd.load_diffusion_model(path, disable_dynamic=True)
