@@ -373,17 +373,7 @@ class TrainingRun:
         items = [self.latents.dataset.items[i] for i in indices]
         x0 = arches.latents_in(self.base_model, torch.stack([self.latents.latents[i] for i in indices]))
         preserve = s.diff_output_preservation and not reg
-        contexts, preserved = [], []
-        for item in items:
-            rate = max(s.caption_dropout, item.caption_dropout)
-            dropped = rate > 0 and torch.rand((), generator=gen).item() < rate
-            caption, variants = item.caption, item.caption_variants
-            if variants:    # shuffle_captions: one of the cached orders
-                caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
-            caption = "" if dropped else caption
-            contexts.append(caption if self.text_encoder is not None else self.text.get(caption, item))
-            if preserve:    # the caption drawn, its trigger word replaced by the class word
-                preserved.append(self.text.get(item.preserved(caption), item))
+        contexts, preserved = self._captions(items, gen, preserve)
         mask = torch.stack([self.latents.masks[i] for i in indices])[:, None] if self.latents.masks else None
         controls = self.base_model.latent_format.process_in(torch.stack([self.latents.controls[i] for i in indices])) \
             if self.latents.controls else None
@@ -401,6 +391,24 @@ class TrainingRun:
             if not items:
                 return None
         return self._inputs(x0, noise, sigma, contexts, items, mask, reg, preserved if preserve else None, controls)
+
+    def _captions(self, items, gen: torch.Generator, preserve: bool) -> tuple[list, list]:
+        """Each item's caption as drawn from `gen` (dropout, then one of shuffle_captions' cached orders): its
+        cached embedding (the caption itself while the text encoder trains), and with `preserve` the embedding
+        of the same caption with its trigger word replaced by the class word (differential output preservation)."""
+        s = self.settings
+        contexts, preserved = [], []
+        for item in items:
+            rate = max(s.caption_dropout, item.caption_dropout)
+            dropped = rate > 0 and torch.rand((), generator=gen).item() < rate
+            caption, variants = item.caption, item.caption_variants
+            if variants:
+                caption = variants[int(torch.randint(len(variants), (), generator=gen)) if len(variants) > 1 else 0]
+            caption = "" if dropped else caption
+            contexts.append(caption if self.text_encoder is not None else self.text.get(caption, item))
+            if preserve:
+                preserved.append(self.text.get(item.preserved(caption), item))
+        return contexts, preserved
 
     def _inputs(self, x0, noise, sigma, contexts, items, mask, reg=False, preserved=None,
                 controls=None) -> dict[str, torch.Tensor]:
