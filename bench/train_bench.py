@@ -431,7 +431,7 @@ def builtin_bench(mp, arch, warmup: int = 3):
 
 def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int, adapter: str = "lora",
                  compile: str = "cuda_graphs", fraction: float = 1.0, warmup: int = 3, budget: float = 0.0,
-                 optimizer: str = "adamw"):
+                 optimizer: str = "adamw", profile_label: str = "step"):
     """Median seconds per optimizer step, peak GiB of our TrainingRun, the GPU memory allocated before the
     run and after it (the run unloaded, then the model loaded again: equal when a run leaks nothing), and
     the seconds from starting the run to the end of its first step and of its warm-up (with CUDA graphs the
@@ -484,9 +484,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             tracked["end"] = len(gc.get_objects())
             log(f"Python objects the collector tracks (not frozen): {tracked}; full collections: {full_collections}")
             if ARGS.profile:
-                profile_step(run, f"{ARCH_NOW[0]}_{adapter}_{'gc' if checkpointing else 'nogc'}_b{batch}_{compile}"
-                             + (f"_{'-'.join(ARGS.sdpa)}" if ARGS.sdpa else "") + (f"_budget{budget:g}" if budget else "")
-                             + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_fp8" if ARGS.fp8_compute else ""))
+                profile_step(run, profile_label)
         steps_peak = peak_gib()
         peak = max(steps_peak, load_peak)      # the whole run, as recorded before 2026-12-03 (session 2)
         RUN_DETAILS.append({"steps_peak_gib": steps_peak,
@@ -662,11 +660,7 @@ def save_partial(records):
             json.dump(DONE_RECORDS + records, f, indent=1)
 
 
-ARCH_NOW = [""]     # the arch being timed (profile file names)
-
-
 def bench_arch(arch, card):
-    ARCH_NOW[0] = arch
     t = time.perf_counter()
     mp = build(arch)
     nparams = sum(p.numel() for p in mp.model.diffusion_model.parameters())
@@ -702,7 +696,8 @@ def bench_arch(arch, card):
             (rec["s_per_step"], rec["peak_gib"], rec["gpu_gib_before_run"], rec["gpu_gib_after_run_and_unload"],
              rec["first_step_s"], rec["warmed_up_s"]) = engine_bench(mp, latents, text, variant == "gc", batch,
                                                                     ARGS.steps, adapter, compile, fraction,
-                                                                    budget=budget, optimizer=optimizer)
+                                                                    budget=budget, optimizer=optimizer,
+                                                                    profile_label=f"{arch}_{label}_b{batch}")
             rec["step_s"], pauses, rec["full_collections"] = STEP_TIMES[-1]
             rec.update(RUN_DETAILS[-1])
             rec["python_gc"] = {f"gen{g}": {"collections": sum(1 for q, _ in pauses if q == g),
