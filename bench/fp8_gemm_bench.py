@@ -2,9 +2,9 @@
 
 For each shape (rows = tokens at 1024², in, out) times, on the GPU, with CUDA events (median of 20 after 5 warm-up):
 the bf16 forward GEMM and input-gradient GEMM; `_scaled_mm` alone (per-tensor and row-wise scales, operands already
-in FP8); each quantization step of trainers/fp8.py (activations, weight row-major, weight written transposed,
-weight quantized row-major then transposed by a copy, output gradient in e5m2); and the whole Fp8Gemm.forward /
-input_grad. Prints a table and writes fp8_gemm_bench.json to --out.
+in FP8); each quantization step in torch's kernels (activations, weight row-major, weight written transposed,
+weight quantized row-major then transposed by a copy, output gradient in e5m2) and in trainers/fp8.py's Triton
+kernels; and the whole Fp8Gemm.forward / input_grad (Triton's quantization where it runs). Prints a table and writes fp8_gemm_bench.json to --out.
 
     python3 bench/fp8_gemm_bench.py --out "$OUT"      # on the GPU machine, after bench/device_setup.sh
 """
@@ -97,6 +97,13 @@ def main():
             "fp8 weight .t().contiguous()": timed(lambda: w_q.t().contiguous()),
             "quant grad e5m2": timed(lambda: fp8._quantized(
                 g, fp8._power_of_two_scale(fp8._amax(g), fp8.E5M2)[0], fp8.E5M2)),
+            "triton quant x rowwise": timed(lambda: fp8.quantize_rows(x, fp8.E4M3)),
+            "triton quant x tensorwise": timed(lambda: fp8.quantize_tensor(x, fp8.E4M3)),
+            "triton quant grad e5m2": timed(lambda: fp8.quantize_tensor(g, fp8.E5M2)),
+            "triton cast w rows": timed(lambda: fp8.scaled_cast(w, rows_mult, fp8.E4M3)),
+            "triton cast w transposed": timed(lambda: fp8.scaled_cast(w, tensor_mult, fp8.E4M3, transposed=True)),
+            "triton fp8 weight transposed copy": timed(lambda: fp8.scaled_cast(w_q, one.reshape(1, 1), fp8.E4M3,
+                                                                               transposed=True)),
             "Fp8Gemm.forward": timed(lambda: gemm.forward(x, w, layer.bias, torch.bfloat16)),
             "Fp8Gemm.input_grad": timed(lambda: gemm.input_grad(g, w, torch.bfloat16)),
         }}

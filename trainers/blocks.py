@@ -19,6 +19,8 @@ import torch
 import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
+from .comfy_compat import comfy_sdpa_priority
+
 _OUT_OF_PLACE = {
     torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub,
     torch.Tensor.mul_: torch.mul, torch.Tensor.div_: torch.div,
@@ -69,16 +71,35 @@ def _attention_kept_contexts():
 
 
 # The order in which training tries torch's SDPA backends (the first that supports the inputs runs), or None for
-# torch's own order. Backward runs the backend its forward ran.
+# the default below. Backward runs the backend its forward ran.
 TRAINING_SDPA_PRIORITY: list | None = None
 
 
-def training_attention():
-    """The context a training micro-batch (forward and backward) runs in: TRAINING_SDPA_PRIORITY's backends."""
-    if not TRAINING_SDPA_PRIORITY:
+def training_sdpa_priority(device: torch.device) -> list | None:
+    """TRAINING_SDPA_PRIORITY, else on Hopper and later GPUs cuDNN's fused attention first, else None (ComfyUI's
+    and torch's own order). Measured on an H200 (docs/BENCHMARKS.md): cuDNN's attention is what torch 2.11 picks
+    there by itself (ComfyUI 0.3.75 on Linux), and flash attention first, ComfyUI 0.33's order, made a training
+    step 9-13 % slower (SDXL, SD 3.5 Large, Flux-dev)."""
+    if TRAINING_SDPA_PRIORITY:
+        return TRAINING_SDPA_PRIORITY
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device) < (9, 0):
+        return None
+    from torch.nn.attention import SDPBackend
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def training_attention(device: torch.device):
+    """The context a training micro-batch (forward and backward) runs in: training_sdpa_priority's backends, for
+    torch's SDPA and for ComfyUI's wrapper around it."""
+    order = training_sdpa_priority(device)
+    if not order:
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
-    return sdpa_kernel(TRAINING_SDPA_PRIORITY, set_priority=True)
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(order, set_priority=True))
+    stack.enter_context(comfy_sdpa_priority(order))
+    return stack
 
 
 _attention_primed: set = set()
@@ -101,7 +122,7 @@ def prime_attention(device: torch.device, dtype: torch.dtype) -> None:
     sdpa = getattr(comfy.ops, "scaled_dot_product_attention", torch.nn.functional.scaled_dot_product_attention)
     # 4 heads x 1024 tokens x 64: past the 131,072 elements from which ComfyUI 0.33 sets its backend priority
     q = torch.randn((1, 4, 1024, 64), device=device, dtype=dtype, requires_grad=True)
-    with torch.enable_grad(), training_attention():
+    with torch.enable_grad(), training_attention(device):
         sdpa(q, q.detach(), q.detach()).sum().backward()
     _attention_primed.add((device, dtype))
 

@@ -61,6 +61,23 @@ def training_mode():
         comfy.model_management.in_training = before
 
 
+@contextlib.contextmanager
+def comfy_sdpa_priority(order: list):
+    """ComfyUI's SDPA backend order replaced by `order` for the block. ComfyUI 0.33 wraps every attention call
+    in `sdpa_kernel(comfy.ops.SDPA_BACKEND_PRIORITY, set_priority=True)` (flash first), which overrides an order
+    set around the call; 0.3.75 sets one only on Windows. Restored afterwards, also on errors and Cancel."""
+    import comfy.ops
+    current = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
+    if current is None:
+        yield
+        return
+    comfy.ops.SDPA_BACKEND_PRIORITY = list(order)
+    try:
+        yield
+    finally:
+        comfy.ops.SDPA_BACKEND_PRIORITY = current
+
+
 def is_linear(module) -> bool:
     """A linear layer adapters can wrap: a torch Linear (ComfyUI's plain, manual-cast and fp8 ops, and 0.3.75's
     scaled-fp8 op subclass it), or the Linear of ComfyUI's quantized ops (`MixedPrecisionOps`: scaled fp8 as

@@ -29,7 +29,8 @@ on the fly into a temporary: forward reads the bf16 weight (2 bytes per element)
 backward writes the transposed e4m3 copy `_scaled_mm` needs for its column-major second operand in the same
 pass (2 + 1 bytes). That is ~3 extra bytes of traffic per weight element per GEMM, against the GEMM's own 2 of
 bf16: worth it only where the GEMM is compute-bound, hence MIN_ROWS. Nothing else is saved for backward (the
-weight is the layer's own parameter).
+weight is the layer's own parameter). Every quantization is one or two Triton kernels on the GPU (below: torch's
+own took as long as the FP8 GEMM they fed), torch's ops elsewhere, with the same bits.
 
 Which layers qualify (the others run their own forward in the activations' dtype, unchanged):
 - torch/comfy.ops Linear layers inside `Architecture.block_modules` (gradient checkpointing's blocks);
@@ -55,6 +56,7 @@ import torch
 
 from .comfy_compat import dequantized_linear, fp8_tensorwise, has_quantized_weight, is_linear
 from .config import ConfigError
+from .fused import INTERPRETING, tl, triton, triton_available  # noqa: F401 (tl: the kernels' global)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -136,7 +138,7 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _quantized(x: torch.Tensor, multiplier: torch.Tensor, fmt: torch.dtype, transposed: bool = False):
-    """x · multiplier cast to `fmt` in one kernel (the product in fp32: `multiplier` is an fp32 tensor of ≥ 1
+    """x · multiplier cast to `fmt` in torch's kernels (the product in fp32: `multiplier` is an fp32 tensor of ≥ 1
     dimension, so it is not demoted to x's dtype). `transposed`: written column-major, as `_scaled_mm` takes its
     second operand (the result is x's shape with strides (1, rows)). Where torch cannot write FP8 from a product
     (checked once per device), the product and the cast are two kernels."""
@@ -158,6 +160,144 @@ def _writes_fp8(device: str) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+# Quantization in Triton. Measured on an H200 (bench/fp8_gemm_bench.py): torch's kernels above took 160-650 µs to
+# quantize one Flux-sized operand (amax, six scalar ops, a product written to FP8 on torch's non-vectorized path,
+# a transposed write), as long as the FP8 GEMM it feeds; each of these reads its input once (rows: once from
+# memory and once from L2), writes FP8, and computes the power-of-two scale in registers, bit for bit as
+# _power_of_two_scale does. Torch's path runs where Triton does not (CPU, no Triton); the CPU tests run these in
+# Triton's interpreter (KERNELS_ON_CPU) against it.
+KERNELS_ON_CPU = False
+_CAST_BLOCK = 64         # a square tile: read row-major, written transposed or not
+_ROW_BLOCK = 4096        # elements of a row per iteration
+_AMAX_BLOCK = 4096
+_AMAX_PROGRAMS = 1024    # partial maxima (the cast reduces them: no atomics, no zeroed buffer)
+
+
+if triton is not None:    # (module level: the kernels find each other and `tl` among their globals)
+
+    @triton.jit
+    def _power_of_two_exponent(amax, MAX_EXPONENT: tl.constexpr):
+        # _power_of_two_scale's k from amax's bits: amax = m·2^e (m in [1, 2)) is frexp's (m/2)·2^(e+1), and
+        # m/2 ≤ 0.875 where the 23 fraction bits are ≤ 0.75·2^23; frexp(0) = (0, 0)
+        bits = amax.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
+        k = tl.where((bits & 0x7FFFFF) <= 6291456, MAX_EXPONENT - 1 - e, MAX_EXPONENT - 2 - e)
+        k = tl.where(amax == 0.0, MAX_EXPONENT, k)
+        return tl.minimum(tl.maximum(k, -120), 120)
+
+    @triton.jit
+    def _power_of_two(k):
+        return ((k + 127) << 23).to(tl.float32, bitcast=True)     # 2^k, exact for |k| ≤ 126
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, out_ptr, dequant_ptr, n, stride_x, stride_out, MAX_EXPONENT: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        k = _power_of_two_exponent(tl.max(amax, axis=0), MAX_EXPONENT)
+        multiplier = _power_of_two(k)
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
+            q = (x * multiplier).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row * stride_out + cols, q, mask=cols < n)
+        tl.store(dequant_ptr + row, _power_of_two(-k))
+
+    @triton.jit
+    def _amax_partial_kernel(x_ptr, partial_ptr, numel, BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(program * BLOCK, numel, tl.num_programs(0) * BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)))
+        tl.store(partial_ptr + program, tl.max(amax, axis=0))
+
+    @triton.jit
+    def _cast_kernel(x_ptr, out_ptr, scale_ptr, dequant_ptr, rows, cols, partials, stride_x, stride_out_row,
+                     stride_out_col, MODE: tl.constexpr, MAX_EXPONENT: tl.constexpr, BLOCK: tl.constexpr,
+                     PARTIALS: tl.constexpr):
+        # MODE 0: a multiplier per row at scale_ptr; 1: one multiplier; 2: the multiplier of the amax of the
+        # `partials` partial maxima at scale_ptr, its dequantization scale written to dequant_ptr
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            multiplier = tl.load(scale_ptr + r, mask=r < rows, other=0.0)[:, None]
+        elif MODE == 1:
+            multiplier = tl.load(scale_ptr)
+        else:
+            parts = tl.arange(0, PARTIALS)
+            amax = tl.max(tl.load(scale_ptr + parts, mask=parts < partials, other=0.0), axis=0)
+            k = _power_of_two_exponent(amax, MAX_EXPONENT)
+            multiplier = _power_of_two(k)
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(dequant_ptr, _power_of_two(-k))
+        q = (x * multiplier).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out_row + c[None, :].to(tl.int64) * stride_out_col, q,
+                 mask=mask)
+
+
+def _triton_takes(x: torch.Tensor) -> bool:
+    return (triton_available() and (x.is_cuda or KERNELS_ON_CPU and INTERPRETING) and x.ndim == 2
+            and x.stride(1) == 1 and x.numel() < 2 ** 31)
+
+
+def _block(n: int, largest: int) -> int:
+    return min(largest, max(16, 1 << (n - 1).bit_length()))
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype, mode: int, transposed: bool,
+          dequant: torch.Tensor | None = None, partials: int = 1) -> torch.Tensor:
+    rows, cols = x.shape
+    if transposed:
+        out = torch.empty(cols, rows, dtype=fmt, device=x.device).t()
+    else:
+        out = torch.empty(rows, cols, dtype=fmt, device=x.device)
+    grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
+    _cast_kernel[grid](x, out, scale, scale if dequant is None else dequant, rows, cols, partials, x.stride(0),
+                             out.stride(0), out.stride(1), MODE=mode, MAX_EXPONENT=_MAX_EXPONENT[fmt],
+                             BLOCK=_CAST_BLOCK, PARTIALS=_block(partials, _AMAX_PROGRAMS))
+    return out
+
+
+def scaled_cast(x: torch.Tensor, multiplier: torch.Tensor, fmt: torch.dtype, transposed: bool = False):
+    """x · multiplier in `fmt` (multiplier: fp32, one per row (rows, 1) or one (1, 1)); `transposed` as _quantized."""
+    if not _triton_takes(x):
+        return _quantized(x, multiplier, fmt, transposed)
+    per_row = multiplier.numel() != 1
+    return _cast(x, multiplier.reshape(-1).contiguous(), fmt, 0 if per_row else 1, transposed)
+
+
+def quantize_rows(x: torch.Tensor, fmt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in `fmt` with a power-of-two scale per row, the rows' dequantization scales (rows, 1) in fp32)."""
+    if not _triton_takes(x):
+        multiplier, dequant = _power_of_two_scale(_amax_rows(x), fmt)
+        return _quantized(x, multiplier, fmt), dequant
+    rows, n = x.shape
+    out = torch.empty(rows, n, dtype=fmt, device=x.device)
+    dequant = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(rows,)](x, out, dequant, n, x.stride(0), out.stride(0),
+                                         MAX_EXPONENT=_MAX_EXPONENT[fmt], BLOCK=_block(n, _ROW_BLOCK))
+    return out, dequant
+
+
+def quantize_tensor(x: torch.Tensor, fmt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in `fmt` with one power-of-two scale, its dequantization scale (a 0-dimensional fp32 tensor))."""
+    if not _triton_takes(x) or not x.is_contiguous():
+        multiplier, dequant = _power_of_two_scale(_amax(x), fmt)
+        return _quantized(x, multiplier, fmt), dequant.reshape(())
+    programs = min(triton.cdiv(x.numel(), _AMAX_BLOCK), _AMAX_PROGRAMS)
+    partial = torch.empty(programs, dtype=torch.float32, device=x.device)
+    _amax_partial_kernel[(programs,)](x, partial, x.numel(), BLOCK=_AMAX_BLOCK)
+    dequant = torch.empty((), dtype=torch.float32, device=x.device)
+    return _cast(x, partial, fmt, 2, False, dequant, programs), dequant
 
 
 class Fp8Gemm:
@@ -197,8 +337,8 @@ class Fp8Gemm:
                         scale = getattr(self.layer, "scale_weight", None)
                     dequant = (torch.ones((), device=weight.device) if scale is None
                                else scale.detach().to(device=weight.device, dtype=torch.float32).reshape(()))
-                    self._scales = (weight.device, None, dequant.expand(1, weight.shape[0]).contiguous(), None,
-                                    dequant)
+                    self._scales = (weight.device, None, dequant.expand(1, weight.shape[0]).contiguous(),
+                                    torch.ones(1, 1, device=weight.device), dequant)
                 else:
                     rows, rows_dequant = _power_of_two_scale(_amax_rows(weight), E4M3)
                     tensor, tensor_dequant = _power_of_two_scale(_amax(weight), E4M3)
@@ -212,15 +352,13 @@ class Fp8Gemm:
         rows_mult, rows_dequant, tensor_mult, tensor_dequant = self._weight_scales(weight)
         stored = weight.dtype == E4M3
         if self.rowwise:
-            multiplier, x_dequant = _power_of_two_scale(_amax_rows(x), E4M3)
-            w_q = weight if stored else _quantized(weight, rows_mult, E4M3)
+            x_q, x_dequant = quantize_rows(x, E4M3)
+            w_q = weight if stored else scaled_cast(weight, rows_mult, E4M3)
             w_dequant = rows_dequant
         else:
-            multiplier, x_dequant = _power_of_two_scale(_amax(x), E4M3)
-            x_dequant = x_dequant.reshape(())
-            w_q = weight if stored else _quantized(weight, tensor_mult, E4M3)
+            x_q, x_dequant = quantize_tensor(x, E4M3)
+            w_q = weight if stored else scaled_cast(weight, tensor_mult, E4M3)
             w_dequant = tensor_dequant
-        x_q = _quantized(x, multiplier, E4M3)
         if bias is not None:
             bias = bias.to(out_dtype)
         # (the probe tried a bf16 bias: fp16 and fp32 outputs add theirs after the product)
@@ -234,14 +372,12 @@ class Fp8Gemm:
     def input_grad(self, grad: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """grad (rows, out) · weight: grad in e5m2, the weight in e4m3 written transposed, both per tensor."""
         _, _, tensor_mult, tensor_dequant = self._weight_scales(weight)
-        if weight.dtype == E4M3:
+        if weight.dtype == E4M3 and not _triton_takes(weight):     # (torch multiplies no FP8 tensors)
             w_q = weight.t().contiguous().t()
-        else:
-            w_q = _quantized(weight, tensor_mult, E4M3, transposed=True)
-        grad = grad.reshape(-1, grad.shape[-1])
-        multiplier, dequant = _power_of_two_scale(_amax(grad), E5M2)
-        g_q = _quantized(grad, multiplier, E5M2)
-        return torch._scaled_mm(g_q, w_q, scale_a=dequant.reshape(()), scale_b=tensor_dequant, out_dtype=out_dtype)
+        else:       # a stored e4m3 weight's multiplier is one: its copy written transposed
+            w_q = scaled_cast(weight, tensor_mult, E4M3, transposed=True)
+        g_q, dequant = quantize_tensor(grad.reshape(-1, grad.shape[-1]), E5M2)
+        return torch._scaled_mm(g_q, w_q, scale_a=dequant, scale_b=tensor_dequant, out_dtype=out_dtype)
 
 
 class _Fp8Linear(torch.autograd.Function):

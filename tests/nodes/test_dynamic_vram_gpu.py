@@ -157,9 +157,14 @@ def test_a_sample_taken_while_training_a_dynamic_model_is_the_stock_ksamplers_on
     """Train steps with Sampling settings on a dynamic MODEL, as a user queues it: the sample it shows at step 3
     is what the stock KSampler gives on the MODEL it outputs, under dynamic VRAM."""
     import nodes as comfy_nodes
+    from helpers import run
+    from eridiffusion.nodes.adapter import EriCreateAdapter
     from test_sampling import sampling, train
     dynamic, legacy, p = loaded
-    p = {**p, "model": dynamic}
+    # the graph a user wires: Create adapter on the loaded (dynamic) MODEL, then Train steps on both
+    adapter = run(EriCreateAdapter, model=dynamic, adapter_type="lora", rank=4, alpha=4.0, target="attention_mlp",
+                  seed=0, dtype="fp32")[0]
+    p = {**p, "model": dynamic, "adapter": adapter}
     positive = comfy_nodes.CLIPTextEncode().encode(p["clip"], "a red square")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(p["clip"], "")[0]
     settings_ = sampling(p, positive=positive, negative=negative, clip=None, every_n_steps=3, seed=11)

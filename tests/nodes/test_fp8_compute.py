@@ -85,6 +85,70 @@ def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwi
     assert layer.weight.grad is None and scaled_mm_calls["count"] == 2
 
 
+def fp8_operands(dtype, device="cpu", on_grid=False):
+    """Operands a quantization meets: rows of very different magnitudes, a row of zeros, a row whose largest
+    value sits on a scale's boundary (0.875·2^k: the largest k keeps it in range exactly), negative values, and
+    rows longer than one block of the row kernel. `on_grid`: every value is ±(1 + m/4)·2^e, which both FP8 formats
+    hold once scaled (Triton's interpreter rounds to FP8 wrongly: 31.5 to 16, where the GPU's conversion gives
+    32), so the CPU checks the kernels' scales, layouts and loops, and the GPU their rounding as well."""
+    gen = torch.Generator().manual_seed(3)
+    if on_grid:
+        mantissa = 1 + torch.randint(0, 4, (37, 4200), generator=gen) / 4
+        sign = torch.randint(0, 2, (37, 4200), generator=gen) * 2 - 1
+        x = sign * mantissa * 2.0 ** torch.randint(-3, 4, (37, 4200), generator=gen)
+        x = x * 2.0 ** torch.arange(-20, 17).unsqueeze(1)
+    else:
+        x = torch.randn(37, 4200, generator=gen) * torch.logspace(-6, 4, 37).unsqueeze(1)
+    x[5] = 0
+    x[6, 100] = -0.875 * 2 ** (-10 if on_grid else 7)     # (on the grid: the row's own largest magnitude)
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_quantization_kernels_give_torchs_result_bit_for_bit(dtype, monkeypatch, device="cpu", on_grid=True):
+    """The Triton kernels that quantize activations, gradients and weights (trainers/fp8.py) compute exactly
+    what the torch reference computes: the same FP8 bits and the same power-of-two scales, per row and per
+    tensor, e4m3 and e5m2, written transposed or not, from a weight stored in e4m3 too. On the CPU they run in
+    Triton's interpreter; test_fp8_compute_gpu.py runs this on the GPU's compiled kernels."""
+    pytest.importorskip("triton")
+    from eridiffusion.trainers import fp8, fused
+    if device == "cpu" and not fused.INTERPRETING:
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton loaded")
+    monkeypatch.setattr(fp8, "KERNELS_ON_CPU", True)
+    x = fp8_operands(torch.float32, device, on_grid)
+    # one scale for the whole tensor: on the grid, rows within FP8's normal range of each other (and the zeros)
+    whole = (x[[5, 20, 21, 22]] if on_grid else x).to(dtype)
+    if dtype == torch.float16:      # fp16 holds the rows from 2^-14 to 2^15
+        x, whole = (x[6:30], whole) if on_grid else (x[10:34], x[10:34])
+    x = x.to(dtype)
+
+    def reference(x, fmt):
+        multiplier, dequant = fp8._power_of_two_scale(fp8._amax_rows(x), fmt)
+        return fp8._quantized(x, multiplier, fmt), dequant
+
+    def bits(t):
+        return t.view(torch.uint8)
+
+    for fmt in (fp8.E4M3, fp8.E5M2):
+        q, dequant = fp8.quantize_rows(x, fmt)
+        expected, expected_dequant = reference(x, fmt)
+        assert torch.equal(bits(q), bits(expected)) and torch.equal(dequant, expected_dequant)
+        q, dequant = fp8.quantize_tensor(whole, fmt)
+        multiplier, expected_dequant = fp8._power_of_two_scale(fp8._amax(whole), fmt)
+        assert torch.equal(bits(q), bits(fp8._quantized(whole, multiplier, fmt))) and dequant.shape == ()
+        assert torch.equal(dequant, expected_dequant.reshape(()))
+    rows_multiplier, _ = fp8._power_of_two_scale(fp8._amax_rows(x), fp8.E4M3)
+    tensor_multiplier, _ = fp8._power_of_two_scale(fp8._amax(whole), fp8.E4M3)
+    for operand, multiplier in ((x, rows_multiplier), (whole, tensor_multiplier)):
+        for transposed in (False, True):
+            q = fp8.scaled_cast(operand, multiplier, fp8.E4M3, transposed)
+            expected = fp8._quantized(operand, multiplier, fp8.E4M3, transposed)
+            assert q.stride() == expected.stride() and torch.equal(bits(q), bits(expected))
+    stored = fp8._quantized(whole, tensor_multiplier, fp8.E4M3)
+    copied = fp8.scaled_cast(stored, torch.ones(1, 1, device=device), fp8.E4M3, transposed=True)
+    assert copied.stride() == (1, whole.shape[0]) and torch.equal(bits(copied), bits(stored.t().contiguous().t()))
+
+
 def test_layers_that_do_not_qualify_run_their_own_forward(scaled_mm_calls):
     from eridiffusion.trainers import fp8
     odd = torch.nn.Linear(40, 48).requires_grad_(False)     # in_features not a multiple of 16

@@ -104,3 +104,10 @@ def test_fp8_training_leaves_the_model_and_samples_as_the_stock_loader(p, scaled
     assert not torch.allclose(expected, before)
     assert (got.float() - expected.float()).norm() / expected.float().norm() <= 1e-2     # bf16 sampling
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_quantization_kernels_give_torchs_result_bit_for_bit_on_the_gpu(dtype, monkeypatch):
+    """The CPU test's check on the compiled kernels, with random operands: their rounding to FP8 too."""
+    from test_fp8_compute import test_fp8_quantization_kernels_give_torchs_result_bit_for_bit as check
+    check(dtype, monkeypatch, device="cuda", on_grid=False)
