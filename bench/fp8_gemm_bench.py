@@ -49,6 +49,30 @@ def timed(fn, reps=20, warmup=5) -> float:
     return statistics.median(times)
 
 
+SWEEP = ("flux mlp up", "flux single linear2")
+
+
+def sweep(fp8, x, w, rows_mult, tensor_mult) -> dict:
+    """Microseconds of the Triton quantizations under other launch shapes (fp8.CAST_TILE etc.)."""
+    out = {}
+    defaults = fp8.CAST_TILE, fp8.CAST_TILE_TRANSPOSED, fp8.ROW_WARPS, fp8.ROW_SINGLE_PASS
+    for tile in [(64, 64, 4), (32, 256, 8), (16, 512, 8), (64, 128, 8), (32, 128, 4)]:
+        fp8.CAST_TILE = tile
+        out[f"cast rows {tile}"] = 1e3 * timed(lambda: fp8.scaled_cast(w, rows_mult, fp8.E4M3))
+        out[f"quant tensor {tile}"] = 1e3 * timed(lambda: fp8.quantize_tensor(x, fp8.E4M3))
+    for tile in [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 32, 4)]:
+        fp8.CAST_TILE_TRANSPOSED = tile
+        out[f"cast transposed {tile}"] = 1e3 * timed(lambda: fp8.scaled_cast(w, tensor_mult, fp8.E4M3, True))
+    for warps in (4, 8, 16):
+        for single in (16384, 1024):
+            fp8.ROW_WARPS, fp8.ROW_SINGLE_PASS = warps, single
+            out[f"rows warps {warps} single<= {single}"] = 1e3 * timed(lambda: fp8.quantize_rows(x, fp8.E4M3))
+    fp8.CAST_TILE, fp8.CAST_TILE_TRANSPOSED, fp8.ROW_WARPS, fp8.ROW_SINGLE_PASS = defaults
+    for name, us in out.items():
+        print(f"  sweep {name:40s} {us:9.1f} us", flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -110,6 +134,8 @@ def main():
         r["bf16 TFLOP/s"] = flop / r["ms"]["bf16 forward"] / 1e9
         r["fp8 tensorwise TFLOP/s"] = flop / r["ms"]["scaled_mm tensorwise"] / 1e9
         r["fp8 rowwise TFLOP/s"] = flop / r["ms"]["scaled_mm rowwise"] / 1e9
+        if label in SWEEP:
+            r["sweep_us"] = sweep(fp8, x, w, rows_mult, tensor_mult)
         records.append(r)
         print(f"\n{label}: rows {rows}, {n_in} -> {n_out} ({flop / 1e9:.0f} GFLOP)  bf16 {r['bf16 TFLOP/s']:.0f}, "
               f"fp8 tensorwise {r['fp8 tensorwise TFLOP/s']:.0f}, rowwise {r['fp8 rowwise TFLOP/s']:.0f} TFLOP/s",

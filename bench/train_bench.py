@@ -113,6 +113,10 @@ args.add_argument("--builtin-offloading", action="store_true",
                   help="ComfyUI 0.33's TrainLoraNode with offloading on (weights streamed from CPU memory)")
 args.add_argument("--fp8-compute", action="store_true",
                   help="fp8_compute: the blocks' frozen Linear GEMMs in FP8 (issue 24; needs sm89+, or the CPU)")
+args.add_argument("--resolution", type=int, default=0, help="image side in pixels (default 1024; --tiny 64)")
+args.add_argument("--train-seed", type=int, default=0,
+                  help="TrainingSettings.seed: batch order, noise and timesteps (the adapter's initial weights keep seed 0)")
+args.add_argument("--record-losses", action="store_true", help="every step's loss in the record (`losses`)")
 args.add_argument("--tiny", action="store_true", help="tiny models, fp32, CPU, 64x64 (seconds)")
 args.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
 args.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
@@ -239,7 +243,7 @@ ZIMAGE = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3
           "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
 ZIMAGE_TINY = {**ZIMAGE, "dim": 256, "cap_feat_dim": 64, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 8,
                "n_kv_heads": 8, "axes_dims": [8, 12, 12], "multiple_of": 32}
-RES = 64 if ARGS.tiny else 1024
+RES = ARGS.resolution or (64 if ARGS.tiny else 1024)
 TINY = ARGS.tiny
 
 
@@ -439,7 +443,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     settings = TrainingSettings(optimizer=optimizer, learning_rate=1e-4, batch_size=batch, precision=PRECISION,
                                 gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
                                 recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget,
-                                optimizer_offload=ARGS.optimizer_offload, fp8_compute=ARGS.fp8_compute)
+                                optimizer_offload=ARGS.optimizer_offload, fp8_compute=ARGS.fp8_compute,
+                                seed=ARGS.train_seed)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     if budget:
@@ -487,7 +492,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                 profile_step(run, profile_label)
         steps_peak = peak_gib()
         peak = max(steps_peak, load_peak)      # the whole run, as recorded before 2026-12-03 (session 2)
-        RUN_DETAILS.append({"steps_peak_gib": steps_peak,
+        RUN_DETAILS.append({"steps_peak_gib": steps_peak, "losses": list(run.losses) if ARGS.record_losses else None,
                             "streamed_layers": len(streamed_layers(run.base_model.diffusion_model)),
                             "resident_gib": None if run.resident is None else run.resident / 2**30})
     finally:

@@ -169,10 +169,15 @@ def _writes_fp8(device: str) -> bool:
 # _power_of_two_scale does. Torch's path runs where Triton does not (CPU, no Triton); the CPU tests run these in
 # Triton's interpreter (KERNELS_ON_CPU) against it.
 KERNELS_ON_CPU = False
-_CAST_BLOCK = 64         # a square tile: read row-major, written transposed or not
-_ROW_BLOCK = 4096        # elements of a row per iteration
+# launch shapes, set from bench/fp8_gemm_bench.py's sweep on an H200: (rows, columns, warps) of a cast's tile,
+# row-major and transposed; a row kernel's widest single pass and its warps
+CAST_TILE = (32, 256, 8)
+CAST_TILE_TRANSPOSED = (64, 64, 4)
+ROW_SINGLE_PASS = 16384      # rows up to this many elements are read once, held in registers
+ROW_WARPS = 8
+_ROW_BLOCK = 4096            # longer rows: two passes of this many elements (the second from L2)
 _AMAX_BLOCK = 4096
-_AMAX_PROGRAMS = 1024    # partial maxima (the cast reduces them: no atomics, no zeroed buffer)
+_AMAX_PROGRAMS = 1024        # partial maxima (the cast reduces them: no atomics, no zeroed buffer)
 
 
 if triton is not None:    # (module level: the kernels find each other and `tl` among their globals)
@@ -193,20 +198,27 @@ if triton is not None:    # (module level: the kernels find each other and `tl` 
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, out_ptr, dequant_ptr, n, stride_x, stride_out, MAX_EXPONENT: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        if SINGLE_PASS:      # the whole row in one block, read once
+            cols = tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        k = _power_of_two_exponent(tl.max(amax, axis=0), MAX_EXPONENT)
-        multiplier = _power_of_two(k)
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-            q = (x * multiplier).to(out_ptr.dtype.element_ty)
+            k = _power_of_two_exponent(tl.max(tl.abs(x), axis=0), MAX_EXPONENT)
+            q = (x * _power_of_two(k)).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + row * stride_out + cols, q, mask=cols < n)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            k = _power_of_two_exponent(tl.max(amax, axis=0), MAX_EXPONENT)
+            multiplier = _power_of_two(k)
+            for start in range(0, n, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
+                q = (x * multiplier).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + row * stride_out + cols, q, mask=cols < n)
         tl.store(dequant_ptr + row, _power_of_two(-k))
 
     @triton.jit
@@ -220,12 +232,12 @@ if triton is not None:    # (module level: the kernels find each other and `tl` 
 
     @triton.jit
     def _cast_kernel(x_ptr, out_ptr, scale_ptr, dequant_ptr, rows, cols, partials, stride_x, stride_out_row,
-                     stride_out_col, MODE: tl.constexpr, MAX_EXPONENT: tl.constexpr, BLOCK: tl.constexpr,
-                     PARTIALS: tl.constexpr):
+                     stride_out_col, MODE: tl.constexpr, MAX_EXPONENT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr, PARTIALS: tl.constexpr):
         # MODE 0: a multiplier per row at scale_ptr; 1: one multiplier; 2: the multiplier of the amax of the
         # `partials` partial maxima at scale_ptr, its dequantization scale written to dequant_ptr
-        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         mask = (r[:, None] < rows) & (c[None, :] < cols)
         x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
         if MODE == 0:
@@ -260,10 +272,12 @@ def _cast(x: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype, mode: int, tra
         out = torch.empty(cols, rows, dtype=fmt, device=x.device).t()
     else:
         out = torch.empty(rows, cols, dtype=fmt, device=x.device)
-    grid = (triton.cdiv(rows, _CAST_BLOCK), triton.cdiv(cols, _CAST_BLOCK))
+    block_rows, block_cols, warps = CAST_TILE_TRANSPOSED if transposed else CAST_TILE
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
     _cast_kernel[grid](x, out, scale, scale if dequant is None else dequant, rows, cols, partials, x.stride(0),
-                             out.stride(0), out.stride(1), MODE=mode, MAX_EXPONENT=_MAX_EXPONENT[fmt],
-                             BLOCK=_CAST_BLOCK, PARTIALS=_block(partials, _AMAX_PROGRAMS))
+                       out.stride(0), out.stride(1), MODE=mode, MAX_EXPONENT=_MAX_EXPONENT[fmt],
+                       BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, PARTIALS=_block(partials, _AMAX_PROGRAMS),
+                       num_warps=warps)
     return out
 
 
@@ -283,8 +297,10 @@ def quantize_rows(x: torch.Tensor, fmt: torch.dtype) -> tuple[torch.Tensor, torc
     rows, n = x.shape
     out = torch.empty(rows, n, dtype=fmt, device=x.device)
     dequant = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(rows,)](x, out, dequant, n, x.stride(0), out.stride(0),
-                                         MAX_EXPONENT=_MAX_EXPONENT[fmt], BLOCK=_block(n, _ROW_BLOCK))
+    single = n <= ROW_SINGLE_PASS
+    _quantize_rows_kernel[(rows,)](x, out, dequant, n, x.stride(0), out.stride(0), MAX_EXPONENT=_MAX_EXPONENT[fmt],
+                                   BLOCK=_block(n, ROW_SINGLE_PASS if single else _ROW_BLOCK), SINGLE_PASS=single,
+                                   num_warps=ROW_WARPS)
     return out, dequant
 
 
@@ -295,7 +311,7 @@ def quantize_tensor(x: torch.Tensor, fmt: torch.dtype) -> tuple[torch.Tensor, to
         return _quantized(x, multiplier, fmt), dequant.reshape(())
     programs = min(triton.cdiv(x.numel(), _AMAX_BLOCK), _AMAX_PROGRAMS)
     partial = torch.empty(programs, dtype=torch.float32, device=x.device)
-    _amax_partial_kernel[(programs,)](x, partial, x.numel(), BLOCK=_AMAX_BLOCK)
+    _amax_partial_kernel[(programs,)](x, partial, x.numel(), BLOCK=_AMAX_BLOCK, num_warps=8)
     dequant = torch.empty((), dtype=torch.float32, device=x.device)
     return _cast(x, partial, fmt, 2, False, dequant, programs), dequant
 

@@ -130,9 +130,11 @@ def test_fp8_quantization_kernels_give_torchs_result_bit_for_bit(dtype, monkeypa
         return t.view(torch.uint8)
 
     for fmt in (fp8.E4M3, fp8.E5M2):
-        q, dequant = fp8.quantize_rows(x, fmt)
-        expected, expected_dequant = reference(x, fmt)
-        assert torch.equal(bits(q), bits(expected)) and torch.equal(dequant, expected_dequant)
+        for single_pass in (fp8.ROW_SINGLE_PASS, 1024):      # rows read once, and rows longer than that
+            monkeypatch.setattr(fp8, "ROW_SINGLE_PASS", single_pass)
+            q, dequant = fp8.quantize_rows(x, fmt)
+            expected, expected_dequant = reference(x, fmt)
+            assert torch.equal(bits(q), bits(expected)) and torch.equal(dequant, expected_dequant)
         q, dequant = fp8.quantize_tensor(whole, fmt)
         multiplier, expected_dequant = fp8._power_of_two_scale(fp8._amax(whole), fmt)
         assert torch.equal(bits(q), bits(fp8._quantized(whole, multiplier, fmt))) and dequant.shape == ()
