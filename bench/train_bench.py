@@ -405,7 +405,7 @@ def builtin_run(mp, arch, steps):
                       batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
                       rank=[16], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
                       training_dtype=[PRECISION], lora_dtype=[PRECISION], algorithm=["LoRA"],
-                      gradient_checkpointing=[True], existing_lora=["[None]"])
+                      gradient_checkpointing=[BUILTIN_CHECKPOINTING], existing_lora=["[None]"])
         # the inputs newer ComfyUIs added (0.33), at their defaults but for offloading
         newer = {"quantized_backward": [False], "checkpoint_depth": [1], "offloading": [ARGS.builtin_offloading],
                  "bucket_mode": [False], "bypass_mode": [False]}
@@ -417,6 +417,10 @@ def builtin_run(mp, arch, steps):
         torch.optim.AdamW.step = adamw_step
     sync()
     return time.perf_counter() - t, peak_gib(), step_ends
+
+
+# the built-in trains once per arch: with gradient checkpointing unless only --variants nogc is timed
+BUILTIN_CHECKPOINTING = "gc" in ARGS.variants
 
 
 def builtin_bench(mp, arch, warmup: int = 3):
@@ -723,7 +727,8 @@ def bench_arch(arch, card):
     builtin = {"builtin_s_per_step": None, "builtin_peak_gib": None}
     if not ARGS.no_builtin and WORLD is None:
         try:
-            builtin = {**builtin_bench(mp, arch), "builtin_offloading": ARGS.builtin_offloading}
+            builtin = {**builtin_bench(mp, arch), "builtin_offloading": ARGS.builtin_offloading,
+                       "builtin_gradient_checkpointing": BUILTIN_CHECKPOINTING}
             log(f"{arch} builtin TrainLoraNode: {builtin['builtin_s_per_step']:.4f} s/step (median of "
                 f"{len(builtin['builtin_step_s'])} after 3 warm-up steps), peak {builtin['builtin_peak_gib']:.2f} "
                 f"GiB; first step done {builtin['builtin_first_step_end_s']:.1f} s into the call, "
