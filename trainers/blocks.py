@@ -79,7 +79,7 @@ def training_sdpa_priority(device: torch.device) -> list | None:
     """TRAINING_SDPA_PRIORITY, else on Hopper and later GPUs cuDNN's fused attention first, else None (ComfyUI's
     and torch's own order). Measured on an H200 (docs/BENCHMARKS.md): cuDNN's attention is what torch 2.11 picks
     there by itself (ComfyUI 0.3.75 on Linux), and flash attention first, ComfyUI 0.33's order, made a training
-    step 9-13 % slower (SDXL, SD 3.5 Large, Flux-dev)."""
+    step 13-14 % slower (Flux-dev, SD 3.5 Large)."""
     if TRAINING_SDPA_PRIORITY:
         return TRAINING_SDPA_PRIORITY
     device = torch.device(device)
