@@ -469,8 +469,8 @@ class TrainingSettings:
         "Measured on an H200 at 1024²: Flux-dev 13 % and SD 3.5 Large 8 % faster per step than bf16, the same "
         "peak memory. Runs the frozen base model's matrix products inside the transformer blocks in FP8 (e4m3 "
         "activations and weights, e5m2 gradients, dynamic power-of-two scales) on the GPU's FP8 tensor cores, "
-        "which multiply at twice bf16's rate. Needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper: sm89/sm90). The adapter still computes and trains in its own "
-        "precision; the base layers' outputs and input gradients carry FP8's rounding (~3 significant bits per "
+        "which multiply at twice bf16's rate. Needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper: "
+        "sm89/sm90). The adapter still computes and trains in its own precision; the base layers' outputs and input gradients carry FP8's rounding (~3 significant bits per "
         "input) instead of bf16's, so losses differ slightly from a bf16 run. No extra memory (weights are "
         "quantized per use, never stored twice). Training only: the MODEL Train steps outputs and saved files "
         "sample as always. Layers whose weights memory_budget_gb keeps in CPU memory when they run stay in bf16.",
