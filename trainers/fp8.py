@@ -56,7 +56,7 @@ import torch
 
 from .comfy_compat import dequantized_linear, fp8_tensorwise, has_quantized_weight, is_linear
 from .config import ConfigError
-from .fused import INTERPRETING, tl, triton, triton_available  # noqa: F401 (tl: the kernels' global)
+from .fused import INTERPRETING, _block, tl, triton, triton_available  # noqa: F401 (tl: the kernels' global)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -259,10 +259,6 @@ if triton is not None:    # (module level: the kernels find each other and `tl` 
 def _triton_takes(x: torch.Tensor) -> bool:
     return (triton_available() and (x.is_cuda or KERNELS_ON_CPU and INTERPRETING) and x.ndim == 2
             and x.stride(1) == 1 and x.numel() < 2 ** 31)
-
-
-def _block(n: int, largest: int) -> int:
-    return min(largest, max(16, 1 << (n - 1).bit_length()))
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype, mode: int, transposed: bool,
