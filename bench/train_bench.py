@@ -102,6 +102,9 @@ args.add_argument("--no-fused-geglu", action="store_true",
                   help="experiment: SDXL's GEGLU by ComfyUI's eager ops instead of the Triton kernels (trainers.fused)")
 args.add_argument("--no-fused-group-norm", action="store_true",
                   help="experiment: SDXL's GroupNorm by PyTorch's kernel instead of the Triton kernels (trainers.fused)")
+args.add_argument("--no-fused-rope", action="store_true",
+                  help="experiment: the DiTs' rotary embedding by ComfyUI's eager ops instead of the Triton kernels "
+                       "(trainers.fused)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
@@ -173,6 +176,7 @@ if ARGS.no_fused_lora:
 import eridiffusion.trainers.fused as _fused  # noqa: E402
 _fused.ENABLED["geglu"] &= not ARGS.no_fused_geglu
 _fused.ENABLED["group_norm"] &= not ARGS.no_fused_group_norm
+_fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced

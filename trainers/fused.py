@@ -18,9 +18,19 @@ mean and squared deviations are combined (Chan et al.) by a second kernel; the n
 arithmetic: mean and 1/std rounded to the input's dtype as its kernel stores them, then x·a + b in fp32 with
 a = rstd·γ, b = β − a·mean. Backward is PyTorch's `native_group_norm_backward` on those statistics, so the
 gradients are computed exactly as for the eager layer.
+
+Rotary embedding. The Flux family (Flux, Kontext, Chroma, Flux.2), Qwen-Image and Lumina (Z-Image) rotate q and
+k by ComfyUI's `apply_rope1` (comfy/ldm/flux/math.py): the bf16 head is cast to an fp32 copy, multiplied,
+`addcmul_`-ed and cast back, and its backward adds a sum reduction, four to five full fp32 passes over q and k
+in each direction. While training, 0.33 takes this eager path (its inference kernel has no backward) and 0.3.75
+has no other. An H200 profile of a Flux-dev step put ~80 ms of its 0.53 s there (forward, recomputation and
+backward). Here one kernel each way reads the head once and writes it once, with the same fp32 arithmetic in
+registers: out_i = fma(f[i,1], x1, f[i,0]·x0), as torch's addcmul with value 1 computes it, and in backward
+gx_j = g0·f[0,j] + g1·f[1,j] unfused, as autograd's product and sum do; so results are torch's bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -39,12 +49,14 @@ INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 # Which fused forwards a training run patches in. ERI_FUSED_KERNELS=0 in ComfyUI's environment turns them all
 # off (ComfyUI's own ops then run, as without Triton); the bench's A/B runs turn each off (`--no-fused-geglu`,
-# `--no-fused-group-norm`). Read when a training run starts.
+# `--no-fused-group-norm`, `--no-fused-rope`). Read when a training run starts (the rotary embedding's at each
+# micro-batch).
 _ON = os.environ.get("ERI_FUSED_KERNELS", "1") != "0"
-ENABLED = {"geglu": _ON, "group_norm": _ON}
+ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
+ROPE_ROWS = 16         # rotary embedding: heads' rows (of head_dim elements) per program
 
 
 def _power_of_two(size: int) -> int:
@@ -124,7 +136,31 @@ def _kernels():
         x = tl.load(x_ptr + row * group_size + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * group_size + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
-    return {"geglu_forward": jit(geglu_forward), "geglu_backward": jit(geglu_backward),
+    def rope_rows(x_ptr, f_ptr, out_ptr, rows, d1, d2, xs0, xs1, xs2, fs0, fs1, fs2,
+                  HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
+        # rows index x's three leading dims (strides xs*, freqs' broadcast ones with stride 0); out is contiguous
+        r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        i0, i1, i2 = r // (d1 * d2), (r // d2) % d1, r % d2
+        row_mask = (r < rows)[:, None]
+        cols = tl.arange(0, 2 * HALF)[None, :]
+        x = tl.load(x_ptr + (i0 * xs0 + i1 * xs1 + i2 * xs2)[:, None] + cols, mask=row_mask).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (ROWS, HALF, 2)))
+        f_cols = tl.arange(0, 4 * HALF)[None, :]
+        f = tl.load(f_ptr + (i0 * fs0 + i1 * fs1 + i2 * fs2)[:, None] + f_cols, mask=row_mask)
+        f_j0, f_j1 = tl.split(tl.reshape(f, (ROWS, HALF, 2, 2)))     # f[..., i, 0], f[..., i, 1]
+        f00, f10 = tl.split(f_j0)
+        f01, f11 = tl.split(f_j1)
+        if BACKWARD:    # x is the output's gradient: the transposed rotation, products then their sum
+            y0 = x0 * f00 + x1 * f10
+            y1 = x0 * f01 + x1 * f11
+        else:
+            y0 = tl.fma(f01, x1, f00 * x0)
+            y1 = tl.fma(f11, x1, f10 * x0)
+        y = tl.reshape(tl.join(y0, y1), (ROWS, 2 * HALF))
+        tl.store(out_ptr + r[:, None] * (2 * HALF) + cols, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    return {"rope_rows": jit(rope_rows),
+            "geglu_forward": jit(geglu_forward), "geglu_backward": jit(geglu_backward),
             "group_norm_partial_stats": jit(group_norm_partial_stats), "group_norm_stats": jit(group_norm_stats),
             "group_norm_apply": jit(group_norm_apply)}
 
@@ -255,6 +291,78 @@ class FusedGroupNormForward:
             import comfy.ops
             comfy.ops.run_every_op()
         return group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+
+
+# ------------------------------------------------------------------------------------------- rotary embedding
+def _rope_freqs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """freqs_cis as ComfyUI's apply_rope1 uses it with x (0.33 trims it to x's third dim), broadcast over x's
+    leading dims."""
+    if x.shape[2] != 1 and freqs_cis.shape[2] != 1 and x.shape[2] != freqs_cis.shape[2]:
+        freqs_cis = freqs_cis[:, :, :x.shape[2]]
+    return freqs_cis.expand(*x.shape[:-1], *freqs_cis.shape[-3:])
+
+
+def _rope_launch(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, backward: bool) -> None:
+    d1, d2 = x.shape[1], x.shape[2]
+    rows = x.numel() // x.shape[-1]
+    # backward's sum of two products must not become an fma (autograd rounds each product)
+    _kernels()["rope_rows"][(math.ceil(rows / ROPE_ROWS),)](
+        x, freqs, out, rows, d1, d2, *x.stride()[:3], *freqs.stride()[:3], HALF=x.shape[-1] // 2,
+        ROWS=ROPE_ROWS, BACKWARD=backward, enable_fp_fusion=False)
+
+
+class _FusedRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _rope_launch(x, freqs, out, backward=False)
+        ctx.save_for_backward(freqs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (freqs,) = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        _rope_launch(grad, freqs, grad_x, backward=True)
+        return grad_x, None
+
+
+def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> bool:
+    """Whether the fused kernels rotate x by freqs_cis (else ComfyUI's apply_rope1 does): a 4-D head whose last
+    dim is a power of two and contiguous, fp32 rotations of shape (..., head_dim/2, 2, 2) broadcasting to it."""
+    if not (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dim() == 4 and freqs_cis.dim() == 6
+            and x.dtype in _DTYPES and freqs_cis.dtype == torch.float32 and freqs_cis.device == x.device
+            and x.numel() > 0 and x.stride(-1) == 1 and not freqs_cis.requires_grad):
+        return False
+    head = x.shape[-1]
+    if head < 16 or head & (head - 1) or tuple(freqs_cis.shape[-3:]) != (head // 2, 2, 2):
+        return False
+    if freqs_cis.stride()[-3:] != (4, 2, 1):
+        return False
+    try:
+        _rope_freqs(x, freqs_cis)
+    except RuntimeError:            # not broadcastable: ComfyUI's own code says why
+        return False
+    return True
+
+
+def rope1(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> torch.Tensor | None:
+    """x rotated by freqs_cis as ComfyUI's apply_rope1 does, by the fused kernels; None where they do not
+    take the inputs (`rope_takes`)."""
+    if not rope_takes(x, freqs_cis, interpret):
+        return None
+    return _FusedRope.apply(x, _rope_freqs(x, freqs_cis))
+
+
+def training_rope(device: torch.device):
+    """The context a training micro-batch runs in: on a GPU with Triton, ComfyUI's rotary embedding computed by
+    `rope1` (ENABLED["rope"])."""
+    if not (ENABLED["rope"] and usable_on(device)):
+        return contextlib.nullcontext()
+    from .comfy_compat import comfy_rope
+    return comfy_rope(rope1)
 
 
 def usable_on(device: torch.device) -> bool:

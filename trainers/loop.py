@@ -532,7 +532,7 @@ class TrainingRun:
         # (the text encoder computes in its own dtype: its layers cast at each use)
         staging = self.prefetcher.micro_batch() if self.streams and self.prefetcher else contextlib.nullcontext()
         with cast_once(self.model_layers, self.activation_dtype), training_attention(self.device), \
-                offload.synchronous_copies(self.streams), staging:
+                fused.training_rope(self.device), offload.synchronous_copies(self.streams), staging:
             loss = self._loss(inputs)
             scaled = loss / self.settings.grad_accumulation
             gradients = torch.autograd.grad(self.scaler.scale(scaled) if self.scaler else scaled, self.params,

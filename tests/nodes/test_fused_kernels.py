@@ -1,7 +1,8 @@
 """SDXL trained through the fused Triton kernels (trainers/fused.py) computes what ComfyUI's layers compute:
 GEGLU and GroupNorm, forward and backward, in every training dtype, to the dtype's rounding; a training run
 patches exactly the model's GEGLU and GroupNorm layers, only inside its own MODEL clone, and trains what the
-eager layers train.
+eager layers train. The DiTs' rotary embedding through the fused kernels is ComfyUI's bit for bit, in every
+layout the models call it with, and replaces ComfyUI's only while a micro-batch trains.
 
 On the CPU the kernels run in Triton's interpreter (the same kernel source the GPU compiles); the tests marked
 gpu run the same checks on the GPU's compiled kernels, against PyTorch's CUDA kernels."""
@@ -159,6 +160,134 @@ def test_a_comfy_group_norm_that_casts_or_patches_its_weights_keeps_its_own_forw
     assert len(calls) == 1
 
 
+# ---------------------------------------------------------------------------------------- rotary embedding
+def comfy_training_rope1(x, freqs_cis):
+    """ComfyUI's apply_rope1 as it runs while a model trains (0.33 branches on its in_training flag)."""
+    import comfy.ldm.flux.math as flux_math
+    from eridiffusion.trainers.comfy_compat import training_mode
+    with training_mode():
+        return flux_math.apply_rope1(x, freqs_cis)
+
+
+def rope_inputs(layout, dtype, device="cpu", batch=2, heads=3, tokens=37, head_dim=32, grid=True):
+    """q (as the model hands it to apply_rope1), freqs_cis and an output gradient. `grid`: every value a small
+    multiple of 1/4, so that each product and sum is exact in fp32 and the result exact in the dtype; then any
+    correct order of operations gives the same bits, as Triton's interpreter (fp32 math in numpy, bf16 by
+    truncation) needs to be compared bit for bit."""
+    generator = torch.Generator().manual_seed(3)
+
+    def values(*shape, scale=4):
+        if grid:
+            return torch.randint(-scale * 4, scale * 4 + 1, shape, generator=generator) / 4
+        return torch.randn(shape, generator=generator)
+    freqs = values(batch if layout != "one-batch-of-freqs" else 1, 1, tokens, head_dim // 2, 2, 2, scale=1)
+    if layout == "lumina":            # Lumina (Z-Image): heads after tokens, freqs moved to match
+        x = values(batch, tokens, heads, head_dim)
+        freqs = freqs.movedim(1, 2)
+    else:                             # Flux, Qwen-Image: q a permuted view of the fused qkv projection
+        qkv = values(batch, tokens, 3, heads, head_dim)
+        x = qkv.permute(2, 0, 3, 1, 4)[0]
+    grad = values(*x.shape)
+    return x.to(device=device, dtype=dtype), freqs.to(device), grad.to(device=device, dtype=dtype)
+
+
+def rope_results(rotate, x, freqs, grad):
+    x = x.detach().clone().requires_grad_() if x.is_contiguous() else _strided_leaf(x)
+    out = rotate(x, freqs)
+    out.backward(grad)
+    return out, x.grad
+
+
+def _strided_leaf(view):
+    """A leaf tensor with `view`'s strides (a non-contiguous head as the model's permute gives it)."""
+    leaf = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=view.device)
+    with torch.no_grad():
+        leaf.copy_(view)
+    return leaf.requires_grad_()
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["flux", "lumina", "one-batch-of-freqs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_rope_is_comfyuis_training_rope_bit_for_bit_forward_and_backward(dtype, layout):
+    x, freqs, grad = rope_inputs(layout, dtype)
+    assert fused.rope_takes(x, freqs, interpret=True)
+    out, grad_x = rope_results(functools.partial(fused.rope1, interpret=True), x, freqs, grad)
+    comfy_out, comfy_grad_x = rope_results(comfy_training_rope1, x, freqs, grad)
+    assert out.dtype == comfy_out.dtype and out.shape == comfy_out.shape
+    assert torch.equal(out, comfy_out) and torch.equal(grad_x, comfy_grad_x)
+    assert out.abs().max() > 0 and grad_x.abs().max() > 0
+
+
+def test_rope_is_left_to_comfyui_where_the_kernels_do_not_apply():
+    x, freqs, _ = rope_inputs("flux", torch.float32)
+    assert not fused.rope_takes(x, freqs)                                   # on the CPU without the interpreter
+    assert fused.rope1(x, freqs) is None
+    odd, odd_freqs, _ = rope_inputs("flux", torch.float32, head_dim=24)    # not a power of two
+    assert not fused.rope_takes(odd, odd_freqs, interpret=True)
+    assert not fused.rope_takes(x, freqs.half(), interpret=True)
+    assert not fused.rope_takes(x, freqs[:, :, :5], interpret=True)        # does not broadcast to the head
+    assert not fused.rope_takes(x, freqs.requires_grad_(), interpret=True)
+
+
+def test_comfyuis_rotary_embedding_is_replaced_only_inside_the_training_context():
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ldm.qwen_image.model as qwen_image
+    from eridiffusion.trainers.comfy_compat import comfy_rope
+    original = {(m, name): getattr(m, name) for m, name in ((flux_math, "apply_rope"), (flux_math, "apply_rope1"),
+                                                             (lumina, "apply_rope"), (qwen_image, "apply_rope1"))}
+    x, freqs, _ = rope_inputs("flux", torch.float32)
+    rotated = []
+
+    def rotate(t, f):
+        rotated.append(t.shape)
+        return None if t.shape[-1] == 24 else torch.full_like(t, 7.0)
+    with comfy_rope(rotate):
+        assert all(getattr(m, name) is not function for (m, name), function in original.items())
+        q, k = flux_math.apply_rope(x, x, freqs)               # what Flux's attention calls
+        assert torch.equal(q, torch.full_like(x, 7.0)) and torch.equal(k, q)
+        assert torch.equal(qwen_image.apply_rope1(x, freqs), q)
+        odd, odd_freqs, _ = rope_inputs("flux", torch.float32, head_dim=24)
+        assert torch.equal(flux_math.apply_rope1(odd, odd_freqs), original[(flux_math, "apply_rope1")](odd, odd_freqs))
+    assert len(rotated) == 4
+    assert all(getattr(m, name) is function for (m, name), function in original.items())
+    with pytest.raises(ZeroDivisionError), comfy_rope(rotate):
+        1 / 0
+    assert all(getattr(m, name) is function for (m, name), function in original.items())
+
+
+@pytest.mark.slow      # ~20 s: two trainings of a tiny Flux, one through Triton's interpreter
+@interpreted
+def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what_eager_trains(
+        comfy_folders, tiny, monkeypatch):
+    from helpers import prepared, settings
+    from eridiffusion.trainers import loop
+    p = prepared(comfy_folders, tiny, arch="flux")
+    options = settings(batch_size=2, learning_rate=1e-2, gradient_checkpointing=True)
+
+    def train():
+        with torch.inference_mode(False):
+            return loop.train(p["model"], p["adapter"], p["latents"], p["captions"], options, 2)
+
+    eager = train()
+    rope1, taken = fused.rope1, []
+
+    def counted_rope1(x, freqs_cis):
+        taken.append(fused.rope_takes(x, freqs_cis, interpret=True))
+        return rope1(x, freqs_cis, interpret=True)
+    monkeypatch.setattr(fused, "usable_on", lambda device: True)     # as on a GPU with Triton
+    monkeypatch.setattr(fused, "rope1", counted_rope1)
+    patched = train()
+    blocks = len(p["model"].model.diffusion_model.double_blocks) + len(p["model"].model.diffusion_model.single_blocks)
+    # q and k of every block, in forward and in its recomputation, for each of the two steps
+    assert len(taken) >= 2 * 2 * 2 * blocks and all(taken)
+    # the interpreter rounds fp32 -> bf16 by truncation where the GPU rounds to nearest: close, not equal, here
+    assert patched.history.losses == pytest.approx(eager.history.losses, rel=1e-3)
+    import comfy.ldm.flux.math as flux_math
+    assert flux_math.apply_rope1.__module__ == "comfy.ldm.flux.math"
+
+
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.slow      # ~30 s: Triton's interpreter runs each kernel's programs one by one in Python
 @interpreted
@@ -217,3 +346,24 @@ def test_fused_kernels_on_the_gpu_agree_with_comfyuis_layers(dtype):
     assert_as_close_as_eager(geglu_errors(dtype, interpret=False, device="cuda", inner=5120, shape=(2, 1024)), dtype)
     assert_as_close_as_eager(group_norm_errors(dtype, interpret=False, device="cuda", shape=(1, 320, 128, 128)),
                              dtype, grad_roundings=8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layout", ["flux", "lumina"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_rope_on_the_gpu_is_comfyuis_bit_for_bit(dtype, layout):
+    assert fused.usable_on(torch.device("cuda"))
+    # Flux-dev at 1024²: 24 heads of 128 over 4,096 image and 512 text tokens; random values, real rotations
+    x, freqs, grad = rope_inputs(layout, dtype, device="cuda", batch=1, heads=24, tokens=4608, head_dim=128,
+                                 grid=False)
+    from comfy.ldm.flux.layers import EmbedND
+    ids = torch.randint(0, 64, (1, 4608, 3), device="cuda").float()
+    freqs = EmbedND(dim=128, theta=10000, axes_dim=[16, 56, 56])(ids)
+    if layout == "lumina":
+        freqs = freqs.movedim(1, 2)
+    assert fused.rope_takes(x, freqs)
+    out, grad_x = rope_results(fused.rope1, x, freqs, grad)
+    comfy_out, comfy_grad_x = rope_results(comfy_training_rope1, x, freqs, grad)
+    assert torch.equal(out, comfy_out), (out.float() - comfy_out.float()).abs().max()
+    assert torch.equal(grad_x, comfy_grad_x), (grad_x.float() - comfy_grad_x.float()).abs().max()
