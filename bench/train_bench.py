@@ -22,7 +22,7 @@ a table.
 """
 from __future__ import annotations
 
-import argparse, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
+import argparse, dataclasses, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
 import time, traceback, types, typing
 from pathlib import Path
 
@@ -116,6 +116,9 @@ args.add_argument("--builtin-offloading", action="store_true",
                   help="ComfyUI 0.33's TrainLoraNode with offloading on (weights streamed from CPU memory)")
 args.add_argument("--fp8-compute", action="store_true",
                   help="fp8_compute: the blocks' frozen Linear GEMMs in FP8 (issue 24; needs sm89+, or the CPU)")
+args.add_argument("--gradient-cosine", action="store_true",
+                  help="with --fp8-compute: after timing, one batch's adapter gradients with FP8 compute and without, "
+                       "from the trained adapter (eager), and their cosine similarity (issue 24)")
 args.add_argument("--resolution", type=int, default=0, help="image side in pixels (default 1024; --tiny 64)")
 args.add_argument("--train-seed", type=int, default=0,
                   help="TrainingSettings.seed: batch order, noise and timesteps (the adapter's initial weights keep seed 0)")
@@ -463,7 +466,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     before = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    run = None
+    run = trained = None
     try:
         # as trainers.loop.train runs it
         with torch.inference_mode(False), torch.enable_grad(), engine_loop.long_lived_objects_frozen(), training_mode():
@@ -500,6 +503,7 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                 profile_step(run, profile_label)
         steps_peak = peak_gib()
         peak = max(steps_peak, load_peak)      # the whole run, as recorded before 2026-12-03 (session 2)
+        trained = run.export() if ARGS.gradient_cosine and ARGS.fp8_compute else None
         RUN_DETAILS.append({"steps_peak_gib": steps_peak, "losses": list(run.losses) if ARGS.record_losses else None,
                             "streamed_layers": len(streamed_layers(run.base_model.diffusion_model)),
                             "resident_gib": None if run.resident is None else run.resident / 2**30})
@@ -510,8 +514,38 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     mm.load_models_gpu([mp], force_full_load=True)
     free()
     after = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+    if trained is not None:
+        RUN_DETAILS[-1]["gradient_cosine"] = gradient_cosine(mp, trained, latents, text, settings)
+        log(f"one batch's adapter gradients, FP8 compute against bf16: {RUN_DETAILS[-1]['gradient_cosine']}")
     STEP_TIMES.append((times, list(gc_pauses), list(full_collections)))
     return statistics.median(times), peak, before, after, first_step, warmed_up
+
+
+def gradient_cosine(mp, trained, latents, text, settings) -> dict:
+    """The trained adapter's gradients on one micro-batch (the same latents, noise and timesteps: each run starts
+    from the same seed), with FP8 compute and without, eager: their cosine similarity over all parameters, the
+    lowest per layer and the ratio of their norms."""
+    gradients = {}
+    for fp8 in (True, False):
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
+            run = TrainingRun(mp, trained, latents, text,
+                              dataclasses.replace(settings, fp8_compute=fp8, compile="off"), end_step=1, world=WORLD)
+            try:
+                _, grads = run._loss_and_gradients(run._micro_batch())
+                gradients[fp8] = [g.detach().float().flatten() for g in grads]
+            finally:
+                mm.unload_all_models()
+                del run
+                free()
+    def cosine(a, b):      # in fp64, without cosine_similarity's clamp of small norms
+        a, b = a.double(), b.double()
+        return (a @ b / (a.norm() * b.norm())).item()
+    on, off = torch.cat(gradients[True]), torch.cat(gradients[False])
+    # tensors whose bf16 gradient is more than 1e-4 of the whole's norm (LoRA's down projections are ~0 early on)
+    per_tensor = [cosine(a, b) for a, b in zip(gradients[True], gradients[False]) if b.norm() > 1e-4 * off.norm()]
+    mm.load_models_gpu([mp], force_full_load=True)
+    return {"all": cosine(on, off), "lowest_tensor": min(per_tensor), "tensors": len(per_tensor),
+            "norm_ratio": (on.norm() / off.norm()).item()}
 
 
 KERNEL_KINDS = (   # (kind, substrings of the kernel's name), first match wins

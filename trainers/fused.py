@@ -26,7 +26,8 @@ in each direction. While training, 0.33 takes this eager path (its inference ker
 has no other. An H200 profile of a Flux-dev step put ~80 ms of its 0.53 s there (forward, recomputation and
 backward). Here one kernel each way reads the head once and writes it once, with the same fp32 arithmetic in
 registers: out_i = fma(f[i,1], x1, f[i,0]·x0), as torch's addcmul with value 1 computes it, and in backward
-gx_j = g0·f[0,j] + g1·f[1,j] unfused, as autograd's product and sum do; so results are torch's bit for bit.
+gx_j = g0·f[0,j] + g1·f[1,j] unfused, as autograd's product and sum do, each rounded to the rotations' dtype
+where ComfyUI's tensors are (Qwen-Image passes bf16 ones); so results are torch's bit for bit.
 """
 from __future__ import annotations
 
@@ -137,26 +138,36 @@ def _kernels():
         tl.store(y_ptr + row * group_size + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
     def rope_rows(x_ptr, f_ptr, out_ptr, rows, d1, d2, xs0, xs1, xs2, fs0, fs1, fs2,
-                  HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
-        # rows index x's three leading dims (strides xs*, freqs' broadcast ones with stride 0); out is contiguous
+                  HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr, ROUND: tl.constexpr):
+        # rows index x's three leading dims (strides xs*, freqs' broadcast ones with stride 0); out is contiguous.
+        # ComfyUI computes in freqs' dtype: with ROUND (bf16/fp16 freqs, as Qwen-Image passes) each product and
+        # sum is rounded to it, as torch's kernels store them.
+        compute = f_ptr.dtype.element_ty
         r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         i0, i1, i2 = r // (d1 * d2), (r // d2) % d1, r % d2
         row_mask = (r < rows)[:, None]
         cols = tl.arange(0, 2 * HALF)[None, :]
-        x = tl.load(x_ptr + (i0 * xs0 + i1 * xs1 + i2 * xs2)[:, None] + cols, mask=row_mask).to(tl.float32)
-        x0, x1 = tl.split(tl.reshape(x, (ROWS, HALF, 2)))
+        x = tl.load(x_ptr + (i0 * xs0 + i1 * xs1 + i2 * xs2)[:, None] + cols, mask=row_mask)
+        x0, x1 = tl.split(tl.reshape(x.to(compute).to(tl.float32), (ROWS, HALF, 2)))
         f_cols = tl.arange(0, 4 * HALF)[None, :]
-        f = tl.load(f_ptr + (i0 * fs0 + i1 * fs1 + i2 * fs2)[:, None] + f_cols, mask=row_mask)
+        f = tl.load(f_ptr + (i0 * fs0 + i1 * fs1 + i2 * fs2)[:, None] + f_cols, mask=row_mask).to(tl.float32)
         f_j0, f_j1 = tl.split(tl.reshape(f, (ROWS, HALF, 2, 2)))     # f[..., i, 0], f[..., i, 1]
         f00, f10 = tl.split(f_j0)
         f01, f11 = tl.split(f_j1)
         if BACKWARD:    # x is the output's gradient: the transposed rotation, products then their sum
-            y0 = x0 * f00 + x1 * f10
-            y1 = x0 * f01 + x1 * f11
+            p00, p10, p01, p11 = x0 * f00, x1 * f10, x0 * f01, x1 * f11
+            if ROUND:
+                p00, p10 = p00.to(compute).to(tl.float32), p10.to(compute).to(tl.float32)
+                p01, p11 = p01.to(compute).to(tl.float32), p11.to(compute).to(tl.float32)
+            y0 = p00 + p10
+            y1 = p01 + p11
         else:
-            y0 = tl.fma(f01, x1, f00 * x0)
-            y1 = tl.fma(f11, x1, f10 * x0)
-        y = tl.reshape(tl.join(y0, y1), (ROWS, 2 * HALF))
+            a0, a1 = f00 * x0, f10 * x0
+            if ROUND:
+                a0, a1 = a0.to(compute).to(tl.float32), a1.to(compute).to(tl.float32)
+            y0 = tl.fma(f01, x1, a0)
+            y1 = tl.fma(f11, x1, a1)
+        y = tl.reshape(tl.join(y0, y1), (ROWS, 2 * HALF)).to(compute)
         tl.store(out_ptr + r[:, None] * (2 * HALF) + cols, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
     return {"rope_rows": jit(rope_rows),
@@ -308,7 +319,7 @@ def _rope_launch(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, backwa
     # backward's sum of two products must not become an fma (autograd rounds each product)
     _kernels()["rope_rows"][(math.ceil(rows / ROPE_ROWS),)](
         x, freqs, out, rows, d1, d2, *x.stride()[:3], *freqs.stride()[:3], HALF=x.shape[-1] // 2,
-        ROWS=ROPE_ROWS, BACKWARD=backward, enable_fp_fusion=False)
+        ROWS=ROPE_ROWS, BACKWARD=backward, ROUND=freqs.dtype != torch.float32, enable_fp_fusion=False)
 
 
 class _FusedRope(torch.autograd.Function):
@@ -331,9 +342,9 @@ class _FusedRope(torch.autograd.Function):
 
 def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> bool:
     """Whether the fused kernels rotate x by freqs_cis (else ComfyUI's apply_rope1 does): a 4-D head whose last
-    dim is a power of two and contiguous, fp32 rotations of shape (..., head_dim/2, 2, 2) broadcasting to it."""
+    dim is a power of two and contiguous, rotations of shape (..., head_dim/2, 2, 2) broadcasting to it."""
     if not (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dim() == 4 and freqs_cis.dim() == 6
-            and x.dtype in _DTYPES and freqs_cis.dtype == torch.float32 and freqs_cis.device == x.device
+            and x.dtype in _DTYPES and freqs_cis.dtype in _DTYPES and freqs_cis.device == x.device
             and x.numel() > 0 and x.stride(-1) == 1 and not freqs_cis.requires_grad):
         return False
     head = x.shape[-1]

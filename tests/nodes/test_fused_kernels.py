@@ -181,6 +181,8 @@ def rope_inputs(layout, dtype, device="cpu", batch=2, heads=3, tokens=37, head_d
             return torch.randint(-scale * 4, scale * 4 + 1, shape, generator=generator) / 4
         return torch.randn(shape, generator=generator)
     freqs = values(batch if layout != "one-batch-of-freqs" else 1, 1, tokens, head_dim // 2, 2, 2, scale=1)
+    if layout == "qwen-image":        # its rotations come in the model's dtype, and ComfyUI computes in it
+        freqs = freqs.to(dtype)
     if layout == "lumina":            # Lumina (Z-Image): heads after tokens, freqs moved to match
         x = values(batch, tokens, heads, head_dim)
         freqs = freqs.movedim(1, 2)
@@ -207,7 +209,7 @@ def _strided_leaf(view):
 
 
 @interpreted
-@pytest.mark.parametrize("layout", ["flux", "lumina", "one-batch-of-freqs"])
+@pytest.mark.parametrize("layout", ["flux", "lumina", "qwen-image", "one-batch-of-freqs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_rope_is_comfyuis_training_rope_bit_for_bit_forward_and_backward(dtype, layout):
     x, freqs, grad = rope_inputs(layout, dtype)
@@ -225,7 +227,7 @@ def test_rope_is_left_to_comfyui_where_the_kernels_do_not_apply():
     assert fused.rope1(x, freqs) is None
     odd, odd_freqs, _ = rope_inputs("flux", torch.float32, head_dim=24)    # not a power of two
     assert not fused.rope_takes(odd, odd_freqs, interpret=True)
-    assert not fused.rope_takes(x, freqs.half(), interpret=True)
+    assert not fused.rope_takes(x, freqs.double(), interpret=True)
     assert not fused.rope_takes(x, freqs[:, :, :5], interpret=True)        # does not broadcast to the head
     assert not fused.rope_takes(x, freqs.requires_grad_(), interpret=True)
 
@@ -350,7 +352,7 @@ def test_fused_kernels_on_the_gpu_agree_with_comfyuis_layers(dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("layout", ["flux", "lumina"])
+@pytest.mark.parametrize("layout", ["flux", "lumina", "qwen-image"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_rope_on_the_gpu_is_comfyuis_bit_for_bit(dtype, layout):
     assert fused.usable_on(torch.device("cuda"))
@@ -360,6 +362,8 @@ def test_fused_rope_on_the_gpu_is_comfyuis_bit_for_bit(dtype, layout):
     from comfy.ldm.flux.layers import EmbedND
     ids = torch.randint(0, 64, (1, 4608, 3), device="cuda").float()
     freqs = EmbedND(dim=128, theta=10000, axes_dim=[16, 56, 56])(ids)
+    if layout == "qwen-image":
+        freqs = freqs.to(dtype).contiguous()
     if layout == "lumina":
         freqs = freqs.movedim(1, 2)
     assert fused.rope_takes(x, freqs)
