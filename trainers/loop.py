@@ -238,7 +238,8 @@ class TrainingRun:
                 raise ConfigError("optimizer_offload works with precision bf16 or fp32 (fp16 loss scaling needs "
                                   "the optimizer on the GPU): change one of them")
             self.optimizer = OffloadedOptimizer(
-                self.params, lambda params: make_optimizer(groups(params), settings, torch.device("cpu")))
+                self.params, lambda params: make_optimizer(groups(params), settings, torch.device("cpu"),
+                                                           owns_storage=False))
         else:
             self.optimizer = make_optimizer(groups(self.params), settings, self.device)
         if state.optimizer is not None and state.optimizer_name == settings.optimizer:
@@ -268,8 +269,10 @@ class TrainingRun:
         self.losses, self.lrs, self.steps = [], [], []
         self.val_steps, self.val_losses = [], []
         # Each step's summed gradients, where the optimizer (and clipping, and DDP's all-reduce) read them.
+        # (AdamW8bit's are already there: views of its flat gradient)
         for param in self.params:
-            param.grad = torch.zeros_like(param)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
         self.gradients = [param.grad for param in self.params]
         self.ema_names, self.ema_params, self.ema = self._start_ema(state, settings)
         # Autocast only to compute in another dtype than the model's: for a bf16 model trained in bf16 it would

@@ -28,9 +28,157 @@ def _package(module: str, optimizer: str, pip_name: str):
 
 # bitsandbytes' optimizers (AdamW8bit, Lion, Lion8bit) step on CPU tensors too (its CPU backend), so they train
 # and are tested without a GPU.
-def _adamw8bit(params, s: TrainingSettings, device):
+def _adamw8bit(params, s: TrainingSettings, device, flat: bool = True):
     bnb = _package("bitsandbytes", "adamw8bit", "bitsandbytes")
+    if flat:
+        return _flat_adamw8bit_class(bnb)(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     return bnb.optim.AdamW8bit(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+_BNB_BLOCK = 256       # elements per absmax of bitsandbytes' blockwise 8-bit state (its optim/optimizer.py)
+
+
+@functools.cache
+def _flat_adamw8bit_class(bnb):
+    class FlatAdamW8bit(bnb.optim.AdamW8bit):
+        """bitsandbytes' AdamW8bit, stepping each parameter group's tensors as one flat tensor per dtype and
+        device. bitsandbytes steps tensor by tensor, each a Python call, a kernel and a `torch.cuda.synchronize()`:
+        measured on an H200, SDXL's LoRA (1,400 tensors) stepped in 0.12 s, more than the rest of the step
+        (AdamW8bit 0.222 s/step against fused AdamW's 0.099). The parameters (and their .grad) become views of
+        the flat tensor (and of a flat gradient). Each starts on a 256-element block boundary, zero-padded to the
+        next, so every block of 8-bit state, which has its own absmax, holds one tensor's elements as it does
+        tensor by tensor; tensors under bitsandbytes' 8-bit minimum (4,096 elements) go in a flat tensor with
+        32-bit state, as each would have. The state loads and saves in the tensor-by-tensor layout, so states
+        saved by either resume in the other."""
+
+        def __init__(self, params, **kwargs):
+            groups = list(params)
+            if not groups or not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+            self.members = []        # per group: (param, flat tensor or None, offset) in the caller's order
+            self.bits32 = set()      # ids of the flat tensors that keep 32-bit state
+            flat_groups = []
+            minimum = kwargs.get("min_8bit_size", 4096)
+            for group in groups:
+                params = list(group["params"])
+                layout, members = {}, []
+                for p in params:
+                    key = (p.dtype, p.device, p.numel() >= minimum)
+                    at = layout.setdefault(key, [])
+                    offset = sum(_padded(q.numel()) for q in at)
+                    at.append(p)
+                    members.append([p, key, offset])
+                flats = {}
+                for key, tensors in layout.items():
+                    flat = torch.zeros(sum(_padded(q.numel()) for q in tensors), dtype=key[0], device=key[1])
+                    flat.grad = torch.zeros_like(flat)
+                    flats[key] = flat
+                    if not key[2]:
+                        self.bits32.add(id(flat))
+                for member in members:
+                    p, key, offset = member
+                    flat, n = flats[key], p.numel()
+                    with torch.no_grad():
+                        flat[offset:offset + n].copy_(p.detach().reshape(-1))
+                    p.data = flat[offset:offset + n].view_as(p)
+                    p.grad = flat.grad[offset:offset + n].view_as(p)
+                    member[1] = flat
+                self.members.append(members)
+                flat_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(flats.values())})
+            super().__init__(flat_groups, **kwargs)
+
+        def get_config(self, gindex, pindex, group):
+            config = super().get_config(gindex, pindex, group)
+            if id(group["params"][pindex]) in self.bits32:
+                config["optim_bits"] = 32
+            return config
+
+        def state_dict(self):
+            """The state as bitsandbytes' AdamW8bit keeps it for these parameters, one entry per tensor."""
+            flat_state = super().state_dict()
+            wrapped = self._FSDP_WRAPPED_QUANT_STATE_KEY
+            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            state, groups, at = {}, [], 0
+            for saved_group, members in zip(flat_state["param_groups"], self.members):
+                for p, flat, offset in members:
+                    entry = flat_state["state"].get(index[id(flat)])
+                    if entry is not None:
+                        entry = dict(entry)
+                        if wrapped in entry:
+                            entry[wrapped] = _slice_state(entry[wrapped], offset, p.shape, flat.numel())
+                        state[at] = _slice_state(entry, offset, p.shape, flat.numel())
+                    at += 1
+                groups.append({**saved_group, "params": list(range(at - len(members), at))})
+            return {"state": state, "param_groups": groups}
+
+        def load_state_dict(self, state_dict, move_to_device=True):
+            """Loads a state in the one-entry-per-tensor layout (state_dict's, and bitsandbytes' own)."""
+            wrapped = self._FSDP_WRAPPED_QUANT_STATE_KEY
+            saved = state_dict["param_groups"]
+            if len(saved) != len(self.members) or any(len(g["params"]) != len(m) for g, m in zip(saved, self.members)):
+                raise ValueError("loaded state dict has other parameter groups than this optimizer")
+            flat_state, groups, at = {}, [], 0
+            for saved_group, members, group in zip(saved, self.members, self.param_groups):
+                entries = {}
+                for (p, flat, offset), i in zip(members, saved_group["params"]):
+                    entry = state_dict["state"].get(i)
+                    if entry is not None:
+                        entry = {**entry, **entry.get(wrapped, {})}
+                        entry.pop(wrapped, None)
+                        entries.setdefault(id(flat), []).append((p, offset, entry))
+                for flat in group["params"]:
+                    parts = entries.get(id(flat), [])
+                    count = sum(1 for _, f, _ in members if f is flat)
+                    if parts and len(parts) == count:
+                        flat_state[at] = _joined_state(parts, flat)
+                    at += 1
+                groups.append({**saved_group, "params": list(range(at - len(group["params"]), at))})
+            super().load_state_dict({"state": flat_state, "param_groups": groups}, move_to_device=move_to_device)
+
+    return FlatAdamW8bit
+
+
+_PER_ELEMENT = ("state1", "state2")     # bitsandbytes' state keys with one value per parameter element
+
+
+def _padded(n: int) -> int:
+    return -(-n // _BNB_BLOCK) * _BNB_BLOCK
+
+
+def _slice_state(entry: dict, offset: int, shape: torch.Size, flat_numel: int) -> dict:
+    """One tensor's share of a flat tensor's state, as bitsandbytes keeps it: per-element tensors in the
+    parameter's shape, per-block absmax sliced by block."""
+    sliced, n = {}, shape.numel()
+    for key, value in entry.items():
+        if key in _PER_ELEMENT and isinstance(value, torch.Tensor) and value.numel() == flat_numel:
+            value = value[offset:offset + n].reshape(shape).clone()
+        elif isinstance(value, torch.Tensor) and key.startswith("absmax"):
+            value = value[offset // _BNB_BLOCK:offset // _BNB_BLOCK + -(-n // _BNB_BLOCK)].clone()
+        sliced[key] = value
+    return sliced
+
+
+def _joined_state(parts: list, flat: torch.Tensor) -> dict:
+    """A flat tensor's state from its tensors' (each at its offset). 8-bit padding holds the code of 0 in its
+    map (bitsandbytes' signed map has 0 at 127): it dequantizes to 0, as the padding's own steps keep it."""
+    first = parts[0][2]
+    joined = {}
+    for key, value in first.items():
+        if key in _PER_ELEMENT and isinstance(value, torch.Tensor):
+            qmap = first.get("qmap" + key[-1]) if value.dtype == torch.uint8 else None
+            fill = int((qmap == 0).nonzero()[0]) if qmap is not None else 0
+            out = torch.full((flat.numel(),), fill, dtype=value.dtype)
+            for p, offset, entry in parts:
+                out[offset:offset + p.numel()] = entry[key].reshape(-1).to("cpu")
+            value = out
+        elif isinstance(value, torch.Tensor) and key.startswith("absmax"):
+            out = torch.zeros(flat.numel() // _BNB_BLOCK, dtype=value.dtype)
+            for p, offset, entry in parts:
+                blocks = -(-p.numel() // _BNB_BLOCK)
+                out[offset // _BNB_BLOCK:offset // _BNB_BLOCK + blocks] = entry[key].to("cpu")
+            value = out
+        joined[key] = value
+    return joined
 
 
 def _lion(params, s: TrainingSettings, device):
@@ -82,7 +230,12 @@ def state_fits(name: str, optimizer_state: dict) -> bool:
     return not any(foreign & set(values) for values in optimizer_state["state"].values())
 
 
-def make_optimizer(params, settings: TrainingSettings, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, settings: TrainingSettings, device: torch.device,
+                   owns_storage: bool = True) -> torch.optim.Optimizer:
+    """`owns_storage`: the optimizer may make the parameters views of its own buffers (AdamW8bit's flat
+    tensors); not for parameters that are already views of another's (OffloadedOptimizer's masters)."""
+    if settings.optimizer == "adamw8bit":
+        return _adamw8bit(list(params), settings, device, flat=owns_storage)
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
 
 
