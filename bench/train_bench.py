@@ -22,8 +22,8 @@ a table.
 """
 from __future__ import annotations
 
-import argparse, dataclasses, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics, subprocess, sys
-import time, traceback, types, typing
+import argparse, dataclasses, datetime, gc, importlib.machinery, inspect, importlib.util, json, os, statistics
+import subprocess, sys, time, traceback, types, typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

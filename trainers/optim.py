@@ -84,7 +84,8 @@ def _flat_adamw8bit_class(bnb):
                     p.grad = flat.grad[offset:offset + n].view_as(p)
                     member[1] = flat
                 self.members.append(members)
-                flat_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(flats.values())})
+                settings = {k: v for k, v in group.items() if k != "params"}
+                flat_groups.append({**settings, "params": list(flats.values())})
             super().__init__(flat_groups, **kwargs)
 
         def get_config(self, gindex, pindex, group):
