@@ -2,11 +2,13 @@
 GEGLU and GroupNorm, forward and backward, in every training dtype, to the dtype's rounding; a training run
 patches exactly the model's GEGLU and GroupNorm layers, only inside its own MODEL clone, and trains what the
 eager layers train. The DiTs' rotary embedding through the fused kernels is ComfyUI's bit for bit, in every
-layout the models call it with, and replaces ComfyUI's only while a micro-batch trains.
+layout the models call it with, and replaces ComfyUI's only while a micro-batch trains. The Flux single blocks'
+GELU (tanh) on its strided slice is PyTorch's bit for bit on the GPU.
 
 On the CPU the kernels run in Triton's interpreter (the same kernel source the GPU compiles); the tests marked
 gpu run the same checks on the GPU's compiled kernels, against PyTorch's CUDA kernels."""
 import functools
+import math
 
 import pytest
 import torch
@@ -278,16 +280,82 @@ def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what
     def counted_rope1(x, freqs_cis):
         taken.append(fused.rope_takes(x, freqs_cis, interpret=True))
         return rope1(x, freqs_cis, interpret=True)
+    gelu_tanh, gelus = fused.gelu_tanh, []
+
+    def counted_gelu_tanh(x):
+        gelus.append(fused.gelu_tanh_takes(x, interpret=True))
+        return gelu_tanh(x, interpret=True)
     monkeypatch.setattr(fused, "usable_on", lambda device: True)     # as on a GPU with Triton
     monkeypatch.setattr(fused, "rope1", counted_rope1)
+    monkeypatch.setattr(fused, "gelu_tanh", counted_gelu_tanh)
     patched = train()
-    blocks = len(p["model"].model.diffusion_model.double_blocks) + len(p["model"].model.diffusion_model.single_blocks)
+    diffusion_model = p["model"].model.diffusion_model
+    blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
     # q and k of every block, in forward and in its recomputation, for each of the two steps
     assert len(taken) >= 2 * 2 * 2 * blocks and all(taken)
+    # the single blocks' GELU on its strided slice, likewise; the double blocks' (contiguous) stays torch's
+    assert gelus.count(True) == 2 * 2 * len(diffusion_model.single_blocks)
+    assert gelus.count(False) == 2 * 2 * 2 * len(diffusion_model.double_blocks)
     # the interpreter rounds fp32 -> bf16 by truncation where the GPU rounds to nearest: close, not equal, here
     assert patched.history.losses == pytest.approx(eager.history.losses, rel=1e-3)
     import comfy.ldm.flux.math as flux_math
     assert flux_math.apply_rope1.__module__ == "comfy.ldm.flux.math"
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    assert all(getattr(block.mlp_act.forward, "__func__", None) is torch.nn.GELU.forward
+               for block in diffusion_model.single_blocks)
+
+
+# -------------------------------------------------------------------------------------------- GELU (tanh)
+def single_block_mlp_slice(dtype, device="cpu", tokens=37, hidden=16, mlp=48, values=None):
+    """The Flux single block's MLP input: the last `mlp` columns of its fused projection's output (a strided
+    slice), as ComfyUI's `torch.split(linear1(...), [3 * hidden, mlp], dim=-1)` gives it."""
+    torch.manual_seed(0)
+    projection = torch.randn(1, tokens, 3 * hidden + mlp, device=device, dtype=torch.float32) * 3
+    if values is not None:      # every value of the dtype, laid into the slice
+        projection = torch.zeros(1, math.ceil(values.numel() / mlp), 3 * hidden + mlp, device=device)
+        projection[..., 3 * hidden:].view(-1)[:values.numel()] = values.float()
+    return torch.split(projection.to(dtype), [3 * hidden, mlp], dim=-1)[1]
+
+
+def gelu_results(gelu, x, grad):
+    x = _strided_leaf(x)
+    out = gelu(x)
+    out.backward(grad)
+    return out, x.grad
+
+
+def torch_gelu_tanh(x):
+    return torch.nn.GELU(approximate="tanh")(x)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gelu_tanh_on_a_strided_slice_agrees_with_pytorchs_to_the_dtypes_rounding(dtype):
+    x = single_block_mlp_slice(dtype)
+    assert not x.is_contiguous() and fused.gelu_tanh_takes(x, interpret=True)
+    grad = torch.randn(x.shape, dtype=dtype)
+    assert_as_close_as_eager(run_each({"exact": torch_gelu_tanh, "eager": torch_gelu_tanh,
+                                       "fused": functools.partial(fused.gelu_tanh, interpret=True)}, x, grad),
+                             dtype)
+    # a gradient that arrives as a strided slice too (the concatenation's backward hands out such views)
+    wide_grad = torch.randn(*x.shape[:-1], x.shape[-1] + 8, dtype=dtype)[..., 8:]
+    out, grad_x = gelu_results(functools.partial(fused.gelu_tanh, interpret=True), x, wide_grad)
+    eager_out, eager_grad_x = gelu_results(torch_gelu_tanh, x, wide_grad.contiguous())
+    assert out.shape == x.shape and out.dtype == dtype and grad_x.shape == x.shape
+    error = (grad_x.double() - eager_grad_x.double()).abs().max() / eager_grad_x.double().abs().max()
+    assert error <= ROUNDING[dtype] * 8
+
+
+def test_gelu_tanh_is_left_to_pytorch_where_the_kernels_do_not_apply():
+    x = single_block_mlp_slice(torch.float32)
+    assert not fused.gelu_tanh_takes(x)                                     # on the CPU without the interpreter
+    assert torch.equal(fused.gelu_tanh(x), torch_gelu_tanh(x))
+    assert not fused.gelu_tanh_takes(x.contiguous(), interpret=True)        # torch's vectorized kernel is as fast
+    assert not fused.gelu_tanh_takes(x.transpose(1, 2), interpret=True)     # columns not adjacent
+    assert not fused.gelu_tanh_takes(x.double(), interpret=True)
+    assert fused.is_gelu_tanh(torch.nn.GELU(approximate="tanh"))
+    assert not fused.is_gelu_tanh(torch.nn.GELU()) and not fused.is_gelu_tanh(torch.nn.SiLU())
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -371,3 +439,24 @@ def test_fused_rope_on_the_gpu_is_comfyuis_bit_for_bit(dtype, layout):
     comfy_out, comfy_grad_x = rope_results(comfy_training_rope1, x, freqs, grad)
     assert torch.equal(out, comfy_out), (out.float() - comfy_out.float()).abs().max()
     assert torch.equal(grad_x, comfy_grad_x), (grad_x.float() - comfy_grad_x.float()).abs().max()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gelu_tanh_on_the_gpu_is_pytorchs_bit_for_bit(dtype):
+    assert fused.usable_on(torch.device("cuda"))
+    if dtype == torch.float32:      # Flux-dev's single block at 1024²: 4,608 tokens, hidden 3,072, MLP 12,288
+        x = single_block_mlp_slice(dtype, "cuda", tokens=4608, hidden=3072, mlp=12288)
+    else:                           # every finite value of the 16-bit dtype
+        bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32, device="cuda").to(torch.int16)
+        values = bits.view(dtype)
+        values = values[torch.isfinite(values)]
+        x = single_block_mlp_slice(dtype, "cuda", hidden=64, mlp=512, values=values)
+    assert fused.gelu_tanh_takes(x)
+    for scale in (1.0, 1e-3, 300.0):
+        grad = (torch.randn(x.shape, device="cuda") * scale).to(dtype)
+        out, grad_x = gelu_results(fused.gelu_tanh, x, grad)
+        torch_out, torch_grad_x = gelu_results(torch_gelu_tanh, x, grad)
+        assert torch.equal(out, torch_out), (out.float() - torch_out.float()).abs().max()
+        assert torch.equal(grad_x, torch_grad_x), (grad_x.float() - torch_grad_x.float()).abs().max()

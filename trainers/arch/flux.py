@@ -42,6 +42,14 @@ class Flux(RectifiedFlow):
         return ([f"double_blocks.{i}" for i in range(len(diffusion_model.double_blocks))] +
                 [f"single_blocks.{i}" for i in range(len(diffusion_model.single_blocks))])
 
+    def fused_forwards(self, diffusion_model):
+        # the single blocks' GELU runs on a strided slice of their fused projection (trainers/fused.py)
+        from .. import fused
+        if not fused.ENABLED["gelu"]:
+            return {}
+        return {name: fused.FusedGeluTanhForward(module) for name, module in diffusion_model.named_modules()
+                if fused.is_gelu_tanh(module)}
+
     def shift(self, model_sampling, item, settings):
         if not settings.timestep_shift and isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
             return resolution_shift(item.bucket.width, item.bucket.height)     # dev's own
