@@ -105,9 +105,6 @@ args.add_argument("--no-fused-group-norm", action="store_true",
 args.add_argument("--no-fused-rope", action="store_true",
                   help="experiment: the DiTs' rotary embedding by ComfyUI's eager ops instead of the Triton kernels "
                        "(trainers.fused)")
-args.add_argument("--no-tokens-major-query", action="store_true",
-                  help="experiment: Flux's rotated query laid out heads-major, so that ComfyUI copies SDPA's output "
-                       "back to tokens-major rows (trainers.fused.rope1)")
 args.add_argument("--no-fused-gelu", action="store_true",
                   help="experiment: the Flux single blocks' GELU (tanh) on a strided slice by PyTorch's kernel instead of "
                        "the Triton kernels (trainers.fused)")
@@ -187,7 +184,6 @@ _fused.ENABLED["geglu"] &= not ARGS.no_fused_geglu
 _fused.ENABLED["group_norm"] &= not ARGS.no_fused_group_norm
 _fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 _fused.ENABLED["gelu"] &= not ARGS.no_fused_gelu
-_fused.TOKENS_MAJOR_QUERY &= not ARGS.no_tokens_major_query
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -727,8 +723,7 @@ def bench_arch(arch, card):
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
             "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
-            "fused_gelu": not ARGS.no_fused_gelu, "tokens_major_query": not ARGS.no_tokens_major_query,
-            "fp8_compute": ARGS.fp8_compute}
+            "fused_gelu": not ARGS.no_fused_gelu, "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -742,7 +737,6 @@ def bench_arch(arch, card):
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
                  + ("_eager-rope" if ARGS.no_fused_rope else "") + ("_eager-gelu" if ARGS.no_fused_gelu else "")
-                 + ("_heads-major-q" if ARGS.no_tokens_major_query else "")
                  + ("_fp8" if ARGS.fp8_compute else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")

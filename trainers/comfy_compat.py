@@ -82,33 +82,26 @@ def comfy_sdpa_priority(order: list):
 @contextlib.contextmanager
 def comfy_rope(rotate):
     """ComfyUI's rotary embedding, `apply_rope1(x, freqs_cis)` and `apply_rope(xq, xk, freqs_cis)` of
-    comfy/ldm/flux/math.py, computed by `rotate(x, freqs_cis, **options)` for the block, ComfyUI's own code where
-    it returns None (options: `tokens_major=True` for the query of Flux's own attention, see fused.rope1).
-    Flux's attention looks the functions up in that module; Lumina, Qwen-Image and other models import them
+    comfy/ldm/flux/math.py, computed by `rotate(x, freqs_cis)` for the block, ComfyUI's own code where it returns
+    None. Flux's attention looks the functions up in that module; Lumina, Qwen-Image and other models import them
     by name, so every loaded comfy.ldm module holding them is patched too. Restored afterwards, also on errors and
     Cancel."""
     import comfy.ldm.flux.math as flux_math
     original_rope1, original_rope = flux_math.apply_rope1, flux_math.apply_rope
 
-    def apply_rope1(x, freqs_cis, **options):
-        out = rotate(x, freqs_cis, **options)
+    def apply_rope1(x, freqs_cis):
+        out = rotate(x, freqs_cis)
         return original_rope1(x, freqs_cis) if out is None else out
 
     def apply_rope(xq, xk, freqs_cis):
         return apply_rope1(xq, freqs_cis), apply_rope1(xk, freqs_cis)
 
-    def flux_attention_rope(xq, xk, freqs_cis):
-        # Flux's attention hands the rotated (batch, heads, tokens, dim) query straight to SDPA and transposes
-        # the output back to tokens-major rows: `tokens_major` lets it be written so (fused.rope1)
-        return apply_rope1(xq, freqs_cis, tokens_major=True), apply_rope1(xk, freqs_cis)
-
     replaced = []
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "comfy.ldm" or name.startswith("comfy.ldm.")):
             continue
-        rope = flux_attention_rope if module is flux_math else apply_rope
         for attr, original, replacement in (("apply_rope1", original_rope1, apply_rope1),
-                                            ("apply_rope", original_rope, rope)):
+                                            ("apply_rope", original_rope, apply_rope)):
             if getattr(module, attr, None) is original:
                 setattr(module, attr, replacement)
                 replaced.append((module, attr, original))

@@ -66,7 +66,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
 ROPE_ROWS = 16         # rotary embedding: heads' rows (of head_dim elements) per program
-TOKENS_MAJOR_QUERY = True   # rope1's tokens_major honoured (off: the bench's A/B, `--no-tokens-major-query`)
 _GELU_BLOCK = 2048     # GELU (tanh): columns per program (fewer for narrower rows)
 # torch's constants for GELU (tanh) in fp32: kBeta = sqrt(2)·(2/sqrt(pi))·0.5 and kKappa rounded to float, and
 # 3·kKappa as the compiler folds it (a float product)
@@ -163,9 +162,9 @@ def _kernels():
         x = tl.load(x_ptr + row * group_size + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * group_size + offsets, (x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
 
-    def rope_rows(x_ptr, f_ptr, out_ptr, rows, d1, d2, xs0, xs1, xs2, fs0, fs1, fs2, os0, os1, os2,
+    def rope_rows(x_ptr, f_ptr, out_ptr, rows, d1, d2, xs0, xs1, xs2, fs0, fs1, fs2,
                   HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr, ROUND: tl.constexpr):
-        # rows index x's three leading dims (strides xs*, freqs' broadcast ones with stride 0, out's os*).
+        # rows index x's three leading dims (strides xs*, freqs' broadcast ones with stride 0); out is contiguous.
         # ComfyUI computes in freqs' dtype: with ROUND (bf16/fp16 freqs, as Qwen-Image passes) each product and
         # sum is rounded to it, as torch's kernels store them.
         compute = f_ptr.dtype.element_ty
@@ -194,8 +193,7 @@ def _kernels():
             y0 = tl.fma(f01, x1, a0)
             y1 = tl.fma(f11, x1, a1)
         y = tl.reshape(tl.join(y0, y1), (ROWS, 2 * HALF)).to(compute)
-        tl.store(out_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + cols, y.to(out_ptr.dtype.element_ty),
-                 mask=row_mask)
+        tl.store(out_ptr + r[:, None] * (2 * HALF) + cols, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
     def gelu_tanh_forward(x_ptr, out_ptr, cols, stride_x, BETA: tl.constexpr, KAPPA: tl.constexpr,
                           LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
@@ -378,18 +376,14 @@ def _rope_launch(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, backwa
     rows = x.numel() // x.shape[-1]
     # backward's sum of two products must not become an fma (autograd rounds each product)
     _kernels()["rope_rows"][(math.ceil(rows / ROPE_ROWS),)](
-        x, freqs, out, rows, d1, d2, *x.stride()[:3], *freqs.stride()[:3], *out.stride()[:3], HALF=x.shape[-1] // 2,
+        x, freqs, out, rows, d1, d2, *x.stride()[:3], *freqs.stride()[:3], HALF=x.shape[-1] // 2,
         ROWS=ROPE_ROWS, BACKWARD=backward, ROUND=freqs.dtype != torch.float32, enable_fp_fusion=False)
 
 
 class _FusedRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, freqs: torch.Tensor, tokens_major: bool) -> torch.Tensor:
-        if tokens_major:    # (batch, heads, tokens, dim) laid out as (batch, tokens, heads, dim): see rope1
-            b, h, n, d = x.shape
-            out = torch.empty(b, n, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
-        else:
-            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    def forward(ctx, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _rope_launch(x, freqs, out, backward=False)
         ctx.save_for_backward(freqs)
         return out
@@ -401,7 +395,7 @@ class _FusedRope(torch.autograd.Function):
             grad = grad.contiguous()
         grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         _rope_launch(grad, freqs, grad_x, backward=True)
-        return grad_x, None, None
+        return grad_x, None
 
 
 def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> bool:
@@ -423,19 +417,12 @@ def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False
     return True
 
 
-def rope1(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False,
-          tokens_major: bool = False) -> torch.Tensor | None:
+def rope1(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> torch.Tensor | None:
     """x rotated by freqs_cis as ComfyUI's apply_rope1 does, by the fused kernels; None where they do not
-    take the inputs (`rope_takes`).
-
-    `tokens_major`: x is a (batch, heads, tokens, dim) query about to enter attention, and the result has that
-    shape laid out in memory as (batch, tokens, heads, dim). SDPA (cuDNN's and flash) writes its output in its
-    query's layout, so the attention output then is already the (batch, tokens, heads·dim) rows that ComfyUI's
-    `out.transpose(1, 2).reshape(...)` asks for, a view instead of a copy (and in backward the output gradient
-    arrives in the output's layout, no copy either). The values are the same."""
+    take the inputs (`rope_takes`)."""
     if not rope_takes(x, freqs_cis, interpret):
         return None
-    return _FusedRope.apply(x, _rope_freqs(x, freqs_cis), tokens_major and TOKENS_MAJOR_QUERY and x.dim() == 4)
+    return _FusedRope.apply(x, _rope_freqs(x, freqs_cis))
 
 
 def training_rope(device: torch.device):
