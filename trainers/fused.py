@@ -398,31 +398,34 @@ class _FusedRope(torch.autograd.Function):
         return grad_x, None
 
 
-def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> bool:
-    """Whether the fused kernels rotate x by freqs_cis (else ComfyUI's apply_rope1 does): a 4-D head whose last
-    dim is a power of two and contiguous, rotations of shape (..., head_dim/2, 2, 2) broadcasting to it."""
+def _taken_rope_freqs(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool) -> torch.Tensor | None:
+    """freqs_cis broadcast to x (_rope_freqs) where the fused kernels rotate x by it, else None."""
     if not (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dim() == 4 and freqs_cis.dim() == 6
             and x.dtype in _DTYPES and freqs_cis.dtype in _DTYPES and freqs_cis.device == x.device
             and x.numel() > 0 and x.stride(-1) == 1 and not freqs_cis.requires_grad):
-        return False
+        return None
     head = x.shape[-1]
     if head < 16 or head & (head - 1) or tuple(freqs_cis.shape[-3:]) != (head // 2, 2, 2):
-        return False
+        return None
     if freqs_cis.stride()[-3:] != (4, 2, 1):
-        return False
+        return None
     try:
-        _rope_freqs(x, freqs_cis)
+        return _rope_freqs(x, freqs_cis)
     except RuntimeError:            # not broadcastable: ComfyUI's own code says why
-        return False
-    return True
+        return None
+
+
+def rope_takes(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> bool:
+    """Whether the fused kernels rotate x by freqs_cis (else ComfyUI's apply_rope1 does): a 4-D head whose last
+    dim is a power of two and contiguous, rotations of shape (..., head_dim/2, 2, 2) broadcasting to it."""
+    return _taken_rope_freqs(x, freqs_cis, interpret) is not None
 
 
 def rope1(x: torch.Tensor, freqs_cis: torch.Tensor, interpret: bool = False) -> torch.Tensor | None:
     """x rotated by freqs_cis as ComfyUI's apply_rope1 does, by the fused kernels; None where they do not
     take the inputs (`rope_takes`)."""
-    if not rope_takes(x, freqs_cis, interpret):
-        return None
-    return _FusedRope.apply(x, _rope_freqs(x, freqs_cis))
+    freqs = _taken_rope_freqs(x, freqs_cis, interpret)
+    return None if freqs is None else _FusedRope.apply(x, freqs)
 
 
 def training_rope(device: torch.device):
@@ -451,7 +454,7 @@ def _gelu_rows(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _gelu_launch(kernel: str, rows: torch.Tensor, out: torch.Tensor, *args) -> None:
+def _gelu_launch(kernel: str, rows: torch.Tensor, *args) -> None:
     cols = rows.shape[1]
     block = _block(cols, _GELU_BLOCK)
     _kernels()[kernel][(rows.shape[0], math.ceil(cols / block))](*args, LIBDEVICE=not INTERPRETING, BLOCK=block)
@@ -461,7 +464,7 @@ class _FusedGeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        _gelu_launch("gelu_tanh_forward", rows, out, rows, out, rows.shape[1], rows.stride(0),
+        _gelu_launch("gelu_tanh_forward", rows, rows, out, rows.shape[1], rows.stride(0),
                      _GELU_BETA, _GELU_KAPPA)
         ctx.save_for_backward(x)        # (a view: torch's own GeluBackward keeps the same input alive)
         return out.view(x.shape)
@@ -473,23 +476,29 @@ class _FusedGeluTanh(torch.autograd.Function):
         if grad_rows is None:
             grad_rows = grad.contiguous().view(rows.shape)
         grad_x = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        _gelu_launch("gelu_tanh_backward", rows, grad_x, grad_rows, rows, grad_x, rows.shape[1], grad_rows.stride(0),
+        _gelu_launch("gelu_tanh_backward", rows, grad_rows, rows, grad_x, rows.shape[1], grad_rows.stride(0),
                      rows.stride(0), _GELU_BETA, _GELU_KAPPA, _GELU_KAPPA3)
         return grad_x.view(x.shape), None
+
+
+def _taken_gelu_rows(x: torch.Tensor, interpret: bool) -> torch.Tensor | None:
+    """x's rows (_gelu_rows) where the fused kernels compute its GELU (tanh), else None."""
+    if not (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dtype in _DTYPES
+            and x.numel() > 0 and not x.is_contiguous() and x.numel() < 2 ** 31):
+        return None
+    return _gelu_rows(x)
 
 
 def gelu_tanh_takes(x: torch.Tensor, interpret: bool = False) -> bool:
     """Whether the fused kernels compute GELU (tanh) of x (else torch does): a strided slice of rows, the case
     torch's vectorized kernel leaves to its slow path (a contiguous x is torch's own fast case)."""
-    return (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dtype in _DTYPES
-            and x.numel() > 0 and not x.is_contiguous() and x.numel() < 2 ** 31 and _gelu_rows(x) is not None)
+    return _taken_gelu_rows(x, interpret) is not None
 
 
 def gelu_tanh(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")`, by the fused kernels where `gelu_tanh_takes` says so."""
-    if gelu_tanh_takes(x, interpret):
-        return _FusedGeluTanh.apply(x, _gelu_rows(x))
-    return F.gelu(x, approximate="tanh")
+    rows = _taken_gelu_rows(x, interpret)
+    return F.gelu(x, approximate="tanh") if rows is None else _FusedGeluTanh.apply(x, rows)
 
 
 class FusedGeluTanhForward:
