@@ -42,7 +42,8 @@ Which layers qualify (the others run their own forward in the activations' dtype
   forward in bf16; a weight on the device when its layer runs (resident, or a streamed one staged ahead of its
   block) is quantized like any other: FP8 over the copy;
 - at least MIN_ROWS rows (tokens × batch) per call: the modulation Linears (one row per sample) and short text
-  streams are weight-bandwidth-bound, where quantizing the weight costs more than the faster GEMM saves.
+  streams are weight-bandwidth-bound, where quantizing the weight costs more than the faster GEMM saves. A weight
+  stored in e4m3 is not quantized, so it takes FP8 at any row count (MIN_ROWS_STORED).
 Checked at every call (shapes and dtypes are host facts: nothing is synced), so a CUDA graph captures the
 decision made for its shapes.
 """
@@ -68,6 +69,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # flops per element at ~0.8 PFLOP/s) at ~600 rows. ERI_FP8_MIN_ROWS in ComfyUI's environment sets it (the bench's
 # A/B runs); the CPU tests lower it, their tiny models having 16 tokens.
 MIN_ROWS = int(os.environ.get("ERI_FP8_MIN_ROWS", "1024"))
+# A weight already stored in e4m3 has nothing to quantize: its FP8 GEMM reads 1 byte per element at any row count,
+# where the layer's own forward casts it to bf16 (1 byte read, 2 written) and reads that again — so it takes FP8
+# from one row up (the modulation Linears, the text stream). ERI_FP8_STORED_MIN_ROWS sets it (the bench's A/B).
+MIN_ROWS_STORED = int(os.environ.get("ERI_FP8_STORED_MIN_ROWS", "1"))
 # devices whose FP8 tensor cores `_scaled_mm` uses: compute capability 8.9 (Ada) and up
 MIN_CAPABILITY = (8, 9)
 
@@ -333,7 +338,8 @@ class Fp8Gemm:
         if (type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.device != x.device
                 or x.dtype not in _DTYPES or weight.dtype not in (*_DTYPES, E4M3)
                 or getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None)
-                or x.ndim < 2 or x.shape[-1] != weight.shape[1] or x.numel() // x.shape[-1] < MIN_ROWS):
+                or x.ndim < 2 or x.shape[-1] != weight.shape[1]
+                or x.numel() // x.shape[-1] < (MIN_ROWS_STORED if weight.dtype == E4M3 else MIN_ROWS)):
             return None
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.device != x.device:

@@ -59,10 +59,13 @@ def _relative_error(a, b):
 @pytest.mark.parametrize("one_kernel", [True, False], ids=["fused_cast", "separate_cast"])
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "per_tensor"])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
-def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwise, stored, one_kernel,
-                                                                           scaled_mm_calls, monkeypatch):
+@pytest.mark.parametrize("rows", [40, 1])
+def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwise, stored, one_kernel, rows,
+                                                                           scaled_mm_calls, monkeypatch,
+                                                                           device="cpu"):
     from eridiffusion.trainers import fp8
-    monkeypatch.setattr(fp8, "_writes_fp8", lambda device: one_kernel)
+    if device == "cpu":
+        monkeypatch.setattr(fp8, "_writes_fp8", lambda device: one_kernel)
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(64, 48)
     with torch.no_grad():
@@ -71,10 +74,10 @@ def test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product(rowwi
         layer.to(stored if stored != torch.float8_e4m3fn else torch.float32)
         if stored == torch.float8_e4m3fn:
             layer.weight.data = layer.weight.data.to(stored)
-    layer.requires_grad_(False)
+    layer.requires_grad_(False).to(device)
     weight = layer.weight.float()
-    x = (torch.randn(40, 64, generator=gen) * 3).requires_grad_()
-    grad = torch.randn(40, 48, generator=gen) * 1e-3
+    x = (torch.randn(rows, 64, generator=gen) * 3).to(device).requires_grad_()
+    grad = torch.randn(rows, 48, generator=gen).to(device) * 1e-3
     forward = fp8.Fp8Forward(layer, fp8.Fp8Gemm(layer, rowwise, True))
     out = forward(x)
     out.backward(grad)
@@ -161,6 +164,13 @@ def test_layers_that_do_not_qualify_run_their_own_forward(scaled_mm_calls):
     fp8.MIN_ROWS = 8      # (restored by the fixture's monkeypatch)
     assert torch.equal(forward(x), layer(x)) and scaled_mm_calls["count"] == 0     # 4 rows < MIN_ROWS
     assert forward.weight(torch.randn(16, 64)) is layer.weight
+    # a weight stored in e4m3 has nothing to quantize: FP8 from one row (a modulation Linear's one row per sample)
+    stored = torch.nn.Linear(64, 48).requires_grad_(False)
+    stored.weight.data = stored.weight.data.to(fp8.E4M3)
+    stored_forward = fp8.Fp8Forward(stored, fp8.Fp8Gemm(stored, True, True))
+    assert stored_forward.weight(torch.randn(1, 64)) is stored.weight
+    one_row = torch.randn(1, 64)
+    assert stored_forward(one_row).shape == (1, 48) and scaled_mm_calls["count"] == 1
     # a weight elsewhere than the activations (memory_budget_gb streams it from CPU memory): its own cast path
     assert forward.weight(torch.randn(16, 64, device="meta")) is None
     layer.weight_function = [lambda w: w]    # a stacked LoRA's weight function: ComfyUI's own cast path

@@ -105,6 +105,17 @@ def test_fp8_training_leaves_the_model_and_samples_as_the_stock_loader(p, scaled
     assert (got.float() - expected.float()).norm() / expected.float().norm() <= 1e-2     # bf16 sampling
 
 
+@pytest.mark.parametrize("rows", [1, 40, 4096])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float8_e4m3fn])
+def test_fp8_linear_agrees_with_the_wide_product_on_the_gpu(stored, rows, scaled_mm_calls, monkeypatch):
+    """The CPU test's layer through CUDA's _scaled_mm: one row (an e4m3-stored modulation Linear) to many."""
+    from test_fp8_compute import test_fp8_linear_forward_and_input_gradient_agree_with_the_wide_product as check
+    from eridiffusion.trainers import fp8
+    monkeypatch.setattr(fp8, "MIN_ROWS", 1)
+    rowwise = fp8._takes(torch.device("cuda"), True)[0]
+    scaled_mm_calls["count"] = 0        # (the probe's own calls, on the first use of the device)
+    check(rowwise, stored, True, rows, scaled_mm_calls, monkeypatch, "cuda")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fp8_quantization_kernels_give_torchs_result_bit_for_bit_on_the_gpu(dtype, monkeypatch):
