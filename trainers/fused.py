@@ -466,19 +466,19 @@ class _FusedGeluTanh(torch.autograd.Function):
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
         _gelu_launch("gelu_tanh_forward", rows, rows, out, rows.shape[1], rows.stride(0),
                      _GELU_BETA, _GELU_KAPPA)
-        ctx.save_for_backward(x)        # (a view: torch's own GeluBackward keeps the same input alive)
+        ctx.save_for_backward(rows)     # (a view: torch's own GeluBackward keeps the same input alive)
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        rows, grad_rows = _gelu_rows(x), _gelu_rows(grad)
+        (rows,) = ctx.saved_tensors
+        grad_rows = _gelu_rows(grad)
         if grad_rows is None:
             grad_rows = grad.contiguous().view(rows.shape)
-        grad_x = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+        grad_x = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         _gelu_launch("gelu_tanh_backward", rows, grad_rows, rows, grad_x, rows.shape[1], grad_rows.stride(0),
                      rows.stride(0), _GELU_BETA, _GELU_KAPPA, _GELU_KAPPA3)
-        return grad_x.view(x.shape), None
+        return grad_x.view(grad.shape), None
 
 
 def _taken_gelu_rows(x: torch.Tensor, interpret: bool) -> torch.Tensor | None:
@@ -502,10 +502,8 @@ def gelu_tanh(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
 
 
 class FusedGeluTanhForward:
-    """An object patch for an `nn.GELU(approximate="tanh")` module's `forward`."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    """An object patch for an `nn.GELU(approximate="tanh")` module's `forward` (the module has no state: this
+    looks `gelu_tanh` up at each call)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return gelu_tanh(x)

@@ -47,7 +47,7 @@ class Flux(RectifiedFlow):
         from .. import fused
         if not fused.ENABLED["gelu"]:
             return {}
-        return {name: fused.FusedGeluTanhForward(module) for name, module in diffusion_model.named_modules()
+        return {name: fused.FusedGeluTanhForward() for name, module in diffusion_model.named_modules()
                 if fused.is_gelu_tanh(module)}
 
     def shift(self, model_sampling, item, settings):
