@@ -3,7 +3,7 @@
 Builds random-init models with ComfyUI's own classes (no checkpoint file, no VAE, no text encoder) in bf16 —
 sdxl, sd35l (SD 3.5 Large), flux (Flux.1-dev), chroma, kontext (Flux.1 Kontext-dev: Flux-dev trained on edit pairs,
 the control latent fed as a reference latent), flux2 (Flux.2-dev), qwen_image, zimage (Z-Image Turbo) — and
-flux_fp8, flux2_fp8, qwen_image_fp8 with fp8 (e4m3fn) weights computed in bf16 — trains a rank-16
+sd35l_fp8, flux_fp8, flux2_fp8, qwen_image_fp8 with fp8 (e4m3fn) weights computed in bf16 — trains a rank-16
 LoRA (preset attention_mlp, AdamW, lr 1e-4, batch 1) on synthetic latents and text embeddings with
 gradient checkpointing on and off, and times the built-in node on the same model.
 
@@ -67,7 +67,7 @@ def import_pack():
 
 args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 args.add_argument("--arch", nargs="+", default=["sdxl"],
-                  choices=["sdxl", "sd35l", "flux", "flux_fp8", "chroma", "kontext", "flux2", "flux2_fp8",
+                  choices=["sdxl", "sd35l", "sd35l_fp8", "flux", "flux_fp8", "chroma", "kontext", "flux2", "flux2_fp8",
                            "qwen_image", "qwen_image_fp8", "zimage"])
 args.add_argument("--variants", nargs="+", default=["gc", "nogc"], choices=["gc", "nogc"],
                   help="with and/or without gradient checkpointing")
@@ -289,7 +289,7 @@ ARCHS = {
 # Flux.1 Kontext [dev]: ComfyUI detects it as Flux-dev (the same config); the control image's latent goes in as a
 # reference latent (trainers/arch/flux_kontext.py), doubling the image tokens
 ARCHS["kontext"] = ARCHS["flux"]._replace(control=True)
-for _name in ("flux", "flux2", "qwen_image"):
+for _name in ("sd35l", "flux", "flux2", "qwen_image"):
     ARCHS[f"{_name}_fp8"] = ARCHS[_name]
 
 
@@ -312,7 +312,8 @@ def build(arch):
                 p.fill_(0.0 if n.endswith("bias") else 1.0)
         for n, b in model.named_buffers():
             if n.endswith("pos_embed"):
-                b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype) * 0.02)
+                # (FP8 buffers of the *_fp8 archs: drawn in fp32, there being no FP8 randn)
+                b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype if b.dtype.itemsize > 1 else None) * 0.02)
     model.requires_grad_(False)
     if ARGS.channels_last:
         model.diffusion_model.to(memory_format=torch.channels_last)
@@ -379,7 +380,7 @@ def builtin_run(mp, arch, steps):
     # as VAE Encode gives them (Qwen-Image's Wan 2.1 VAE: (B, C, 1, h, w))
     shape = (1, a.channels, *((1,) if a.frames else ()), RES // a.downscale, RES // a.downscale)
     lat = torch.randn(shape, generator=g)
-    if arch in ("sdxl", "sd35l", "flux", "flux_fp8"):
+    if arch in ("sdxl", "sd35l", "sd35l_fp8", "flux", "flux_fp8"):
         extra = {"pooled_output": torch.randn(1, a.pooled, generator=g), "width": RES, "height": RES,
                  "crop_w": 0, "crop_h": 0, "target_width": RES, "target_height": RES, "guidance": 1.0}
     else:   # as the text encode node gives it (no pooled output but Kontext's CLIP-L), then FluxGuidance
