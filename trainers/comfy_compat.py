@@ -226,3 +226,33 @@ def weights_in_model_dtype(model: torch.nn.Module) -> int:
                 module._parameters[name] = torch.nn.Parameter(param.data.to(meant), requires_grad=param.requires_grad)
                 converted += 1
     return converted
+
+
+def rms_norm_parameters(module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of one of ComfyUI's RMSNorm modules, as its forward passes them to torch's `rms_norm` (the
+    weight cast to the input's dtype there); None where its forward would compute something else (a weight or
+    bias function, a quantized or absent weight, torch without a fused `rms_norm`, an unknown subclass).
+    0.33: comfy.ops' RMSNorm (torch.nn.RMSNorm: eps None is torch's default, float32's epsilon); 0.3.75: Flux's
+    own RMSNorm (weight `scale`, eps 1e-6); both: MMDiT's RMSNorm (SD 3.5's q/k norms)."""
+    import comfy.ops
+    import comfy.rmsnorm
+    from comfy.ldm.modules.diffusionmodules import mmdit
+    flux_rms_norm = getattr(__import__("comfy.ldm.flux.layers", fromlist=["RMSNorm"]), "RMSNorm", None)
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return None
+    forward = type(module).forward
+    if isinstance(module, torch.nn.RMSNorm) and forward in (torch.nn.RMSNorm.forward,
+                                                            getattr(comfy.ops.disable_weight_init, "RMSNorm",
+                                                                    torch.nn.RMSNorm).forward):
+        weight, eps = module.weight, (torch.finfo(torch.float32).eps if module.eps is None else module.eps)
+    elif getattr(comfy.rmsnorm, "rms_norm_torch", True) is None:
+        return None     # (0.3.75 on a torch without F.rms_norm computes it by hand)
+    elif type(module) is mmdit.RMSNorm:
+        weight, eps = module.weight, module.eps
+    elif flux_rms_norm is not None and type(module) is flux_rms_norm:
+        weight, eps = module.scale, 1e-6
+    else:
+        return None
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    return weight, float(eps)

@@ -61,12 +61,13 @@ INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 # `--no-fused-group-norm`, `--no-fused-rope`). Read when a training run starts (the rotary embedding's at each
 # micro-batch).
 _ON = os.environ.get("ERI_FUSED_KERNELS", "1") != "0"
-ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON}
+ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON, "rms_norm": _ON}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
 ROPE_ROWS = 16         # rotary embedding: heads' rows (of head_dim elements) per program
 _GELU_BLOCK = 2048     # GELU (tanh): columns per program (fewer for narrower rows)
+RMS_ROWS = 16          # RMSNorm: rows per program
 # torch's constants for GELU (tanh) in fp32: kBeta = sqrt(2)·(2/sqrt(pi))·0.5 and kKappa rounded to float, and
 # 3·kKappa as the compiler folds it (a float product)
 _GELU_BETA = float(torch.tensor(math.sqrt(2) * (2 / math.sqrt(math.pi)) * 0.5, dtype=torch.float32))
@@ -92,6 +93,40 @@ if triton is not None:    # (module level: the kernels below find it among their
         else:                               # Triton's interpreter runs no libdevice: (1 - e)/(1 + e), e = e^-2|x|
             e = tl.exp(-2.0 * tl.abs(x))
             return tl.where(x < 0, -1.0, 1.0) * ((1.0 - e) / (1.0 + e))
+
+
+    @triton.jit
+    def _rsqrt(x, LIBDEVICE: tl.constexpr):
+        if LIBDEVICE:
+            return libdevice.rsqrt(x)       # CUDA's rsqrtf, as torch's norms call it
+        else:
+            return 1.0 / tl.sqrt(x)
+
+    @triton.jit
+    def _four(t, ROWS: tl.constexpr):
+        # the 4 elements (axis 2) of each lane of t (ROWS, 32, 4), as 4 tensors (ROWS, 32)
+        even, odd = tl.split(tl.reshape(t, (ROWS, 32, 2, 2)))       # (e0, e2), (e1, e3)
+        e0, e2 = tl.split(even)
+        e1, e3 = tl.split(odd)
+        return e0, e1, e2, e3
+
+    @triton.jit
+    def _lane_sums(first, a, b, ROWS: tl.constexpr):
+        # per lane: first[0] + a[1]·b[1] + a[2]·b[2] + a[3]·b[3], left to right, each product with its sum one
+        # fma (nvcc's contraction of `sum += a * b`)
+        f0, _, _, _ = _four(first, ROWS)
+        _, a1, a2, a3 = _four(a, ROWS)
+        _, b1, b2, b3 = _four(b, ROWS)
+        return tl.fma(a3, b3, tl.fma(a2, b2, tl.fma(a1, b1, f0)))
+
+    @triton.jit
+    def _warp_tree(s, ROWS: tl.constexpr):
+        # a warp's shuffle-down sum of its 32 lanes: lane i adds lane i + 16, then i + 8, ... (each a sum of two)
+        s = tl.sum(tl.reshape(s, (ROWS, 2, 16)), axis=1)
+        s = tl.sum(tl.reshape(s, (ROWS, 2, 8)), axis=1)
+        s = tl.sum(tl.reshape(s, (ROWS, 2, 4)), axis=1)
+        s = tl.sum(tl.reshape(s, (ROWS, 2, 2)), axis=1)
+        return tl.sum(s, axis=1)
 
 
 @functools.cache
@@ -227,7 +262,55 @@ def _kernels():
         dx = dy * tl.fma(0.5, 1.0 + t, left * tanh_derivative * inner_derivative)
         tl.store(out_ptr + row * cols + c, dx.to(out_ptr.dtype.element_ty), mask=mask)
 
+    def rms_norm_forward(x_ptr, weight_ptr, y_ptr, rstd_ptr, rows, size1, size2, stride0, stride1, stride2, eps,
+                         N: tl.constexpr, ROWS: tl.constexpr, LIBDEVICE: tl.constexpr):
+        # torch's vectorized_layer_norm_kernel<rms_norm> for rows of N ≤ 128: lane i of one warp holds elements
+        # 4i..4i+3 and sums their squares in order (s + v·v contracted to an fma); the warp's shuffle-down tree
+        # (offsets 16, 8, 4, 2, 1) adds the lanes; the mean divides by N; rstd = rsqrt(mean + eps); y = w·(rstd·x).
+        # The rows: x's leading dimensions (size0, size1, size2) at their own strides, read in place.
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_mask = r < rows
+        base = ((r // (size1 * size2)).to(tl.int64) * stride0 + ((r // size2) % size1).to(tl.int64) * stride1
+                + (r % size2).to(tl.int64) * stride2)
+        cols = tl.arange(0, 32)[:, None] * 4 + tl.arange(0, 4)[None, :]          # (lane, element of the lane)
+        mask = row_mask[:, None, None] & (cols < N)[None, :, :]
+        x = tl.load(x_ptr + base[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        s = _lane_sums(x * x, x, x, ROWS)
+        rstd = _rsqrt(_warp_tree(s, ROWS) / N + eps, LIBDEVICE)
+        weight = tl.load(weight_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = weight[None, :, :] * (rstd[:, None, None] * x)
+        tl.store(y_ptr + r[:, None, None].to(tl.int64) * N + cols[None, :, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(rstd_ptr + r, rstd, mask=row_mask)
+
+    def rms_norm_backward(grad_ptr, x_ptr, weight_ptr, rstd_ptr, out_ptr, rows, size1, size2, stride0, stride1,
+                          stride2, grad_stride0, grad_stride1, grad_stride2, N: tl.constexpr, ROWS: tl.constexpr):
+        # torch's layer_norm_grad_input_kernel_vectorized<rms_norm>: thread t sums dy·w·x·rstd over elements
+        # 4t..4t+3 in order (the last product contracted with the sum), BlockReduceSum's warp tree adds them;
+        # dx = ((N·w)·dy - (x·rstd)·sum) · (rstd / N)
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_mask = r < rows
+        i0 = (r // (size1 * size2)).to(tl.int64)
+        i1, i2 = ((r // size2) % size1).to(tl.int64), (r % size2).to(tl.int64)
+        base = i0 * stride0 + i1 * stride1 + i2 * stride2
+        grad_base = i0 * grad_stride0 + i1 * grad_stride1 + i2 * grad_stride2
+        cols = tl.arange(0, 32)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        mask = row_mask[:, None, None] & (cols < N)[None, :, :]
+        x = tl.load(x_ptr + base[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_ptr + grad_base[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :, :]
+        rstd = tl.load(rstd_ptr + r, mask=row_mask, other=0.0)
+        rstd3 = rstd[:, None, None] + tl.zeros_like(x)
+        total = _warp_tree(_lane_sums((dy * weight * x) * rstd3, dy * weight * x, rstd3, ROWS), ROWS)
+        # of the two products in N·w·dy - x·rstd·sum, the first is fused into the difference (nvcc's contraction,
+        # checked on an H200 against torch's kernel: fusing the second instead changes some gradients' last bits)
+        dx = tl.fma(N * weight, dy, -(x * rstd[:, None, None] * total[:, None, None]))
+        dx = dx * ((1.0 / N) * rstd)[:, None, None]
+        tl.store(out_ptr + r[:, None, None].to(tl.int64) * N + cols[None, :, :], dx.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
     return {"rope_rows": jit(rope_rows),
+            "rms_norm_forward": jit(rms_norm_forward), "rms_norm_backward": jit(rms_norm_backward),
             "gelu_tanh_forward": jit(gelu_tanh_forward), "gelu_tanh_backward": jit(gelu_tanh_backward),
             "geglu_forward": jit(geglu_forward), "geglu_backward": jit(geglu_backward),
             "group_norm_partial_stats": jit(group_norm_partial_stats), "group_norm_stats": jit(group_norm_stats),
@@ -511,3 +594,85 @@ class FusedGeluTanhForward:
 
 def is_gelu_tanh(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.GELU and module.approximate == "tanh"
+
+
+# ------------------------------------------------------------------------------------------------------ RMSNorm
+class _FusedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        sizes, strides = _rms_layout(x)
+        n = x.shape[-1]
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        rows = rstd.numel()
+        _kernels()["rms_norm_forward"][(triton.cdiv(rows, RMS_ROWS),)](
+            x, weight, y, rstd, rows, sizes[1], sizes[2], *strides, eps, N=n, ROWS=RMS_ROWS,
+            LIBDEVICE=not INTERPRETING)
+        ctx.save_for_backward(x, weight, rstd)      # (x: the strided view torch would have copied and saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        sizes, strides = _rms_layout(x)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        grad_strides = _rms_layout(grad)[1]
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows = rstd.numel()
+        _kernels()["rms_norm_backward"][(triton.cdiv(rows, RMS_ROWS),)](
+            grad, x, weight, rstd, grad_x, rows, sizes[1], sizes[2], *strides, *grad_strides, N=x.shape[-1],
+            ROWS=RMS_ROWS)
+        return grad_x, None, None
+
+
+def _rms_layout(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """x's leading dimensions as three (sizes, strides), padded in front."""
+    pad = 4 - x.dim()
+    return (1,) * pad + tuple(x.shape[:-1]), (0,) * pad + tuple(x.stride()[:-1])
+
+
+def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor | None, interpret: bool = False) -> bool:
+    """Whether the fused kernels compute RMSNorm of x over its last dimension (else torch does): a strided x (the
+    q or k of a fused qkv projection, which torch would first copy) of up to four dimensions, rows of at most 128
+    elements (a multiple of 4: torch's vector width), a frozen weight on x's device."""
+    return (triton_available() and (x.is_cuda or interpret and INTERPRETING) and x.dtype in _DTYPES
+            and 2 <= x.dim() <= 4 and x.stride(-1) == 1 and not x.is_contiguous() and x.numel() > 0
+            and x.shape[-1] <= 128 and x.shape[-1] % 4 == 0 and x.numel() < 2 ** 31
+            and weight is not None and weight.shape == x.shape[-1:] and weight.device == x.device
+            and not weight.requires_grad)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, interpret: bool = False) -> torch.Tensor:
+    """`F.rms_norm(x, (n,), weight.to(x.dtype), eps)` (as ComfyUI casts the weight), by the fused kernels where
+    `rms_norm_takes` says so: bit for bit torch's CUDA kernels, without their copy of a strided x."""
+    weight = weight.to(x.dtype)
+    if not rms_norm_takes(x, weight, interpret):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return _FusedRMSNorm.apply(x, weight.contiguous(), eps)
+
+
+class FusedRMSNormForward:
+    """An object patch for one of ComfyUI's RMSNorm modules' `forward` (comfy_compat.rms_norm_parameters reads
+    its weight and eps): the fused kernels for strided inputs, the module's own forward otherwise."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .comfy_compat import rms_norm_parameters
+        module = self.module
+        parameters = rms_norm_parameters(module)
+        if parameters is not None and rms_norm_takes(x, parameters[0].to(x.dtype)):
+            return rms_norm(x, *parameters)
+        return type(module).forward(module, x)
+
+
+def qk_norm_forwards(diffusion_model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, FusedRMSNormForward]:
+    """Module path -> FusedRMSNormForward for the RMSNorm modules named `names` (the last part of their path):
+    the q and k norms of attention layers whose q and k are strided views of one qkv projection."""
+    from .comfy_compat import rms_norm_parameters
+    if not ENABLED["rms_norm"]:
+        return {}
+    return {path: FusedRMSNormForward(module) for path, module in diffusion_model.named_modules()
+            if path.rpartition(".")[2] in names and rms_norm_parameters(module) is not None}

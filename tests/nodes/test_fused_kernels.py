@@ -285,9 +285,16 @@ def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what
     def counted_gelu_tanh(x):
         gelus.append(fused.gelu_tanh_takes(x, interpret=True))
         return gelu_tanh(x, interpret=True)
+    rms_norm_takes, rms_norm, norms = fused.rms_norm_takes, fused.rms_norm, []
+
+    def counted_rms_norm(x, weight, eps):
+        norms.append(rms_norm_takes(x, weight.to(x.dtype), interpret=True))
+        return rms_norm(x, weight, eps, interpret=True)
     monkeypatch.setattr(fused, "usable_on", lambda device: True)     # as on a GPU with Triton
     monkeypatch.setattr(fused, "rope1", counted_rope1)
     monkeypatch.setattr(fused, "gelu_tanh", counted_gelu_tanh)
+    monkeypatch.setattr(fused, "rms_norm_takes", lambda x, weight, interpret=False: rms_norm_takes(x, weight, True))
+    monkeypatch.setattr(fused, "rms_norm", counted_rms_norm)
     patched = train()
     diffusion_model = p["model"].model.diffusion_model
     blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
@@ -296,6 +303,9 @@ def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what
     # the single blocks' GELU on its strided slice, likewise; the double blocks' (contiguous) stays torch's
     assert gelus.count(True) == 2 * 2 * len(diffusion_model.single_blocks)
     assert gelus.count(False) == 2 * 2 * 2 * len(diffusion_model.double_blocks)
+    # q and k norms of both streams of a double block and of a single block, likewise
+    assert len(norms) == 2 * 2 * 2 * (2 * len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks))
+    assert all(norms)
     # the interpreter rounds fp32 -> bf16 by truncation where the GPU rounds to nearest: close, not equal, here
     assert patched.history.losses == pytest.approx(eager.history.losses, rel=1e-3)
     import comfy.ldm.flux.math as flux_math
@@ -303,6 +313,8 @@ def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what
     import comfy.model_management
     comfy.model_management.unload_all_models()
     assert all(getattr(block.mlp_act.forward, "__func__", None) is torch.nn.GELU.forward
+               for block in diffusion_model.single_blocks)
+    assert all(getattr(block.norm.query_norm.forward, "__func__", None) is type(block.norm.query_norm).forward
                for block in diffusion_model.single_blocks)
 
 
@@ -359,6 +371,93 @@ def test_gelu_tanh_is_left_to_pytorch_where_the_kernels_do_not_apply():
     assert not fused.gelu_tanh_takes(x.double(), interpret=True)
     assert fused.is_gelu_tanh(torch.nn.GELU(approximate="tanh"))
     assert not fused.is_gelu_tanh(torch.nn.GELU()) and not fused.is_gelu_tanh(torch.nn.SiLU())
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+def qk_of_projection(layout, dtype, device="cpu", batch=2, tokens=37, heads=3, head_dim=128, scales=(1.0,)):
+    """q of a fused qkv projection's output, a strided view as the model hands it to its q norm: Flux permutes it
+    to (batch, heads, tokens, head_dim), SD 3.5 (MMDiT's split_qkv) leaves it (batch, tokens, heads, head_dim).
+    `scales`: the rows' magnitudes cycle through them (tiny ones make eps matter)."""
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=generator)
+    rows = qkv.view(batch, tokens, 3, heads, head_dim)
+    magnitudes = torch.tensor(scales).repeat(math.ceil(batch * tokens * heads / len(scales)))
+    rows *= magnitudes[:batch * tokens * heads].view(batch, tokens, 1, heads, 1)
+    qkv = qkv.to(device=device, dtype=dtype)
+    if layout == "flux":
+        return qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[0]
+    return qkv.reshape(batch, tokens, 3, heads, head_dim).movedim(2, 0)[0]
+
+
+def rms_weight(head_dim, dtype, device="cpu"):
+    return (1 + torch.randn(head_dim, generator=torch.Generator().manual_seed(6)) / 4).to(device=device,
+                                                                                          dtype=dtype)
+
+
+def rms_results(norm, x, grad):
+    x = _strided_leaf(x)
+    out = norm(x)
+    out.backward(grad)
+    return out, x.grad
+
+
+@interpreted
+@pytest.mark.parametrize("layout, head_dim", [("flux", 128), ("sd3", 64)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_rms_norm_of_a_strided_q_agrees_with_pytorchs_to_the_dtypes_rounding(dtype, layout, head_dim):
+    x = qk_of_projection(layout, dtype, head_dim=head_dim)
+    weight = rms_weight(head_dim, dtype)
+    assert not x.is_contiguous() and fused.rms_norm_takes(x, weight, interpret=True)
+    grad = torch.randn(x.shape, dtype=dtype)
+
+    def torch_rms_norm(inp):
+        return torch.nn.functional.rms_norm(inp, (head_dim,), weight.to(inp.dtype), 1e-6)
+    errors = run_each({"exact": torch_rms_norm, "eager": torch_rms_norm,
+                       "fused": lambda inp: fused.rms_norm(inp, weight, 1e-6, interpret=True)}, x, grad)
+    if dtype == torch.bfloat16:
+        # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest, the gpu test checks that)
+        (out, grad) = errors["fused"]
+        assert out <= ROUNDING[dtype] * 2 and grad <= ROUNDING[dtype] * 4, errors
+    else:
+        assert_as_close_as_eager(errors, dtype)
+    out = fused.rms_norm(x, weight, 1e-6, interpret=True)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+
+
+def test_rms_norm_is_left_to_pytorch_where_the_kernels_do_not_apply():
+    x = qk_of_projection("flux", torch.float32)
+    weight = rms_weight(128, torch.float32)
+    assert not fused.rms_norm_takes(x, weight)                                   # the CPU without the interpreter
+    assert torch.equal(fused.rms_norm(x, weight, 1e-6), torch.nn.functional.rms_norm(x, (128,), weight, 1e-6))
+    assert not fused.rms_norm_takes(x.contiguous(), weight, interpret=True)      # no copy to save
+    assert not fused.rms_norm_takes(x, None, interpret=True)
+    assert not fused.rms_norm_takes(x, weight.clone().requires_grad_(), interpret=True)   # a weight that trains
+    assert not fused.rms_norm_takes(x.double(), weight.double(), interpret=True)
+    wide = qk_of_projection("flux", torch.float32, head_dim=256)
+    assert not fused.rms_norm_takes(wide, rms_weight(256, torch.float32), interpret=True)     # rows past 128
+
+
+def test_the_q_and_k_norms_of_comfyuis_models_are_read_as_their_forward_reads_them(tiny):
+    """Flux's QK norms (0.3.75's own RMSNorm, 0.33's comfy.ops one with torch's default eps) and SD 3.5's (MMDiT's
+    RMSNorm, qk_norm "rms"): the weight and eps the fused forward takes give the module's own output, and the
+    architecture patches each of them."""
+    import comfy.supported_models
+    from eridiffusion.trainers.comfy_compat import rms_norm_parameters
+    from eridiffusion.trainers.arch import flux, sd3
+    sd35 = comfy.supported_models.SD3(dict(tiny.SD3_MMDIT, qk_norm="rms")).get_model({}, "").diffusion_model
+    for arch, model, layout, names in (
+            (flux.Flux(), tiny.tiny_model("flux").model.diffusion_model, "flux", ("query_norm", "key_norm")),
+            (sd3.SD3(), sd35, "sd3", ("ln_q", "ln_k"))):
+        norms = {path: module for path, module in model.named_modules() if path.rpartition(".")[2] in names}
+        assert norms and all(rms_norm_parameters(module) is not None for module in norms.values())
+        for module in norms.values():
+            weight, eps = rms_norm_parameters(module)
+            x = qk_of_projection(layout, torch.float32, heads=2, head_dim=weight.shape[0], scales=(1.0, 1e-4))
+            with torch.no_grad():
+                weight.copy_(rms_weight(weight.shape[0], weight.dtype))
+            assert torch.equal(torch.nn.functional.rms_norm(x, weight.shape, weight, eps), module(x))
+        assert set(arch.fused_forwards(model)) >= set(norms)
+    assert rms_norm_parameters(torch.nn.LayerNorm(8)) is None
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -464,3 +563,28 @@ def test_fused_gelu_tanh_on_the_gpu_is_pytorchs_bit_for_bit(dtype):
         # (bf16 inputs beyond 2^64 overflow x² to inf, and 0·inf gives NaN gradients in both)
         torch.testing.assert_close(out, torch_out, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(grad_x, torch_grad_x, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layout, head_dim", [("flux", 128), ("sd3", 64)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_rms_norm_on_the_gpu_is_pytorchs_bit_for_bit(dtype, layout, head_dim):
+    """Flux-dev's q at 1024² (24 heads of 128 over 4,608 tokens) and SD 3.5 Large's layout (heads of 64), rows of
+    magnitudes from 1e-5 (where eps dominates) to 30, both epsilons ComfyUI's norms pass; gradients contiguous
+    and as a strided slice (the concatenation's backward hands out such views)."""
+    assert fused.usable_on(torch.device("cuda"))
+    x = qk_of_projection(layout, dtype, "cuda", batch=1, tokens=4608, heads=24, head_dim=head_dim,
+                         scales=(1.0, 1e-3, 30.0, 1e-5))
+    weight = rms_weight(head_dim, dtype, "cuda")
+    assert fused.rms_norm_takes(x, weight)
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    for eps in (1e-6, torch.finfo(torch.float32).eps):
+        for grad in (torch.randn(x.shape, device="cuda", generator=generator).to(dtype),
+                     torch.randn(*x.shape[:-2], x.shape[-2] + 512, head_dim, device="cuda",
+                                 generator=generator).to(dtype)[..., 512:, :]):
+            out, grad_x = rms_results(lambda inp: fused.rms_norm(inp, weight, eps), x, grad)
+            torch_out, torch_grad_x = rms_results(
+                lambda inp: torch.nn.functional.rms_norm(inp, (head_dim,), weight, eps), x, grad)
+            torch.testing.assert_close(out, torch_out, rtol=0, atol=0)
+            torch.testing.assert_close(grad_x, torch_grad_x, rtol=0, atol=0)

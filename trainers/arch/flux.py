@@ -43,12 +43,14 @@ class Flux(RectifiedFlow):
                 [f"single_blocks.{i}" for i in range(len(diffusion_model.single_blocks))])
 
     def fused_forwards(self, diffusion_model):
-        # the single blocks' GELU runs on a strided slice of their fused projection (trainers/fused.py)
+        # the single blocks' GELU runs on a strided slice of their fused projection, and every block's QK norm on
+        # the strided q and k of its qkv projection (trainers/fused.py)
         from .. import fused
-        if not fused.ENABLED["gelu"]:
-            return {}
-        return {name: fused.FusedGeluTanhForward() for name, module in diffusion_model.named_modules()
-                if fused.is_gelu_tanh(module)}
+        patches = fused.qk_norm_forwards(diffusion_model, ("query_norm", "key_norm"))
+        if fused.ENABLED["gelu"]:
+            patches.update({name: fused.FusedGeluTanhForward() for name, module in diffusion_model.named_modules()
+                            if fused.is_gelu_tanh(module)})
+        return patches
 
     def shift(self, model_sampling, item, settings):
         if not settings.timestep_shift and isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):

@@ -31,6 +31,11 @@ class SD3(RectifiedFlow):
     def block_modules(self, diffusion_model):
         return [f"joint_blocks.{i}" for i in range(len(diffusion_model.joint_blocks))]
 
+    def fused_forwards(self, diffusion_model):
+        # SD 3.5's QK norms (RMSNorm) take the strided q and k of each qkv projection (trainers/fused.py)
+        from .. import fused
+        return fused.qk_norm_forwards(diffusion_model, ("ln_q", "ln_k"))
+
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
         return {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
