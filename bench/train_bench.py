@@ -108,6 +108,8 @@ args.add_argument("--no-fused-rope", action="store_true",
 args.add_argument("--no-fused-gelu", action="store_true",
                   help="experiment: the Flux single blocks' GELU (tanh) on a strided slice by PyTorch's kernel instead of "
                        "the Triton kernels (trainers.fused)")
+args.add_argument("--no-fused-rms-norm", action="store_true",
+                  help="the QK norms (RMSNorm) of Flux and SD 3.5 through torch's own kernel (the A side of its A/B)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
@@ -184,6 +186,7 @@ _fused.ENABLED["geglu"] &= not ARGS.no_fused_geglu
 _fused.ENABLED["group_norm"] &= not ARGS.no_fused_group_norm
 _fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 _fused.ENABLED["gelu"] &= not ARGS.no_fused_gelu
+_fused.ENABLED["rms_norm"] &= not ARGS.no_fused_rms_norm
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -724,7 +727,8 @@ def bench_arch(arch, card):
             "torch": torch.__version__, "sdpa": ARGS.sdpa, "fused_lora": not ARGS.no_fused_lora,
             "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
-            "fused_gelu": not ARGS.no_fused_gelu, "fp8_compute": ARGS.fp8_compute}
+            "fused_gelu": not ARGS.no_fused_gelu, "fused_rms_norm": not ARGS.no_fused_rms_norm,
+            "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
     # the model in train mode (ComfyUI 0.3.75; seen on the CPU after unload_all_models; a later full load on the
@@ -738,6 +742,7 @@ def bench_arch(arch, card):
                  + ("_gc-unfrozen" if ARGS.no_gc_freeze else "") + ("_eager-geglu" if ARGS.no_fused_geglu else "")
                  + ("_eager-group-norm" if ARGS.no_fused_group_norm else "")
                  + ("_eager-rope" if ARGS.no_fused_rope else "") + ("_eager-gelu" if ARGS.no_fused_gelu else "")
+                 + ("_eager-rms" if ARGS.no_fused_rms_norm else "")
                  + ("_fp8" if ARGS.fp8_compute else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")
