@@ -438,16 +438,17 @@ def test_rms_norm_is_left_to_pytorch_where_the_kernels_do_not_apply():
 
 
 def test_the_q_and_k_norms_of_comfyuis_models_are_read_as_their_forward_reads_them(tiny):
-    """Flux's QK norms (0.3.75's own RMSNorm, 0.33's comfy.ops one with torch's default eps) and SD 3.5's (MMDiT's
-    RMSNorm, qk_norm "rms"): the weight and eps the fused forward takes give the module's own output, and the
-    architecture patches each of them."""
+    """Flux's QK norms (0.3.75's own RMSNorm, 0.33's comfy.ops one with torch's default eps), SD 3.5's (MMDiT's
+    RMSNorm, qk_norm "rms") and Z-Image's (comfy.ops' RMSNorm on both versions): the weight and eps the fused
+    forward takes give the module's own output, and the architecture patches each of them."""
     import comfy.supported_models
     from eridiffusion.trainers.comfy_compat import rms_norm_parameters
-    from eridiffusion.trainers.arch import flux, sd3
+    from eridiffusion.trainers.arch import flux, sd3, z_image
     sd35 = comfy.supported_models.SD3(dict(tiny.SD3_MMDIT, qk_norm="rms")).get_model({}, "").diffusion_model
     for arch, model, layout, names in (
             (flux.Flux(), tiny.tiny_model("flux").model.diffusion_model, "flux", ("query_norm", "key_norm")),
-            (sd3.SD3(), sd35, "sd3", ("ln_q", "ln_k"))):
+            (sd3.SD3(), sd35, "sd3", ("ln_q", "ln_k")),
+            (z_image.ZImage(), tiny.tiny_model("zimage").model.diffusion_model, "sd3", ("q_norm", "k_norm"))):
         norms = {path: module for path, module in model.named_modules() if path.rpartition(".")[2] in names}
         assert norms and all(rms_norm_parameters(module) is not None for module in norms.values())
         for module in norms.values():

@@ -57,6 +57,11 @@ class ZImage(RectifiedFlow):
                 [f"noise_refiner.{i}" for i in range(len(diffusion_model.noise_refiner))] +
                 [f"layers.{i}" for i in range(len(diffusion_model.layers))])
 
+    def fused_forwards(self, diffusion_model):
+        # the QK norms take the strided q and k split from each qkv projection (trainers/fused.py)
+        from .. import fused
+        return fused.qk_norm_forwards(diffusion_model, ("q_norm", "k_norm"))
+
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
         contexts = [c.context for c in batch.contexts]
