@@ -110,6 +110,9 @@ args.add_argument("--no-fused-gelu", action="store_true",
                        "the Triton kernels (trainers.fused)")
 args.add_argument("--no-fused-rms-norm", action="store_true",
                   help="the QK norms (RMSNorm) of Flux and SD 3.5 through torch's own kernel (the A side of its A/B)")
+args.add_argument("--no-fused-concat", action="store_true",
+                  help="the Flux blocks' concatenations by torch.cat (q and k of the double blocks, the single blocks' "
+                       "attention and MLP activation) instead of written in place (the A side of its A/B)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
@@ -187,6 +190,7 @@ _fused.ENABLED["group_norm"] &= not ARGS.no_fused_group_norm
 _fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 _fused.ENABLED["gelu"] &= not ARGS.no_fused_gelu
 _fused.ENABLED["rms_norm"] &= not ARGS.no_fused_rms_norm
+_fused.ENABLED["concat"] &= not ARGS.no_fused_concat
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced

@@ -137,8 +137,10 @@ class TrainingBlockForward:
     recomputed in backward, all but its attention when `keep_attention` (selective checkpointing)."""
 
     def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False,
-                 prefetcher=None):
+                 prefetcher=None, forward=None):
         self.module = module
+        # what runs the block while gradients are on: Architecture.training_block_forward's, else its own
+        self.forward = forward or type(module).forward
         self.checkpoint = checkpoint
         self.out_of_place = out_of_place
         self.context_fn = _attention_kept_contexts if keep_attention else None
@@ -151,8 +153,8 @@ class TrainingBlockForward:
         with staged:
             if self.out_of_place:
                 with OutOfPlaceAugmentedAssignment():
-                    return type(self.module).forward(self.module, *args, **kwargs)
-            return type(self.module).forward(self.module, *args, **kwargs)
+                    return self.forward(self.module, *args, **kwargs)
+            return self.forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():

@@ -7,6 +7,7 @@ pack: the test-only node pack (tests/eri_test_nodes) loads this file by its path
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import sys
 
@@ -256,3 +257,34 @@ def rms_norm_parameters(module) -> tuple[torch.Tensor, float] | None:
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return None
     return weight, float(eps)
+
+
+# ComfyUI's Flux block forwards that trainers/arch/flux.py's training forwards reproduce, by the sha256 of their
+# dedented source: 0.3.75's and 0.33's. Another version's blocks (changed code) keep their own forward.
+_KNOWN_FLUX_BLOCK_FORWARDS = {
+    "DoubleStreamBlock": {"03e57d251ab49a6edefb0400e20142c1170bf55a96c26429a99dfc8457a186f7",
+                          "7311569ba14cccb79ec7a14190e3980e77a5e2c86c11cc421f988ee3d1472c59"},
+    "SingleStreamBlock": {"3f63422de8eab06336ff31b8ee82b9ebbb3ab7ad870555b5b907e4808d1a19ad",
+                          "0a79a7f4b0ed0598aaa39388484046d2eca88c48e67e5f6917dab984f3b551b6"},
+}
+
+
+@functools.cache
+def _source_sha256(function) -> str | None:
+    import hashlib
+    import inspect
+    import textwrap
+    try:
+        return hashlib.sha256(textwrap.dedent(inspect.getsource(function)).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def known_flux_block(block: torch.nn.Module) -> bool:
+    """Whether `block` is one of ComfyUI's Flux DoubleStreamBlock / SingleStreamBlock (the Flux family's, Flux.2's)
+    whose forward is the code trainers/arch/flux.py reproduces."""
+    import comfy.ldm.flux.layers as layers
+    cls = type(block)
+    if cls not in (layers.DoubleStreamBlock, layers.SingleStreamBlock):
+        return False
+    return _source_sha256(cls.forward) in _KNOWN_FLUX_BLOCK_FORWARDS[cls.__name__]

@@ -35,6 +35,12 @@ path (an H200 profile of an FP8 Flux-dev step: 12 ms forward and recomputation, 
 way reads the slice's rows in place and writes contiguous rows, with torch's CUDA arithmetic in fp32 registers
 (`GeluCUDAKernelImpl`: libdevice's tanhf, an fma exactly where nvcc contracts one), so results are torch's bit
 for bit.
+
+Concatenations. A Flux double block concatenates its text and image q, k and v for joint attention, and a single
+block its attention output with its MLP's activation as its second Linear's input: torch.cat copies each part
+once more. `rms_norm_cat` normalises the q (k) parts straight into their concatenation, and `cat_gelu_tanh` writes
+the GELU straight beside the attention output (trainers/arch/flux.py's block forwards call them): the same
+kernels, the same bits, minus the copies.
 """
 from __future__ import annotations
 
@@ -61,7 +67,7 @@ INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 # `--no-fused-group-norm`, `--no-fused-rope`). Read when a training run starts (the rotary embedding's at each
 # micro-batch).
 _ON = os.environ.get("ERI_FUSED_KERNELS", "1") != "0"
-ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON, "rms_norm": _ON}
+ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON, "rms_norm": _ON, "concat": _ON}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
@@ -230,7 +236,7 @@ def _kernels():
         y = tl.reshape(tl.join(y0, y1), (ROWS, 2 * HALF)).to(compute)
         tl.store(out_ptr + r[:, None] * (2 * HALF) + cols, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
-    def gelu_tanh_forward(x_ptr, out_ptr, cols, stride_x, BETA: tl.constexpr, KAPPA: tl.constexpr,
+    def gelu_tanh_forward(x_ptr, out_ptr, cols, stride_x, stride_out, BETA: tl.constexpr, KAPPA: tl.constexpr,
                           LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
         # torch's GeluTanhFunctor: 0.5·x·(1 + tanh(kBeta·(x + kKappa·x³))), x + kKappa·x³ contracted to an fma
         row = tl.program_id(0).to(tl.int64)
@@ -240,7 +246,13 @@ def _kernels():
         x_cube = x * x * x
         t = _tanh(BETA * tl.fma(KAPPA, x_cube, x), LIBDEVICE)
         y = (0.5 * x) * (1.0 + t)
-        tl.store(out_ptr + row * cols + c, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_out + c, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    def copy_rows(x_ptr, out_ptr, cols, stride_x, stride_out, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < cols
+        tl.store(out_ptr + row * stride_out + c, tl.load(x_ptr + row * stride_x + c, mask=mask), mask=mask)
 
     def gelu_tanh_backward(grad_ptr, x_ptr, out_ptr, cols, stride_grad, stride_x, BETA: tl.constexpr,
                            KAPPA: tl.constexpr, KAPPA3: tl.constexpr, LIBDEVICE: tl.constexpr,
@@ -262,16 +274,20 @@ def _kernels():
         dx = dy * tl.fma(0.5, 1.0 + t, left * tanh_derivative * inner_derivative)
         tl.store(out_ptr + row * cols + c, dx.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def rms_norm_forward(x_ptr, weight_ptr, y_ptr, rstd_ptr, rows, size1, size2, stride0, stride1, stride2, eps,
-                         N: tl.constexpr, ROWS: tl.constexpr, LIBDEVICE: tl.constexpr):
+    def rms_norm_forward(x_ptr, weight_ptr, y_ptr, rstd_ptr, rows, size1, size2, stride0, stride1, stride2,
+                         y_stride0, y_stride1, y_stride2, eps, N: tl.constexpr, ROWS: tl.constexpr,
+                         LIBDEVICE: tl.constexpr):
         # torch's vectorized_layer_norm_kernel<rms_norm> for rows of N ≤ 128: lane i of one warp holds elements
         # 4i..4i+3 and sums their squares in order (s + v·v contracted to an fma); the warp's shuffle-down tree
         # (offsets 16, 8, 4, 2, 1) adds the lanes; the mean divides by N; rstd = rsqrt(mean + eps); y = w·(rstd·x).
-        # The rows: x's leading dimensions (size0, size1, size2) at their own strides, read in place.
+        # The rows: x's leading dimensions (size0, size1, size2) at their own strides, read in place; y's rows at
+        # y's strides (a part of a concatenation).
         r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_mask = r < rows
-        base = ((r // (size1 * size2)).to(tl.int64) * stride0 + ((r // size2) % size1).to(tl.int64) * stride1
-                + (r % size2).to(tl.int64) * stride2)
+        i0 = (r // (size1 * size2)).to(tl.int64)
+        i1, i2 = ((r // size2) % size1).to(tl.int64), (r % size2).to(tl.int64)
+        base = i0 * stride0 + i1 * stride1 + i2 * stride2
+        y_base = i0 * y_stride0 + i1 * y_stride1 + i2 * y_stride2
         cols = tl.arange(0, 32)[:, None] * 4 + tl.arange(0, 4)[None, :]          # (lane, element of the lane)
         mask = row_mask[:, None, None] & (cols < N)[None, :, :]
         x = tl.load(x_ptr + base[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
@@ -279,8 +295,7 @@ def _kernels():
         rstd = _rsqrt(_warp_tree(s, ROWS) / N + eps, LIBDEVICE)
         weight = tl.load(weight_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = weight[None, :, :] * (rstd[:, None, None] * x)
-        tl.store(y_ptr + r[:, None, None].to(tl.int64) * N + cols[None, :, :], y.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(y_ptr + y_base[:, None, None] + cols[None, :, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + r, rstd, mask=row_mask)
 
     def rms_norm_backward(grad_ptr, x_ptr, weight_ptr, rstd_ptr, out_ptr, rows, size1, size2, stride0, stride1,
@@ -312,6 +327,7 @@ def _kernels():
     return {"rope_rows": jit(rope_rows),
             "rms_norm_forward": jit(rms_norm_forward), "rms_norm_backward": jit(rms_norm_backward),
             "gelu_tanh_forward": jit(gelu_tanh_forward), "gelu_tanh_backward": jit(gelu_tanh_backward),
+            "copy_rows": jit(copy_rows),
             "geglu_forward": jit(geglu_forward), "geglu_backward": jit(geglu_backward),
             "group_norm_partial_stats": jit(group_norm_partial_stats), "group_norm_stats": jit(group_norm_stats),
             "group_norm_apply": jit(group_norm_apply)}
@@ -543,11 +559,22 @@ def _gelu_launch(kernel: str, rows: torch.Tensor, *args) -> None:
     _kernels()[kernel][(rows.shape[0], math.ceil(cols / block))](*args, LIBDEVICE=not INTERPRETING, BLOCK=block)
 
 
+def _gelu_tanh_backward(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of the GELU's input rows from its output's (grad: the input's shape, any row stride)."""
+    grad_rows = _gelu_rows(grad)
+    if grad_rows is None:
+        grad_rows = grad.contiguous().view(rows.shape)
+    grad_x = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    _gelu_launch("gelu_tanh_backward", rows, grad_rows, rows, grad_x, rows.shape[1], grad_rows.stride(0),
+                 rows.stride(0), _GELU_BETA, _GELU_KAPPA, _GELU_KAPPA3)
+    return grad_x.view(grad.shape)
+
+
 class _FusedGeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        _gelu_launch("gelu_tanh_forward", rows, rows, out, rows.shape[1], rows.stride(0),
+        _gelu_launch("gelu_tanh_forward", rows, rows, out, rows.shape[1], rows.stride(0), out.stride(0),
                      _GELU_BETA, _GELU_KAPPA)
         ctx.save_for_backward(rows)     # (a view: torch's own GeluBackward keeps the same input alive)
         return out.view(x.shape)
@@ -555,13 +582,7 @@ class _FusedGeluTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (rows,) = ctx.saved_tensors
-        grad_rows = _gelu_rows(grad)
-        if grad_rows is None:
-            grad_rows = grad.contiguous().view(rows.shape)
-        grad_x = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        _gelu_launch("gelu_tanh_backward", rows, grad_rows, rows, grad_x, rows.shape[1], grad_rows.stride(0),
-                     rows.stride(0), _GELU_BETA, _GELU_KAPPA, _GELU_KAPPA3)
-        return grad_x.view(grad.shape), None
+        return _gelu_tanh_backward(rows, grad), None
 
 
 def _taken_gelu_rows(x: torch.Tensor, interpret: bool) -> torch.Tensor | None:
@@ -584,6 +605,43 @@ def gelu_tanh(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
     return F.gelu(x, approximate="tanh") if rows is None else _FusedGeluTanh.apply(x, rows)
 
 
+class _FusedGeluTanhBeside(torch.autograd.Function):
+    """torch.cat((left, gelu_tanh(x)), -1) with the GELU written straight into its place (x: rows of a strided
+    slice, left: contiguous, the same leading shape)."""
+
+    @staticmethod
+    def forward(ctx, left: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        width = left.shape[-1]
+        out = torch.empty((*x.shape[:-1], width + x.shape[-1]), dtype=x.dtype, device=x.device)
+        out_rows = out.view(-1, out.shape[-1])
+        left_rows = left.reshape(-1, width)
+        _gelu_launch("copy_rows", left_rows, left_rows, out_rows, width, left_rows.stride(0), out_rows.stride(0))
+        gelu_rows = out_rows[:, width:]
+        _gelu_launch("gelu_tanh_forward", rows, rows, gelu_rows, rows.shape[1], rows.stride(0), gelu_rows.stride(0),
+                     _GELU_BETA, _GELU_KAPPA)
+        ctx.width = width
+        ctx.save_for_backward(rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad[..., :ctx.width], _gelu_tanh_backward(rows, grad[..., ctx.width:]), None
+
+
+def cat_gelu_tanh(left: torch.Tensor, x: torch.Tensor, gelu: torch.nn.Module, interpret: bool = False
+                  ) -> torch.Tensor:
+    """`torch.cat((left, gelu(x)), -1)` for an `nn.GELU(approximate="tanh")` module `gelu` (a Flux single block's
+    attention output beside its MLP's activation, the input of its second Linear): where the fused kernels take
+    x, the GELU is written straight into the concatenation (the same bits, without the concatenation's copy of
+    it); else the module runs and torch concatenates."""
+    rows = _taken_gelu_rows(x, interpret)
+    if (rows is None or left.dtype != x.dtype or left.device != x.device or left.dim() != x.dim()
+            or left.shape[:-1] != x.shape[:-1] or not left.is_contiguous()):
+        return torch.cat((left, gelu(x)), -1)
+    return _FusedGeluTanhBeside.apply(left, x, rows)
+
+
 class FusedGeluTanhForward:
     """An object patch for an `nn.GELU(approximate="tanh")` module's `forward` (the module has no state: this
     looks `gelu_tanh` up at each call)."""
@@ -597,33 +655,68 @@ def is_gelu_tanh(module: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ RMSNorm
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of x's rows written into y (x's shape, any strides with unit last one); returns rstd."""
+    sizes, strides = _rms_layout(x)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rows = rstd.numel()
+    _kernels()["rms_norm_forward"][(triton.cdiv(rows, RMS_ROWS),)](
+        x, weight, y, rstd, rows, sizes[1], sizes[2], *strides, *_rms_layout(y)[1], eps, N=x.shape[-1],
+        ROWS=RMS_ROWS, LIBDEVICE=not INTERPRETING)
+    return rstd
+
+
+def _rms_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """x's gradient from y's (grad: x's shape, any strides with unit last one)."""
+    sizes, strides = _rms_layout(x)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = rstd.numel()
+    _kernels()["rms_norm_backward"][(triton.cdiv(rows, RMS_ROWS),)](
+        grad, x, weight, rstd, grad_x, rows, sizes[1], sizes[2], *strides, *_rms_layout(grad)[1], N=x.shape[-1],
+        ROWS=RMS_ROWS)
+    return grad_x
+
+
 class _FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        sizes, strides = _rms_layout(x)
-        n = x.shape[-1]
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-        rows = rstd.numel()
-        _kernels()["rms_norm_forward"][(triton.cdiv(rows, RMS_ROWS),)](
-            x, weight, y, rstd, rows, sizes[1], sizes[2], *strides, eps, N=n, ROWS=RMS_ROWS,
-            LIBDEVICE=not INTERPRETING)
+        rstd = _rms_forward(x, weight, eps, y)
         ctx.save_for_backward(x, weight, rstd)      # (x: the strided view torch would have copied and saved)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        sizes, strides = _rms_layout(x)
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        grad_strides = _rms_layout(grad)[1]
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rows = rstd.numel()
-        _kernels()["rms_norm_backward"][(triton.cdiv(rows, RMS_ROWS),)](
-            grad, x, weight, rstd, grad_x, rows, sizes[1], sizes[2], *strides, *grad_strides, N=x.shape[-1],
-            ROWS=RMS_ROWS)
-        return grad_x, None, None
+        return _rms_backward(x, weight, rstd, grad), None, None
+
+
+class _FusedRMSNormCat(torch.autograd.Function):
+    """torch.cat((rms_norm(x0, w0, eps0), rms_norm(x1, w1, eps1)), dim): each part normalised straight into its
+    place in the concatenation (backward reads each part's gradient where it lies in the concatenation's)."""
+
+    @staticmethod
+    def forward(ctx, dim: int, x0, weight0, eps0, x1, weight1, eps1) -> torch.Tensor:
+        shape = list(x0.shape)
+        shape[dim] += x1.shape[dim]
+        y = torch.empty(shape, dtype=x0.dtype, device=x0.device)
+        rstd0 = _rms_forward(x0, weight0, eps0, y.narrow(dim, 0, x0.shape[dim]))
+        rstd1 = _rms_forward(x1, weight1, eps1, y.narrow(dim, x0.shape[dim], x1.shape[dim]))
+        ctx.dim = dim
+        ctx.save_for_backward(x0, weight0, rstd0, x1, weight1, rstd1)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x0, weight0, rstd0, x1, weight1, rstd1 = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        length = x0.shape[ctx.dim]
+        grad0 = _rms_backward(x0, weight0, rstd0, grad.narrow(ctx.dim, 0, length))
+        grad1 = _rms_backward(x1, weight1, rstd1, grad.narrow(ctx.dim, length, x1.shape[ctx.dim]))
+        return None, grad0, None, None, grad1, None, None
 
 
 def _rms_layout(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -650,6 +743,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, interpret: bool 
     if not rms_norm_takes(x, weight, interpret):
         return F.rms_norm(x, weight.shape, weight, eps)
     return _FusedRMSNorm.apply(x, weight.contiguous(), eps)
+
+
+def rms_norm_cat(norms: tuple[torch.nn.Module, torch.nn.Module], xs: tuple[torch.Tensor, torch.Tensor], dim: int,
+                 like: torch.Tensor, interpret: bool = False) -> torch.Tensor:
+    """`torch.cat((norms[0](xs[0]).to(like), norms[1](xs[1]).to(like)), dim)` for two of ComfyUI's RMSNorm modules
+    (a Flux double block's text and image q, or k, as its QKNorm casts them to v): where the fused kernels take
+    both parts, each is normalised straight into the concatenation (the same bits, without the concatenation's
+    copy), else the modules run and torch concatenates."""
+    from .comfy_compat import rms_norm_parameters
+    parameters = [rms_norm_parameters(norm) for norm in norms]
+    x0, x1 = xs
+    if (None not in parameters and x0.dtype == x1.dtype == like.dtype and x0.device == x1.device == like.device
+            and x0.dim() == x1.dim()
+            and 0 <= dim % x0.dim() < x0.dim() - 1
+            and all(a == b for i, (a, b) in enumerate(zip(x0.shape, x1.shape)) if i != dim % x0.dim())):
+        weights = [weight.to(x0.dtype) for weight, _ in parameters]
+        if all(rms_norm_takes(x, weight, interpret) for x, weight in zip(xs, weights)):
+            return _FusedRMSNormCat.apply(dim % x0.dim(), x0, weights[0].contiguous(), parameters[0][1], x1,
+                                          weights[1].contiguous(), parameters[1][1])
+    return torch.cat((norms[0](x0).to(like), norms[1](x1).to(like)), dim)
 
 
 class FusedRMSNormForward:

@@ -197,10 +197,13 @@ class TrainingRun:
             paths = self.arch.block_modules(root)
             blocks = [root.get_submodule(path) for path in paths]
             checkpointed = spread(len(paths), settings.checkpoint_fraction if settings.gradient_checkpointing else 0)
+            fast = fused.usable_on(self.device)
             for path, checkpoint in zip(paths, checkpointed):
+                block = root.get_submodule(path)
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
-                    root.get_submodule(path), checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
-                    keep_attention=not settings.recompute_attention, prefetcher=self.prefetcher))
+                    block, checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
+                    keep_attention=not settings.recompute_attention, prefetcher=self.prefetcher,
+                    forward=self.arch.training_block_forward(block) if fast else None))
         if fused.usable_on(self.device):
             for path, forward in self.arch.fused_forwards(self.base_model.diffusion_model).items():
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)

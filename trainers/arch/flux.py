@@ -7,6 +7,7 @@ forwards run with augmented assignments made out of place while training (traine
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 
@@ -52,6 +53,17 @@ class Flux(RectifiedFlow):
                             if fused.is_gelu_tanh(module)})
         return patches
 
+    def training_block_forward(self, block):
+        from .. import fused
+        from ..comfy_compat import known_flux_block
+        if not fused.ENABLED["concat"] or not known_flux_block(block):
+            return None
+        if hasattr(block, "img_attn"):
+            return None if getattr(block, "flipped_img_txt", False) else double_block_forward
+        if getattr(block, "yak_mlp", False) or not fused.is_gelu_tanh(block.mlp_act):
+            return None
+        return single_block_forward
+
     def shift(self, model_sampling, item, settings):
         if not settings.timestep_shift and isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
             return resolution_shift(item.bucket.width, item.bucket.height)     # dev's own
@@ -74,3 +86,86 @@ class Flux(RectifiedFlow):
     def predict_from(self, base_model, model_sampling, x_noisy, sigma, conditioning):
         return super().predict_from(base_model, model_sampling, x_noisy, sigma,
                                     flux_kontext.model_inputs(conditioning))
+
+
+# ComfyUI's Flux blocks while training, their concatenations fused (trainers/fused.py). Each reproduces ComfyUI's
+# forward statement by statement (0.3.75's and 0.33's: comfy_compat.known_flux_block), its residual additions out
+# of place (as trainers/blocks.py makes them), so results are its own bit for bit; ComfyUI's functions are looked
+# up in the block's module at each call, so what patches them (the fused rotary embedding) applies here too.
+def double_block_forward(block, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None, modulation_dims_txt=None,
+                         transformer_options={}):
+    """DoubleStreamBlock.forward with the text and image q (and k) normalised straight into their concatenation:
+    torch.cat of the normalised parts was a full copy of q and k, twice a step under checkpointing."""
+    from .. import fused
+    patches = transformer_options.get("patches", {})
+    if "attn1_patch" in patches or "attn1_output_patch" in patches:     # (0.33's; 0.3.75 has none)
+        return type(block).forward(block, img, txt, vec, pe, attn_mask, modulation_dims_img, modulation_dims_txt,
+                                   transformer_options)
+    layers = sys.modules[type(block).__module__]
+    apply_mod, attention = layers.apply_mod, layers.attention
+    if block.modulation:
+        img_mod1, img_mod2 = block.img_mod(vec)
+        txt_mod1, txt_mod2 = block.txt_mod(vec)
+    else:
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+
+    img_qkv = block.img_attn.qkv(apply_mod(block.img_norm1(img), (1 + img_mod1.scale), img_mod1.shift,
+                                           modulation_dims_img))
+    img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(
+        2, 0, 3, 1, 4)
+    del img_qkv
+    txt_qkv = block.txt_attn.qkv(apply_mod(block.txt_norm1(txt), (1 + txt_mod1.scale), txt_mod1.shift,
+                                           modulation_dims_txt))
+    txt_q, txt_k, txt_v = txt_qkv.view(txt_qkv.shape[0], txt_qkv.shape[1], 3, block.num_heads, -1).permute(
+        2, 0, 3, 1, 4)
+    del txt_qkv
+    txt_norm, img_norm = block.txt_attn.norm, block.img_attn.norm        # QKNorm: query_norm, key_norm, .to(v)
+    q = fused.rms_norm_cat((txt_norm.query_norm, img_norm.query_norm), (txt_q, img_q), 2, like=img_v)
+    del txt_q, img_q
+    k = fused.rms_norm_cat((txt_norm.key_norm, img_norm.key_norm), (txt_k, img_k), 2, like=img_v)
+    del txt_k, img_k
+    v = torch.cat((txt_v, img_v), dim=2)
+    del txt_v, img_v
+
+    attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+    del q, k, v
+    txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+
+    img = img + apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, modulation_dims_img)
+    del img_attn
+    img = img + apply_mod(block.img_mlp(apply_mod(block.img_norm2(img), (1 + img_mod2.scale), img_mod2.shift,
+                                                  modulation_dims_img)), img_mod2.gate, None, modulation_dims_img)
+    txt = txt + apply_mod(block.txt_attn.proj(txt_attn), txt_mod1.gate, None, modulation_dims_txt)
+    del txt_attn
+    txt = txt + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(txt), (1 + txt_mod2.scale), txt_mod2.shift,
+                                                  modulation_dims_txt)), txt_mod2.gate, None, modulation_dims_txt)
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+    return img, txt
+
+
+def single_block_forward(block, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
+    """SingleStreamBlock.forward (GELU MLP) with the MLP's activation written straight into its concatenation with
+    the attention output: torch.cat copied that activation, 4× the hidden width, twice a step under checkpointing."""
+    from .. import fused
+    patches = transformer_options.get("patches", {})
+    if "attn1_patch" in patches or "attn1_output_patch" in patches:
+        return type(block).forward(block, x, vec, pe, attn_mask, modulation_dims, transformer_options)
+    layers = sys.modules[type(block).__module__]
+    if block.modulation:
+        mod, _ = block.modulation(vec)
+    else:
+        mod = vec
+    qkv, mlp = torch.split(block.linear1(layers.apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift,
+                                                          modulation_dims)),
+                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    del qkv
+    q, k = block.norm(q, k, v)
+    attn = layers.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+    del q, k, v
+    output = block.linear2(fused.cat_gelu_tanh(attn, mlp, block.mlp_act))
+    x = x + layers.apply_mod(output, mod.gate, None, modulation_dims)
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x

@@ -1,0 +1,265 @@
+"""The Flux family's blocks while training, their concatenations fused (trainers/fused.py, trainers/arch/flux.py):
+a double block's text and image q and k are normalised straight into their concatenation, and a single block's
+MLP activation is written straight beside its attention output. The results are ComfyUI's bit for bit: the
+training forwards reproduce ComfyUI's block forwards (0.3.75's and 0.33's, checked by their source), and the
+kernels writing into a concatenation write what the concatenation of their separate outputs holds.
+
+On the CPU the kernels run in Triton's interpreter; the GPU tests compare against torch's CUDA kernels."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from eridiffusion.trainers import fused  # noqa: E402
+from eridiffusion.trainers.arch import flux as flux_arch  # noqa: E402
+from eridiffusion.trainers.blocks import TrainingBlockForward  # noqa: E402
+
+interpreted = pytest.mark.skipif(not fused.INTERPRETING, reason="TRITON_INTERPRET=1 was not set before Triton loaded")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("comfy.cli_args").cli_args.args.cpu,
+                               reason="needs a GPU (ERI_TEST_DEVICE=cuda)")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def qk_views(batch, tokens, heads, head_dim, dtype, device, seed):
+    """q and k of a Flux qkv projection's output: strided views (batch, heads, tokens, head_dim), leaves."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(batch, tokens, 3 * heads * head_dim, generator=generator) * 2).to(device=device, dtype=dtype)
+    qkv.requires_grad_()
+    q, k, _ = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return qkv, q, k
+
+
+def rms_norm_module(head_dim, dtype, device, seed):
+    norm = torch.nn.RMSNorm(head_dim, eps=1e-6, device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(head_dim, generator=torch.Generator().manual_seed(seed)) / 4)
+    return norm.requires_grad_(False)
+
+
+def norms_into_concatenation(dtype, device, interpret, text=7, image=33, heads=2, head_dim=128):
+    """q of text and image normalised into their concatenation, by rms_norm_cat and by the fused norm of each
+    part concatenated by torch: (outputs, both projections' gradients) of each."""
+    norms = (rms_norm_module(head_dim, dtype, device, 1), rms_norm_module(head_dim, dtype, device, 2))
+    grad = torch.randn(1, heads, text + image, head_dim, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    results = []
+    for joined in (True, False):
+        txt_qkv, txt_q, _ = qk_views(1, text, heads, head_dim, dtype, device, 4)
+        img_qkv, img_q, _ = qk_views(1, image, heads, head_dim, dtype, device, 5)
+        if joined:
+            out = fused.rms_norm_cat(norms, (txt_q, img_q), 2, like=img_q, interpret=interpret)
+        else:
+            out = torch.cat([fused.rms_norm(x, norm.weight, norm.eps, interpret=interpret)
+                             for x, norm in zip((txt_q, img_q), norms)], 2)
+        out.backward(grad)
+        results.append((out, txt_qkv.grad, img_qkv.grad))
+    return results
+
+
+def gelu_beside_attention(dtype, device, interpret, tokens=37, hidden=32, mlp=4 * 32 + 16):
+    """A single block's attention output beside its MLP activation, by cat_gelu_tanh and by torch.cat of the fused
+    GELU: (output, projection's gradient, attention's gradient) of each."""
+    grad = torch.randn(1, tokens, hidden + mlp, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    gelu = torch.nn.GELU(approximate="tanh")
+    results = []
+    for joined in (True, False):
+        generator = torch.Generator().manual_seed(8)
+        projection = (torch.randn(1, tokens, 3 * hidden + mlp, generator=generator) * 3).to(device, dtype)
+        attention = torch.randn(1, tokens, hidden, generator=generator).to(device, dtype).requires_grad_()
+        projection.requires_grad_()
+        x = torch.split(projection, [3 * hidden, mlp], dim=-1)[1]
+        if joined:
+            out = fused.cat_gelu_tanh(attention, x, gelu, interpret=interpret)
+        else:
+            out = torch.cat((attention, fused.gelu_tanh(x, interpret=interpret)), -1)
+        out.backward(grad)
+        results.append((out, projection.grad, attention.grad))
+    return results
+
+
+def assert_same_bits(results):
+    joined, separate = results
+    for a, b in zip(joined, separate):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_q_normalised_into_its_concatenation_is_the_concatenation_of_the_normalised_parts(dtype, monkeypatch):
+    taken = []
+    _FusedRMSNormCat = fused._FusedRMSNormCat
+
+    class Counted(_FusedRMSNormCat):
+        @staticmethod
+        def forward(ctx, *args):
+            taken.append(True)
+            return _FusedRMSNormCat.forward(ctx, *args)
+    monkeypatch.setattr(fused, "_FusedRMSNormCat", Counted)
+    assert_same_bits(norms_into_concatenation(dtype, "cpu", interpret=True))
+    assert taken == [True]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_written_beside_the_attention_output_is_their_concatenation(dtype):
+    results = gelu_beside_attention(dtype, "cpu", interpret=True)
+    assert_same_bits(results)
+    assert results[0][0].is_contiguous()
+
+
+def test_the_concatenations_are_torchs_where_the_kernels_do_not_apply():
+    # the CPU without the interpreter: the modules run and torch concatenates, the same results
+    assert_same_bits(norms_into_concatenation(torch.float32, "cpu", interpret=False))
+    assert_same_bits(gelu_beside_attention(torch.float32, "cpu", interpret=False))
+    norms = (rms_norm_module(128, torch.float32, "cpu", 1), rms_norm_module(128, torch.float32, "cpu", 2))
+    _, txt_q, _ = qk_views(1, 7, 2, 128, torch.float32, "cpu", 4)
+    _, img_q, _ = qk_views(1, 9, 2, 128, torch.float32, "cpu", 5)
+    # another dtype for v (QKNorm casts q and k to it): torch's path, cast as ComfyUI casts
+    out = fused.rms_norm_cat(norms, (txt_q, img_q), 2, like=img_q.double(), interpret=True)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, torch.cat((norms[0](txt_q).double(), norms[1](img_q).double()), 2))
+
+
+# ------------------------------------------------------------------------------------------- block forwards
+def flux_blocks(tiny, arch="flux"):
+    model = tiny.tiny_model(arch).model.diffusion_model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
+def block_inputs(model, tokens=16, text=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = model.hidden_size
+    ids = torch.zeros(1, text + tokens, 3)
+    ids[0, text:, 1] = torch.arange(tokens) // 4
+    ids[0, text:, 2] = torch.arange(tokens) % 4
+    pe = model.pe_embedder(ids)
+    return {"img": torch.randn(1, tokens, hidden, generator=generator),
+            "txt": torch.randn(1, text, hidden, generator=generator),
+            "vec": torch.randn(1, hidden, generator=generator), "pe": pe}
+
+
+def run_block(block, forward, inputs, single):
+    """The block's output under TrainingBlockForward (out of place, checkpointed) with `forward`, and the gradients
+    of its inputs and of its weights for a fixed random output gradient."""
+    from eridiffusion.trainers.comfy_compat import training_mode
+    leaves = {name: t.detach().clone().requires_grad_(name != "pe") for name, t in inputs.items()}
+    block.requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    run = TrainingBlockForward(block, checkpoint=True, out_of_place=True, forward=forward)
+    with training_mode():       # (0.33 rotates q and k by its eager, differentiable rope only while training)
+        if single:
+            x = torch.cat((leaves["txt"], leaves["img"]), 1)
+            outs = (run(x, vec=leaves["vec"], pe=leaves["pe"]),)
+        else:
+            outs = run(img=leaves["img"], txt=leaves["txt"], vec=leaves["vec"], pe=leaves["pe"])
+        generator = torch.Generator().manual_seed(9)
+        loss = sum((out * torch.randn(out.shape, generator=generator)).sum() for out in outs)
+        loss.backward()
+    grads = [leaves[name].grad for name in ("img", "txt", "vec")]
+    grads += [p.grad for p in block.parameters()]
+    return outs, grads
+
+
+def test_the_flux_blocks_training_forwards_are_comfyuis_bit_for_bit(tiny):
+    """Outputs, input gradients and weight gradients of a double and a single block, checkpointed and out of
+    place as training runs them: the training forwards against ComfyUI's own."""
+    model = flux_blocks(tiny)
+    inputs = block_inputs(model)
+    for block, single in ((model.double_blocks[0], False), (model.single_blocks[0], True)):
+        forward = flux_arch.Flux().training_block_forward(block)
+        assert forward is (flux_arch.single_block_forward if single else flux_arch.double_block_forward)
+        ours, comfy = run_block(block, forward, inputs, single), run_block(block, None, inputs, single)
+        for a, b in zip(ours[0] + tuple(ours[1]), comfy[0] + tuple(comfy[1])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_flux_familys_blocks_take_the_training_forwards_their_code_allows(tiny):
+    """Chroma's blocks are Flux's (modulations given, not computed): both forwards. Flux.2's single blocks run a
+    SiLU-gated MLP, not the GELU the fused concatenation writes: their own forward; its double blocks ours."""
+    from eridiffusion.trainers.arch import chroma, flux2
+    model = tiny.tiny_model("chroma").model.diffusion_model
+    arch = chroma.Chroma()
+    assert arch.training_block_forward(model.double_blocks[0]) is flux_arch.double_block_forward
+    assert arch.training_block_forward(model.single_blocks[0]) is flux_arch.single_block_forward
+    try:
+        model = tiny.tiny_model("flux2").model.diffusion_model
+    except Exception as error:      # (0.3.75 has no Flux.2)
+        pytest.skip(f"no Flux.2 in this ComfyUI: {error}")
+    arch = flux2.Flux2()
+    assert arch.training_block_forward(model.double_blocks[0]) is flux_arch.double_block_forward
+    assert arch.training_block_forward(model.single_blocks[0]) is None
+
+
+def test_flux_blocks_keep_their_own_forward_where_the_code_differs(tiny, monkeypatch):
+    from eridiffusion.trainers import comfy_compat
+    model = flux_blocks(tiny)
+    arch = flux_arch.Flux()
+    double, single = model.double_blocks[0], model.single_blocks[0]
+    assert arch.training_block_forward(double) and arch.training_block_forward(single)
+    # another ComfyUI's block code (its source differs from the versions reproduced)
+    monkeypatch.setitem(comfy_compat._KNOWN_FLUX_BLOCK_FORWARDS, "DoubleStreamBlock", set())
+    assert arch.training_block_forward(double) is None and arch.training_block_forward(single)
+    monkeypatch.undo()
+    monkeypatch.setattr(double, "flipped_img_txt", True, raising=False)      # 0.3.75's other order
+    assert arch.training_block_forward(double) is None
+    monkeypatch.setattr(single, "mlp_act", torch.nn.SiLU())                 # Flux.2's MLP
+    assert arch.training_block_forward(single) is None
+    monkeypatch.undo()
+    monkeypatch.setitem(fused.ENABLED, "concat", False)
+    assert arch.training_block_forward(double) is None and arch.training_block_forward(single) is None
+
+
+def test_flux_blocks_with_attention_patches_run_comfyuis_forward(tiny):
+    model = flux_blocks(tiny)
+    inputs = block_inputs(model)
+    calls = []
+
+    def attn1_output_patch(attn, extra_options):
+        calls.append(attn.shape)
+        return attn * 2
+    options = {"patches": {"attn1_output_patch": [attn1_output_patch]}}
+    double = model.double_blocks[0]
+    with torch.no_grad():
+        # (without gradients ComfyUI's forward adds to img and txt in place: each call gets its own copies)
+        ours = flux_arch.double_block_forward(double, **{k: v.clone() for k, v in inputs.items()},
+                                              transformer_options=options)
+        comfy = type(double).forward(double, **{k: v.clone() for k, v in inputs.items()},
+                                     transformer_options=options)
+    assert all(torch.equal(a, b) for a, b in zip(ours, comfy))
+    import inspect
+    import comfy.ldm.flux.layers as layers
+    # 0.33's blocks run the patch (ours by handing the call to ComfyUI's forward); 0.3.75's have no patches
+    assert len(calls) == (2 if "attn1_output_patch" in inspect.getsource(layers.DoubleStreamBlock.forward) else 0)
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_on_the_gpu_the_concatenations_are_torchs_kernels_bit_for_bit(dtype):
+    """Flux-dev's sizes at 1024²: 512 text and 4,096 image tokens, 24 heads of 128; a single block's 3,072-wide
+    attention output beside its 12,288-wide MLP. Against torch's own norm, GELU and cat."""
+    joined = norms_into_concatenation(dtype, "cuda", interpret=False, text=512, image=4096, heads=24)[0]
+    norms = (rms_norm_module(128, dtype, "cuda", 1), rms_norm_module(128, dtype, "cuda", 2))
+    grad = torch.randn(1, 24, 4608, 128, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    txt_qkv, txt_q, _ = qk_views(1, 512, 24, 128, dtype, "cuda", 4)
+    img_qkv, img_q, _ = qk_views(1, 4096, 24, 128, dtype, "cuda", 5)
+    out = torch.cat((norms[0](txt_q), norms[1](img_q)), 2)
+    out.backward(grad)
+    assert_same_bits([joined, (out, txt_qkv.grad, img_qkv.grad)])
+
+    results = gelu_beside_attention(dtype, "cuda", interpret=False, tokens=4608, hidden=3072, mlp=12288)
+    generator = torch.Generator().manual_seed(8)
+    projection = (torch.randn(1, 4608, 3 * 3072 + 12288, generator=generator) * 3).to("cuda", dtype)
+    attention = torch.randn(1, 4608, 3072, generator=generator).to("cuda", dtype).requires_grad_()
+    projection.requires_grad_()
+    x = torch.split(projection, [3 * 3072, 12288], dim=-1)[1]
+    out = torch.cat((attention, torch.nn.functional.gelu(x, approximate="tanh")), -1)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype))
+    assert_same_bits([results[0], (out, projection.grad, attention.grad)])
