@@ -145,19 +145,27 @@ def block_inputs(model, tokens=16, text=8, seed=0):
 def run_block(block, forward, inputs, single):
     """The block's output under TrainingBlockForward (out of place, checkpointed) with `forward`, and the gradients
     of its inputs and of its weights for a fixed random output gradient."""
+    from eridiffusion.trainers.blocks import prime_attention, training_attention
     from eridiffusion.trainers.comfy_compat import training_mode
+    device, dtype = inputs["img"].device, inputs["img"].dtype
+    prime_attention(device, dtype)      # (as training does: see its doc)
     leaves = {name: t.detach().clone().requires_grad_(name != "pe") for name, t in inputs.items()}
     block.requires_grad_(True)
+    for name, parameter in block.named_parameters():      # (frozen, as the base model is: the kernels' case)
+        if "query_norm" in name or "key_norm" in name:
+            parameter.requires_grad_(False)
     block.zero_grad(set_to_none=True)
     run = TrainingBlockForward(block, checkpoint=True, out_of_place=True, forward=forward)
-    with training_mode():       # (0.33 rotates q and k by its eager, differentiable rope only while training)
+    # (0.33 rotates q and k by its eager, differentiable rope only while training)
+    with training_mode(), training_attention(device):
         if single:
             x = torch.cat((leaves["txt"], leaves["img"]), 1)
             outs = (run(x, vec=leaves["vec"], pe=leaves["pe"]),)
         else:
             outs = run(img=leaves["img"], txt=leaves["txt"], vec=leaves["vec"], pe=leaves["pe"])
         generator = torch.Generator().manual_seed(9)
-        loss = sum((out * torch.randn(out.shape, generator=generator)).sum() for out in outs)
+        loss = sum((out * torch.randn(out.shape, generator=generator).to(out.device, out.dtype)).sum()
+                   for out in outs)
         loss.backward()
     grads = [leaves[name].grad for name in ("img", "txt", "vec")]
     grads += [p.grad for p in block.parameters()]
@@ -177,6 +185,40 @@ def test_the_flux_blocks_training_forwards_are_comfyuis_bit_for_bit(tiny):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_through_the_kernels_the_flux_blocks_training_forwards_are_comfyuis_bit_for_bit(tiny, dtype, monkeypatch):
+    """With the kernels taking every call (Triton's interpreter), the training forwards, which write q, k and v
+    into their concatenations and each projection's gradient in one piece, against ComfyUI's forwards whose
+    QK norms and GELU run the same kernels one by one (as fused_forwards patches them)."""
+    rms_norm_takes, taken_gelu_rows = fused.rms_norm_takes, fused._taken_gelu_rows
+    monkeypatch.setattr(fused, "rms_norm_takes", lambda x, weight, interpret=False: rms_norm_takes(x, weight, True))
+    monkeypatch.setattr(fused, "_taken_gelu_rows", lambda x, interpret=False: taken_gelu_rows(x, True))
+    used = []
+    for name in ("_JointAttentionInputs", "_SingleBlockInputs", "_FusedGeluTanhBeside"):
+        function = getattr(fused, name)
+        monkeypatch.setattr(fused, name, type(name, (function,), {"apply": classmethod(
+            lambda cls, *args, _f=function, _n=name: used.append(_n) or _f.apply(*args))}))
+    model = flux_blocks(tiny).to(dtype)
+    inputs = {name: t.to(dtype) for name, t in block_inputs(model, tokens=24, text=8).items()}
+    inputs["pe"] = block_inputs(model, tokens=24, text=8)["pe"]
+    for block, single in ((model.double_blocks[0], False), (model.single_blocks[0], True)):
+        for module in (block.norm if single else block.img_attn.norm, None if single else block.txt_attn.norm):
+            if module is not None:
+                for norm in (module.query_norm, module.key_norm):
+                    monkeypatch.setattr(norm, "forward", fused.FusedRMSNormForward(norm))
+        if single:
+            monkeypatch.setattr(block.mlp_act, "forward", fused.FusedGeluTanhForward())
+        forward = flux_arch.Flux().training_block_forward(block)
+        ours, comfy = run_block(block, forward, inputs, single), run_block(block, None, inputs, single)
+        for a, b in zip(ours[0] + tuple(ours[1]), comfy[0] + tuple(comfy[1])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # forward and its recomputation of each block
+    assert used == ["_JointAttentionInputs"] * 2 + ["_SingleBlockInputs", "_FusedGeluTanhBeside"] * 2
 
 
 def test_the_flux_familys_blocks_take_the_training_forwards_their_code_allows(tiny):
@@ -263,3 +305,44 @@ def test_on_the_gpu_the_concatenations_are_torchs_kernels_bit_for_bit(dtype):
     out = torch.cat((attention, torch.nn.functional.gelu(x, approximate="tanh")), -1)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to("cuda", dtype))
     assert_same_bits([results[0], (out, projection.grad, attention.grad)])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_on_the_gpu_the_flux_blocks_training_forwards_are_comfyuis_bit_for_bit(monkeypatch):
+    """A Flux-dev double and single block (3,072 wide, 24 heads; random weights) in bf16 at 1024² (512 text and
+    4,096 image tokens): outputs, input and weight gradients of the training forwards, through the kernels,
+    against ComfyUI's forwards with torch's own norms, GELU and concatenations. Attention by SDPA's math
+    backend: the fused backends' backward accumulates q's gradient in no fixed order (two runs of ComfyUI's own
+    forward differ in the last bits)."""
+    import comfy.ops
+    from torch.nn.attention import SDPBackend
+    from eridiffusion.trainers import blocks as training_blocks
+    monkeypatch.setattr(training_blocks, "TRAINING_SDPA_PRIORITY", [SDPBackend.MATH])
+    from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
+    torch.manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    blocks = (DoubleStreamBlock(3072, 24, mlp_ratio=4.0, qkv_bias=True, operations=ops),
+              SingleStreamBlock(3072, 24, mlp_ratio=4.0, operations=ops))
+    for block in blocks:
+        with torch.no_grad():
+            for parameter in block.parameters():
+                parameter.copy_(torch.randn_like(parameter) * 0.02 + (1 if parameter.ndim == 1 else 0))
+        block.to("cuda", torch.bfloat16)
+    text, tokens = 512, 4096
+    ids = torch.zeros(1, text + tokens, 3)
+    ids[0, text:, 1] = torch.arange(tokens) // 64
+    ids[0, text:, 2] = torch.arange(tokens) % 64
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"img": torch.randn(1, tokens, 3072, generator=generator).to("cuda", torch.bfloat16),
+              "txt": torch.randn(1, text, 3072, generator=generator).to("cuda", torch.bfloat16),
+              "vec": torch.randn(1, 3072, generator=generator).to("cuda", torch.bfloat16),
+              "pe": EmbedND(dim=128, theta=10000, axes_dim=[16, 56, 56])(ids).to("cuda")}
+    for block, single in zip(blocks, (False, True)):
+        forward = flux_arch.Flux().training_block_forward(block)
+        assert forward is not None
+        ours, comfy = run_block(block, forward, inputs, single), run_block(block, None, inputs, single)
+        for a, b in zip(ours[0] + tuple(ours[1]), comfy[0] + tuple(comfy[1])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)

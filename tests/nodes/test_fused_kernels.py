@@ -290,37 +290,43 @@ def test_training_a_flux_model_rotates_through_the_fused_kernels_and_trains_what
     def counted_rms_norm(x, weight, eps):
         norms.append(rms_norm_takes(x, weight.to(x.dtype), interpret=True))
         return rms_norm(x, weight, eps, interpret=True)
-    rms_norm_cat, cat_gelu_tanh, taken_gelu_rows, joined = fused.rms_norm_cat, fused.cat_gelu_tanh, \
-        fused._taken_gelu_rows, []
+    joint_inputs, single_inputs, cat_gelu_tanh, joined = fused.joint_attention_inputs, fused.single_block_inputs, \
+        fused.cat_gelu_tanh, []
 
-    def counted_rms_norm_cat(norms, xs, dim, like):
-        joined.append("norms")
-        return rms_norm_cat(norms, xs, dim, like, interpret=True)
+    def counted_joint_inputs(*args):
+        outputs = joint_inputs(*args, interpret=True)
+        joined.append(("joint", outputs[0].grad_fn.name()))
+        return outputs
 
-    def counted_cat_gelu_tanh(left, x, gelu):
-        joined.append("gelu")
-        return cat_gelu_tanh(left, x, gelu, interpret=True)
+    def counted_single_inputs(*args):
+        outputs = single_inputs(*args, interpret=True)
+        joined.append(("single", outputs[-1] is not None))
+        return outputs
+
+    def counted_cat_gelu_tanh(left, x, gelu, gradient):
+        joined.append(("gelu", gradient is not None))
+        return cat_gelu_tanh(left, x, gelu, gradient, interpret=True)
     monkeypatch.setattr(fused, "usable_on", lambda device: True)     # as on a GPU with Triton
     monkeypatch.setattr(fused, "rope1", counted_rope1)
     monkeypatch.setattr(fused, "gelu_tanh", counted_gelu_tanh)
     monkeypatch.setattr(fused, "rms_norm_takes", lambda x, weight, interpret=False: rms_norm_takes(x, weight, True))
     monkeypatch.setattr(fused, "rms_norm", counted_rms_norm)
-    monkeypatch.setattr(fused, "rms_norm_cat", counted_rms_norm_cat)
+    monkeypatch.setattr(fused, "joint_attention_inputs", counted_joint_inputs)
+    monkeypatch.setattr(fused, "single_block_inputs", counted_single_inputs)
     monkeypatch.setattr(fused, "cat_gelu_tanh", counted_cat_gelu_tanh)
-    monkeypatch.setattr(fused, "_taken_gelu_rows", lambda x, interpret=False: taken_gelu_rows(x, True))
     patched = train()
     diffusion_model = p["model"].model.diffusion_model
     doubles, singles = len(diffusion_model.double_blocks), len(diffusion_model.single_blocks)
     # q and k of every block, in forward and in its recomputation, for each of the two steps
     assert len(taken) >= 2 * 2 * 2 * (doubles + singles) and all(taken)
-    # the single blocks' GELU on its strided slice goes straight into its concatenation with the attention output
-    # (trainers/arch/flux.py), likewise; the double blocks' (contiguous) stays torch's
-    assert joined.count("gelu") == 2 * 2 * singles and gelus.count(True) == 0
-    assert gelus.count(False) == 2 * 2 * 2 * doubles
-    # a double block's q and k norms of both streams go straight into their concatenation, a single block's
-    # through the fused norm, likewise
-    assert joined.count("norms") == 2 * 2 * 2 * doubles
-    assert len(norms) == 2 * 2 * 2 * singles and all(norms)
+    # every block's q, k and v through the kernels that write them (and their projection's gradient) in one
+    # piece (trainers/arch/flux.py), likewise, and the single blocks' GELU on its strided slice straight into its
+    # concatenation with the attention output; the double blocks' GELU (contiguous) stays torch's
+    assert joined.count(("joint", "_JointAttentionInputsBackward")) == 2 * 2 * doubles
+    assert joined.count(("single", True)) == joined.count(("gelu", True)) == 2 * 2 * singles
+    assert len(joined) == 2 * 2 * (doubles + 2 * singles)
+    assert gelus.count(True) == 0 and gelus.count(False) == 2 * 2 * 2 * doubles
+    assert not norms        # (no QK norm left to the module's forward)
     # the interpreter rounds fp32 -> bf16 by truncation where the GPU rounds to nearest: close, not equal, here
     assert patched.history.losses == pytest.approx(eager.history.losses, rel=1e-3)
     import comfy.ldm.flux.math as flux_math

@@ -111,21 +111,12 @@ def double_block_forward(block, img, txt, vec, pe, attn_mask=None, modulation_di
 
     img_qkv = block.img_attn.qkv(apply_mod(block.img_norm1(img), (1 + img_mod1.scale), img_mod1.shift,
                                            modulation_dims_img))
-    img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(
-        2, 0, 3, 1, 4)
-    del img_qkv
     txt_qkv = block.txt_attn.qkv(apply_mod(block.txt_norm1(txt), (1 + txt_mod1.scale), txt_mod1.shift,
                                            modulation_dims_txt))
-    txt_q, txt_k, txt_v = txt_qkv.view(txt_qkv.shape[0], txt_qkv.shape[1], 3, block.num_heads, -1).permute(
-        2, 0, 3, 1, 4)
-    del txt_qkv
-    txt_norm, img_norm = block.txt_attn.norm, block.img_attn.norm        # QKNorm: query_norm, key_norm, .to(v)
-    q = fused.rms_norm_cat((txt_norm.query_norm, img_norm.query_norm), (txt_q, img_q), 2, like=img_v)
-    del txt_q, img_q
-    k = fused.rms_norm_cat((txt_norm.key_norm, img_norm.key_norm), (txt_k, img_k), 2, like=img_v)
-    del txt_k, img_k
-    v = torch.cat((txt_v, img_v), dim=2)
-    del txt_v, img_v
+    # ComfyUI: each viewed as heads, QKNorm of each stream, torch.cat of q, k and v (text first)
+    q, k, v = fused.joint_attention_inputs(txt_qkv, img_qkv, block.num_heads, block.txt_attn.norm,
+                                           block.img_attn.norm)
+    del img_qkv, txt_qkv
 
     attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
     del q, k, v
@@ -156,15 +147,14 @@ def single_block_forward(block, x, vec, pe, attn_mask=None, modulation_dims=None
         mod, _ = block.modulation(vec)
     else:
         mod = vec
-    qkv, mlp = torch.split(block.linear1(layers.apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift,
-                                                          modulation_dims)),
-                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    del qkv
-    q, k = block.norm(q, k, v)
+    projection = block.linear1(layers.apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, modulation_dims))
+    # ComfyUI: torch.split into qkv and the MLP's input, qkv viewed as heads, QKNorm
+    q, k, v, mlp, gradient = fused.single_block_inputs(projection, 3 * block.hidden_size, block.num_heads,
+                                                       block.norm)
+    del projection
     attn = layers.attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
     del q, k, v
-    output = block.linear2(fused.cat_gelu_tanh(attn, mlp, block.mlp_act))
+    output = block.linear2(fused.cat_gelu_tanh(attn, mlp, block.mlp_act, gradient))
     x = x + layers.apply_mod(output, mod.gate, None, modulation_dims)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
