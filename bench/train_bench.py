@@ -732,6 +732,7 @@ def bench_arch(arch, card):
             "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
             "fused_gelu": not ARGS.no_fused_gelu, "fused_rms_norm": not ARGS.no_fused_rms_norm,
+            "fused_concat": not ARGS.no_fused_concat,
             "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
