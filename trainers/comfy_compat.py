@@ -288,3 +288,29 @@ def known_flux_block(block: torch.nn.Module) -> bool:
     if cls not in (layers.DoubleStreamBlock, layers.SingleStreamBlock):
         return False
     return _source_sha256(cls.forward) in _KNOWN_FLUX_BLOCK_FORWARDS[cls.__name__]
+
+
+# MMDiT's (SD 3.5) functions that trainers/arch/sd3.py's training forward reproduces: JointBlock.forward,
+# block_mixing, _block_mixing, DismantledBlock.pre_attention, SelfAttention.pre_attention and split_qkv, by the
+# sha256 of their dedented source, the same in 0.3.75 and 0.33.
+_KNOWN_MMDIT_SOURCES = frozenset({
+    "0d56643009f164f597a0f6ae2b5ec2309a3ec86a8c6ccb34ea699a975eef23db",
+    "1398d391022060a76fcaaf51bdf2f69f32b7401d90ead375f4f8d61e1ca7e118",
+    "3be6160ed40b34d1e0fc7e5321c2ac4008a1b18e69e8b17fe2a1dc313059f7a8",
+    "ad33ecc423e86c908a17274b027d398c4ed2fc22921f6d74ce604866de90413e",
+    "c70868e41cb3909a171310f8cab18bedc2ed23ed2e19e1349131b1a2fe8c6fa4",
+    "f2a52a32d38d40d2707a75def2d7009f95583900ebfefa1fc9aaca600218c92a",
+})
+
+
+def mmdit_sources() -> frozenset:
+    from comfy.ldm.modules.diffusionmodules import mmdit
+    return frozenset(_source_sha256(function) for function in (
+        mmdit.JointBlock.forward, mmdit.block_mixing, mmdit._block_mixing, mmdit.DismantledBlock.pre_attention,
+        mmdit.SelfAttention.pre_attention, mmdit.split_qkv))
+
+
+def known_mmdit_block(block: torch.nn.Module) -> bool:
+    """Whether `block` is MMDiT's JointBlock and its code is what trainers/arch/sd3.py reproduces."""
+    from comfy.ldm.modules.diffusionmodules import mmdit
+    return type(block) is mmdit.JointBlock and mmdit_sources() <= _KNOWN_MMDIT_SOURCES

@@ -43,8 +43,10 @@ copy into the projection's layout, and a single block's projection's gradient by
 the MLP's. `joint_attention_inputs` normalises the q (k) parts straight into their concatenation and copies v's
 heads into theirs; `single_block_inputs` and `cat_gelu_tanh` write the GELU straight beside the attention output;
 and backward writes each projection's gradient once, each part in its place (the norm's backward and the GELU's
-writing theirs there). trainers/arch/flux.py's block forwards call them. The same kernels, the same bits, minus
-the copies: in an H200 profile of an FP8 Flux-dev step, copies and concatenations fell from 36.6 ms to 10.1.
+writing theirs there). trainers/arch/flux.py's block forwards call them; MMDiT's joint blocks (SD 3.5) have the
+same concatenation of context and x, which `mmdit_joint_attention_inputs` writes in place the same way
+(trainers/arch/sd3.py). The same kernels, the same bits, minus the copies: in an H200 profile of an FP8 Flux-dev
+step, copies and concatenations fell from 36.6 ms to 10.1.
 """
 from __future__ import annotations
 
@@ -801,9 +803,12 @@ def rms_norm_cat(norms: tuple[torch.nn.Module, torch.nn.Module], xs: tuple[torch
     return torch.cat((norms[0](x0).to(like), norms[1](x1).to(like)), dim)
 
 
-def _qkv_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+def _qkv_heads(qkv: torch.Tensor, heads: int, tokens_first: bool = False) -> torch.Tensor:
     """q, k and v of a qkv projection's output (batch, tokens, 3·heads·head_dim) as Flux's blocks view them:
-    (3, batch, heads, tokens, head_dim), strided."""
+    (3, batch, heads, tokens, head_dim), strided; `tokens_first`: as MMDiT's split_qkv does, (3, batch, tokens,
+    heads, head_dim)."""
+    if tokens_first:
+        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).movedim(2, 0)
     return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
 
 
@@ -821,22 +826,25 @@ def _norms_take(parts: list[torch.Tensor], parameters: list, interpret: bool) ->
 
 
 class _JointAttentionInputs(torch.autograd.Function):
-    """A Flux double block's q and k (normalised) and v for its joint attention, text before image, from the two
-    streams' qkv projections; backward writes each projection's gradient once, each part where it lies."""
+    """q and k (normalised) and v for a joint attention, text before image, from the two streams' qkv projections
+    (a Flux double block's, or an MMDiT joint block's with `tokens_first`); backward writes each projection's
+    gradient once, each part where it lies."""
 
     @staticmethod
-    def forward(ctx, heads: int, txt_qkv: torch.Tensor, img_qkv: torch.Tensor, norms: tuple):
-        txt, img = _qkv_heads(txt_qkv, heads), _qkv_heads(img_qkv, heads)
-        length = txt.shape[3]
-        shape = (txt.shape[1], heads, length + img.shape[3], txt.shape[4])
+    def forward(ctx, heads: int, tokens_first: bool, txt_qkv: torch.Tensor, img_qkv: torch.Tensor, norms: tuple):
+        txt, img = _qkv_heads(txt_qkv, heads, tokens_first), _qkv_heads(img_qkv, heads, tokens_first)
+        dim = 2 if tokens_first else 3         # the tokens' dimension of the parts (of the outputs: one less)
+        length = txt.shape[dim]
+        shape = list(txt.shape[1:])
+        shape[dim - 1] += img.shape[dim]
         q, k, v = (torch.empty(shape, dtype=txt_qkv.dtype, device=txt_qkv.device) for _ in range(3))
         rstds = []
         for part, start, (q_norm, k_norm) in ((txt, 0, norms[:2]), (img, length, norms[2:])):
-            n = part.shape[3]
-            rstds.append(_rms_forward(part[0], *q_norm, q.narrow(2, start, n)))
-            rstds.append(_rms_forward(part[1], *k_norm, k.narrow(2, start, n)))
-            _copy_heads(part[2], v.narrow(2, start, n))
-        ctx.heads, ctx.length, ctx.norms = heads, length, norms
+            n = part.shape[dim]
+            rstds.append(_rms_forward(part[0], *q_norm, q.narrow(dim - 1, start, n)))
+            rstds.append(_rms_forward(part[1], *k_norm, k.narrow(dim - 1, start, n)))
+            _copy_heads(part[2], v.narrow(dim - 1, start, n))
+        ctx.heads, ctx.tokens_first, ctx.length, ctx.norms = heads, tokens_first, length, norms
         ctx.save_for_backward(txt_qkv, img_qkv, *rstds)
         return q, k, v
 
@@ -844,17 +852,37 @@ class _JointAttentionInputs(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v):
         txt_qkv, img_qkv, *rstds = ctx.saved_tensors
         grad_q, grad_k, grad_v = _unit_last(grad_q), _unit_last(grad_k), _unit_last(grad_v)
+        dim = 2 if ctx.tokens_first else 3
         grads = []
         for index, (qkv, start) in enumerate(((txt_qkv, 0), (img_qkv, ctx.length))):
             grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-            part, grad_part = _qkv_heads(qkv, ctx.heads), _qkv_heads(grad_qkv, ctx.heads)
-            n = part.shape[3]
+            part = _qkv_heads(qkv, ctx.heads, ctx.tokens_first)
+            grad_part = _qkv_heads(grad_qkv, ctx.heads, ctx.tokens_first)
+            n = part.shape[dim]
             (q_weight, _), (k_weight, _) = ctx.norms[2 * index:2 * index + 2]
-            _rms_backward(part[0], q_weight, rstds[2 * index], grad_q.narrow(2, start, n), grad_part[0])
-            _rms_backward(part[1], k_weight, rstds[2 * index + 1], grad_k.narrow(2, start, n), grad_part[1])
-            _copy_heads(grad_v.narrow(2, start, n), grad_part[2])
+            _rms_backward(part[0], q_weight, rstds[2 * index], grad_q.narrow(dim - 1, start, n), grad_part[0])
+            _rms_backward(part[1], k_weight, rstds[2 * index + 1], grad_k.narrow(dim - 1, start, n), grad_part[1])
+            _copy_heads(grad_v.narrow(dim - 1, start, n), grad_part[2])
             grads.append(grad_qkv)
-        return None, grads[0], grads[1], None
+        return None, None, grads[0], grads[1], None
+
+
+def _joint_inputs_take(txt_qkv: torch.Tensor, img_qkv: torch.Tensor, heads: int, tokens_first: bool,
+                       modules: tuple, interpret: bool):
+    """The norms' (weight, eps) in the projections' dtype where the fused kernels take a joint attention's inputs,
+    else None."""
+    from .comfy_compat import rms_norm_parameters
+    if not (txt_qkv.dim() == img_qkv.dim() == 3 and txt_qkv.is_contiguous() and img_qkv.is_contiguous()
+            and txt_qkv.shape[-1] == img_qkv.shape[-1] and txt_qkv.shape[-1] % (3 * heads) == 0):
+        return None
+    txt, img = _qkv_heads(txt_qkv, heads, tokens_first), _qkv_heads(img_qkv, heads, tokens_first)
+    dim = 2 if tokens_first else 3
+    parameters = [rms_norm_parameters(module) for module in modules]
+    same = all(a == b for i, (a, b) in enumerate(zip(txt.shape, img.shape)) if i != dim)
+    if (txt_qkv.dtype == img_qkv.dtype and txt_qkv.device == img_qkv.device and same
+            and _norms_take([txt[0], txt[1], img[0], img[1]], parameters, interpret)):
+        return tuple((weight.to(txt_qkv.dtype).contiguous(), eps) for weight, eps in parameters)
+    return None
 
 
 def joint_attention_inputs(txt_qkv: torch.Tensor, img_qkv: torch.Tensor, heads: int, txt_norm: torch.nn.Module,
@@ -864,18 +892,44 @@ def joint_attention_inputs(txt_qkv: torch.Tensor, img_qkv: torch.Tensor, heads: 
     concatenated by torch.cat. Where the fused kernels take them, each part is written straight into its place
     in the concatenations, and backward writes each projection's gradient in one piece (autograd stacks the
     three parts' gradients and copies the stack into the projection's layout): the same bits, fewer copies."""
-    from .comfy_compat import rms_norm_parameters
-    txt, img = _qkv_heads(txt_qkv, heads), _qkv_heads(img_qkv, heads)
     modules = (txt_norm.query_norm, txt_norm.key_norm, img_norm.query_norm, img_norm.key_norm)
-    parameters = [rms_norm_parameters(module) for module in modules]
-    if (txt_qkv.dtype == img_qkv.dtype and txt_qkv.device == img_qkv.device and txt.shape[:3] == img.shape[:3]
-            and txt.shape[4] == img.shape[4] and _norms_take([txt[0], txt[1], img[0], img[1]], parameters, interpret)):
-        norms = tuple((weight.to(txt_qkv.dtype).contiguous(), eps) for weight, eps in parameters)
-        return _JointAttentionInputs.apply(heads, txt_qkv, img_qkv, norms)
+    norms = _joint_inputs_take(txt_qkv, img_qkv, heads, False, modules, interpret)
+    if norms is not None:
+        return _JointAttentionInputs.apply(heads, False, txt_qkv, img_qkv, norms)
+    txt, img = _qkv_heads(txt_qkv, heads), _qkv_heads(img_qkv, heads)
     q = rms_norm_cat((txt_norm.query_norm, img_norm.query_norm), (txt[0], img[0]), 2, like=img[2],
                      interpret=interpret)
     k = rms_norm_cat((txt_norm.key_norm, img_norm.key_norm), (txt[1], img[1]), 2, like=img[2], interpret=interpret)
     return q, k, torch.cat((txt[2], img[2]), dim=2)
+
+
+def mmdit_joint_attention_inputs(txt_qkv: torch.Tensor, img_qkv: torch.Tensor, txt_attn: torch.nn.Module,
+                                 img_attn: torch.nn.Module, interpret: bool = False):
+    """(q, k, v) of an MMDiT joint block (SD 3.5) as ComfyUI computes them from its context and x qkv
+    projections: `SelfAttention.pre_attention` after its Linear (split_qkv, ln_q and ln_k, q and k reshaped to
+    (batch, tokens, heads·head_dim)) for each, then `_block_mixing`'s torch.cat of context before x. Where the
+    fused kernels take them (RMS QK norms), written in place and each projection's gradient in one piece, as
+    joint_attention_inputs."""
+    heads, head_dim = img_attn.num_heads, img_attn.head_dim
+    modules = (txt_attn.ln_q, txt_attn.ln_k, img_attn.ln_q, img_attn.ln_k)
+    norms = (_joint_inputs_take(txt_qkv, img_qkv, heads, True, modules, interpret)
+             if txt_attn.num_heads == heads and txt_attn.head_dim == head_dim else None)
+    if norms is not None:
+        q, k, v = _JointAttentionInputs.apply(heads, True, txt_qkv, img_qkv, norms)
+        return q.view(q.shape[0], q.shape[1], -1), k.view(k.shape[0], k.shape[1], -1), v
+    parts = []
+    for qkv, attn in ((txt_qkv, txt_attn), (img_qkv, img_attn)):
+        q, k, v = _mmdit_split(qkv, attn.head_dim)
+        q = attn.ln_q(q).reshape(q.shape[0], q.shape[1], -1)
+        k = attn.ln_k(k).reshape(q.shape[0], q.shape[1], -1)
+        parts.append((q, k, v))
+    return tuple(torch.cat((parts[0][t], parts[1][t]), dim=1) for t in range(3))
+
+
+def _mmdit_split(qkv: torch.Tensor, head_dim: int):
+    """MMDiT's split_qkv."""
+    qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, head_dim).movedim(2, 0)
+    return qkv[0], qkv[1], qkv[2]
 
 
 class _SharedGradient:

@@ -280,6 +280,94 @@ def test_flux_blocks_with_attention_patches_run_comfyuis_forward(tiny):
     assert len(calls) == (2 if "attn1_output_patch" in inspect.getsource(layers.DoubleStreamBlock.forward) else 0)
 
 
+# ----------------------------------------------------------------------------------------------- SD 3.5 (MMDiT)
+def mmdit(tiny, qk_norm="rms"):
+    import comfy.supported_models
+    config = dict(tiny.SD3_MMDIT, qk_norm=qk_norm) if qk_norm else dict(tiny.SD3_MMDIT)
+    model = comfy.supported_models.SD3(config).get_model({}, "").diffusion_model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2 + (1 if parameter.ndim == 1 else 0))
+    return model
+
+
+def run_joint_block(block, forward, inputs):
+    """A joint block's outputs under TrainingBlockForward (checkpointed) with `forward`, and the gradients of its
+    inputs and weights (its QK norms frozen, as the base model's are)."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    block.requires_grad_(True)
+    for name, parameter in block.named_parameters():
+        if ".ln_q." in name or ".ln_k." in name:
+            parameter.requires_grad_(False)
+    block.zero_grad(set_to_none=True)
+    run = TrainingBlockForward(block, checkpoint=True, out_of_place=False, forward=forward)
+    outs = tuple(out for out in run(leaves["context"], leaves["x"], c=leaves["c"], use_checkpoint=False)
+                 if out is not None)
+    generator = torch.Generator().manual_seed(9)
+    sum((out * torch.randn(out.shape, generator=generator).to(out.device, out.dtype)).sum() for out in outs).backward()
+    return outs, [leaves[name].grad for name in ("context", "x", "c")] + [p.grad for p in block.parameters()]
+
+
+def joint_block_inputs(model, context=9, tokens=16, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(2)
+    hidden = model.joint_blocks[0].x_block.attn.qkv.in_features
+    return {"context": torch.randn(1, context, hidden, generator=generator).to(dtype),
+            "x": torch.randn(1, tokens, hidden, generator=generator).to(dtype),
+            "c": torch.randn(1, hidden, generator=generator).to(dtype)}
+
+
+def assert_joint_blocks_agree(model, inputs, forward):
+    for block in (model.joint_blocks[0], model.joint_blocks[-1]):       # (the last one's context block: pre_only)
+        ours, comfy = run_joint_block(block, forward, inputs), run_joint_block(block, None, inputs)
+        assert len(ours[0]) == len(comfy[0])
+        for a, b in zip(ours[0] + tuple(ours[1]), comfy[0] + tuple(comfy[1])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qk_norm", ["rms", None])
+def test_the_sd3_joint_blocks_training_forward_is_comfyuis_bit_for_bit(tiny, qk_norm):
+    from eridiffusion.trainers.arch import sd3
+    model = mmdit(tiny, qk_norm)
+    assert model.joint_blocks[-1].context_block.pre_only
+    forward = sd3.SD3().training_block_forward(model.joint_blocks[0])
+    assert forward is sd3.joint_block_forward
+    assert_joint_blocks_agree(model, joint_block_inputs(model), forward)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_through_the_kernels_the_sd3_joint_blocks_training_forward_is_comfyuis_bit_for_bit(tiny, dtype, monkeypatch):
+    from eridiffusion.trainers.arch import sd3
+    rms_norm_takes = fused.rms_norm_takes
+    monkeypatch.setattr(fused, "rms_norm_takes", lambda x, weight, interpret=False: rms_norm_takes(x, weight, True))
+    used = []
+    function = fused._JointAttentionInputs
+    monkeypatch.setattr(fused, "_JointAttentionInputs", type("Counted", (function,), {"apply": classmethod(
+        lambda cls, *args: used.append(args[1]) or function.apply(*args))}))
+    model = mmdit(tiny).to(dtype)
+    for name, module in model.named_modules():
+        if name.endswith(".ln_q") or name.endswith(".ln_k"):
+            monkeypatch.setattr(module, "forward", fused.FusedRMSNormForward(module))
+    assert_joint_blocks_agree(model, joint_block_inputs(model, dtype=dtype), sd3.joint_block_forward)
+    assert used == [True] * 4       # forward and recomputation of each of the two blocks, MMDiT's layout
+
+
+def test_sd3_blocks_keep_their_own_forward_where_the_code_differs(tiny, monkeypatch):
+    from eridiffusion.trainers import comfy_compat
+    from eridiffusion.trainers.arch import sd3
+    model = mmdit(tiny)
+    block = model.joint_blocks[0]
+    assert sd3.SD3().training_block_forward(block) is sd3.joint_block_forward
+    monkeypatch.setattr(comfy_compat, "_KNOWN_MMDIT_SOURCES", frozenset())
+    assert sd3.SD3().training_block_forward(block) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(block.x_block, "x_block_self_attn", True)          # SD 3.5 Medium's MMDiT-X
+    assert sd3.SD3().training_block_forward(block) is None
+
+
 # ------------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @needs_gpu
@@ -346,3 +434,38 @@ def test_on_the_gpu_the_flux_blocks_training_forwards_are_comfyuis_bit_for_bit(m
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_on_the_gpu_the_sd3_joint_blocks_training_forward_is_comfyuis_bit_for_bit(monkeypatch):
+    """An SD 3.5 Large joint block (2,432 wide, 38 heads of 64, RMS QK norms; random weights) in bf16 at 1024² (333
+    context and 4,096 image tokens), against ComfyUI's forward with torch's kernels (SDPA's math backend)."""
+    import comfy.ops
+    from torch.nn.attention import SDPBackend
+    from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
+    from eridiffusion.trainers import blocks as training_blocks
+    from eridiffusion.trainers.arch import sd3
+    monkeypatch.setattr(training_blocks, "TRAINING_SDPA_PRIORITY", [SDPBackend.MATH])
+    torch.manual_seed(0)
+    block = JointBlock(2432, 38, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False, rmsnorm=False,
+                       scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=False,
+                       operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.02 + (1 if parameter.ndim == 1 else 0))
+    block.to("cuda", torch.bfloat16)
+    generator = torch.Generator().manual_seed(2)
+    inputs = {"context": torch.randn(1, 333, 2432, generator=generator),
+              "x": torch.randn(1, 4096, 2432, generator=generator),
+              "c": torch.randn(1, 2432, generator=generator)}
+    inputs = {name: t.to("cuda", torch.bfloat16) for name, t in inputs.items()}
+    from eridiffusion.trainers.blocks import prime_attention, training_attention
+    from eridiffusion.trainers.comfy_compat import training_mode
+    prime_attention(torch.device("cuda"), torch.bfloat16)
+    with training_mode(), training_attention(torch.device("cuda")):
+        ours, comfy = run_joint_block(block, sd3.joint_block_forward, inputs), run_joint_block(block, None, inputs)
+    for a, b in zip(ours[0] + tuple(ours[1]), comfy[0] + tuple(comfy[1])):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -3,6 +3,7 @@ the model's shift (3.0, or what a ModelSamplingSD3 node set)."""
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 
@@ -36,7 +37,65 @@ class SD3(RectifiedFlow):
         from .. import fused
         return fused.qk_norm_forwards(diffusion_model, ("ln_q", "ln_k"))
 
+    def training_block_forward(self, block):
+        from .. import fused
+        from ..comfy_compat import known_mmdit_block
+        if not fused.ENABLED["concat"] or not known_mmdit_block(block) or block.x_block.x_block_self_attn:
+            return None     # (SD 3.5 Medium's MMDiT-X blocks: their own forward)
+        return joint_block_forward
+
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
         return {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
                 "y": torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)}
+
+
+# MMDiT's JointBlock while training, its q, k and v written in place (trainers/fused.py). It reproduces ComfyUI's
+# JointBlock.forward -> block_mixing -> _block_mixing with DismantledBlock.pre_attention and
+# SelfAttention.pre_attention statement by statement (comfy_compat.known_mmdit_block), so results are its own bit
+# for bit; ComfyUI's functions and methods are looked up at each call.
+def joint_block_forward(block, *args, use_checkpoint=True, **kwargs):
+    """JointBlock.forward, the context's and x's q, k and v written straight into their concatenations and each qkv
+    projection's gradient in one piece (fused.mmdit_joint_attention_inputs)."""
+    if use_checkpoint:      # (ComfyUI's own checkpoint: MMDiT's use_checkpoint, off unless set)
+        return type(block).forward(block, *args, use_checkpoint=use_checkpoint, **kwargs)
+    return _block_mixing(*args, context_block=block.context_block, x_block=block.x_block, **kwargs)
+
+
+def _qkv_projection(block, x, c):
+    """DismantledBlock.pre_attention up to its attention's qkv Linear: (its output, the intermediates)."""
+    mmdit = sys.modules[type(block).__module__]
+    if not block.pre_only:
+        if not block.scale_mod_only:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+        else:
+            shift_msa = None
+            shift_mlp = None
+            scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(4, dim=1)
+        qkv = block.attn.qkv(mmdit.modulate(block.norm1(x), shift_msa, scale_msa))
+        return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+    if not block.scale_mod_only:
+        shift_msa, scale_msa = block.adaLN_modulation(c).chunk(2, dim=1)
+    else:
+        shift_msa = None
+        scale_msa = block.adaLN_modulation(c)
+    return block.attn.qkv(mmdit.modulate(block.norm1(x), shift_msa, scale_msa)), None
+
+
+def _block_mixing(context, x, context_block, x_block, c, transformer_options={}):
+    from .. import fused
+    mmdit = sys.modules[type(x_block).__module__]
+    context_qkv, context_intermediates = _qkv_projection(context_block, context, c)
+    x_qkv, x_intermediates = _qkv_projection(x_block, x, c)
+    context_length = context_qkv.shape[1]
+    qkv = fused.mmdit_joint_attention_inputs(context_qkv, x_qkv, context_block.attn, x_block.attn)
+    del context_qkv, x_qkv
+    attn = mmdit.optimized_attention(qkv[0], qkv[1], qkv[2], heads=x_block.attn.num_heads,
+                                     transformer_options=transformer_options)
+    del qkv
+    context_attn, x_attn = attn[:, :context_length], attn[:, context_length:]
+    if not context_block.pre_only:
+        context = context_block.post_attention(context_attn, *context_intermediates)
+    else:
+        context = None
+    return context, x_block.post_attention(x_attn, *x_intermediates)
