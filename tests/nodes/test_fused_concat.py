@@ -142,7 +142,7 @@ def block_inputs(model, tokens=16, text=8, seed=0):
             "vec": torch.randn(1, hidden, generator=generator), "pe": pe}
 
 
-def run_block(block, forward, inputs, single):
+def run_block(block, forward, inputs, single, vec=None):
     """The block's output under TrainingBlockForward (out of place, checkpointed) with `forward`, and the gradients
     of its inputs and of its weights for a fixed random output gradient."""
     from eridiffusion.trainers.blocks import prime_attention, training_attention
@@ -158,11 +158,12 @@ def run_block(block, forward, inputs, single):
     run = TrainingBlockForward(block, checkpoint=True, out_of_place=True, forward=forward)
     # (0.33 rotates q and k by its eager, differentiable rope only while training)
     with training_mode(), training_attention(device):
+        vec = leaves["vec"] if vec is None else vec      # (Chroma's: modulations given)
         if single:
             x = torch.cat((leaves["txt"], leaves["img"]), 1)
-            outs = (run(x, vec=leaves["vec"], pe=leaves["pe"]),)
+            outs = (run(x, vec=vec, pe=leaves["pe"]),)
         else:
-            outs = run(img=leaves["img"], txt=leaves["txt"], vec=leaves["vec"], pe=leaves["pe"])
+            outs = run(img=leaves["img"], txt=leaves["txt"], vec=vec, pe=leaves["pe"])
         generator = torch.Generator().manual_seed(9)
         loss = sum((out * torch.randn(out.shape, generator=generator).to(out.device, out.dtype)).sum()
                    for out in outs)
@@ -219,6 +220,35 @@ def test_through_the_kernels_the_flux_blocks_training_forwards_are_comfyuis_bit_
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
     # forward and its recomputation of each block
     assert used == ["_JointAttentionInputs"] * 2 + ["_SingleBlockInputs", "_FusedGeluTanhBeside"] * 2
+
+
+def test_chromas_blocks_training_forwards_are_comfyuis_bit_for_bit(tiny):
+    """Chroma's blocks take their modulations as given (ModulationOut shift, scale, gate from its approximator)
+    rather than computing them from vec: outputs and gradients, the modulations' included, against ComfyUI's."""
+    from comfy.ldm.flux.layers import ModulationOut
+    model = flux_blocks(tiny, "chroma")
+    hidden, generator = model.hidden_size, torch.Generator().manual_seed(4)
+    inputs = block_inputs(model)
+
+    def modulations(count):
+        return [torch.randn(1, 1, hidden, generator=generator) for _ in range(3 * count)]
+    double_mods, single_mods = modulations(4), modulations(1)
+    for block, single, mods in ((model.double_blocks[0], False, double_mods), (model.single_blocks[0], True,
+                                                                               single_mods)):
+        forward = flux_arch.Flux().training_block_forward(block)
+        results = []
+        for runs_forward in (forward, None):
+            leaves = [m.clone().requires_grad_() for m in mods]
+            given = ModulationOut(*leaves[:3]) if single else (
+                (ModulationOut(*leaves[0:3]), ModulationOut(*leaves[3:6])),
+                (ModulationOut(*leaves[6:9]), ModulationOut(*leaves[9:12])))
+            outputs, grads = run_block(block, runs_forward, dict(inputs, vec=torch.zeros(())), single, vec=given)
+            results.append((outputs, grads + [leaf.grad for leaf in leaves]))
+        (ours, ours_grads), (comfy, comfy_grads) = results
+        for a, b in zip(ours + tuple(ours_grads), comfy + tuple(comfy_grads)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_the_flux_familys_blocks_take_the_training_forwards_their_code_allows(tiny):
