@@ -917,19 +917,15 @@ def mmdit_joint_attention_inputs(txt_qkv: torch.Tensor, img_qkv: torch.Tensor, t
     if norms is not None:
         q, k, v = _JointAttentionInputs.apply(heads, True, txt_qkv, img_qkv, norms)
         return q.view(q.shape[0], q.shape[1], -1), k.view(k.shape[0], k.shape[1], -1), v
+    import sys
+    split_qkv = sys.modules[type(img_attn).__module__].split_qkv     # ComfyUI's own (mmdit.py)
     parts = []
     for qkv, attn in ((txt_qkv, txt_attn), (img_qkv, img_attn)):
-        q, k, v = _mmdit_split(qkv, attn.head_dim)
+        q, k, v = split_qkv(qkv, attn.head_dim)
         q = attn.ln_q(q).reshape(q.shape[0], q.shape[1], -1)
         k = attn.ln_k(k).reshape(q.shape[0], q.shape[1], -1)
         parts.append((q, k, v))
     return tuple(torch.cat((parts[0][t], parts[1][t]), dim=1) for t in range(3))
-
-
-def _mmdit_split(qkv: torch.Tensor, head_dim: int):
-    """MMDiT's split_qkv."""
-    qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, head_dim).movedim(2, 0)
-    return qkv[0], qkv[1], qkv[2]
 
 
 class _SharedGradient:
