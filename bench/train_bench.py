@@ -113,6 +113,9 @@ args.add_argument("--no-fused-rms-norm", action="store_true",
 args.add_argument("--no-fused-concat", action="store_true",
                   help="the Flux blocks' concatenations by torch.cat (q and k of the double blocks, the single blocks' "
                        "attention and MLP activation) instead of written in place (the A side of its A/B)")
+args.add_argument("--no-contiguous-blocks", action="store_true",
+                  help="SD 3.5's blocks on ComfyUI's transposed x, not copied contiguous first (the A side of its A/B; "
+                       "Architecture.contiguous_block_inputs)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
@@ -191,6 +194,9 @@ _fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 _fused.ENABLED["gelu"] &= not ARGS.no_fused_gelu
 _fused.ENABLED["rms_norm"] &= not ARGS.no_fused_rms_norm
 _fused.ENABLED["concat"] &= not ARGS.no_fused_concat
+if ARGS.no_contiguous_blocks:
+    from eridiffusion.trainers.arch.sd3 import SD3 as _SD3
+    _SD3.contiguous_block_inputs = False
 DEV = mm.get_torch_device()
 CUDA = DEV.type == "cuda"
 # torchrun --nproc_per_node N bench/train_bench.py ...: data parallel, batch per GPU, gradients all-reduced
@@ -609,10 +615,12 @@ def profile_step(run, label="step"):
     run.micro_batches = EagerMicroBatches(run._loss_and_gradients)
     run.step()
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                 with_stack=True) as prof:
         run.step()
         sync()
     run.micro_batches = graphed
+    by_op = kernels_by_launching_op(prof)
 
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -635,6 +643,34 @@ def profile_step(run, label="step"):
             f.write("\n".join(lines) + "\n\nall kernels:\n")
             for e in sorted(events, key=lambda e: -device_us(e)):
                 f.write(f"{device_us(e) / 1e3:9.3f} ms {e.count:6d}x [{kernel_kind(e.key)}] {e.key}\n")
+            f.write("\nby launching op (kernel kind, op, the backward node it ran in or 'forward', input shapes):\n")
+            f.writelines(by_op)
+
+
+def kernels_by_launching_op(prof, top=80):
+    """Kernel time grouped by the op that launched it, the autograd node it ran under and its input shapes: which
+    statement of the model a kernel belongs to (the kernel table alone says only what kind of kernel it is)."""
+    groups = {}
+    for e in prof.events():
+        kernels = getattr(e, "kernels", None)
+        if not kernels:
+            continue
+        node, parent = "forward", e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("autograd::engine::evaluate_function: "):
+                node = parent.name.split(": ", 1)[1]
+                break
+            parent = parent.cpu_parent
+        shapes = str(getattr(e, "input_shapes", ""))[:160]
+        frame = next((f for f in (getattr(e, "stack", None) or []) if "comfy" in f or "trainers" in f), "")
+        if frame:
+            shapes += " @ " + frame.rsplit("/", 2)[-1]
+        for k in kernels:
+            g = groups.setdefault((kernel_kind(k.name), e.name, node, shapes), [0.0, 0])
+            g[0] += k.duration / 1e3
+            g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [f"{ms:8.2f} ms {n:5d}x [{kind}] {op} in {node} {shapes}\n" for (kind, op, node, shapes), (ms, n) in rows]
 
 
 def queue_bench(mp, arch, steps=24, dtype=None):
@@ -732,7 +768,7 @@ def bench_arch(arch, card):
             "gc_freeze": not ARGS.no_gc_freeze, "fused_geglu": not ARGS.no_fused_geglu,
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
             "fused_gelu": not ARGS.no_fused_gelu, "fused_rms_norm": not ARGS.no_fused_rms_norm,
-            "fused_concat": not ARGS.no_fused_concat,
+            "fused_concat": not ARGS.no_fused_concat, "contiguous_blocks": not ARGS.no_contiguous_blocks,
             "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and

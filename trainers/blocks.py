@@ -132,13 +132,24 @@ def spread(count: int, fraction: float) -> list[bool]:
     return [int((i + 1) * fraction) > int(i * fraction) for i in range(count)]
 
 
+def _contiguous_if_permuted(value):
+    """A tensor whose elements are dense in memory but in another order, as a contiguous copy; anything else
+    (a broadcast view, which a copy would enlarge; a contiguous tensor; not a tensor) as it is."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous() or 0 in value.stride():
+        return value
+    span = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+    return value.contiguous() if span == value.numel() else value
+
+
 class TrainingBlockForward:
     """Object patch for a block's `forward` on the training clone of a MODEL. With `checkpoint`, the block is
     recomputed in backward, all but its attention when `keep_attention` (selective checkpointing)."""
 
     def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False,
-                 prefetcher=None, forward=None):
+                 prefetcher=None, forward=None, contiguous_inputs: bool = False):
         self.module = module
+        # Architecture.contiguous_block_inputs: a permuted input is copied once here, before any checkpoint
+        self.contiguous_inputs = contiguous_inputs
         # what runs the block while gradients are on: Architecture.training_block_forward's, else its own
         self.forward = forward or type(module).forward
         self.checkpoint = checkpoint
@@ -159,6 +170,9 @@ class TrainingBlockForward:
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return type(self.module).forward(self.module, *args, **kwargs)
+        if self.contiguous_inputs:
+            args = tuple(_contiguous_if_permuted(a) for a in args)
+            kwargs = {k: _contiguous_if_permuted(v) for k, v in kwargs.items()}
         if not self.checkpoint:
             return self._forward(*args, **kwargs)
         # Non-reentrant checkpointing. No RNG state to preserve (the diffusion models run without dropout) and

@@ -192,7 +192,7 @@ class TrainingRun:
         # memory_budget_gb: the streamed weights of the next block are copied while the current one computes
         self.prefetcher = offload.BlockPrefetcher(self.device) if settings.memory_budget_gb else None
         blocks = []
-        if settings.gradient_checkpointing or self.arch.out_of_place_blocks:
+        if settings.gradient_checkpointing or self.arch.out_of_place_blocks or self.arch.contiguous_block_inputs:
             root = self.base_model.diffusion_model
             paths = self.arch.block_modules(root)
             blocks = [root.get_submodule(path) for path in paths]
@@ -203,7 +203,8 @@ class TrainingRun:
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
                     block, checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
                     keep_attention=not settings.recompute_attention, prefetcher=self.prefetcher,
-                    forward=self.arch.training_block_forward(block) if fast else None))
+                    forward=self.arch.training_block_forward(block) if fast else None,
+                    contiguous_inputs=self.arch.contiguous_block_inputs))
         if fused.usable_on(self.device):
             for path, forward in self.arch.fused_forwards(self.base_model.diffusion_model).items():
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)

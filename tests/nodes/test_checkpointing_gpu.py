@@ -79,3 +79,25 @@ def test_training_attention_runs_cudnns_kernels_through_comfyuis_attention_on_ho
     assert not any("pytorch_flash" in name for name in kernels), kernels
     assert any("cudnn" in name.lower() or "sdpa" in name.lower() for name in kernels), kernels
     assert getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None) is comfy_order
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])
+def test_sd3_blocks_on_a_contiguous_stream_train_bit_for_bit_as_on_comfyuis_layout(comfy_folders, tiny, monkeypatch,
+                                                                                   gradient_checkpointing):
+    """Architecture.contiguous_block_inputs moves data only: with CUDA graphs, the Triton kernels and bf16, the
+    losses and weights are those of the blocks run on MMDiT's transposed x. SDPA's math backend: the fused
+    backends' backward is not deterministic from run to run."""
+    from torch.nn.attention import SDPBackend
+
+    from eridiffusion.trainers import blocks
+    from eridiffusion.trainers.arch.sd3 import SD3
+    monkeypatch.setattr(blocks, "TRAINING_SDPA_PRIORITY", [SDPBackend.MATH])
+    side = SIDE["sd3"]
+    p = prepared(comfy_folders, tiny, arch="sd3", sizes=((side, side),) * 2, resolution=side, min_side=64,
+                 max_side=side)
+    options = dict(gradient_checkpointing=gradient_checkpointing, compile="cuda_graphs")
+    contiguous = train(p, 3, **options)
+    monkeypatch.setattr(SD3, "contiguous_block_inputs", False)
+    comfys_layout = train(p, 3, **options)
+    assert contiguous.history.losses == comfys_layout.history.losses
+    assert all(torch.equal(contiguous.weights[k], comfys_layout.weights[k]) for k in contiguous.weights)

@@ -154,3 +154,30 @@ def test_latents_of_a_video_vae_are_each_images_own_as_vae_encode_gives_them(com
         alone = [vae.encode(_pixels(item)[None])[0] for item in dataset.items]
     assert all(torch.equal(a, b) for a, b in zip(latents.latents, alone))
     assert latents.latents[0].shape == (16, 1, 8, 8)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])
+def test_sd3_blocks_train_on_a_contiguous_stream_with_comfyuis_losses_bit_for_bit(comfy_folders, tiny, monkeypatch,
+                                                                                  gradient_checkpointing):
+    """MMDiT's PatchEmbed gives its blocks x transposed in memory; training copies it once into a contiguous tensor
+    (each LayerNorm would copy it again, every step), and the losses and weights stay those of ComfyUI's layout."""
+    from eridiffusion.trainers import blocks
+    from eridiffusion.trainers.arch.sd3 import SD3
+    p = prepared(comfy_folders, tiny, arch="sd3")
+    layouts = []
+    block_forward = blocks.TrainingBlockForward._forward
+
+    def recording(self, *args, **kwargs):
+        layouts.append([a.is_contiguous() for a in args if isinstance(a, torch.Tensor)])
+        return block_forward(self, *args, **kwargs)
+    monkeypatch.setattr(blocks.TrainingBlockForward, "_forward", recording)
+    _, contiguous, _ = train(p, 3, gradient_checkpointing=gradient_checkpointing)
+    assert layouts and all(all(seen) for seen in layouts)
+
+    layouts.clear()
+    monkeypatch.setattr(SD3, "contiguous_block_inputs", False)
+    _, comfys_layout, _ = train(p, 3, gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:     # (without, the blocks run unwrapped: nothing to record)
+        assert any(not all(seen) for seen in layouts), "ComfyUI's MMDiT now gives its blocks a contiguous x"
+    assert contiguous.history.losses == comfys_layout.history.losses
+    assert all(torch.equal(contiguous.weights[k], comfys_layout.weights[k]) for k in contiguous.weights)

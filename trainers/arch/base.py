@@ -27,6 +27,9 @@ class Architecture:
     # True when the model's blocks update tensors in place in a way autograd cannot differentiate
     # (see trainers/blocks.py); their forwards then run with augmented assignments made out of place.
     out_of_place_blocks: bool = False
+    # True when the model hands its blocks a residual stream in a transposed memory layout: training copies it
+    # once into a contiguous tensor before each block (trainers/blocks.py), the same values
+    contiguous_block_inputs: bool = False
     # True when the conditioning's `guidance` is an embedded-guidance input the samples should get (Flux-dev):
     # other models ignore it, or (Chroma) take ComfyUI's default unless a workflow sets one
     embedded_guidance: bool = False
