@@ -116,6 +116,9 @@ args.add_argument("--no-fused-concat", action="store_true",
 args.add_argument("--no-contiguous-blocks", action="store_true",
                   help="SD 3.5's blocks on ComfyUI's transposed x, not copied contiguous first (the A side of its A/B; "
                        "Architecture.contiguous_block_inputs)")
+args.add_argument("--no-kept-projections", action="store_true",
+                  help="checkpointed blocks recompute the adapters' rank-r projections too (the A side of its A/B; "
+                       "trainers.blocks.kept_in_checkpoints)")
 args.add_argument("--no-gc-freeze", action="store_true",
                   help="experiment: leave Python's collector on every object while training (trainers.loop)")
 args.add_argument("--memory-budget-gb", type=float, nargs="+", default=[0.0],
@@ -194,6 +197,9 @@ _fused.ENABLED["rope"] &= not ARGS.no_fused_rope
 _fused.ENABLED["gelu"] &= not ARGS.no_fused_gelu
 _fused.ENABLED["rms_norm"] &= not ARGS.no_fused_rms_norm
 _fused.ENABLED["concat"] &= not ARGS.no_fused_concat
+if ARGS.no_kept_projections:
+    import eridiffusion.trainers.blocks as _blocks
+    _blocks._PRODUCT_OPS = frozenset()
 if ARGS.no_contiguous_blocks:
     from eridiffusion.trainers.arch.sd3 import SD3 as _SD3
     _SD3.contiguous_block_inputs = False
@@ -647,7 +653,7 @@ def profile_step(run, label="step"):
             f.writelines(by_op)
 
 
-def kernels_by_launching_op(prof, top=80):
+def kernels_by_launching_op(prof, top=200):
     """Kernel time grouped by the op that launched it, the autograd node it ran under and its input shapes: which
     statement of the model a kernel belongs to (the kernel table alone says only what kind of kernel it is)."""
     groups = {}
@@ -769,6 +775,7 @@ def bench_arch(arch, card):
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
             "fused_gelu": not ARGS.no_fused_gelu, "fused_rms_norm": not ARGS.no_fused_rms_norm,
             "fused_concat": not ARGS.no_fused_concat, "contiguous_blocks": not ARGS.no_contiguous_blocks,
+            "kept_projections": not ARGS.no_kept_projections,
             "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and

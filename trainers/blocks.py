@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import sys
+import threading
 
 import torch
 import torch.utils.checkpoint
@@ -58,16 +59,36 @@ _ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
+# An adapter's rank-r projection (LoRA's x·downᵀ) is kept too: a product that reads a whole activation for an
+# output of r columns (a few µs each, ~700 of them in an SDXL step), for rows × r values saved. The adapter marks
+# it (kept_in_checkpoints): a product's shape cannot tell it from a narrow base layer, whose output the adapter
+# then changes in place (torch's checkpoint refuses a kept tensor changed in place).
+_PRODUCT_OPS = frozenset((torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                          torch.ops.aten.convolution.default))
+_kept_products = threading.local()
 
 
-def _keep_attention(ctx, op, *args, **kwargs):
+@contextlib.contextmanager
+def kept_in_checkpoints():
+    """Matrix products and convolutions run inside are kept from a checkpointed block's forward instead of being
+    recomputed in backward (with keep_attention)."""
+    _kept_products.depth = getattr(_kept_products, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _kept_products.depth -= 1
+
+
+def _kept(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _ATTENTION_OPS or (op in _PRODUCT_OPS and getattr(_kept_products, "depth", 0)):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _attention_kept_contexts():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    return create_selective_checkpoint_contexts(_keep_attention)
+    return create_selective_checkpoint_contexts(_kept)
 
 
 # The order in which training tries torch's SDPA backends (the first that supports the inputs runs), or None for
@@ -143,7 +164,8 @@ def _contiguous_if_permuted(value):
 
 class TrainingBlockForward:
     """Object patch for a block's `forward` on the training clone of a MODEL. With `checkpoint`, the block is
-    recomputed in backward, all but its attention when `keep_attention` (selective checkpointing)."""
+    recomputed in backward, all but its attention and its adapters' rank-r projections when `keep_attention`
+    (selective checkpointing)."""
 
     def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False,
                  prefetcher=None, forward=None, contiguous_inputs: bool = False):

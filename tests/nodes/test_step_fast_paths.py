@@ -97,6 +97,34 @@ def test_checkpointed_blocks_keep_their_attention_instead_of_recomputing_it(comf
     assert all(torch.equal(kept.weights[k], recomputed.weights[k]) for k in kept.weights)
 
 
+@pytest.mark.parametrize("arch", ["sdxl", "flux", "sd3"])
+def test_checkpointed_blocks_keep_their_adapters_rank_projections(comfy_folders, tiny, arch):
+    """LoRA's x·downᵀ (a product of `rank` columns) runs once per micro-batch as without checkpointing, not again in
+    the recomputation; the trained weights are the same bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    p = bf16_prepared(comfy_folders, tiny, arch)
+    rank = p["adapter"].spec.rank
+
+    class CountRankProducts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and args[-1].shape[-1] == rank:
+                CountRankProducts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    runs = {}
+    for name, options in {"kept": {}, "no_checkpointing": {"gradient_checkpointing": False},
+                          "all_recomputed": {"recompute_attention": True}}.items():
+        CountRankProducts.count = 0
+        with CountRankProducts():
+            runs[name] = (trained(p, 2, compile="off", **options), CountRankProducts.count)
+    assert runs["kept"][1] == runs["no_checkpointing"][1] < runs["all_recomputed"][1]
+    kept, recomputed = runs["kept"][0], runs["all_recomputed"][0]
+    assert kept.history.losses == recomputed.history.losses
+    assert all(torch.equal(kept.weights[k], recomputed.weights[k]) for k in kept.weights)
+
+
 def test_auto_precision_is_the_models_own_half_precision():
     from eridiffusion.trainers.config import TrainingSettings
     from eridiffusion.trainers.loop import resolve_precision

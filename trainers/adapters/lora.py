@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..blocks import kept_in_checkpoints
 from ..config import AdapterSpec
 from . import base
 from .base import AdapterLayer, check_shapes, target_shape
@@ -46,7 +47,9 @@ class LoraLayer(AdapterLayer):
     # The scale multiplies the rank-r hidden activation, not the layer-sized output: the same product, a far
     # smaller tensor (and no kernel at all when alpha == rank).
     def _hidden(self, x: torch.Tensor, layer) -> torch.Tensor:
-        hidden = base.functional(layer, x, self.cast("down", x.dtype))
+        down = self.cast("down", x.dtype)
+        with kept_in_checkpoints():
+            hidden = base.functional(layer, x, down)
         return hidden * self.scale if self.scale != 1.0 else hidden
 
     def delta(self, x: torch.Tensor, layer) -> torch.Tensor:
@@ -101,7 +104,8 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale, fp8=None):
         out = F.linear(x, weight, bias) if fp8 is None else fp8.forward(x, weight, bias, x.dtype)
-        hidden = F.linear(x, down)
+        with kept_in_checkpoints():
+            hidden = F.linear(x, down)
         if scale != 1.0:
             hidden = hidden * scale
         out.addmm_(hidden, up.t())
