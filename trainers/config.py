@@ -357,7 +357,8 @@ class TrainingSettings:
                                        default=1.0)
     recompute_attention: bool = _help("With gradient checkpointing, recompute attention too. Off keeps each "
                                       "block's attention output from the forward pass (Flux ~1.6 GiB, SDXL ~0.3 GiB "
-                                      "at 1024²) and saves its recomputation (~5% faster).", default=False)
+                                      "at 1024²) and saves its recomputation (~5% faster), and LoRA's rank-r "
+                                      "projections (SDXL ~20 MB, ~3% faster).", default=False)
     seed: int = _help("Seed for batch order, noise, timesteps, caption dropout and the caption variant each step "
                       "draws.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",
