@@ -277,6 +277,8 @@ class TrainingRun:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+        # data parallel: the gradients as parts of flat tensors, all-reduced in place each step
+        self.gradient_buckets = world.gradient_buckets(self.params) if world is not None else None
         self.gradients = [param.grad for param in self.params]
         self.ema_names, self.ema_params, self.ema = self._start_ema(state, settings)
         # Autocast only to compute in another dtype than the model's: for a bf16 model trained in bf16 it would
@@ -575,7 +577,7 @@ class TrainingRun:
             loss_sum = torch.zeros((), device=self.device)
         if self.world is not None:
             loss_sum = self.world.sum(loss_sum)
-            self.world.sum_gradients(self.params)
+            self.gradient_buckets.sum_over_ranks()
         lr = learning_rate(self.settings, self.step_count, self.schedule_steps)
         for index, group in enumerate(self.optimizer.param_groups):   # group 1: the text encoder's
             group["lr"] = lr * self.te_lr_scale if index == 1 else lr
