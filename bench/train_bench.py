@@ -80,6 +80,10 @@ args.add_argument("--fraction", type=float, nargs="+", default=[1.0],
                   help="checkpoint_fraction values to time with gradient checkpointing (gc)")
 args.add_argument("--recompute-attention", action="store_true",
                   help="recompute attention in checkpointed blocks too (recompute_attention)")
+args.add_argument("--copy-gradients", action="store_true",
+                  help="copy a replayed graph's gradients into the parameters' own (before adopt_gradients)")
+args.add_argument("--keep-layers", action="store_true",
+                  help="keep the LoRA / FP8 Linear layers' outputs in checkpointed blocks (recompute_layers off)")
 args.add_argument("--queue", action="store_true",
                   help="also time from loading the model file (ComfyUI's UNETLoader, after saving the random model) "
                        "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
@@ -200,6 +204,9 @@ _fused.ENABLED["concat"] &= not ARGS.no_fused_concat
 if ARGS.no_kept_projections:
     import eridiffusion.trainers.blocks as _blocks
     _blocks._PRODUCT_OPS = frozenset()
+if ARGS.copy_gradients:
+    import eridiffusion.trainers.loop as _loop
+    _loop.ADOPT_GRADIENTS = False
 if ARGS.no_contiguous_blocks:
     from eridiffusion.trainers.arch.sd3 import SD3 as _SD3
     _SD3.contiguous_block_inputs = False
@@ -478,8 +485,8 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
     settings = TrainingSettings(optimizer=optimizer, learning_rate=1e-4, batch_size=batch, precision=PRECISION,
                                 gradient_checkpointing=checkpointing, compile=compile, checkpoint_fraction=fraction,
                                 recompute_attention=ARGS.recompute_attention, memory_budget_gb=budget,
-                                optimizer_offload=ARGS.optimizer_offload, fp8_compute=ARGS.fp8_compute,
-                                seed=ARGS.train_seed)
+                                recompute_layers=not ARGS.keep_layers, optimizer_offload=ARGS.optimizer_offload,
+                                fp8_compute=ARGS.fp8_compute, seed=ARGS.train_seed)
     kind, dora = ("lora", True) if adapter == "dora" else (adapter, False)
     state = new_adapter(make_spec(mp, kind, 16, 16.0, "attention_mlp", 0, "fp32", dora=dora), mp)
     if budget:
@@ -775,7 +782,7 @@ def bench_arch(arch, card):
             "fused_group_norm": not ARGS.no_fused_group_norm, "fused_rope": not ARGS.no_fused_rope,
             "fused_gelu": not ARGS.no_fused_gelu, "fused_rms_norm": not ARGS.no_fused_rms_norm,
             "fused_concat": not ARGS.no_fused_concat, "contiguous_blocks": not ARGS.no_contiguous_blocks,
-            "kept_projections": not ARGS.no_kept_projections,
+            "kept_projections": not ARGS.no_kept_projections, "adopted_gradients": not ARGS.copy_gradients,
             "fp8_compute": ARGS.fp8_compute}
     records = []
     # The built-in node runs after ours: it leaves its adapters' weight functions on the shared model's layers and
@@ -793,10 +800,13 @@ def bench_arch(arch, card):
                  + ("_eager-rms" if ARGS.no_fused_rms_norm else "")
                  + ("_fp8" if ARGS.fp8_compute else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
+                 + ("_kl" if ARGS.keep_layers and variant == "gc" else "")
+                 + ("_gradcopy" if ARGS.copy_gradients else "")
                  + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")
                  + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_optoffload" if ARGS.optimizer_offload else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
-               "recompute_attention": ARGS.recompute_attention, "memory_budget_gb": budget, "batch": batch,
+               "recompute_attention": ARGS.recompute_attention, "recompute_layers": not ARGS.keep_layers,
+               "memory_budget_gb": budget, "batch": batch,
                "optimizer": optimizer, "optimizer_offload": ARGS.optimizer_offload,
                "s_per_step": None, "peak_gib": None, "ratio": None}
         try:

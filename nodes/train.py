@@ -110,6 +110,8 @@ class EriTrainingSettings(io.ComfyNode):
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=MEMORY_BUDGET_MAX_GB, step=0.5,
                                round=False, tooltip=_tip("memory_budget_gb"), optional=True),
                 io.Boolean.Input("fp8_compute", default=False, tooltip=_tip("fp8_compute"), optional=True),
+                io.Boolean.Input("recompute_layers", default=True, tooltip=_tip("recompute_layers"),
+                                 optional=True),
             ],
             outputs=[Settings.Output(display_name="settings")],
         )

@@ -11,6 +11,7 @@ are on — build a new tensor and rebind the name, which is what `a = a + b` doe
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dis
 import sys
@@ -79,16 +80,87 @@ def kept_in_checkpoints():
         _kept_products.depth -= 1
 
 
-def _kept(ctx, op, *args, **kwargs):
+def _kept(keep_attention: bool, keep_layers: bool, ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
-    if op in _ATTENTION_OPS or (op in _PRODUCT_OPS and getattr(_kept_products, "depth", 0)):
+    if ((keep_attention and op in _ATTENTION_OPS) or (op in _PRODUCT_OPS and getattr(_kept_products, "depth", 0))
+            or (keep_layers and op is torch.ops.aten.convolution.default)):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _attention_kept_contexts():
+# recompute_layers off: the outputs of a checkpointed block's convolutions (selective checkpointing's policy above)
+# and of its LoRA Linear layers (LoraLinear) and FP8 GEMMs (fp8._Fp8Linear), kept from its first forward. A Linear
+# layer's product and the adapter's in-place add into it are one output, which the policy cannot keep op by op
+# (torch's checkpoint refuses a kept tensor changed in place): those are handed back, in order, to the
+# recomputation, which skips computing them (kept_linear_outputs). Per thread: (mode "record" or "replay", the
+# block's queue, the selective-checkpointing mode whose op counts the skipped products must not enter).
+_linear_outputs = threading.local()
+
+
+def kept_linear_outputs(compute):
+    """compute() (a tuple of tensors: a Linear layer's output and what its backward needs) as it runs everywhere,
+    except inside a checkpointed block with recompute_layers off: there the first forward keeps the tensors and
+    the recomputation gets them back instead of computing them again. Selective checkpointing counts every op of
+    a block to match its first forward with the recomputation, so compute() runs outside its mode in both. A
+    tensor changed in place after the first forward (the adapters' fallback adding into a base output) has
+    other values now: compute() runs again instead."""
+    state = getattr(_linear_outputs, "state", None)
+    if state is None:
+        return compute()
+    mode, queue, selective = state
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+    if _get_current_dispatch_mode() is not selective:   # another mode above it: recompute as usual, both times
+        if mode == "record":
+            queue.append(None)
+            return compute()
+        queue.popleft()
+        return compute()
+    with _pop_mode_temporarily():
+        if mode == "record":
+            values = compute()
+            queue.append((values, tuple(v._version for v in values)))
+            return values
+        entry = queue.popleft()
+        if entry is None or any(v._version != version for v, version in zip(*entry)):
+            return compute()
+        # new tensor objects on the same memory: the first forward's outputs belong to the graph backward runs
+        return tuple(v.detach() for v in entry[0])
+
+
+class _LinearOutputsKept:
+    """A checkpointed block's forward or recomputation context: selective checkpointing's mode, and the block's
+    kept Linear outputs recorded (forward) or replayed (recomputation)."""
+
+    def __init__(self, selective, mode: str, queue):
+        self.selective, self.mode, self.queue = selective, mode, queue
+
+    def __enter__(self):
+        self.selective.__enter__()
+        self.previous = getattr(_linear_outputs, "state", None)
+        _linear_outputs.state = (self.mode, self.queue, self.selective)
+        return self
+
+    def __exit__(self, *exc):
+        _linear_outputs.state = self.previous
+        return self.selective.__exit__(*exc)
+
+
+def _checkpoint_contexts(keep_attention: bool, keep_layers: bool):
+    """torch's checkpoint `context_fn`: selective checkpointing that keeps attention (keep_attention) and the
+    adapters' marked products, and with keep_layers the blocks' convolution and Linear outputs."""
+    import functools
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    return create_selective_checkpoint_contexts(_kept)
+
+    def contexts():
+        forward, recompute = create_selective_checkpoint_contexts(functools.partial(_kept, keep_attention,
+                                                                                    keep_layers))
+        if not keep_layers:
+            return forward, recompute
+        # torch sets this on its own caching mode only; False is its default behaviour, without its warning
+        forward.respect_saved_tensors_hooks = False
+        queue = collections.deque()
+        return _LinearOutputsKept(forward, "record", queue), _LinearOutputsKept(recompute, "replay", queue)
+    return contexts
 
 
 # The order in which training tries torch's SDPA backends (the first that supports the inputs runs), or None for
@@ -165,10 +237,11 @@ def _contiguous_if_permuted(value):
 class TrainingBlockForward:
     """Object patch for a block's `forward` on the training clone of a MODEL. With `checkpoint`, the block is
     recomputed in backward, all but its attention and its adapters' rank-r projections when `keep_attention`
-    (selective checkpointing)."""
+    (selective checkpointing), and all but its convolutions' and LoRA and FP8 Linear layers' outputs when
+    `keep_layers`."""
 
     def __init__(self, module: torch.nn.Module, checkpoint: bool, out_of_place: bool, keep_attention: bool = False,
-                 prefetcher=None, forward=None, contiguous_inputs: bool = False):
+                 prefetcher=None, forward=None, contiguous_inputs: bool = False, keep_layers: bool = False):
         self.module = module
         # Architecture.contiguous_block_inputs: a permuted input is copied once here, before any checkpoint
         self.contiguous_inputs = contiguous_inputs
@@ -176,7 +249,8 @@ class TrainingBlockForward:
         self.forward = forward or type(module).forward
         self.checkpoint = checkpoint
         self.out_of_place = out_of_place
-        self.context_fn = _attention_kept_contexts if keep_attention else None
+        self.context_fn = (_checkpoint_contexts(keep_attention, keep_layers) if keep_attention or keep_layers
+                           else None)
         # memory_budget_gb: stages the block's streamed weights, in the first pass and the recomputation alike
         self.prefetcher = prefetcher
         self.index = prefetcher.register(module) if prefetcher is not None else None

@@ -55,6 +55,7 @@ import os
 
 import torch
 
+from .blocks import kept_linear_outputs
 from .comfy_compat import dequantized_linear, fp8_tensorwise, has_quantized_weight, is_linear
 from .config import ConfigError
 from .fused import INTERPRETING, _block, tl, triton, triton_available  # noqa: F401 (tl: the kernels' global)
@@ -407,7 +408,8 @@ class _Fp8Linear(torch.autograd.Function):
         # Held, not saved: the weight is frozen (no in-place update within a step), and a MODEL that sampling first
         # loaded to the GPU under inference mode has inference-tensor weights, which save_for_backward refuses
         ctx.weight = weight
-        return gemm.forward(x, weight, bias, out_dtype)
+        out, = kept_linear_outputs(lambda: (gemm.forward(x, weight, bias, out_dtype),))
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -890,6 +890,7 @@ def _parse_train(t: _Section, arch: str, caption_dropout: float, cpu_offload: bo
         nan_policy=t.choice("nan_policy", "stop", {"stop": "stop", "skip": "skip"}),
         compile=t.choice("compile", "cuda_graphs", {"cuda_graphs": "cuda_graphs", "off": "off"}),
         recompute_attention=t.bool("recompute_attention", False),
+        recompute_layers=t.bool("recompute_layers", True),
         checkpoint_fraction=t.float("checkpoint_fraction", 1.0, lo=0.0, hi=1.0),
         optimizer_offload=t.bool("cpu_offload", cpu_offload) or t.bool("optimizer_offload", False),
         reg_weight=_reg_weight(t),

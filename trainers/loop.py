@@ -67,6 +67,9 @@ class TrainingError(RuntimeError):
 
 
 MAX_CONSECUTIVE_SKIPS = 10
+# Replayed graphs' gradients become the parameters' .grad (TrainingRun.adopts_gradients); False: copied (the bench's
+# A/B runs)
+ADOPT_GRADIENTS = True
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ class TrainingRun:
                 block = root.get_submodule(path)
                 self.patcher.add_object_patch(f"diffusion_model.{path}.forward", TrainingBlockForward(
                     block, checkpoint=checkpoint, out_of_place=self.arch.out_of_place_blocks,
-                    keep_attention=not settings.recompute_attention, prefetcher=self.prefetcher,
+                    keep_attention=not settings.recompute_attention, keep_layers=not settings.recompute_layers,
+                    prefetcher=self.prefetcher,
                     forward=self.arch.training_block_forward(block) if fast else None,
                     contiguous_inputs=self.arch.contiguous_block_inputs))
         if fused.usable_on(self.device):
@@ -229,6 +233,10 @@ class TrainingRun:
                 logging.warning("EriDiffusion: memory_budget_gb streams weights, but blocks without gradient "
                                 "checkpointing keep their streamed weights on the GPU until backward: turn "
                                 "gradient_checkpointing on with checkpoint_fraction 1 for the budget to hold")
+            if settings.gradient_checkpointing and not settings.recompute_layers:
+                logging.warning("EriDiffusion: memory_budget_gb plans for recomputed blocks, but recompute_layers "
+                                "off keeps their Linear layers' outputs on the GPU until backward: turn "
+                                "recompute_layers on for the budget to hold")
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]
         # Two parameter groups when the text encoder trains (its own learning rate): its layers come last
@@ -297,6 +305,15 @@ class TrainingRun:
             self.micro_batches = GraphedMicroBatches(self._loss_and_gradients, self.device)
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
+        # A replayed graph hands back the same gradient tensors every step. With one micro-batch per step and one
+        # process they become the parameters' .grad themselves (adopt_gradients): no copy of every gradient per
+        # step (SDXL's 1,400: ~0.7 ms of copy kernels). Not where the gradients are views of flat tensors
+        # (AdamW8bit's) or are summed (accumulation, regularisation batches, ranks), nor without graphs (new
+        # tensors every step: setting 1,400 .grad costs the host more than the copy costs the GPU).
+        self.adopts_gradients = (ADOPT_GRADIENTS and isinstance(self.micro_batches, GraphedMicroBatches)
+                                 and settings.grad_accumulation == 1 and self.reg_order is None and world is None
+                                 and all(p.grad._base is None for p in self.params))
+        self.adopted = None
 
     def _install_fp8(self) -> None:
         """fp8_compute: the blocks' frozen Linear layers (adapted ones included, their adapter in its own dtype) run
@@ -548,6 +565,19 @@ class TrainingRun:
                                             allow_unused=True, materialize_grads=True)
         return loss.detach(), gradients
 
+    def _adopted(self, gradients: tuple) -> bool:
+        """Whether the micro-batch's `gradients` are now the parameters' .grad (adopts_gradients)."""
+        if gradients is self.adopted:
+            return True
+        if not self.adopts_gradients or not all(
+                g.dtype == p.dtype and g.shape == p.shape and g.device == p.device and g.is_contiguous()
+                for g, p in zip(gradients, self.params)):
+            return False
+        for param, gradient in zip(self.params, gradients):
+            param.grad = gradient
+        self.gradients, self.adopted = list(gradients), gradients
+        return True
+
     def step(self) -> StepReport:
         started = time.perf_counter()
         # what export() gives while a step is under way: the last finished step (Cancel or an error mid-step)
@@ -570,7 +600,9 @@ class TrainingRun:
                     continue
                 loss, gradients = self.micro_batches(inputs, (self.global_count,))
                 # used up before the next micro-batch: a graph's replay overwrites its outputs
-                (torch._foreach_copy_ if loss_sum is None else torch._foreach_add_)(self.gradients, list(gradients))
+                if not self._adopted(gradients):
+                    (torch._foreach_copy_ if loss_sum is None else torch._foreach_add_)(self.gradients,
+                                                                                       list(gradients))
                 loss_sum = loss.clone() if loss_sum is None else loss_sum + loss
         if loss_sum is None:     # this rank's shares were all empty: it adds nothing to the sum over ranks
             torch._foreach_zero_(self.gradients)

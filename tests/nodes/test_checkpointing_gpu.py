@@ -1,5 +1,5 @@
 """Gradient checkpointing on the GPU trains what training without it trains, on every architecture, with each
-block's attention kept or recomputed, with and without CUDA graphs.
+block's attention kept or recomputed, its Linear layers' outputs kept, with and without CUDA graphs.
 
 SDXL's and Flux's images are 1024 pixels so that ComfyUI's attention takes its GPU path: ComfyUI 0.33 hands
 attention inputs of 131,072 elements and more to SDPA under its own backend priority (flash, cuDNN, efficient,
@@ -44,11 +44,11 @@ def p(comfy_folders, tiny, arch):
 
 
 @pytest.mark.parametrize("compile_mode", ["off", "cuda_graphs"])
-@pytest.mark.parametrize("recompute_attention", [False, True], ids=["attention_kept", "attention_recomputed"])
-def test_checkpointed_training_equals_training_without_checkpointing(p, compile_mode, recompute_attention):
+@pytest.mark.parametrize("kept", [{}, {"recompute_attention": True}, {"recompute_layers": False}],
+                         ids=["attention_kept", "attention_recomputed", "layers_kept"])
+def test_checkpointed_training_equals_training_without_checkpointing(p, compile_mode, kept):
     # checkpointed first: in a new process the first attention calls are the ones that failed
-    checkpointed = train(p, 3, gradient_checkpointing=True, recompute_attention=recompute_attention,
-                         compile=compile_mode)
+    checkpointed = train(p, 3, gradient_checkpointing=True, compile=compile_mode, **kept)
     plain = train(p, 3, gradient_checkpointing=False, compile=compile_mode)
     assert checkpointed.history.losses == pytest.approx(plain.history.losses, rel=1e-3)
     start = p["adapter"].weights

@@ -102,6 +102,30 @@ def test_a_forward_that_syncs_with_the_host_trains_eagerly_with_a_warning(comfy_
     assert_same_training(graphed, eager)
 
 
+def test_the_optimizer_reads_a_replayed_graphs_own_gradients_and_trains_what_a_copy_trains(comfy_folders, tiny,
+                                                                                             monkeypatch):
+    """One micro-batch per step: the parameters' gradients are the graph's output tensors, not copies made each
+    step, and the training is bit for bit that of copying them."""
+    from eridiffusion.trainers import loop
+    from eridiffusion.trainers.comfy_compat import training_mode
+    p = prepared(comfy_folders, tiny, arch="sdxl", sizes=SIZES)
+    one = dict(compile="cuda_graphs", grad_accumulation=1)
+    adopted = train_node(p, 8, **one)
+    monkeypatch.setattr(loop, "ADOPT_GRADIENTS", False)
+    copied = train_node(p, 8, **one)
+    assert adopted.history.losses == copied.history.losses
+    assert all(torch.equal(adopted.weights[k], copied.weights[k]) for k in copied.weights)
+    monkeypatch.setattr(loop, "ADOPT_GRADIENTS", True)
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        run = loop.TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"],
+                               settings(**{**OPTIONS, **one}), end_step=8)
+        for _ in range(8):
+            run.step()
+        replayed = [entry[2][1] for entry in run.micro_batches.graphs.values() if entry is not None]
+        assert replayed and any(all(param.grad is gradient for param, gradient in zip(run.params, gradients))
+                                for gradients in replayed)
+
+
 def test_graphs_are_captured_again_after_other_models_were_loaded_in_between(comfy_folders, tiny, captures):
     import comfy.model_management
     p = prepared(comfy_folders, tiny, arch="sdxl")     # one bucket: captured in step 2 of every 3

@@ -227,6 +227,24 @@ def test_fp8_training_leaves_the_model_and_its_clones_and_samples_as_the_stock_l
     assert (got - expected).norm() / expected.norm() <= 1e-3
 
 
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_recompute_layers_off_runs_each_fp8_product_as_often_as_without_checkpointing(comfy_folders, tiny, arch,
+                                                                                      scaled_mm_calls):
+    """The FP8 GEMMs of checkpointed blocks (LoRA-adapted layers and plain ones, the modulation's) are kept from the
+    forward: the recomputation runs none of them; the weights are those of full recomputation bit for bit."""
+    p = prepared(comfy_folders, tiny, arch=arch)
+    runs = {}
+    for name, options in {"recomputed": {}, "no_checkpointing": {"gradient_checkpointing": False},
+                          "kept": {"recompute_layers": False}}.items():
+        before = scaled_mm_calls["count"]
+        _, adapter, _ = train(p, 2, learning_rate=1e-2, fp8_compute=True, compile="off",
+                              **{"gradient_checkpointing": True, **options})
+        runs[name] = (adapter, scaled_mm_calls["count"] - before)
+    assert 0 < runs["no_checkpointing"][1] == runs["kept"][1] < runs["recomputed"][1]
+    kept, recomputed = runs["kept"][0].weights, runs["recomputed"][0].weights
+    assert all(torch.equal(kept[k], recomputed[k]) for k in kept)
+
+
 @pytest.mark.parametrize("arch", ["flux"])
 def test_fp8_training_chains_and_resumes_bit_exactly(comfy_folders, tiny, arch, scaled_mm_calls):
     p = prepared(comfy_folders, tiny, arch=arch)

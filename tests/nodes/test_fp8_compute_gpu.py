@@ -80,9 +80,10 @@ def test_fp8_training_follows_bf16_within_its_memory(p, scaled_mm_calls, compile
     assert off.norm() > 0 and torch.nn.functional.cosine_similarity(on, off, dim=0) >= 0.99
 
 
-def test_graphed_fp8_training_replays_the_eager_steps(p, scaled_mm_calls):
-    eager, _ = train(p, 6, fp8_compute=True, compile="off")
-    graphed, _ = train(p, 6, fp8_compute=True, compile="cuda_graphs")
+@pytest.mark.parametrize("recompute_layers", [True, False], ids=["layers_recomputed", "layers_kept"])
+def test_graphed_fp8_training_replays_the_eager_steps(p, scaled_mm_calls, recompute_layers):
+    eager, _ = train(p, 6, fp8_compute=True, compile="off", recompute_layers=recompute_layers)
+    graphed, _ = train(p, 6, fp8_compute=True, compile="cuda_graphs", recompute_layers=recompute_layers)
     assert graphed.history.losses == pytest.approx(eager.history.losses, rel=1e-3)
 
 

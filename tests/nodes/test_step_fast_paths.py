@@ -125,6 +125,75 @@ def test_checkpointed_blocks_keep_their_adapters_rank_projections(comfy_folders,
     assert all(torch.equal(kept.weights[k], recomputed.weights[k]) for k in kept.weights)
 
 
+@pytest.mark.parametrize("arch", ["sdxl", "flux", "sd3"])
+def test_recompute_layers_off_keeps_the_blocks_layer_outputs_instead_of_recomputing_them(comfy_folders, tiny,
+                                                                                          monkeypatch, arch):
+    """A checkpointed block's LoRA Linear layers and convolutions (SDXL's) compute once per micro-batch, as without
+    checkpointing, not again in the recomputation (with attention kept or recomputed); the trained weights are
+    those of full recomputation bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from eridiffusion.trainers.adapters.lora import LoraLinear
+    p = bf16_prepared(comfy_folders, tiny, arch)
+    computed = {"linear": 0, "convolution": 0}
+    outputs = LoraLinear.outputs
+
+    def counted(*args):
+        computed["linear"] += 1
+        return outputs(*args)
+    monkeypatch.setattr(LoraLinear, "outputs", staticmethod(counted))
+
+    class CountConvolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                computed["convolution"] += 1
+            return func(*args, **(kwargs or {}))
+
+    runs = {}
+    for name, options in {"recomputed": {}, "no_checkpointing": {"gradient_checkpointing": False},
+                          "kept": {"recompute_layers": False},
+                          "kept_attention_recomputed": {"recompute_layers": False, "recompute_attention": True}
+                          }.items():
+        computed.update(linear=0, convolution=0)
+        with CountConvolutions():
+            runs[name] = (trained(p, 2, compile="off", **options), dict(computed))
+    once, recomputed = runs["no_checkpointing"][1], runs["recomputed"][1]
+    assert 0 < once["linear"] == runs["kept"][1]["linear"] == runs["kept_attention_recomputed"][1]["linear"]
+    assert once["linear"] < recomputed["linear"]
+    assert once["convolution"] == runs["kept"][1]["convolution"] == runs["kept_attention_recomputed"][1]["convolution"]
+    assert (once["convolution"] < recomputed["convolution"]) == (arch == "sdxl")     # the DiTs' blocks have none
+    for name in ("kept", "kept_attention_recomputed"):
+        kept = runs[name][0]
+        assert kept.history.losses == runs["recomputed"][0].history.losses
+        assert all(torch.equal(kept.weights[k], runs["recomputed"][0].weights[k]) for k in kept.weights)
+
+
+def test_a_kept_linear_output_changed_in_place_after_the_forward_is_recomputed():
+    """kept_linear_outputs hands the recomputation what the first forward computed, unless the block changed that
+    tensor in place afterwards: then the recomputation computes it again and backward sees the right values."""
+    from eridiffusion.trainers.blocks import TrainingBlockForward, kept_linear_outputs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            h = kept_linear_outputs(lambda: (x @ self.weight,))[0]
+            h.mul_(2.0)                    # in place after the first forward: the kept tensor is stale
+            return (h.tanh() * x).sum()
+
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(4, 8, requires_grad=True)
+    grads = {}
+    for keep in (False, True):
+        with torch.inference_mode(False):
+            forward = TrainingBlockForward(block, checkpoint=True, out_of_place=False, keep_layers=keep)
+            block.weight.grad = x.grad = None
+            forward(x).backward()
+        grads[keep] = (block.weight.grad.clone(), x.grad.clone())
+    assert torch.equal(grads[True][0], grads[False][0]) and torch.equal(grads[True][1], grads[False][1])
+
+
 def test_auto_precision_is_the_models_own_half_precision():
     from eridiffusion.trainers.config import TrainingSettings
     from eridiffusion.trainers.loop import resolve_precision

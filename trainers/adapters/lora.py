@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..blocks import kept_in_checkpoints
+from ..blocks import kept_in_checkpoints, kept_linear_outputs
 from ..config import AdapterSpec
 from . import base
 from .base import AdapterLayer, check_shapes, target_shape
@@ -103,15 +103,21 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale, fp8=None):
+        out, hidden = kept_linear_outputs(lambda: LoraLinear.outputs(x, weight, bias, down, up, scale, fp8))
+        ctx.scale, ctx.fp8 = scale, fp8
+        ctx.save_for_backward(x, weight, down, up, hidden)
+        return out
+
+    @staticmethod
+    def outputs(x, weight, bias, down, up, scale, fp8):
+        """(y, scale · x downᵀ): the output and the rank-r hidden activation backward needs."""
         out = F.linear(x, weight, bias) if fp8 is None else fp8.forward(x, weight, bias, x.dtype)
         with kept_in_checkpoints():
             hidden = F.linear(x, down)
         if scale != 1.0:
             hidden = hidden * scale
         out.addmm_(hidden, up.t())
-        ctx.scale, ctx.fp8 = scale, fp8
-        ctx.save_for_backward(x, weight, down, up, hidden)
-        return out
+        return out, hidden
 
     @staticmethod
     def backward(ctx, grad_out):
