@@ -40,8 +40,8 @@ from .comfy_compat import trainable_patcher, training_mode
 from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
-from .optim import (OffloadedOptimizer, flat_parameters, learning_rate, load_optimizer_state, make_optimizer,
-                    skips_on_device, state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
+from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
+                    state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
 from .text_encoder import TextEncoderRun, split_layers
 
@@ -565,18 +565,6 @@ class TrainingRun:
                                             allow_unused=True, materialize_grads=True)
         return loss.detach(), gradients
 
-    def _clipped_gradient_norm(self) -> torch.Tensor:
-        """clip_grad_norm_ over the parameters: their gradients' total norm, tensor by tensor as torch computes
-        it; the scaling by max_grad_norm / norm in one kernel per flat tensor of a flat optimizer (the same
-        product per element) rather than in multi-tensor kernels over every parameter."""
-        max_norm = self.settings.max_grad_norm or math.inf
-        flats = flat_parameters(self.optimizer)
-        if flats is None or not hasattr(torch.nn.utils, "get_total_norm"):     # (torch < 2.6)
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
-        torch.nn.utils.clip_grads_with_norm_(flats, max_norm, norm)
-        return norm
-
     def _adopted(self, gradients: tuple) -> bool:
         """Whether the micro-batch's `gradients` are now the parameters' .grad (adopts_gradients)."""
         if gradients is self.adopted:
@@ -627,7 +615,7 @@ class TrainingRun:
             group["lr"] = lr * self.te_lr_scale if index == 1 else lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = self._clipped_gradient_norm()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or math.inf)
         mean_loss = loss_sum / accumulation
         if self.skips_on_device:
             self._optimizer_step(bad=~(torch.isfinite(norm) & torch.isfinite(mean_loss)))

@@ -8,99 +8,13 @@ import torch
 from .config import ConfigError, TrainingSettings
 
 
-def _adamw(params, s: TrainingSettings, device, flat: bool = True):
+def _adamw(params, s: TrainingSettings, device):
     # Fused (one kernel family for every parameter, on CUDA and the CPU alike): it can also skip a step on the
     # device (see skips_on_device), so the training loop need not wait for the GPU before stepping.
     try:
-        return (FlatAdamW if flat else torch.optim.AdamW)(params, lr=s.learning_rate, weight_decay=s.weight_decay,
-                                                          fused=True)
+        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, fused=True)
     except (RuntimeError, ValueError):     # a torch or dtype without the fused kernel
         return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, foreach=True)
-
-
-def _flat_groups(params, key_of, size_of) -> tuple[list, list]:
-    """The parameters of each group (a list of tensors or of group dicts) made views of one flat tensor per
-    `key_of(p)` (dtype, device, ...), each at an offset that is the sum of `size_of` of those before it, their
-    .grad views of the flat tensor's .grad. Returns (per group: [param, flat, offset] in the caller's order, the
-    groups with the flat tensors as their params)."""
-    groups = list(params)
-    if not groups or not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    all_members, flat_groups = [], []
-    for group in groups:
-        layout, members = {}, []
-        for p in group["params"]:
-            at = layout.setdefault(key_of(p), [])
-            members.append([p, key_of(p), sum(size_of(q.numel()) for q in at)])
-            at.append(p)
-        flats = {}
-        for key, tensors in layout.items():
-            flat = torch.zeros(sum(size_of(q.numel()) for q in tensors), dtype=key[0], device=key[1])
-            flat.grad = torch.zeros_like(flat)
-            flats[key] = flat
-        for member in members:
-            p, key, offset = member
-            flat, n = flats[key], p.numel()
-            with torch.no_grad():
-                flat[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = flat[offset:offset + n].view_as(p)
-            p.grad = flat.grad[offset:offset + n].view_as(p)
-            member[1] = flat
-        all_members.append(members)
-        flat_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(flats.values())})
-    return all_members, flat_groups
-
-
-class FlatAdamW(torch.optim.AdamW):
-    """torch's AdamW stepping each parameter group's tensors as one flat tensor per dtype and device: its fused
-    kernel went over an SDXL LoRA's 1,400 tensors in 39 launches, 1.45 ms a step on an H200, for ~0.2 ms of memory
-    traffic. The parameters (and their .grad) become views of the flat tensor (and of a flat gradient). On the GPU
-    each element's update is the same arithmetic as tensor by tensor, so the weights are the same bit for bit;
-    torch's CPU kernel computes a tensor's last elements (those after its last full vector) in scalar code that
-    rounds an ulp apart from its vector code, so on the CPU training keeps torch's AdamW. The state loads and
-    saves in the tensor-by-tensor layout (torch's own AdamW's), so states saved by either resume in the other."""
-
-    def __init__(self, params, **kwargs):
-        self.members, flat_groups = _flat_groups(params, lambda p: (p.dtype, p.device), lambda n: n)
-        super().__init__(flat_groups, **kwargs)
-
-    def state_dict(self):
-        """The state as torch's AdamW keeps it for these parameters, one entry per tensor."""
-        flat_state = super().state_dict()
-        index = {id(flat): i for i, flat in enumerate(flat_parameters(self))}
-        state, groups, at = {}, [], 0
-        for saved_group, members in zip(flat_state["param_groups"], self.members):
-            for p, flat, offset in members:
-                entry = flat_state["state"].get(index[id(flat)])
-                if entry is not None:
-                    # per element (exp_avg, exp_avg_sq): the parameter's share; per tensor (step): a copy each
-                    # (torch's AdamW steps each parameter's counter in place: one shared would count N times)
-                    state[at] = {key: (value[offset:offset + p.numel()].view_as(p) if value.dim() > 0
-                                       else value.clone()) if isinstance(value, torch.Tensor) else value
-                                 for key, value in entry.items()}
-                at += 1
-            groups.append({**saved_group, "params": list(range(at - len(members), at))})
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict):
-        """Loads a state in the one-entry-per-tensor layout (state_dict's, and torch's AdamW's)."""
-        saved = state_dict["param_groups"]
-        if len(saved) != len(self.members) or any(len(g["params"]) != len(m) for g, m in zip(saved, self.members)):
-            raise ValueError("loaded state dict has other parameter groups than this optimizer")
-        flat_state, groups, at = {}, [], 0
-        for saved_group, members, group in zip(saved, self.members, self.param_groups):
-            for flat in group["params"]:
-                parts = [(p, state_dict["state"].get(i)) for (p, f, _), i in zip(members, saved_group["params"])
-                         if f is flat]
-                if all(entry is not None for _, entry in parts):
-                    first = parts[0][1]
-                    flat_state[at] = {
-                        key: (torch.cat([entry[key].reshape(-1).to(flat.device) for _, entry in parts])
-                              if value.dim() > 0 else value.clone()) if isinstance(value, torch.Tensor) else value
-                        for key, value in first.items()}
-                at += 1
-            groups.append({**saved_group, "params": list(range(at - len(group["params"]), at))})
-        super().load_state_dict({"state": flat_state, "param_groups": groups})
 
 
 def _package(module: str, optimizer: str, pip_name: str):
@@ -138,11 +52,40 @@ def _flat_adamw8bit_class(bnb):
         saved by either resume in the other."""
 
         def __init__(self, params, **kwargs):
+            groups = list(params)
+            if not groups or not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+            self.members = []        # per group: (param, flat tensor or None, offset) in the caller's order
+            self.bits32 = set()      # ids of the flat tensors that keep 32-bit state
+            flat_groups = []
             minimum = kwargs.get("min_8bit_size", 4096)
-            self.members, flat_groups = _flat_groups(params, lambda p: (p.dtype, p.device, p.numel() >= minimum),
-                                                     _padded)
-            # ids of the flat tensors that keep 32-bit state: those of the tensors under the minimum
-            self.bits32 = {id(flat) for members in self.members for p, flat, _ in members if p.numel() < minimum}
+            for group in groups:
+                params = list(group["params"])
+                layout, members = {}, []
+                for p in params:
+                    key = (p.dtype, p.device, p.numel() >= minimum)
+                    at = layout.setdefault(key, [])
+                    offset = sum(_padded(q.numel()) for q in at)
+                    at.append(p)
+                    members.append([p, key, offset])
+                flats = {}
+                for key, tensors in layout.items():
+                    flat = torch.zeros(sum(_padded(q.numel()) for q in tensors), dtype=key[0], device=key[1])
+                    flat.grad = torch.zeros_like(flat)
+                    flats[key] = flat
+                    if not key[2]:
+                        self.bits32.add(id(flat))
+                for member in members:
+                    p, key, offset = member
+                    flat, n = flats[key], p.numel()
+                    with torch.no_grad():
+                        flat[offset:offset + n].copy_(p.detach().reshape(-1))
+                    p.data = flat[offset:offset + n].view_as(p)
+                    p.grad = flat.grad[offset:offset + n].view_as(p)
+                    member[1] = flat
+                self.members.append(members)
+                settings = {k: v for k, v in group.items() if k != "params"}
+                flat_groups.append({**settings, "params": list(flats.values())})
             super().__init__(flat_groups, **kwargs)
 
         def get_config(self, gindex, pindex, group):
@@ -290,12 +233,10 @@ def state_fits(name: str, optimizer_state: dict) -> bool:
 
 def make_optimizer(params, settings: TrainingSettings, device: torch.device,
                    owns_storage: bool = True) -> torch.optim.Optimizer:
-    """`owns_storage`: the optimizer may make the parameters views of its own buffers (AdamW's and AdamW8bit's flat
+    """`owns_storage`: the optimizer may make the parameters views of its own buffers (AdamW8bit's flat
     tensors); not for parameters that are already views of another's (OffloadedOptimizer's masters)."""
     if settings.optimizer == "adamw8bit":
         return _adamw8bit(list(params), settings, device, flat=owns_storage)
-    if settings.optimizer == "adamw":    # (flat on the GPU only: see FlatAdamW)
-        return _adamw(list(params), settings, device, flat=owns_storage and torch.device(device).type == "cuda")
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
 
 
@@ -311,14 +252,6 @@ def to_evaluation_point(optimizer) -> None:
     saved, sampled and resumed from. Every step makes the same round trip, so a resumed run continues exactly."""
     if callable(getattr(optimizer, "eval", None)):
         optimizer.eval()
-
-
-def flat_parameters(optimizer) -> list[torch.Tensor] | None:
-    """The flat tensors a flat optimizer (FlatAdamW, FlatAdamW8bit) steps, whose .grad hold every parameter's
-    gradient (a padding's stays zero), or None."""
-    if not hasattr(optimizer, "members"):
-        return None
-    return [flat for group in optimizer.param_groups for flat in group["params"]]
 
 
 def skips_on_device(optimizer) -> bool:
