@@ -235,7 +235,7 @@ class TrainingRun:
                                 "gradient_checkpointing on with checkpoint_fraction 1 for the budget to hold")
             if settings.gradient_checkpointing and not settings.recompute_layers:
                 logging.warning("EriDiffusion: memory_budget_gb plans for recomputed blocks, but recompute_layers "
-                                "off keeps their Linear layers' outputs on the GPU until backward: turn "
+                                "off keeps their layers' outputs on the GPU until backward: turn "
                                 "recompute_layers on for the budget to hold")
 
         self.params = [p for layer in self.layers.values() for p in layer.parameters()]

@@ -209,6 +209,17 @@ def test_a_budget_below_the_trainings_own_needs_streams_everything_and_warns(com
     assert "memory_budget_gb 0.0001 is below what the training itself is estimated to need" in caplog.text
 
 
+def test_a_budget_with_the_layer_outputs_kept_trains_the_same_and_says_the_budget_may_not_hold(comfy_folders,
+                                                                                                 tiny, caplog):
+    p = prepared(comfy_folders, tiny, arch="sdxl")
+    full = trained(p, memory_budget_gb=1e-4)
+    assert "recompute_layers off" not in caplog.text
+    with caplog.at_level("WARNING"):
+        kept = trained(p, memory_budget_gb=1e-4, recompute_layers=False)
+    assert "recompute_layers off keeps their layers' outputs on the GPU until backward" in caplog.text
+    assert_same_training(kept, full)
+
+
 def test_the_budget_holds_again_after_sampling_loaded_other_models_between_steps(comfy_folders, tiny):
     """Sampling every N steps (on_every) may unload the training clone; it is loaded again within the budget."""
     import comfy.model_management
