@@ -112,8 +112,8 @@ def kept_linear_outputs(compute):
     if _get_current_dispatch_mode() is not selective:   # another mode above it: recompute as usual, both times
         if mode == "record":
             queue.append(None)
-            return compute()
-        queue.popleft()
+        else:
+            queue.popleft()
         return compute()
     with _pop_mode_temporarily():
         if mode == "record":

@@ -364,8 +364,7 @@ class TrainingSettings:
                                    "from the forward pass: the recomputation skips the blocks' matrix products, for "
                                    "the memory of their outputs (at 1024² on an H200: SD 3.5 Large with fp8 "
                                    "weights and fp8_compute +6.4 GiB, 0.213 → 0.182 s/step; SDXL +2.9 GiB, 0.097 → "
-                                   "0.080). "
-                                   "LoKr, LoHa and DoRA layers recompute as before.", default=True)
+                                   "0.080). LoKr, LoHa and DoRA layers recompute as before.", default=True)
     seed: int = _help("Seed for batch order, noise, timesteps, caption dropout and the caption variant each step "
                       "draws.", default=0)
     noise_offset: float = _help("Per-channel noise offset (0.0-0.1 helps very dark/bright images).",

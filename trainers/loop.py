@@ -306,7 +306,7 @@ class TrainingRun:
         else:
             self.micro_batches = EagerMicroBatches(self._loss_and_gradients)
         # A replayed graph hands back the same gradient tensors every step. With one micro-batch per step and one
-        # process they become the parameters' .grad themselves (adopt_gradients): no copy of every gradient per
+        # process they become the parameters' .grad themselves (_adopted): no copy of every gradient per
         # step (SDXL's 1,400: ~0.7 ms of copy kernels). Not where the gradients are views of flat tensors
         # (AdamW8bit's) or are summed (accumulation, regularisation batches, ranks), nor without graphs (new
         # tensors every step: setting 1,400 .grad costs the host more than the copy costs the GPU).
