@@ -1,11 +1,12 @@
-"""bench/train_bench.py with three more lines of output: the GPU time of each CUDA graph replay (events around
-`CUDAGraph.replay`), the host time from each step's one read of the device (`.tolist()`) to the next replay, and
-the host time `replay()` itself takes. Same arguments as train_bench.py:
+"""bench/train_bench.py with four more lines of output: the GPU time of each CUDA graph replay (events around
+`CUDAGraph.replay`), the GPU time from each replay's end to the next one's start (the optimizer step's kernels and
+the GPU idling), the host time from each step's one read of the device (the wait for its copy) to the next replay,
+and the host time `replay()` itself takes. Same arguments as train_bench.py:
 
     python3 bench/replay_times.py --arch sdxl --variants gc --no-builtin --steps 20
 
 A step's time beyond its replay is the optimizer's kernels plus the GPU idling while the host prepares the next
-micro-batch (a diagnosis of where the rest of a step goes; the s/step it prints is train_bench.py's own)."""
+micro-batch (none when the next replay was queued before the read: train()'s step(ahead=True)) (a diagnosis of where the rest of a step goes; the s/step it prints is train_bench.py's own)."""
 import atexit
 import runpy
 import sys
@@ -18,17 +19,15 @@ events = []
 
 
 host = {"synced": None, "gaps": [], "launch": []}
-_tolist = torch.Tensor.tolist
+_synchronize = torch.cuda.Event.synchronize
 
 
-def tolist(self):
-    out = _tolist(self)
-    if self.is_cuda:
-        host["synced"] = time.perf_counter()
-    return out
+def synchronize(self):     # the step's read (trainers/loop.py: DeviceRead)
+    _synchronize(self)
+    host["synced"] = time.perf_counter()
 
 
-torch.Tensor.tolist = tolist
+torch.cuda.Event.synchronize = synchronize
 
 
 def replay(self):
@@ -50,6 +49,8 @@ torch.cuda.CUDAGraph.replay = replay
 def report():
     torch.cuda.synchronize()
     print("replay ms:", [round(s.elapsed_time(e), 1) for s, e in events])
+    print("GPU ms from a replay's end to the next one's start:",
+          [round(end.elapsed_time(start), 2) for (_, end), (start, _) in zip(events, events[1:])])
     print("host ms from the step's sync to the next replay:", [round(g * 1e3, 2) for g in host["gaps"]])
     print("host ms in graph.replay():", [round(g * 1e3, 2) for g in host["launch"]])
 

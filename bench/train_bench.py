@@ -84,6 +84,8 @@ args.add_argument("--copy-gradients", action="store_true",
                   help="copy a replayed graph's gradients into the parameters' own (before adopt_gradients)")
 args.add_argument("--keep-layers", action="store_true",
                   help="keep the LoRA / FP8 Linear layers' outputs in checkpointed blocks (recompute_layers off)")
+args.add_argument("--one-at-a-time", action="store_true",
+                  help="each step's micro-batches start after the step before returned (before step(ahead=True))")
 args.add_argument("--queue", action="store_true",
                   help="also time from loading the model file (ComfyUI's UNETLoader, after saving the random model) "
                        "to the first training step and to the first graph-replayed step, with 3 aspect buckets")
@@ -508,6 +510,10 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
             tracked["run_built"] = len(gc.get_objects())
             times = []
             gc.callbacks.append(_gc_timer)
+            # A step is timed as the built-in node's are: from the end of the step before to its own end. Its end is
+            # when it returns: it has read its loss, so its device work is done (train()'s loop queues the next
+            # step's micro-batches before that read, step(ahead=True), as here unless --one-at-a-time).
+            ended = start
             for i in range(warmup + steps):
                 if i == warmup:
                     load_peak = peak_gib()     # including the load (on an H200 the whole model, then unloaded to
@@ -517,16 +523,15 @@ def engine_bench(mp, latents, text, checkpointing: bool, batch: int, steps: int,
                     full_collections.clear()
                     tracked["warmed_up"] = len(gc.get_objects())
                 _gc_started["step"] = i
-                sync()
-                t = time.perf_counter()
-                run.step()
-                sync()
+                run.step(ahead=i < warmup + steps - 1 and not ARGS.one_at_a_time)
+                before, ended = ended, time.perf_counter()
                 if i == 0:
-                    first_step = time.perf_counter() - start
+                    first_step = ended - start
                 if i == warmup - 1:
-                    warmed_up = time.perf_counter() - start
+                    warmed_up = ended - start
                 if i >= warmup:
-                    times.append(time.perf_counter() - t)
+                    times.append(ended - before)
+            sync()
             gc.callbacks.remove(_gc_timer)
             tracked["end"] = len(gc.get_objects())
             log(f"Python objects the collector tracks (not frozen): {tracked}; full collections: {full_collections}")
@@ -801,11 +806,12 @@ def bench_arch(arch, card):
                  + ("_fp8" if ARGS.fp8_compute else "")
                  + ("_ra" if ARGS.recompute_attention and variant == "gc" else "")
                  + ("_kl" if ARGS.keep_layers and variant == "gc" else "")
-                 + ("_gradcopy" if ARGS.copy_gradients else "")
+                 + ("_gradcopy" if ARGS.copy_gradients else "") + ("_one-at-a-time" if ARGS.one_at_a_time else "")
                  + ("_graphs" if compile == "cuda_graphs" else "") + (f"_budget{budget:g}" if budget else "")
                  + (f"_{optimizer}" if optimizer != "adamw" else "") + ("_optoffload" if ARGS.optimizer_offload else ""))
         rec = {**base, "variant": label, "compile": compile, "checkpoint_fraction": fraction if variant == "gc" else 0,
                "recompute_attention": ARGS.recompute_attention, "recompute_layers": not ARGS.keep_layers,
+               "steps_queued_ahead": not ARGS.one_at_a_time,
                "memory_budget_gb": budget, "batch": batch,
                "optimizer": optimizer, "optimizer_offload": ARGS.optimizer_offload,
                "s_per_step": None, "peak_gib": None, "ratio": None}

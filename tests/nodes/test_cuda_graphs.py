@@ -126,6 +126,27 @@ def test_the_optimizer_reads_a_replayed_graphs_own_gradients_and_trains_what_a_c
                                 for gradients in replayed)
 
 
+@pytest.mark.parametrize("optimizer, accumulation", [("adamw", 1), ("adamw", 2), ("prodigy", 1)])
+def test_steps_queued_ahead_train_bit_for_bit_as_one_step_at_a_time(comfy_folders, tiny, captures, optimizer,
+                                                                     accumulation):
+    """train() replays the next step's graph before it reads a step's loss (TrainingRun.step's `ahead`): the
+    device runs it after the optimizer step, so nothing changes."""
+    from eridiffusion.trainers import loop
+    from eridiffusion.trainers.comfy_compat import training_mode
+    p = prepared(comfy_folders, tiny, arch="sdxl", sizes=SIZES)
+    options = dict(compile="cuda_graphs", optimizer=optimizer, grad_accumulation=accumulation)
+    queued = train_node(p, 8, **options)
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        run = loop.TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"],
+                               settings(**{**OPTIONS, **options}), end_step=8)
+        for _ in range(8):
+            run.step()
+        one_at_a_time = run.export()
+    assert captures and all(captures)
+    assert queued.history.losses == one_at_a_time.history.losses
+    assert all(torch.equal(queued.weights[k], one_at_a_time.weights[k]) for k in queued.weights)
+
+
 def test_graphs_are_captured_again_after_other_models_were_loaded_in_between(comfy_folders, tiny, captures):
     import comfy.model_management
     p = prepared(comfy_folders, tiny, arch="sdxl")     # one bucket: captured in step 2 of every 3

@@ -221,9 +221,9 @@ def test_cancel_is_seen_after_the_step_it_was_pressed_in_even_when_the_progress_
     step = TrainingRun.step
     started = []
 
-    def cancel_during_step_2(self):
+    def cancel_during_step_2(self, **options):
         started.append(self.step_count + 1)
-        report = step(self)
+        report = step(self, **options)
         if report.step == 2:
             comfy.model_management.interrupt_current_processing()
         return report

@@ -204,3 +204,43 @@ def test_auto_precision_is_the_models_own_half_precision():
     # fp16's loss scaling needs the optimizer on the GPU
     assert resolve_precision(TrainingSettings(optimizer_offload=True), torch.float16) == "bf16"
     assert resolve_precision(TrainingSettings(precision="fp32"), torch.float16) == "fp32"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_the_next_steps_micro_batch_is_queued_before_a_step_reports_and_trains_as_one_step_at_a_time(
+        comfy_folders, tiny, monkeypatch, optimizer):
+    # train() queues step N+1's micro-batch behind step N's optimizer step (fused AdamW skips a NaN step on the
+    # device: before the host reads step N's loss; AdamW8bit: once the host has read it and stepped), so the GPU
+    # is not idle while the host reports; not before a save/sample (on_every) nor after the last step.
+    from eridiffusion.trainers import loop
+    from eridiffusion.trainers.comfy_compat import training_mode
+    p = prepared(comfy_folders, tiny)
+    options = settings(**{**OPTIONS, "precision": "fp32", "optimizer": optimizer, "caption_dropout": 0.3,
+                          "noise_offset": 0.05})
+    micro_batches = []
+    original = loop.TrainingRun._loss
+
+    def counted(self, inputs):
+        micro_batches.append(self.cursor)
+        return original(self, inputs)
+    monkeypatch.setattr(loop.TrainingRun, "_loss", counted)
+
+    def seen(step, state):     # what the run has done by a step's report, and what it exports then
+        return step, len(micro_batches), state.cursor, state.rng
+    queued, plain = [], []
+    with torch.inference_mode(False):
+        trained = loop.train(p["model"], p["adapter"], p["latents"], p["captions"], options, 6,
+                             on_step=lambda report: queued.append(seen(report.step, report.export())),
+                             on_every=lambda run: None, every=3)
+    micro_batches.clear()
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
+        run = loop.TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"], options, end_step=6)
+        for _ in range(6):
+            plain.append(seen(run.step().step, run.export()))
+        one_at_a_time = run.export()
+    assert [s[1] for s in queued] == [2, 3, 3, 5, 6, 6]     # on_every after step 3; step 6 is the last
+    assert [s[1] for s in plain] == [1, 2, 3, 4, 5, 6]
+    for (step, _, cursor, rng), (plain_step, _, plain_cursor, plain_rng) in zip(queued, plain):
+        assert (step, cursor) == (plain_step, plain_cursor) and torch.equal(rng, plain_rng)
+    assert trained.history.losses == one_at_a_time.history.losses
+    assert all(torch.equal(trained.weights[k], one_at_a_time.weights[k]) for k in trained.weights)

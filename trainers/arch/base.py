@@ -142,6 +142,16 @@ def latents_in(base_model, latents: torch.Tensor) -> torch.Tensor:
     return base_model.latent_format.process_in(frames).squeeze(2)
 
 
+def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` (as `dtype`) on `device`. From CPU memory to a GPU it goes through pinned memory without the host
+    waiting: a plain copy from pageable memory first waits for all the work queued on the device, which would keep
+    the host from preparing the next step's micro-batch while this step runs (TrainingRun.step's `ahead`)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
     """Stack per-sample contexts; lengths differ for long captions (77-token chunks), so each is repeated
     to the least common multiple, as ComfyUI does when it batches conditioning (comfy.conds.CONDCrossAttn)."""

@@ -18,7 +18,7 @@ import torch
 
 import comfy.model_base
 
-from .base import cat_contexts, compute_dtype
+from .base import cat_contexts, compute_dtype, to_device
 from .flow import RectifiedFlow
 from .flux import Flux
 
@@ -45,5 +45,5 @@ class Chroma(Flux):
 
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
-        return {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
+        return {"context": to_device(cat_contexts([c.context for c in batch.contexts]), device, dtype),
                 "guidance": torch.zeros((len(batch.contexts),), device=device, dtype=dtype)}

@@ -15,7 +15,7 @@ import comfy.model_base
 import comfy.model_sampling
 
 from . import flux_kontext
-from .base import cat_contexts, compute_dtype
+from .base import cat_contexts, compute_dtype, to_device
 from .flow import RectifiedFlow, resolution_shift
 
 _DOUBLE_ATTENTION = re.compile(r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$")
@@ -76,8 +76,8 @@ class Flux(RectifiedFlow):
 
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
-        inputs = {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
-                  "y": torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)}
+        inputs = {"context": to_device(cat_contexts([c.context for c in batch.contexts]), device, dtype),
+                  "y": to_device(torch.stack([c.pooled for c in batch.contexts]), device, dtype)}
         if base_model.diffusion_model.params.guidance_embed:
             inputs["guidance"] = torch.full((len(batch.contexts),), settings.flux_guidance, device=device,
                                             dtype=dtype)

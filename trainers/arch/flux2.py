@@ -24,7 +24,7 @@ import torch
 
 import comfy.model_base
 
-from .base import compute_dtype
+from .base import compute_dtype, to_device
 from .flow import RectifiedFlow
 from .flux import Flux
 
@@ -60,7 +60,7 @@ class Flux2(Flux):
         contexts = [c.context for c in batch.contexts]
         tokens = max(CONTEXT_TOKENS, *(c.shape[0] for c in contexts))
         context = torch.stack([torch.nn.functional.pad(c, (0, 0, tokens - c.shape[0], 0)) for c in contexts])
-        inputs = {"context": context.to(device, dtype)}
+        inputs = {"context": to_device(context, device, dtype)}
         if base_model.diffusion_model.params.guidance_embed:
             inputs["guidance"] = torch.full((len(contexts),), settings.flux_guidance, device=device, dtype=dtype)
         return inputs

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import to_device
+
 REFERENCE = "ref_latent"
 
 
@@ -27,7 +29,7 @@ def with_reference(inputs: dict[str, torch.Tensor], batch, device: torch.device,
     """`inputs` plus the batch's control latents (already in the model's latent scale) where it has them."""
     if batch.controls is None:
         return inputs
-    return {**inputs, REFERENCE: batch.controls.to(device, dtype)}
+    return {**inputs, REFERENCE: to_device(batch.controls, device, dtype)}
 
 
 def model_inputs(conditioning: dict[str, torch.Tensor]) -> dict:

@@ -39,7 +39,7 @@ import torch
 import comfy.model_base
 
 from . import flux_kontext
-from .base import compute_dtype
+from .base import compute_dtype, to_device
 from .flow import RectifiedFlow
 
 _ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|"
@@ -107,7 +107,7 @@ class QwenImage(RectifiedFlow):
         """{"context": (B, tokens, dim)} when every caption has as many tokens, else one "context.i" (1, tokens_i,
         dim) per sample (the keys and shapes say which: a CUDA graph captures either)."""
         dtype = compute_dtype(base_model)
-        contexts = [c.context.to(device, dtype) for c in batch.contexts]
+        contexts = [to_device(c.context, device, dtype) for c in batch.contexts]
         if len({c.shape[0] for c in contexts}) == 1:
             inputs = {"context": torch.stack(contexts)}
         else:

@@ -9,7 +9,7 @@ import torch
 
 import comfy.model_base
 
-from .base import cat_contexts, compute_dtype
+from .base import cat_contexts, compute_dtype, to_device
 from .flow import RectifiedFlow
 
 # x_block.attn2 is SD 3.5 Medium's extra self-attention (MMDiT-X).
@@ -50,8 +50,8 @@ class SD3(RectifiedFlow):
 
     def conditioning(self, base_model, batch, settings, device):
         dtype = compute_dtype(base_model)
-        return {"context": cat_contexts([c.context for c in batch.contexts]).to(device, dtype),
-                "y": torch.stack([c.pooled for c in batch.contexts]).to(device, dtype)}
+        return {"context": to_device(cat_contexts([c.context for c in batch.contexts]), device, dtype),
+                "y": to_device(torch.stack([c.pooled for c in batch.contexts]), device, dtype)}
 
 
 # MMDiT's JointBlock while training, its q, k and v written in place (trainers/fused.py). It reproduces ComfyUI's

@@ -8,7 +8,7 @@ import torch
 import comfy.model_base
 import comfy.model_sampling
 
-from .base import Architecture, Batch, cat_contexts, compute_dtype, sample_unit_times
+from .base import Architecture, Batch, cat_contexts, compute_dtype, sample_unit_times, to_device
 
 _ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _MLP = re.compile(r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$")
@@ -97,7 +97,7 @@ class SDXL(Architecture):
                                   height=item.original_size[1], crop_w=item.crop[0], crop_h=item.crop[1],
                                   target_width=item.bucket.width, target_height=item.bucket.height)
             for c, item in zip(batch.contexts, batch.items)])
-        return {"context": context.to(device, dtype), "y": y.to(device, dtype)}
+        return {"context": to_device(context, device, dtype), "y": to_device(y, device, dtype)}
 
     def _is_v(self, model_sampling) -> bool:
         return isinstance(model_sampling, comfy.model_sampling.V_PREDICTION)

@@ -27,7 +27,7 @@ import torch
 import comfy.model_base
 import comfy.supported_models
 
-from .base import compute_dtype
+from .base import compute_dtype, to_device
 from .flow import RectifiedFlow
 
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+\."
@@ -66,9 +66,9 @@ class ZImage(RectifiedFlow):
         dtype = compute_dtype(base_model)
         contexts = [c.context for c in batch.contexts]
         if len({c.shape[0] for c in contexts}) == 1:
-            return {"context": torch.stack(contexts).to(device, dtype)}
+            return {"context": to_device(torch.stack(contexts), device, dtype)}
         # (the keys' shapes carry the lengths: predict_from reads no tensor on the host, CUDA graphs stay possible)
-        return {f"{_PER_SAMPLE}{i}": c.unsqueeze(0).to(device, dtype) for i, c in enumerate(contexts)}
+        return {f"{_PER_SAMPLE}{i}": to_device(c.unsqueeze(0), device, dtype) for i, c in enumerate(contexts)}
 
     def predict_from(self, base_model, model_sampling, x_noisy, sigma, conditioning):
         if "context" in conditioning:
