@@ -15,6 +15,7 @@ installed as object patches, so the MODEL that came in is never changed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -124,6 +125,14 @@ class DeviceRead:
         return self.values.tolist()
 
 
+def _on_host(model_sampling):
+    """A copy of a MODEL's sampling object in CPU memory (the object itself where a custom one cannot be copied)."""
+    try:
+        return copy.deepcopy(model_sampling).to("cpu")
+    except Exception:       # noqa: BLE001 (then σ is drawn from the device's table, as before)
+        return model_sampling
+
+
 def _identity(item) -> str:
     """What tells a held-out image from another: its bytes and how it is cropped (not its place in a folder)."""
     return hashlib.sha256(f"{item.content_hash}|{item.bucket}|{item.crop}|{item.flip}".encode()).hexdigest()
@@ -195,6 +204,8 @@ class TrainingRun:
         self.patcher = patcher.clone()
         # What the MODEL samples with, a ModelSamplingSD3 / Flux node's patch included.
         self.model_sampling = self.patcher.get_model_object("model_sampling")
+        # what the host draws σ from (SDXL's table of 1000): reading the device's copy would wait for the GPU
+        self.host_sampling = _on_host(self.model_sampling)
         self.device = self.patcher.load_device
         self.layers = build_layers(state, self.device, trainable=True)
         install(self.patcher, self.layers)
@@ -432,7 +443,7 @@ class TrainingRun:
         noise = torch.randn(x0.shape, generator=gen)
         if s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
-        sigma = self.arch.sample_sigmas(self.model_sampling, arches.Batch(x0, contexts, items), gen, self.settings)
+        sigma = self.arch.sample_sigmas(self.host_sampling, arches.Batch(x0, contexts, items), gen, self.settings)
         self.global_count = len(items)
         if self.world is not None:   # every rank drew the global batch's randomness; it keeps its share
             share = self.world.share(len(items))

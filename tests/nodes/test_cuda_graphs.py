@@ -147,6 +147,24 @@ def test_steps_queued_ahead_train_bit_for_bit_as_one_step_at_a_time(comfy_folder
     assert all(torch.equal(queued.weights[k], one_at_a_time.weights[k]) for k in queued.weights)
 
 
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_preparing_a_micro_batch_never_waits_for_the_gpu(comfy_folders, tiny, monkeypatch, arch):
+    """The host draws the next step's batch and copies it to the GPU while the GPU still runs the step before
+    (TrainingRun.step's `ahead`): a copy that synchronizes would make the GPU wait for the host again."""
+    from eridiffusion.trainers import loop
+    original = loop.TrainingRun._micro_batch
+
+    def never_syncing(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")       # a synchronizing call raises
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(loop.TrainingRun, "_micro_batch", never_syncing)
+    p = prepared(comfy_folders, tiny, arch=arch, sizes=SIZES)
+    assert train_node(p, 4, compile="cuda_graphs").step == 4
+
+
 def test_graphs_are_captured_again_after_other_models_were_loaded_in_between(comfy_folders, tiny, captures):
     import comfy.model_management
     p = prepared(comfy_folders, tiny, arch="sdxl")     # one bucket: captured in step 2 of every 3
