@@ -126,13 +126,14 @@ def test_the_optimizer_reads_a_replayed_graphs_own_gradients_and_trains_what_a_c
                                 for gradients in replayed)
 
 
-@pytest.mark.parametrize("optimizer, accumulation", [("adamw", 1), ("adamw", 2), ("prodigy", 1)])
+@pytest.mark.parametrize("optimizer, accumulation", [("adamw", 1), ("adamw", 2), ("adamw8bit", 1), ("prodigy", 1)])
 def test_steps_queued_ahead_train_bit_for_bit_as_one_step_at_a_time(comfy_folders, tiny, captures, optimizer,
                                                                      accumulation):
     """train() replays the next step's graph before it reads a step's loss (TrainingRun.step's `ahead`): the
     device runs it after the optimizer step, so nothing changes."""
     from eridiffusion.trainers import loop
     from eridiffusion.trainers.comfy_compat import training_mode
+    pytest.importorskip({"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(optimizer, "torch"))
     p = prepared(comfy_folders, tiny, arch="sdxl", sizes=SIZES)
     options = dict(compile="cuda_graphs", optimizer=optimizer, grad_accumulation=accumulation)
     queued = train_node(p, 8, **options)
