@@ -42,7 +42,8 @@ from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
 from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
-                    state_fits, step_skipping_on_device, to_evaluation_point, to_training_point)
+                    state_fits, step_skipped_on_device, step_skipping_on_device, to_evaluation_point,
+                    to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
 from .text_encoder import TextEncoderRun, split_layers
 
@@ -291,7 +292,7 @@ class TrainingRun:
                 logging.warning("EriDiffusion: the adapter's %s state was saved by torch's Adafactor, which this "
                                 "version replaced by transformers' (a fixed learning rate, as kohya and ai-toolkit "
                                 "run it): training continues with a new optimizer state", settings.optimizer)
-        # The optimizer skips a NaN step on the device itself (fused AdamW): the step is queued behind the
+        # The optimizer skips a NaN step on the device itself (fused AdamW, AdamW8bit): the step is queued behind the
         # micro-batches and the host reads the loss afterwards, instead of the GPU idling while the host reads
         # it, decides, and then launches the optimizer (~1,400 parameters of Python for SDXL's LoRA).
         self.skips_on_device = skips_on_device(self.optimizer)
@@ -709,6 +710,8 @@ class TrainingRun:
         if problem is not None:
             if self.scaler and not self.skips_on_device:   # it unscaled this step's gradients: lowers its scale
                 self.scaler.update()
+            if self.skips_on_device and not self.scaler:    # (the scaler skips with its own flag, on the host)
+                step_skipped_on_device(self.optimizer)
             self.consecutive_skips += 1
             if self.settings.nan_policy == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 to_evaluation_point(self.optimizer)    # the state it carries is that of a finished step

@@ -88,6 +88,49 @@ def _flat_adamw8bit_class(bnb):
                 flat_groups.append({**settings, "params": list(flats.values())})
             super().__init__(flat_groups, **kwargs)
 
+        skips_steps_on_device = True     # step() with `found_inf` set (step_skipping_on_device)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            """bitsandbytes' step without the torch.cuda.synchronize() it makes after every tensor, which only its
+            paged optimizers need: the host goes on to queue the next step's work while the GPU steps. With
+            `self.found_inf` (a device flag) set, the step is skipped on the device where it is nonzero, as torch's
+            fused AdamW skips it (bitsandbytes' kernels take no such flag: the weights and state are kept and put
+            back); the host's step count goes back in uncount_skipped_step once the host knows."""
+            if self.is_paged:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            found_inf = getattr(self, "found_inf", None)
+            self.counted_conditionally = []
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if len(state) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    kept = []
+                    if found_inf is not None:
+                        kept = [(t, t.clone()) for t in (p, *(state[k] for k in _STEPPED if k in state))]
+                        self.counted_conditionally.append(state)
+                    self.update_step(group, p, gindex, pindex)
+                    for tensor, before in kept:
+                        tensor.copy_(torch.where(found_inf != 0, before, tensor))
+            return loss
+
+        def uncount_skipped_step(self) -> None:
+            """The host's step counts after a step that found_inf skipped on the device."""
+            for state in self.counted_conditionally:
+                state["step"] -= 1
+            self.counted_conditionally = []
+
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
             if id(group["params"][pindex]) in self.bits32:
@@ -140,6 +183,7 @@ def _flat_adamw8bit_class(bnb):
 
 
 _PER_ELEMENT = ("state1", "state2")     # bitsandbytes' state keys with one value per parameter element
+_STEPPED = ("state1", "state2", "absmax1", "absmax2")     # the state tensors its step writes
 
 
 def _padded(n: int) -> int:
@@ -256,10 +300,11 @@ def to_evaluation_point(optimizer) -> None:
 
 def skips_on_device(optimizer) -> bool:
     """Whether `optimizer.step()` can take a device tensor `found_inf` and skip the update when it is nonzero
-    (torch's fused Adam/AdamW, which GradScaler drives the same way): a NaN step is then skipped without the
-    host reading the loss first."""
-    return (getattr(optimizer, "_step_supports_amp_scaling", False)
-            and all(group.get("fused") for group in optimizer.param_groups))
+    (torch's fused Adam/AdamW, which GradScaler drives the same way; the flat AdamW8bit): a NaN step is then
+    skipped without the host reading the loss first."""
+    return getattr(optimizer, "skips_steps_on_device", False) or (
+        getattr(optimizer, "_step_supports_amp_scaling", False)
+        and all(group.get("fused") for group in optimizer.param_groups))
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:
@@ -279,6 +324,14 @@ def step_skipping_on_device(optimizer, found_inf: torch.Tensor) -> None:
         optimizer.step()
     finally:
         del optimizer.found_inf
+
+
+def step_skipped_on_device(optimizer) -> None:
+    """After a step_skipping_on_device step whose flag the host has now read as set: the optimizer's count of
+    steps kept on the host goes back (the flat AdamW8bit's; torch's fused kernels did not count the step)."""
+    uncount = getattr(optimizer, "uncount_skipped_step", None)
+    if uncount is not None:
+        uncount()
 
 
 class OffloadedOptimizer:

@@ -126,3 +126,22 @@ def test_training_with_adamw8bit_calls_bitsandbytes_per_flat_tensor_not_per_adap
     assert tensors_trained > 20
     # per step: one flat tensor with 8-bit state and one with 32-bit state (the small ones)
     assert 2 <= len(calls) <= 2 * 2 and "optimizer_update_8bit_blockwise" in calls
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_step_queues_its_kernels_without_waiting_for_the_gpu():
+    # bitsandbytes synchronizes after every tensor (its paged optimizers need it); the training loop queues the
+    # next step's micro-batch while the GPU steps (TrainingRun.step's `ahead`)
+    params = tensors(device="cuda")
+    optimizer = flat_optimizer(params)
+    step_both([(params, optimizer)], seed=3)       # (the first step sets the state up)
+    for p, g in zip(params, tensors(seed=4, device="cuda")):
+        p.grad.copy_(g.detach())
+    before = [p.detach().clone() for p in params]
+    torch.cuda.set_sync_debug_mode("error")        # a synchronizing call raises
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, params))

@@ -59,6 +59,22 @@ def test_a_skipped_step_leaves_the_weights_and_adams_step_count_as_the_last_good
                for i, s in skipped.optimizer["state"].items())
 
 
+def test_adamw8bit_skips_a_bad_step_on_the_device_too_and_keeps_its_state_and_step_count(p, monkeypatch):
+    # Its step is queued before the host reads the loss as AdamW's is; bitsandbytes counts steps on the host.
+    pytest.importorskip("bitsandbytes")
+    _, one_step, _ = train(p, 1, optimizer="adamw8bit")
+    _poison_steps(monkeypatch, {2})
+    _, skipped, history = train(p, 2, optimizer="adamw8bit", nan_policy="skip")
+    assert math.isnan(history.losses[-1])
+    assert all(torch.equal(one_step.weights[k], skipped.weights[k]) for k in one_step.weights)
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert same(one_step.optimizer["state"], skipped.optimizer["state"])
+
+
 def test_training_keeps_pythons_collector_off_the_objects_it_started_with_and_gives_them_back(p):
     # A full collection of a ComfyUI server's objects takes a tenth of a second or more: not in the middle of
     # a step. Garbage that existed before is collected first, not kept for the run's length.
