@@ -122,7 +122,7 @@ def _flat_adamw8bit_class(bnb):
                         self.counted_conditionally.append(state)
                     self.update_step(group, p, gindex, pindex)
                     for tensor, before in kept:
-                        tensor.copy_(torch.where(found_inf != 0, before, tensor))
+                        torch.where(found_inf != 0, before, tensor, out=tensor)
             return loss
 
         def uncount_skipped_step(self) -> None:
