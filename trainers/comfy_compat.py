@@ -25,6 +25,12 @@ _CHROMA_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None}
 _FLUX_2_FIELDS = {"txt_ids_dims": [3]}
 
 
+def pinned_memory_disabled() -> bool:
+    """ComfyUI's --disable-pinned-memory (0.3.75 and 0.33 alike; absent from older versions: not disabled)."""
+    import comfy.cli_args
+    return bool(getattr(comfy.cli_args.args, "disable_pinned_memory", False))
+
+
 def flux_config(config: dict) -> dict:
     """A Flux.1 unet config (as model_detection finds it in 0.3.75) completed for this ComfyUI's FluxParams."""
     import comfy.ldm.flux.model   # here, not at the top: the training loop imports this module too

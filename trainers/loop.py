@@ -37,7 +37,7 @@ from .adapters.base import PatchedForward, adapters_off, cast_once, install, obj
 from .arch.base import compute_dtype, to_device
 from .blocks import TrainingBlockForward, prime_attention, spread, training_attention
 from .cache import LatentSet, TextSet
-from .comfy_compat import trainable_patcher, training_mode
+from .comfy_compat import pinned_memory_disabled, trainable_patcher, training_mode
 from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
@@ -112,12 +112,15 @@ class DeviceRead:
     on the device after it (step's `ahead`: the next step's micro-batches)."""
 
     def __init__(self, values: torch.Tensor):
-        if values.device.type != "cuda":
-            self.values, self.copied = values, None
+        self.values, self.copied = values, None     # (read() then waits for all the work queued on the device)
+        if values.device.type != "cuda" or pinned_memory_disabled():
             return
-        self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        self.values.copy_(values, non_blocking=True)
-        self.copied = torch.cuda.Event()
+        try:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        except RuntimeError:     # the system refused to pin (its limit)
+            return
+        host.copy_(values, non_blocking=True)
+        self.values, self.copied = host, torch.cuda.Event()
         self.copied.record()
 
     def read(self) -> list:

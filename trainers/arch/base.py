@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comfy_compat import is_linear
+from ..comfy_compat import is_linear, pinned_memory_disabled
 from ..config import TrainingSettings, quoted
 
 
@@ -147,9 +147,13 @@ def to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) ->
     waiting: a plain copy from pageable memory first waits for all the work queued on the device, which would keep
     the host from preparing the next step's micro-batch while this step runs (TrainingRun.step's `ahead`)."""
     device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type != "cpu":
+    if device.type != "cuda" or tensor.device.type != "cpu" or pinned_memory_disabled():
         return tensor.to(device=device, dtype=dtype)
-    return tensor.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
+    try:
+        staged = tensor.to(dtype=dtype).pin_memory()
+    except RuntimeError:     # the system refused to pin (its limit): a plain copy, which waits
+        return tensor.to(device=device, dtype=dtype)
+    return staged.to(device, non_blocking=True)
 
 
 def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
