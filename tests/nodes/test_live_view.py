@@ -54,11 +54,11 @@ def test_a_run_that_fails_says_so_with_the_errors_first_line_and_the_step_it_rea
     p = prepared(comfy_folders, tiny)
     real_step, calls = loop.TrainingRun.step, []
 
-    def failing_step(run):   # the second step fails, as a driver error or a bad batch would
+    def failing_step(run, **options):   # the second step fails, as a driver error or a bad batch would
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
-        return real_step(run)
+        return real_step(run, **options)
     monkeypatch.setattr(loop.TrainingRun, "step", failing_step)
     node = train_node("7", "wf-a")
     with torch.inference_mode(), pytest.raises(RuntimeError):
