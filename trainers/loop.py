@@ -648,7 +648,8 @@ class TrainingRun:
         kinds = (False, True) if self.reg_order is not None else (False,)
         for _ in range(accumulation):
             for reg in kinds:
-                inputs, first = (first, None) if first is not None else (self._micro_batch(reg), None)
+                inputs = first if first is not None else self._micro_batch(reg)
+                first = None
                 if inputs is None:
                     continue
                 loss, gradients = self.micro_batches(inputs, (self.global_count,))

@@ -87,6 +87,7 @@ def _flat_adamw8bit_class(bnb):
                 settings = {k: v for k, v in group.items() if k != "params"}
                 flat_groups.append({**settings, "params": list(flats.values())})
             super().__init__(flat_groups, **kwargs)
+            self.counted_conditionally = []    # the states whose step count the last found_inf step raised
 
         skips_steps_on_device = True     # step() with `found_inf` set (step_skipping_on_device)
 
