@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from . import fused
 from .config import ConfigError, TrainingSettings
 
 
@@ -97,7 +98,8 @@ def _flat_adamw8bit_class(bnb):
             paged optimizers need: the host goes on to queue the next step's work while the GPU steps. With
             `self.found_inf` (a device flag) set, the step is skipped on the device where it is nonzero, as torch's
             fused AdamW skips it (bitsandbytes' kernels take no such flag: the weights and state are kept and put
-            back); the host's step count goes back in uncount_skipped_step once the host knows."""
+            back, copied on the GPU only where the flag is set: fused.copy_if_flagged); the host's step count goes
+            back in uncount_skipped_step once the host knows."""
             if self.is_paged:
                 return super().step(closure)
             loss = None
@@ -119,12 +121,24 @@ def _flat_adamw8bit_class(bnb):
                         self.init_state(group, p, gindex, pindex)
                     kept = []
                     if found_inf is not None:
-                        kept = [(t, t.clone()) for t in (p, *(state[k] for k in _STEPPED if k in state))]
+                        kept = [(t, self._kept_if_flagged(found_inf, t))
+                                for t in (p, *(state[k] for k in _STEPPED if k in state))]
                         self.counted_conditionally.append(state)
                     self.update_step(group, p, gindex, pindex)
                     for tensor, before in kept:
-                        torch.where(found_inf != 0, before, tensor, out=tensor)
+                        fused.copy_if_flagged(found_inf, before, tensor, interpret=self.interpret_kernels)
             return loss
+
+        interpret_kernels = False     # the tests' CPU runs of the flag copy's Triton kernel, interpreted
+
+        def _kept_if_flagged(self, found_inf: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+            """A copy of `tensor` to put back if found_inf is set: on the GPU made only where it is (the step
+            that trains copies nothing), elsewhere always, for the torch.where that puts it back."""
+            if fused.flag_copy_takes(tensor, self.interpret_kernels):
+                kept = torch.empty_like(tensor)
+                fused.copy_if_flagged(found_inf, tensor, kept, interpret=self.interpret_kernels)
+                return kept
+            return tensor.clone()
 
         def uncount_skipped_step(self) -> None:
             """The host's step counts after a step that found_inf skipped on the device."""

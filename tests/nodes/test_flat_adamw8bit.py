@@ -6,7 +6,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from eridiffusion.trainers import optim  # noqa: E402
+from eridiffusion.trainers import fused, optim  # noqa: E402
 from helpers import prepared, settings, train  # noqa: E402
 
 # LoRA-like tensors: rank 16 against 320-1280 channels (8-bit state, some not a multiple of 256 elements),
@@ -94,6 +94,42 @@ def test_a_saved_state_resumes_in_either_optimizer_and_both_train_on_identically
         step_both(runs, seed=30 + step)
         assert all(torch.equal(a, b) for a, b in zip(params, resumed)), step
         assert all(torch.equal(a, b) for a, b in zip(params, again)), step
+
+
+def skipping_step(optimizer, params, seed, flag):
+    """One step_skipping_on_device step, found_inf = flag; NaN gradients where the flag is set, as a bad step
+    gives them."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        g = torch.randn(p.shape, generator=generator).to(p.device)
+        p.grad.copy_(torch.full_like(g, float("nan")) if flag else g)
+    optim.step_skipping_on_device(optimizer, torch.tensor([flag], device=params[0].device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_flagged_on_the_device_is_skipped_and_the_next_steps_are_those_of_a_run_without_it(device):
+    # The training loop steps before the host reads the loss (TrainingRun.step's `ahead`): a NaN step is skipped
+    # by the device flag found_inf, bitsandbytes' kernel having no such flag. On the CPU, the flag copy's Triton
+    # kernel runs interpreted, as the GPU runs it compiled.
+    skipped, clean = tensors(device=device), tensors(device=device)
+    flagged, reference = flat_optimizer(skipped), flat_optimizer(clean)
+    flagged.interpret_kernels = reference.interpret_kernels = True
+    assert fused.flag_copy_takes(skipped[0], interpret=True) == fused.triton_available()
+    for optimizer, params in ((flagged, skipped), (reference, clean)):
+        skipping_step(optimizer, params, seed=40, flag=0.0)
+    before = quantized_entries(flagged.state_dict())
+    skipping_step(flagged, skipped, seed=41, flag=1.0)
+    flagged.uncount_skipped_step()      # the loop, once its host has read the flag
+    assert all(torch.equal(a, b) for a, b in zip(skipped, clean))
+    after = quantized_entries(flagged.state_dict())
+    assert after.keys() == before.keys() and all(same(after[k], before[k]) for k in before)
+    for step in range(2):
+        for optimizer, params in ((flagged, skipped), (reference, clean)):
+            skipping_step(optimizer, params, seed=42 + step, flag=0.0)
+        assert all(torch.equal(a, b) for a, b in zip(skipped, clean)), step
+    assert quantized_entries(flagged.state_dict()).keys() == quantized_entries(reference.state_dict()).keys()
+    assert all(same(a, b) for a, b in zip(quantized_entries(flagged.state_dict()).values(),
+                                           quantized_entries(reference.state_dict()).values()))
 
 
 def test_parameter_groups_keep_their_own_learning_rate_and_tensors():

@@ -610,3 +610,26 @@ def test_fused_rms_norm_on_the_gpu_is_pytorchs_bit_for_bit(dtype, layout, head_d
                 lambda inp: torch.nn.functional.rms_norm(inp, (head_dim,), weight, eps), x, grad)
             torch.testing.assert_close(out, torch_out, rtol=0, atol=0)
             torch.testing.assert_close(grad_x, torch_grad_x, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- copy where a device flag is set
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreted),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+@pytest.mark.parametrize("dtype, size", [(torch.float32, 3 * 4096 * 4 + 5), (torch.uint8, 1027),
+                                         (torch.uint8, 4096), (torch.bfloat16, 5)], ids=str)
+def test_copy_if_flagged_copies_bit_for_bit_where_the_device_flag_is_set_and_nothing_where_it_is_clear(
+        device, dtype, size):
+    # The flat AdamW8bit keeps its weights and state this way before a step the device may skip (trainers/optim.py)
+    if dtype == torch.uint8:
+        src = torch.randint(1, 256, (size,), dtype=dtype, device=device)
+    else:
+        src = torch.randn(size, device=device).to(dtype)
+        src[0] = float("nan")       # copied as bits, NaN too
+    assert fused.flag_copy_takes(src, interpret=True)
+    for flag in (0.0, 1.0, float("nan")):
+        dst = torch.zeros_like(src)
+        fused.copy_if_flagged(torch.tensor([flag], device=device), src, dst, interpret=True)
+        if flag == 0:
+            assert torch.count_nonzero(dst) == 0, flag
+        else:
+            assert torch.equal(dst.view(torch.uint8), src.view(torch.uint8)), flag
