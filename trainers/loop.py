@@ -350,11 +350,12 @@ class TrainingRun:
                                  and settings.grad_accumulation == 1 and self.reg_order is None and world is None
                                  and all(p.grad._base is None for p in self.params))
         self.adopted = None
-        # step(ahead=True) queues the next step's micro-batches early, except: across ranks (the sums over ranks come
-        # between), with fp16's loss scaler (its scale changes after the read), and for schedule-free optimizers
-        # (their weights go to the evaluation point and back between steps, not bit for bit the same).
-        self.queues_ahead = (world is None and self.scaler is None
-                             and not callable(getattr(self.optimizer, "train", None)))
+        # step(ahead=True) queues the next step's micro-batches early, except with fp16's loss scaler (its scale
+        # changes after the read) and for schedule-free optimizers (their weights go to the evaluation point and
+        # back between steps, not bit for bit the same). Across ranks too: the micro-batches make no collective
+        # call, and the device runs the sums over ranks of one step before the next step's micro-batches write
+        # the gradients again (NCCL's stream waits for the step's work; the step's stream waits for the sum).
+        self.queues_ahead = self.scaler is None and not callable(getattr(self.optimizer, "train", None))
 
     def _install_fp8(self) -> None:
         """fp8_compute: the blocks' frozen Linear layers (adapted ones included, their adapter in its own dtype) run

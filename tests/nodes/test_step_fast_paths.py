@@ -244,3 +244,51 @@ def test_the_next_steps_micro_batch_is_queued_before_a_step_reports_and_trains_a
         assert (step, cursor) == (plain_step, plain_cursor) and torch.equal(rng, plain_rng)
     assert trained.history.losses == one_at_a_time.history.losses
     assert all(torch.equal(trained.weights[k], one_at_a_time.weights[k]) for k in trained.weights)
+
+
+def _rank_trains_queued_and_one_at_a_time(rank, size, port, p, options, steps, results):
+    """One gloo rank (a forked process): train() with its steps queued ahead, then one step at a time."""
+    import torch.distributed
+    from eridiffusion.trainers import loop
+    from eridiffusion.trainers.comfy_compat import training_mode
+    from eridiffusion.trainers.distributed import World
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        world, queued = World(rank, size), []
+        queue_next = loop.TrainingRun._queue_next
+        loop.TrainingRun._queue_next = lambda run, drawn: (queued.append(run.step_count), queue_next(run, drawn))
+        with torch.inference_mode(False):
+            ahead = loop.train(p["model"], p["adapter"], p["latents"], p["captions"], options, steps, world=world)
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
+            run = loop.TrainingRun(p["model"], p["adapter"], p["latents"], p["captions"], options, end_step=steps,
+                                   world=world)
+            for _ in range(steps):
+                run.step()
+            plain = run.export()
+        results[rank] = {"queued": queued, "ahead": (ahead.history.losses, ahead.weights),
+                         "plain": (plain.history.losses, plain.weights)}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow      # ~25 s: two forked gloo processes, each training twice
+def test_ranks_queue_the_next_steps_micro_batch_too_and_train_as_one_step_at_a_time(comfy_folders, tiny):
+    # Data parallel: each rank's GPU runs its next micro-batch while its host waits for the sum over ranks and
+    # reads the loss; the sums and the updates are those of one step at a time, and the same on every rank.
+    import socket
+    import torch.multiprocessing
+    p = prepared(comfy_folders, tiny)
+    options = settings(**{**OPTIONS, "precision": "fp32", "caption_dropout": 0.3})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.start_processes(_rank_trains_queued_and_one_at_a_time,
+                                          args=(2, port, p, options, 4, results), nprocs=2, start_method="fork")
+    for rank in range(2):
+        r = results[rank]
+        assert r["queued"] == [0, 1, 2], rank          # steps 2-4 queued ahead (not after the last)
+        (losses, weights), (plain_losses, plain_weights) = r["ahead"], r["plain"]
+        assert losses == plain_losses and all(torch.equal(weights[k], plain_weights[k]) for k in weights), rank
+    (losses, weights), (other_losses, other_weights) = results[0]["ahead"], results[1]["ahead"]
+    assert losses == other_losses and all(torch.equal(weights[k], other_weights[k]) for k in weights)
