@@ -41,9 +41,9 @@ from .comfy_compat import pinned_memory_disabled, trainable_patcher, training_mo
 from .config import ConfigError, TrainingSettings, ignored_settings, quoted
 from .graphs import EagerMicroBatches, GraphedMicroBatches
 from .losses import elementwise_loss, huber_threshold
-from .optim import (OffloadedOptimizer, learning_rate, load_optimizer_state, make_optimizer, skips_on_device,
-                    state_fits, step_skipped_on_device, step_skipping_on_device, to_evaluation_point,
-                    to_training_point)
+from .optim import (OffloadedOptimizer, is_schedule_free, learning_rate, load_optimizer_state, make_optimizer,
+                    skips_on_device, state_fits, step_skipped_on_device, step_skipping_on_device,
+                    to_evaluation_point, to_training_point)
 from .state import AdapterState, build_layers, cpu_copy
 from .text_encoder import TextEncoderRun, split_layers
 
@@ -355,7 +355,7 @@ class TrainingRun:
         # back between steps, not bit for bit the same). Across ranks too: the micro-batches make no collective
         # call, and the device runs the sums over ranks of one step before the next step's micro-batches write
         # the gradients again (NCCL's stream waits for the step's work; the step's stream waits for the sum).
-        self.queues_ahead = self.scaler is None and not callable(getattr(self.optimizer, "train", None))
+        self.queues_ahead = self.scaler is None and not is_schedule_free(self.optimizer)
 
     def _install_fp8(self) -> None:
         """fp8_compute: the blocks' frozen Linear layers (adapted ones included, their adapter in its own dtype) run

@@ -299,6 +299,12 @@ def make_optimizer(params, settings: TrainingSettings, device: torch.device,
     return OPTIMIZERS[settings.optimizer](list(params), settings, device)
 
 
+def is_schedule_free(optimizer) -> bool:
+    """Whether the optimizer (or the one OffloadedOptimizer steps on the CPU) moves the weights between the point
+    it computes gradients at and the one it evaluates with (to_training_point, to_evaluation_point)."""
+    return callable(getattr(getattr(optimizer, "inner", optimizer), "train", None))
+
+
 def to_training_point(optimizer) -> None:
     """Schedule-free optimizers compute gradients at another point than the weights they evaluate with: move the
     parameters there before a step's forward passes (other optimizers: nothing)."""
@@ -419,7 +425,7 @@ class OffloadedOptimizer:
         self._switch(to_evaluation_point)
 
     def _switch(self, mode):
-        if callable(getattr(self.inner, "train", None)):   # schedule-free: the weights on the device follow
+        if is_schedule_free(self.inner):   # the weights on the device follow
             mode(self.inner)
             self._copy_up()
 

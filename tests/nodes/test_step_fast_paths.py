@@ -206,17 +206,19 @@ def test_auto_precision_is_the_models_own_half_precision():
     assert resolve_precision(TrainingSettings(precision="fp32"), torch.float16) == "fp32"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optimizer, offload", [("adamw", False), ("adamw8bit", False), ("adamw", True)],
+                         ids=["adamw", "adamw8bit", "adamw-offloaded"])
 def test_the_next_steps_micro_batch_is_queued_before_a_step_reports_and_trains_as_one_step_at_a_time(
-        comfy_folders, tiny, monkeypatch, optimizer):
+        comfy_folders, tiny, monkeypatch, optimizer, offload):
     # train() queues step N+1's micro-batch behind step N's optimizer step (fused AdamW skips a NaN step on the
-    # device: before the host reads step N's loss; AdamW8bit: once the host has read it and stepped), so the GPU
-    # is not idle while the host reports; not before a save/sample (on_every) nor after the last step.
+    # device: before the host reads step N's loss; AdamW8bit and the optimizer stepped on the CPU: once the host
+    # has read it and stepped), so the GPU is not idle while the host reports; not before a save/sample
+    # (on_every) nor after the last step.
     from eridiffusion.trainers import loop
     from eridiffusion.trainers.comfy_compat import training_mode
     p = prepared(comfy_folders, tiny)
     options = settings(**{**OPTIONS, "precision": "fp32", "optimizer": optimizer, "caption_dropout": 0.3,
-                          "noise_offset": 0.05})
+                          "noise_offset": 0.05, "optimizer_offload": offload})
     micro_batches = []
     original = loop.TrainingRun._loss
 
