@@ -19,6 +19,12 @@ ComfyUI is found through $COMFYUI_PATH or .comfyui/path. On a CPU, in seconds:
 
 Writes train_bench.json (one record per arch and variant) into --out (default $OUT, else /tmp) and prints
 a table.
+
+`--write-job DIR` (sdxl, sd35l) writes what the headless command trains instead, with nothing downloaded: a
+checkpoint file of random weights (model, CLIP-L/G, VAE), images with captions and a YAML job using them:
+
+    python bench/train_bench.py --arch sdxl --write-job /tmp/job --steps 20
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc_per_node 2 -m comfyui-eridiffusion train /tmp/job/job.yaml
 """
 from __future__ import annotations
 
@@ -151,6 +157,9 @@ args.add_argument("--builtin-only", action="store_true", help="time only ComfyUI
 args.add_argument("--fresh", action="store_true",
                   help="each side in a fresh process: this script with --no-builtin, then with --builtin-only "
                        "(what docs/BENCHMARKS.md quotes since 2026-12-03); the records are merged")
+args.add_argument("--write-job", metavar="DIR", default=None,
+                  help="write a random-init checkpoint file, images and a YAML job training on them into DIR "
+                       "(--arch sdxl or sd35l; --steps: the job's steps) instead of timing anything")
 ARGS = args.parse_args()
 
 for mod in ["av", "av.container", "av.subtitles", "av.subtitles.stream"]:
@@ -321,6 +330,20 @@ for _name in ("sd35l", "flux", "flux2", "qwen_image"):
     ARCHS[f"{_name}_fp8"] = ARCHS[_name]
 
 
+@torch.no_grad()
+def random_init(module):
+    """Normal 0.02 for matrices, zeros for biases, ones otherwise (ComfyUI's layers are created uninitialised)."""
+    for n, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, device=p.device, dtype=torch.float32 if ARGS.tiny else torch.bfloat16) * 0.02)
+        else:
+            p.fill_(0.0 if n.endswith("bias") else 1.0)
+    for n, b in module.named_buffers():
+        if n.endswith("pos_embed"):
+            # (FP8 buffers of the *_fp8 archs: drawn in fp32, there being no FP8 randn)
+            b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype if b.dtype.itemsize > 1 else None) * 0.02)
+
+
 def build(arch):
     """Random-init model as a ModelPatcher: normal 0.02 for matrices, zeros for biases, ones otherwise.
     The *_fp8 archs store the weights as float8_e4m3fn and compute in bf16 (ComfyUI's weight_dtype fp8_e4m3fn)."""
@@ -332,16 +355,7 @@ def build(arch):
         mc.set_inference_dtype(DT, None)
     model = mc.get_model({}, "", device=DEV)
     torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, device=p.device, dtype=torch.float32 if ARGS.tiny else torch.bfloat16) * 0.02)
-            else:
-                p.fill_(0.0 if n.endswith("bias") else 1.0)
-        for n, b in model.named_buffers():
-            if n.endswith("pos_embed"):
-                # (FP8 buffers of the *_fp8 archs: drawn in fp32, there being no FP8 randn)
-                b.copy_(torch.randn(b.shape, device=b.device, dtype=b.dtype if b.dtype.itemsize > 1 else None) * 0.02)
+    random_init(model)
     model.requires_grad_(False)
     if ARGS.channels_last:
         model.diffusion_model.to(memory_format=torch.channels_last)
@@ -899,7 +913,70 @@ def fresh_sides():
     return records
 
 
+# --write-job: the text encoders of the tests' tiny models (tests/eri_test_nodes/tiny_models.py's TINY_CLIP), which
+# the tests' tiny_cli.py tells ComfyUI's checkpoint loader about
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 32}
+JOB_CONFIGS = {"sdxl": "sdxl_lora.yaml", "sd35l": "sd35_lora.yaml"}
+
+
+def write_job(arch: str, folder: Path, steps: int) -> Path:
+    """--write-job: a checkpoint file of random weights as ComfyUI's CheckpointSave writes one (the model as
+    build() makes it; CLIP-L/G and the VAE, full size, initialised as it initialises the model: no T5 for SD 3.5),
+    8 images with captions, and configs/<arch>_lora.yaml pointed at them: saves and samples at half the steps and
+    at the end, AdamW, bf16 (--tiny: fp32 on the CPU, 64 px, ComfyUI's loader to be told TINY_CLIP)."""
+    import comfy.sd
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    if arch not in JOB_CONFIGS:
+        raise SystemExit(f"--write-job: --arch {' or '.join(JOB_CONFIGS)} (a checkpoint file with its text encoders)")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build(arch)
+    config = ARCHS[arch].config_class(dict(ARCHS[arch].config))
+    # the keys by which clip_target finds text encoders in a checkpoint (SD 3.5's): CLIP-L and G, no T5
+    present = {f"{config.text_encoder_key_prefix[0]}{name}.transformer.text_model.final_layer_norm.weight": None
+               for name in ("clip_l", "clip_g")}
+    clip = comfy.sd.CLIP(target=config.clip_target(present), model_options=(
+        {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP)} if TINY else {}))
+    random_init(clip.cond_stage_model)
+    # ComfyUI's VAE as comfy.sd.VAE builds it for SDXL's (4 channels) and SD 3.5's (16) state dicts
+    autoencoder = AutoencoderKL(embed_dim=ARCHS[arch].channels, ddconfig={
+        "double_z": True, "z_channels": ARCHS[arch].channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
+        "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0})
+    random_init(autoencoder)
+    vae = comfy.sd.VAE(sd={k: v.float() for k, v in autoencoder.state_dict().items()})
+    checkpoint = folder / f"random_{arch}.safetensors"
+    comfy.sd.save_checkpoint(str(checkpoint), model, clip, vae)
+    images = folder / "images"
+    images.mkdir(exist_ok=True)
+    generator = np.random.default_rng(0)
+    for i in range(8):
+        pixels = generator.integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"[trigger] photo number {i}")
+    job = yaml.safe_load((ROOT / "configs" / JOB_CONFIGS[arch]).read_text())
+    process = job["config"]["process"][0]
+    process.update(device="cpu" if TINY or not CUDA else "cuda:0", training_folder=str(folder / "output"))
+    process["model"]["name_or_path"] = checkpoint.name      # relative to the job file
+    process["datasets"] = [{**process["datasets"][0], "folder_path": "images", "resolution": [RES],
+                            "caption_dropout_rate": 0.1}]
+    process["train"].update(steps=steps, optimizer="adamw", dtype=PRECISION, gradient_checkpointing=True,
+                            lr=1e-4)
+    process["save"].update(save_every=max(1, steps // 2), max_step_saves_to_keep=2)
+    process["sample"].update(sample_every=max(1, steps // 2), width=RES, height=RES, sample_steps=4,
+                             prompts=["[trigger] in snow"])
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    log(f"wrote {checkpoint} ({checkpoint.stat().st_size / 2**30:.2f} GiB), {images}, {path}")
+    return path
+
+
 def main():
+    if ARGS.write_job:
+        write_job(ARGS.arch[0], Path(ARGS.write_job), ARGS.steps)
+        return
     card = torch.cuda.get_device_name() if CUDA else "cpu"
     log(f"device {DEV} ({card}), torch {torch.__version__}, dtype {DT}, resolution {RES}, tiny={ARGS.tiny}")
     records = []
