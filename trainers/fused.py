@@ -74,12 +74,14 @@ except Exception:   # not installed, or a build that cannot load here: ComfyUI's
 # functions included, runs in Triton's interpreter, and `interpret=True` below takes CPU tensors.
 INTERPRETING = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
-# Which fused forwards a training run patches in. ERI_FUSED_KERNELS=0 in ComfyUI's environment turns them all
-# off (ComfyUI's own ops then run, as without Triton); the bench's A/B runs turn each off (`--no-fused-geglu`,
+# Which fused forwards a training run patches in, and whether AdamW8bit's skip copies through copy_if_flagged.
+# ERI_FUSED_KERNELS=0 in ComfyUI's environment turns them all off (ComfyUI's own ops then run, as without
+# Triton; AdamW8bit keeps its state with a clone); the bench's A/B runs turn each off (`--no-fused-geglu`,
 # `--no-fused-group-norm`, `--no-fused-rope`). Read when a training run starts (the rotary embedding's at each
-# micro-batch).
+# micro-batch, the flag copy's at each step).
 _ON = os.environ.get("ERI_FUSED_KERNELS", "1") != "0"
-ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON, "rms_norm": _ON, "concat": _ON}
+ENABLED = {"geglu": _ON, "group_norm": _ON, "rope": _ON, "gelu": _ON, "rms_norm": _ON, "concat": _ON,
+           "flag_copy": _ON}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024          # GEGLU: columns per program (fewer for narrower layers)
 _GROUP_BLOCK = 4096    # GroupNorm: elements of a group per program (fewer for smaller groups)
@@ -1055,7 +1057,8 @@ _FLAG_COPY_BLOCK = 4096     # 4-byte words per program and pass
 
 def flag_copy_takes(tensor: torch.Tensor, interpret: bool = False) -> bool:
     """Whether copy_if_flagged runs its kernel on `tensor` (else a torch.where reads and writes it all)."""
-    return triton_available() and (tensor.is_cuda or interpret and INTERPRETING) and tensor.is_contiguous()
+    return (ENABLED["flag_copy"] and triton_available() and (tensor.is_cuda or interpret and INTERPRETING)
+            and tensor.is_contiguous())
 
 
 def _words(*tensors: torch.Tensor) -> list[torch.Tensor]:

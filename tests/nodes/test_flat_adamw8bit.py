@@ -107,14 +107,18 @@ def skipping_step(optimizer, params, seed, flag):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_step_flagged_on_the_device_is_skipped_and_the_next_steps_are_those_of_a_run_without_it(device):
+@pytest.mark.parametrize("kernel", [True, False], ids=["flag-copy-kernel", "clone-and-where"])
+def test_a_step_flagged_on_the_device_is_skipped_and_the_next_steps_are_those_of_a_run_without_it(
+        device, kernel, monkeypatch):
     # The training loop steps before the host reads the loss (TrainingRun.step's `ahead`): a NaN step is skipped
     # by the device flag found_inf, bitsandbytes' kernel having no such flag. On the CPU, the flag copy's Triton
-    # kernel runs interpreted, as the GPU runs it compiled.
+    # kernel runs interpreted, as the GPU runs it compiled; without Triton (or ERI_FUSED_KERNELS=0), a clone and
+    # a torch.where keep and put back the state.
+    monkeypatch.setitem(fused.ENABLED, "flag_copy", kernel)
     skipped, clean = tensors(device=device), tensors(device=device)
     flagged, reference = flat_optimizer(skipped), flat_optimizer(clean)
     flagged.interpret_kernels = reference.interpret_kernels = True
-    assert fused.flag_copy_takes(skipped[0], interpret=True) == fused.triton_available()
+    assert fused.flag_copy_takes(skipped[0], interpret=True) == (kernel and fused.triton_available())
     for optimizer, params in ((flagged, skipped), (reference, clean)):
         skipping_step(optimizer, params, seed=40, flag=0.0)
     before = quantized_entries(flagged.state_dict())
