@@ -913,10 +913,6 @@ def fresh_sides():
     return records
 
 
-# --write-job: the text encoders of the tests' tiny models (tests/eri_test_nodes/tiny_models.py's TINY_CLIP), which
-# the tests' tiny_cli.py tells ComfyUI's checkpoint loader about
-TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
-             "projection_dim": 32}
 JOB_CONFIGS = {"sdxl": "sdxl_lora.yaml", "sd35l": "sd35_lora.yaml"}
 
 
@@ -938,8 +934,14 @@ def write_job(arch: str, folder: Path, steps: int) -> Path:
     # the keys by which clip_target finds text encoders in a checkpoint (SD 3.5's): CLIP-L and G, no T5
     present = {f"{config.text_encoder_key_prefix[0]}{name}.transformer.text_model.final_layer_norm.weight": None
                for name in ("clip_l", "clip_g")}
-    clip = comfy.sd.CLIP(target=config.clip_target(present), model_options=(
-        {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP)} if TINY else {}))
+    tiny_encoders = {}
+    if TINY:    # the tests' tiny text encoders, which their tiny_cli.py tells ComfyUI's checkpoint loader about
+        spec = importlib.util.spec_from_file_location("tiny_models", ROOT / "tests/eri_test_nodes/tiny_models.py")
+        tiny_models = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tiny_models)
+        tiny_encoders = {"clip_l_model_config": dict(tiny_models.TINY_CLIP),
+                         "clip_g_model_config": dict(tiny_models.TINY_CLIP)}
+    clip = comfy.sd.CLIP(target=config.clip_target(present), model_options=tiny_encoders)
     random_init(clip.cond_stage_model)
     # ComfyUI's VAE as comfy.sd.VAE builds it for SDXL's (4 channels) and SD 3.5's (16) state dicts
     autoencoder = AutoencoderKL(embed_dim=ARCHS[arch].channels, ddconfig={
